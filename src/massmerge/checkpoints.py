@@ -1,0 +1,248 @@
+"""Read, validate and write state dicts.
+
+Checkpoints come from strangers, so reading is safetensors-only by default (pickle can run code) and every
+problem is reported as a :class:`CheckpointError` naming the file and the key. Experts are opened lazily
+(:func:`open_checkpoint`) so a merge holds one expert tensor at a time, never T whole checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from massmerge.errors import CheckpointError
+
+StateDict = dict[str, torch.Tensor]
+
+SAFETENSORS_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HF_SINGLE_FILE = "model.safetensors"
+HF_SHARD_INDEX = "model.safetensors.index.json"
+HF_PICKLE_FILE = "pytorch_model.bin"
+
+
+class LazyCheckpoint(Mapping[str, torch.Tensor]):
+    """A read-only mapping over one or more safetensors files that loads a tensor only when indexed.
+
+    Why: merging T experts must not hold T full checkpoints in memory; with this mapping a merge reads one
+    tensor of one expert at a time. Shapes and dtypes are known without reading any tensor data.
+    """
+
+    def __init__(self, source: Path, key_to_file: dict[str, Path]) -> None:
+        self.source = source
+        self._key_to_file = key_to_file
+        self._handles: dict[Path, object] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        for file in sorted(set(key_to_file.values())):
+            handle = self._open(file)
+            for key in handle.keys():
+                sl = handle.get_slice(key)
+                self._meta[key] = (tuple(sl.get_shape()), sl.get_dtype())
+
+    def _open(self, file: Path):  # noqa: ANN202 - safetensors handle type is private
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"{file}: not a readable safetensors file ({_short(exc)})") from None
+        return self._handles[file]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._key_to_file:
+            raise KeyError(key)
+        file = self._key_to_file[key]
+        try:
+            return self._open(file).get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{file}: cannot read tensor '{key}' ({_short(exc)})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._key_to_file)
+
+    def __len__(self) -> int:
+        return len(self._key_to_file)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of ``key`` without reading its data."""
+        return self._meta[key][0]
+
+    def dtype_name(self, key: str) -> str:
+        """safetensors dtype name (e.g. 'F32', 'BF16') of ``key`` without reading its data."""
+        return self._meta[key][1]
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+def _safetensors_files(path: Path) -> dict[str, Path]:
+    """Map every key to the safetensors file holding it, for a file or an HF model directory."""
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(
+                f"{path}: pickle checkpoints can run arbitrary code and are refused; convert it to safetensors "
+                "or pass --trust-pickle (trust_pickle=True) if you trust its author"
+            )
+        return _keys_of_file(path)
+    if path.is_dir():
+        index = path / HF_SHARD_INDEX
+        if index.is_file():
+            return _keys_of_index(index)
+        single = path / HF_SINGLE_FILE
+        if single.is_file():
+            return _keys_of_file(single)
+        raise CheckpointError(
+            f"{path}: not an HF model directory (no {HF_SINGLE_FILE} or {HF_SHARD_INDEX} inside)"
+        )
+    raise CheckpointError(f"{path}: no such file or directory")
+
+
+def _keys_of_file(file: Path) -> dict[str, Path]:
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"{file}: empty file, not a safetensors checkpoint")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            keys = list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({_short(exc)})") from None
+    if not keys:
+        raise CheckpointError(f"{file}: safetensors file holds no tensors")
+    return {key: file for key in keys}
+
+
+def _keys_of_index(index: Path) -> dict[str, Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: malformed shard index ({_short(exc)})") from None
+    key_to_file: dict[str, Path] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_keys = _keys_of_file(index.parent / shard) if (index.parent / shard).is_file() else None
+        if shard_keys is None:
+            raise CheckpointError(f"{index}: shard '{shard}' is missing")
+        key_to_file.update(shard_keys)
+    missing = sorted(set(weight_map) - set(key_to_file))
+    if missing:
+        raise CheckpointError(f"{index}: key '{missing[0]}' is listed in the index but absent from its shard")
+    return key_to_file
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> LazyCheckpoint:
+    """Open a safetensors file or HF model directory lazily (no tensor is read yet)."""
+    path = Path(path)
+    return LazyCheckpoint(path, _safetensors_files(path))
+
+
+def load_state_dict(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> StateDict:
+    """Load a whole state dict into memory.
+
+    Safetensors files and HF model directories (single or sharded) are read directly. Pickle files (``.bin``,
+    ``.pt``...) are refused unless ``trust_pickle``; even then ``torch.load(weights_only=True)`` is used.
+    """
+    path = Path(path)
+    if trust_pickle and _is_pickle_source(path):
+        return _load_pickle(path)
+    lazy = open_checkpoint(path)
+    return {key: lazy[key] for key in lazy}
+
+
+def _is_pickle_source(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix in PICKLE_SUFFIXES
+    return path.is_dir() and not (path / HF_SINGLE_FILE).exists() and (path / HF_PICKLE_FILE).is_file()
+
+
+def _load_pickle(path: Path) -> StateDict:
+    file = path / HF_PICKLE_FILE if path.is_dir() else path
+    try:
+        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad input file
+        raise CheckpointError(f"{file}: cannot load as a weights-only torch file ({_short(exc)})") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{file}: does not hold a flat state dict of tensors")
+    return dict(obj)
+
+
+def validate_compatible(base: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], *, name: str) -> None:
+    """Check that ``other`` has exactly the base's keys, shapes and dtypes; the error names file and key."""
+    missing = [k for k in base if k not in other]
+    if missing:
+        raise CheckpointError(f"{name}: key '{missing[0]}' of the base is missing ({len(missing)} missing)")
+    extra = [k for k in other if k not in base]
+    if extra:
+        raise CheckpointError(f"{name}: key '{extra[0]}' is not in the base ({len(extra)} extra)")
+    for key in base:
+        base_shape, other_shape = _shape(base, key), _shape(other, key)
+        if base_shape != other_shape:
+            raise CheckpointError(
+                f"{name}: key '{key}' has shape {list(other_shape)}, the base has {list(base_shape)}"
+            )
+        base_dtype, other_dtype = _dtype(base, key), _dtype(other, key)
+        if base_dtype != other_dtype:
+            raise CheckpointError(f"{name}: key '{key}' has dtype {other_dtype}, the base has {base_dtype}")
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if isinstance(state, LazyCheckpoint):
+        return state.shape(key)
+    return tuple(state[key].shape)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _dtype(state: Mapping[str, torch.Tensor], key: str) -> torch.dtype | str:
+    if isinstance(state, LazyCheckpoint):
+        name = state.dtype_name(key)
+        return _SAFETENSORS_DTYPES.get(name, name)
+    return state[key].dtype
+
+
+def check_finite(state: Mapping[str, torch.Tensor], *, name: str) -> None:
+    """Refuse NaN or Inf in any floating tensor; reads lazily one tensor at a time."""
+    for key in state:
+        tensor = state[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+            raise CheckpointError(f"{name}: key '{key}' contains {kind} values")
+
+
+def save_state_dict(
+    state: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file atomically: a temp file in the same directory, fsync, then rename.
+
+    A failure (disk full, interrupt) leaves no partial file and any previous file at ``path`` untouched.
+    """
+    path = Path(path)
+    tensors = {key: value.detach().contiguous().cpu() for key, value in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp_path)`` then rename tmp onto ``path``; on any failure remove tmp and re-raise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,74 @@
+"""The ``massmerge`` command line: a thin typer app; every command lives in its own module.
+
+``main`` turns any :class:`~massmerge.errors.MassMergeError` into ``error: <one line>`` on stderr and exit
+code 2, so users never see a traceback for a bad file or option.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import typer
+from rich.console import Console
+
+from massmerge import progress
+from massmerge.errors import MassMergeError
+
+app = typer.Typer(
+    name="massmerge",
+    help="Merge fine-tuned experts of one pretrained network: MASS and the static merging baselines.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Options that take several values after one flag (``--experts a b c``); see expand_multi_value_options.
+MULTI_VALUE_OPTIONS = ("--experts", "--heads", "--task-names", "--include", "--exclude")
+
+_stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def expand_multi_value_options(argv: Sequence[str]) -> list[str]:
+    """Rewrite ``--experts a b c`` as ``--experts a --experts b --experts c`` for click's repeated options.
+
+    Why: the documented interface lists experts after one flag, which click options cannot take natively.
+    """
+    out: list[str] = []
+    current: str | None = None
+    for arg in argv:
+        if arg.startswith("-"):
+            current = arg if arg in MULTI_VALUE_OPTIONS else None
+            if current is None or "=" in arg:
+                out.append(arg)
+            continue
+        if current is not None:
+            out.extend([current, arg])
+        else:
+            out.append(arg)
+    return out
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit 2."""
+    _stderr.print(f"error: {message}", markup=False)
+    raise SystemExit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``massmerge`` script."""
+    args = expand_multi_value_options(sys.argv[1:] if argv is None else argv)
+    progress.set_enabled(sys.stderr.isatty())
+    try:
+        app(args=args, prog_name="massmerge")  # click handles usage errors itself: message + exit 2
+    except MassMergeError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; no output was written")
+    except OSError as exc:
+        fail(f"{getattr(exc, 'filename', None) or ''}: {exc.strerror or exc}".lstrip(": "))
+
+from massmerge.cli import info as _info  # noqa: E402  (commands register themselves on ``app``)
+from massmerge.cli import merge as _merge  # noqa: E402,F401
+
+__all__ = ["app", "main"]

@@ -1,0 +1,154 @@
+"""Per-task factors: what a MASS model keeps of each expert, and the de-redundancy of the first pass.
+
+Experts are reduced to their factors one at a time (the caller hands an iterator of lazily read task vectors),
+so memory grows with the factors, not with T full checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from massmerge.errors import OptionError
+from massmerge.lowrank import LowRank, SVDMethod, rank_for, truncated_svd
+from massmerge.merging.common import tsv_merge_factors
+from massmerge.progress import track
+from massmerge.task_vectors import is_matrix
+
+StateDict = dict[str, torch.Tensor]
+
+
+def lowrank_inner(a: LowRank, b: LowRank) -> torch.Tensor:
+    """Frobenius inner product of two low-rank matrices without forming them:
+    ``<A, B> = sum_ij s_a[i] (U_a^T U_b)[i,j] s_b[j] (V_a^T V_b)[i,j]``."""
+    return ((a.U.T @ b.U) * (a.V.T @ b.V) * torch.outer(a.s, b.s)).sum()
+
+
+def lowrank_cosine(a: LowRank, b: LowRank) -> float:
+    """Cosine similarity of two rank-k deltas (their Frobenius norms are ``||s||``)."""
+    denom = float(torch.linalg.vector_norm(a.s) * torch.linalg.vector_norm(b.s))
+    return 0.0 if denom == 0.0 else float(lowrank_inner(a, b)) / denom
+
+
+def deredundant_tasks(factors: Sequence[LowRank], eps: float) -> list[int]:
+    """Tasks kept for one matrix: in task order, drop a task whose cosine with an accepted one exceeds eps."""
+    accepted = [0]
+    for task in range(1, len(factors)):
+        if all(lowrank_cosine(factors[task], factors[kept]) <= eps for kept in accepted):
+            accepted.append(task)
+    return accepted
+
+
+@dataclass
+class ExpertFactors:
+    """Per-task rank-k factors of every matrix and the non-matrix deltas of every other key.
+
+    ``matrices[key][t]`` is task t's :class:`LowRank` of that matrix, ``non_matrix[key][t]`` its delta, and
+    ``accepted[key]`` the tasks merged in the first pass after de-redundancy (all tasks when eps is None).
+    """
+
+    task_names: list[str]
+    rank_fraction: float
+    matrices: dict[str, list[LowRank]] = field(default_factory=dict)
+    non_matrix: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    accepted: dict[str, list[int]] = field(default_factory=dict)
+    eps: float | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @classmethod
+    def build(
+        cls,
+        task_vectors: Iterable[Mapping[str, torch.Tensor]],
+        task_names: Sequence[str],
+        *,
+        rank_fraction: float | None = None,
+        eps: float | None = 0.3,
+        svd: SVDMethod = "auto",
+        dtype: torch.dtype = torch.float32,
+    ) -> "ExpertFactors":
+        """Reduce each task vector to factors as it arrives (stream them one at a time), then de-duplicate."""
+        names = list(task_names)
+        if len(names) < 2:
+            raise OptionError(f"--experts: MASS needs at least 2 experts, got {len(names)}")
+        if len(set(names)) != len(names):
+            raise OptionError(f"--task-names: duplicate task name in {names}")
+        fraction = 1.0 / len(names) if rank_fraction is None else rank_fraction
+        factors = cls(task_names=names, rank_fraction=fraction)
+        count = 0
+        for tv in track(task_vectors, "factorizing experts", total=len(names)):
+            factors.add_task(tv, svd=svd, dtype=dtype)
+            count += 1
+        if count != len(names):
+            raise OptionError(f"--task-names: {len(names)} names for {count} experts")
+        factors.apply_deredundancy(eps)
+        return factors
+
+    def add_task(self, task_vector: Mapping[str, torch.Tensor], *, svd: SVDMethod = "auto",
+                 dtype: torch.dtype = torch.float32) -> None:
+        """Factorize one task vector (matrices -> rank-k SVD, the rest kept as deltas) and append it."""
+        matrices: dict[str, LowRank] = {}
+        others: dict[str, torch.Tensor] = {}
+        for key in task_vector:
+            delta = task_vector[key]
+            if is_matrix(delta):
+                matrices[key] = truncated_svd(delta, rank_for(delta.shape, self.rank_fraction), method=svd, dtype=dtype)
+            else:
+                others[key] = delta.to(dtype)
+        self.add_task_factors(matrices, others)
+
+    def add_task_factors(self, matrices: Mapping[str, LowRank], non_matrix: Mapping[str, torch.Tensor]) -> None:
+        """Append one task's precomputed factors (e.g. from a LoRA adapter, factorized without densifying)."""
+        position = len(next(iter(self.matrices.values()), []))
+        if self.matrices and set(matrices) != set(self.matrices):
+            raise OptionError(f"task {self.task_names[position]!r} has different matrix keys from the first task")
+        for key, value in matrices.items():
+            self.matrices.setdefault(key, []).append(value)
+        for key, value in non_matrix.items():
+            self.non_matrix.setdefault(key, []).append(value)
+
+    def apply_deredundancy(self, eps: float | None) -> None:
+        """Fill ``accepted`` per matrix; eps None keeps every task everywhere."""
+        self.eps = eps
+        every = list(range(self.num_tasks))
+        self.accepted = {
+            key: every if eps is None else deredundant_tasks(per_task, eps) for key, per_task in self.matrices.items()
+        }
+
+    def dropped(self) -> dict[str, list[str]]:
+        """Matrix key -> names of tasks left out of the first-pass merge (for the report)."""
+        out = {}
+        for key, kept in self.accepted.items():
+            gone = [self.task_names[t] for t in range(self.num_tasks) if t not in kept]
+            if gone:
+                out[key] = gone
+        return out
+
+    def merged_delta(self, tasks: Sequence[int], *, first_pass: bool = False) -> StateDict:
+        """TSV-M of the tasks ``tasks``: matrices by TSV-M of their factors, other keys by the mean delta.
+
+        With ``first_pass`` each matrix merges only its de-redundant accepted tasks.
+        """
+        out: StateDict = {}
+        for key, per_task in self.matrices.items():
+            chosen = [t for t in tasks if t in self.accepted[key]] if first_pass else list(tasks)
+            out[key] = tsv_merge_factors([per_task[t] for t in chosen or tasks])
+        for key, per_task in self.non_matrix.items():
+            out[key] = torch.stack([per_task[t] for t in tasks]).mean(dim=0)
+        return out
+
+    def routing_basis(self, weight_key: str) -> list[torch.Tensor]:
+        """Each task's right singular vectors V_t [n, k] of the routing matrix (input space of the layer)."""
+        if weight_key not in self.matrices:
+            raise OptionError(f"--routing-layer: no task factors for '{weight_key}' (is it a filtered-out key?)")
+        return [factor.V for factor in self.matrices[weight_key]]
+
+    def numel(self) -> int:
+        """Numbers stored for all tasks: k (m + n + 1) per matrix per task plus the non-matrix deltas."""
+        low = sum(f.numel() for per_task in self.matrices.values() for f in per_task)
+        rest = sum(t.numel() for per_task in self.non_matrix.values() for t in per_task)
+        return low + rest

@@ -1,0 +1,59 @@
+"""Static merges behind one registry and one signature: ``merge(base, task_vectors, **opts) -> state dict``.
+
+Each method lives in its own module as a pure function over tensors; this registry maps the public method
+names (the CLI's ``--method``) to them and checks option names, so a typo is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from massmerge.errors import OptionError
+from massmerge.merging import iso_c, iso_cts, task_arithmetic, ties, tsv_c, tsv_m, weight_average
+from massmerge.merging.common import StateDict, TaskVectors
+
+MergeFn = Callable[..., StateDict]
+
+MERGE_METHODS: dict[str, MergeFn] = {
+    "weight_average": weight_average.merge,
+    "task_arithmetic": task_arithmetic.merge,
+    "ties": ties.merge,
+    "tsv_m": tsv_m.merge,
+    "tsv_c": tsv_c.merge,
+    "iso_c": iso_c.merge,
+    "iso_cts": iso_cts.merge,
+}
+
+# Methods that produce one model for all tasks (tsv_c needs the task, so it is not a merge in that sense).
+STATIC_MERGES = ("weight_average", "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts")
+
+
+def get_merge_method(name: str) -> MergeFn:
+    """The merge function registered under ``name``; unknown names list the valid ones."""
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        raise OptionError(f"--method '{name}' is unknown; choose one of {', '.join(MERGE_METHODS)}") from None
+
+
+def method_options(name: str) -> list[str]:
+    """Keyword options accepted by a method (for help texts and option checks)."""
+    params = inspect.signature(get_merge_method(name)).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def merge(name: str, base: Mapping[str, torch.Tensor], task_vectors: TaskVectors, **options: Any) -> StateDict:
+    """Run the method ``name``; options it does not take are an error naming the option."""
+    fn = get_merge_method(name)
+    accepted = set(method_options(name))
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise OptionError(f"option '{unknown[0]}' does not apply to --method {name} (it takes {sorted(accepted)})")
+    return fn(base, task_vectors, **options)
+
+
+__all__ = ["MERGE_METHODS", "STATIC_MERGES", "get_merge_method", "merge", "method_options"]

@@ -1,0 +1,48 @@
+"""TSV-M, Task Singular Vectors merging (Gargiulo et al.).
+
+Per matrix, each task keeps its top ``k = floor(min(m, n) * rank_fraction)`` singular triplets (default
+``rank_fraction = 1/T``). TSV-M stacks them and replaces the stacked U and V by their polar factors, so the
+tasks' subspaces stop interfering; non-matrix keys take the mean of the deltas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from massmerge.lowrank import SVDMethod, rank_for, truncated_svd
+from massmerge.merging.common import (
+    StateDict,
+    TaskVectors,
+    check_alpha,
+    check_task_vectors,
+    default_rank_fraction,
+    finalize,
+    mean_delta,
+    tsv_merge_factors,
+)
+from massmerge.progress import track
+from massmerge.task_vectors import split_matrix
+
+
+def merge(
+    base: Mapping[str, torch.Tensor],
+    task_vectors: TaskVectors,
+    *,
+    alpha: float = 1.0,
+    rank_fraction: float | None = None,
+    svd: SVDMethod = "auto",
+    dtype: torch.dtype = torch.float32,
+) -> StateDict:
+    """TSV-M: ``theta_0 + alpha * TSV-M(all tasks)``."""
+    keys = check_task_vectors(task_vectors)
+    alpha = check_alpha(alpha)
+    fraction = default_rank_fraction(len(task_vectors), rank_fraction)
+    matrices, others = split_matrix(keys, base)
+    merged: StateDict = {key: mean_delta(task_vectors, key, dtype) for key in others}
+    for key in track(matrices, "tsv_m"):
+        k = rank_for(base[key].shape, fraction)
+        factors = [truncated_svd(tv[key], k, method=svd, dtype=dtype) for tv in task_vectors]
+        merged[key] = tsv_merge_factors(factors)
+    return finalize(base, merged, alpha)
