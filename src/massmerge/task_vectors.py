@@ -46,6 +46,17 @@ class KeyFilter:
 ALL_KEYS = KeyFilter()
 
 
+def work_dtype(tensor: torch.Tensor, requested: torch.dtype | None = None) -> torch.dtype:
+    """The dtype the math runs in: ``requested`` if given, float64 for float64 input, else float32.
+
+    Why: fp16/bf16 checkpoints must not be factorized in half precision, and float64 inputs (tests, careful
+    users) must not be silently truncated to float32.
+    """
+    if requested is not None:
+        return requested
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
 def is_matrix(tensor: torch.Tensor) -> bool:
     """A 'matrix' is a 2-D floating parameter; it gets per-task low-rank factors."""
     return tensor.ndim == 2 and tensor.is_floating_point()
@@ -61,10 +72,15 @@ def task_vector(
     expert: Mapping[str, torch.Tensor],
     *,
     key_filter: KeyFilter = ALL_KEYS,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> StateDict:
-    """``expert - base`` for every mergeable key, computed in ``dtype`` (float32 by default)."""
-    return {key: expert[key].to(dtype) - base[key].to(dtype) for key in mergeable_keys(base, key_filter)}
+    """``expert - base`` for every mergeable key, in ``dtype`` (default :func:`work_dtype` of the base tensor)."""
+    return {key: _delta(base[key], expert[key], dtype) for key in mergeable_keys(base, key_filter)}
+
+
+def _delta(base: torch.Tensor, expert: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    compute = work_dtype(base, dtype)
+    return expert.to(compute) - base.to(compute)
 
 
 class LazyTaskVector(Mapping[str, torch.Tensor]):
@@ -76,7 +92,7 @@ class LazyTaskVector(Mapping[str, torch.Tensor]):
         expert: Mapping[str, torch.Tensor],
         *,
         key_filter: KeyFilter = ALL_KEYS,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self._base, self._expert, self._dtype = base, expert, dtype
         self._keys = mergeable_keys(base, key_filter)
@@ -85,7 +101,7 @@ class LazyTaskVector(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._key_set:
             raise KeyError(key)
-        return self._expert[key].to(self._dtype) - self._base[key].to(self._dtype)
+        return _delta(self._base[key], self._expert[key], self._dtype)
 
     def __iter__(self):  # noqa: ANN204
         return iter(self._keys)

@@ -15,7 +15,7 @@ from massmerge.errors import OptionError
 from massmerge.lowrank import LowRank, SVDMethod, rank_for, truncated_svd
 from massmerge.merging.common import tsv_merge_factors
 from massmerge.progress import track
-from massmerge.task_vectors import is_matrix
+from massmerge.task_vectors import is_matrix, work_dtype
 
 StateDict = dict[str, torch.Tensor]
 
@@ -69,7 +69,7 @@ class ExpertFactors:
         rank_fraction: float | None = None,
         eps: float | None = 0.3,
         svd: SVDMethod = "auto",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> "ExpertFactors":
         """Reduce each task vector to factors as it arrives (stream them one at a time), then de-duplicate."""
         names = list(task_names)
@@ -89,16 +89,17 @@ class ExpertFactors:
         return factors
 
     def add_task(self, task_vector: Mapping[str, torch.Tensor], *, svd: SVDMethod = "auto",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype | None = None) -> None:
         """Factorize one task vector (matrices -> rank-k SVD, the rest kept as deltas) and append it."""
         matrices: dict[str, LowRank] = {}
         others: dict[str, torch.Tensor] = {}
         for key in task_vector:
             delta = task_vector[key]
             if is_matrix(delta):
-                matrices[key] = truncated_svd(delta, rank_for(delta.shape, self.rank_fraction), method=svd, dtype=dtype)
+                k = rank_for(delta.shape, self.rank_fraction)
+                matrices[key] = truncated_svd(delta, k, method=svd, dtype=work_dtype(delta, dtype))
             else:
-                others[key] = delta.to(dtype)
+                others[key] = delta.to(work_dtype(delta, dtype))
         self.add_task_factors(matrices, others)
 
     def add_task_factors(self, matrices: Mapping[str, LowRank], non_matrix: Mapping[str, torch.Tensor]) -> None:

@@ -170,7 +170,8 @@ class MASSModel(nn.Module):
         out = {}
         for key, value in delta.items():
             base = self._base_state[key]
-            out[key] = (base.float() + alpha * value.float()).to(base.dtype)
+            compute = torch.promote_types(value.dtype, torch.float32)
+            out[key] = (base.to(compute) + alpha * value.to(compute)).to(base.dtype)
         return out
 
     def first_pass_params(self) -> dict[str, torch.Tensor]:

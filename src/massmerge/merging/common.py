@@ -8,6 +8,7 @@ import torch
 
 from massmerge.errors import OptionError
 from massmerge.lowrank import LowRank, polar
+from massmerge.task_vectors import work_dtype
 
 StateDict = dict[str, torch.Tensor]
 TaskVectors = Sequence[Mapping[str, torch.Tensor]]
@@ -43,17 +44,21 @@ def finalize(
     return out
 
 
-def mean_delta(task_vectors: TaskVectors, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def mean_delta(task_vectors: TaskVectors, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean of the tasks' deltas for one key, read one expert at a time."""
-    total = task_vectors[0][key].to(dtype).clone()
+    first = task_vectors[0][key]
+    dtype = work_dtype(first, dtype)
+    total = first.to(dtype).clone()
     for tv in task_vectors[1:]:
         total += tv[key].to(dtype)
     return total / len(task_vectors)
 
 
-def sum_delta(task_vectors: TaskVectors, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def sum_delta(task_vectors: TaskVectors, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sum of the tasks' deltas for one key, read one expert at a time."""
-    total = task_vectors[0][key].to(dtype).clone()
+    first = task_vectors[0][key]
+    dtype = work_dtype(first, dtype)
+    total = first.to(dtype).clone()
     for tv in task_vectors[1:]:
         total += tv[key].to(dtype)
     return total

@@ -32,7 +32,7 @@ def merge(
     task_vectors: TaskVectors,
     *,
     alpha: float = 1.0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> StateDict:
     """Iso-C: ``theta_0 + alpha * iso(sum_t delta_t)`` for matrices, mean of non-matrix deltas."""
     keys = check_task_vectors(task_vectors)

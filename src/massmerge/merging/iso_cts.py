@@ -21,7 +21,7 @@ from massmerge.merging.common import (
     mean_delta,
 )
 from massmerge.progress import track
-from massmerge.task_vectors import split_matrix
+from massmerge.task_vectors import split_matrix, work_dtype
 
 
 def iso_cts_sizes(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -59,7 +59,7 @@ def merge(
     *,
     alpha: float = 1.0,
     common_fraction: float = 0.8,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> StateDict:
     """Iso-CTS with a common subspace of ``common_fraction`` of the spectrum (``--common-fraction``)."""
     keys = check_task_vectors(task_vectors)
@@ -69,5 +69,5 @@ def merge(
     matrices, others = split_matrix(keys, base)
     merged: StateDict = {key: mean_delta(task_vectors, key, dtype) for key in others}
     for key in track(matrices, "iso_cts"):
-        merged[key] = iso_cts_matrix([tv[key].to(dtype) for tv in task_vectors], common_fraction)
+        merged[key] = iso_cts_matrix([tv[key].to(work_dtype(tv[key], dtype)) for tv in task_vectors], common_fraction)
     return finalize(base, merged, alpha)

@@ -15,11 +15,12 @@ import torch
 from massmerge.errors import OptionError
 from massmerge.merging.common import StateDict, TaskVectors, check_alpha, check_task_vectors, finalize
 from massmerge.progress import track
+from massmerge.task_vectors import work_dtype
 
 
 def magnitude_threshold(task_vector: Mapping[str, torch.Tensor], keys: Sequence[str], density: float) -> float:
     """The smallest magnitude kept for this task: the official ``kthvalue(d - int(d * density))`` of |tv|."""
-    flat = torch.cat([task_vector[key].reshape(-1).float().abs() for key in keys])
+    flat = torch.cat([task_vector[key].reshape(-1).to(work_dtype(task_vector[key])).abs() for key in keys])
     numel = flat.numel()
     kth = numel - int(numel * density)
     if kth <= 0:
@@ -28,7 +29,7 @@ def magnitude_threshold(task_vector: Mapping[str, torch.Tensor], keys: Sequence[
 
 
 def _trimmed(tv: Mapping[str, torch.Tensor], key: str, threshold: float) -> torch.Tensor:
-    value = tv[key].float()
+    value = tv[key].to(work_dtype(tv[key]))
     return torch.where(value.abs() >= threshold, value, torch.zeros_like(value))
 
 

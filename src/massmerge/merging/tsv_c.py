@@ -19,7 +19,7 @@ from massmerge.merging.common import (
     finalize,
 )
 from massmerge.progress import track
-from massmerge.task_vectors import split_matrix
+from massmerge.task_vectors import split_matrix, work_dtype
 
 
 def merge(
@@ -30,7 +30,7 @@ def merge(
     alpha: float = 1.0,
     rank_fraction: float | None = None,
     svd: SVDMethod = "auto",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> StateDict:
     """TSV-C: the model of task ``task`` with each matrix delta cut to rank k (an oracle compression bound).
 
@@ -43,8 +43,8 @@ def merge(
     fraction = default_rank_fraction(len(task_vectors), rank_fraction)
     matrices, others = split_matrix(keys, base)
     tv = task_vectors[task]
-    merged: StateDict = {key: tv[key].to(dtype) for key in others}
+    merged: StateDict = {key: tv[key].to(work_dtype(tv[key], dtype)) for key in others}
     for key in track(matrices, "tsv_c"):
         k = rank_for(base[key].shape, fraction)
-        merged[key] = truncated_svd(tv[key], k, method=svd, dtype=dtype).reconstruct()
+        merged[key] = truncated_svd(tv[key], k, method=svd, dtype=work_dtype(tv[key], dtype)).reconstruct()
     return finalize(base, merged, alpha)

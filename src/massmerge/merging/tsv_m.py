@@ -23,7 +23,12 @@ from massmerge.merging.common import (
     tsv_merge_factors,
 )
 from massmerge.progress import track
-from massmerge.task_vectors import split_matrix
+from massmerge.task_vectors import split_matrix, work_dtype
+
+
+def _deltas(task_vectors: TaskVectors, key: str):  # noqa: ANN202 - a generator of tensors
+    """One task's delta at a time, so only one dense expert matrix is alive while the others are factors."""
+    return (tv[key] for tv in task_vectors)
 
 
 def merge(
@@ -33,7 +38,7 @@ def merge(
     alpha: float = 1.0,
     rank_fraction: float | None = None,
     svd: SVDMethod = "auto",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> StateDict:
     """TSV-M: ``theta_0 + alpha * TSV-M(all tasks)``."""
     keys = check_task_vectors(task_vectors)
@@ -43,6 +48,6 @@ def merge(
     merged: StateDict = {key: mean_delta(task_vectors, key, dtype) for key in others}
     for key in track(matrices, "tsv_m"):
         k = rank_for(base[key].shape, fraction)
-        factors = [truncated_svd(tv[key], k, method=svd, dtype=dtype) for tv in task_vectors]
+        factors = [truncated_svd(delta, k, method=svd, dtype=work_dtype(delta, dtype)) for delta in _deltas(task_vectors, key)]
         merged[key] = tsv_merge_factors(factors)
     return finalize(base, merged, alpha)
