@@ -1,0 +1,101 @@
+"""Model-family adapters: routing layer, token pooling, features and loading (design.md section 5).
+
+Use :func:`adapter_for` on a built model (auto-detects the family and binds model-specific facts such as the
+token layout) or :func:`get_adapter` by name; :func:`detect_family` reads a local checkpoint directory's config.
+LoRA adapters are an *expert format*, not a family: see :mod:`massmerge.adapters.lora`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from massmerge.adapters.base import Adapter, BaseAdapter, default_routing_block, pool_tokens
+from massmerge.adapters.clip import CLIPAdapter
+from massmerge.adapters.open_clip import OpenCLIPAdapter
+from massmerge.adapters.text import TextEncoderAdapter
+from massmerge.errors import OptionError
+
+ADAPTERS: dict[str, type[BaseAdapter]] = {
+    CLIPAdapter.name: CLIPAdapter,
+    OpenCLIPAdapter.name: OpenCLIPAdapter,
+    TextEncoderAdapter.name: TextEncoderAdapter,
+}
+
+CLIP_TYPES = ("clip", "clip_vision_model")
+TEXT_TYPES = (
+    "bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet", "albert",
+    "camembert", "modernbert", "t5", "mt5", "umt5",
+)
+
+__all__ = [
+    "ADAPTERS", "Adapter", "BaseAdapter", "CLIPAdapter", "OpenCLIPAdapter", "TextEncoderAdapter",
+    "adapter_for", "default_routing_block", "detect_family", "family_of_model", "get_adapter", "pool_tokens",
+    "register_adapter",
+]
+
+
+def register_adapter(cls: type[BaseAdapter]) -> type[BaseAdapter]:
+    """Add a family (usable as a class decorator); its ``name`` is the config/CLI value."""
+    ADAPTERS[cls.name] = cls
+    return cls
+
+
+def get_adapter(name: str, **options: Any) -> BaseAdapter:
+    """An adapter by family name (``clip``, ``open_clip``, ``text``) with options (routing_layer, pooling...)."""
+    if name not in ADAPTERS:
+        raise OptionError(f"family: unknown model family '{name}' (known: {', '.join(sorted(ADAPTERS))})")
+    return ADAPTERS[name](**options)
+
+
+def family_of_model(model: nn.Module) -> str:
+    """The family of a built model, from its HF config or its module layout."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in CLIP_TYPES:
+        return "clip"
+    if model_type in TEXT_TYPES:
+        return "text"
+    visual = getattr(model, "visual", model)
+    if hasattr(getattr(visual, "transformer", None), "resblocks"):
+        return "open_clip"
+    if model_type is not None:
+        return "text"  # an unknown HF encoder: the generic text rules usually apply
+    raise OptionError(f"family: cannot tell the model family of {type(model).__name__}; pass family=clip|open_clip|text")
+
+
+def adapter_for(model: nn.Module, family: str | None = None, **options: Any) -> BaseAdapter:
+    """The adapter for a built model, auto-detected unless ``family`` is given, bound to the model."""
+    return get_adapter(family or family_of_model(model), **options).bind(model)
+
+
+def detect_family(path: str | Path) -> str:
+    """The family of a local checkpoint: HF ``config.json`` model_type, open_clip config, else the key layout."""
+    path = Path(path)
+    config = path / "config.json" if path.is_dir() else None
+    if config is not None and config.is_file():
+        model_type = json.loads(config.read_text()).get("model_type")
+        if model_type in CLIP_TYPES:
+            return "clip"
+        if model_type:
+            return "text"
+    if path.is_dir() and (path / "open_clip_config.json").is_file():
+        return "open_clip"
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        raise OptionError(f"{path}: is a LoRA adapter; give the base model's family (it is an expert format)")
+    return _family_from_keys(path)
+
+
+def _family_from_keys(path: Path) -> str:
+    from massmerge.adapters.base import open_weights
+
+    keys = list(open_weights(path))
+    if any(".resblocks." in k and "c_fc" in k for k in keys):
+        return "open_clip"
+    if any("embeddings.class_embedding" in k for k in keys):
+        return "clip"
+    if any(".intermediate.dense." in k or "DenseReluDense" in k for k in keys):
+        return "text"
+    raise OptionError(f"{path}: cannot tell the model family from its keys; pass family=clip|open_clip|text")

@@ -1,0 +1,326 @@
+"""What MASS needs to know about a model family, and the shared machinery behind every adapter.
+
+MASS is family-agnostic math, but three facts depend on the architecture: which ``nn.Linear`` is the routing
+matrix (design.md section 2.5: the first MLP matrix of block ``round(0.75 * depth)``), how to turn that layer's
+input activation into one vector per sample (the CLS token *by the model's real layout*, or the mean over
+non-padding tokens), and how to run the model to its final features. An :class:`Adapter` answers those three
+questions, plus how to load a model and its weights from a user's files.
+
+Why the layout is explicit: taking ``x[0]`` as the CLS token silently takes the *first sample* of a batch-first
+tensor (design.md section 4). Every adapter states ``layout`` ("batch_first" ``[B, L, D]`` or "seq_first"
+``[L, B, D]``) and :func:`pool_tokens` checks the activation's shape against the batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from massmerge.errors import CheckpointError, OptionError
+
+Layout = Literal["batch_first", "seq_first"]
+Pooling = Literal["cls", "mean"]
+Batch = Mapping[str, Any] | torch.Tensor
+
+# Substrings that mark a module as part of a block's MLP in the families we know; used by the generic fallback.
+MLP_HINTS = ("mlp", "intermediate", "densereludense", "ffn", "feed_forward", "c_fc", "fc1", "wi")
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """The contract every model family implements (see module docstring)."""
+
+    name: str
+
+    def routing_layer(self, model: nn.Module) -> str:
+        """Dotted module name of the routing ``nn.Linear`` (its input is MASS's ``z``)."""
+        ...
+
+    def pool(self, activation: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Turn the routing layer's input activation into ``[B, d]``."""
+        ...
+
+    def features(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Run ``model`` on ``batch`` to the final features ``[B, d]`` that the heads consume."""
+        ...
+
+    def load_model(self, source: str, *, revision: str | None = None, trust_pickle: bool = False) -> nn.Module:
+        """Build the family's encoder from a local path or hub id (the architecture, with the base weights)."""
+        ...
+
+
+def default_routing_block(depth: int) -> int:
+    """Index of the routing block: ``round(0.75 * depth)`` (9 of a 12-block ViT), clipped to the last block."""
+    if depth < 1:
+        raise OptionError(f"routing_layer: the model has no transformer blocks (depth {depth})")
+    return min(depth - 1, round(0.75 * depth))
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Number of samples in a batch: a tensor's first dim, or that of its first tensor value."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    raise OptionError("batch: holds no tensor, cannot tell its size")
+
+
+def attention_mask_of(batch: Batch) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` ``[B, L]`` if it has one."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        return mask if isinstance(mask, torch.Tensor) else None
+    return None
+
+
+def pool_tokens(activation: torch.Tensor, batch: Batch, *, layout: Layout, pooling: Pooling) -> torch.Tensor:
+    """Select the CLS token or average the non-padding tokens of a ``[B, L, D]`` / ``[L, B, D]`` activation.
+
+    The token axis is taken from ``layout``, never guessed from the shape; the batch axis must match the batch
+    size, which catches a wrong layout whenever ``B != L``.
+    """
+    if activation.dim() == 2:  # already one vector per sample
+        return activation
+    if activation.dim() != 3:
+        raise OptionError(f"pooling: expected a [B, L, D] or [L, B, D] activation, got shape {list(activation.shape)}")
+    tokens = activation if layout == "batch_first" else activation.transpose(0, 1)
+    size = batch_size_of(batch)
+    if tokens.shape[0] != size:
+        raise OptionError(
+            f"pooling: activation {list(activation.shape)} does not have the batch size {size} on the {layout} "
+            "batch axis; the adapter's layout is wrong for this model"
+        )
+    if pooling == "cls":
+        return tokens[:, 0]
+    if pooling == "mean":
+        return masked_mean(tokens, attention_mask_of(batch))
+    raise OptionError(f"pooling: unknown pooling '{pooling}' (choose cls or mean)")
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``tokens [B, L, D]`` over positions where ``mask [B, L]`` is nonzero (all positions if None)."""
+    if mask is None:
+        return tokens.mean(dim=1)
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+class BaseAdapter:
+    """Shared logic: block discovery, routing-layer choice and override, pooling; families fill in the rest.
+
+    Subclasses set ``block_suffixes`` (names of the ``nn.ModuleList`` of transformer blocks, e.g.
+    ``encoder.layers``), ``mlp_names`` (the first MLP linear inside a block, in order of preference),
+    ``default_pooling`` and ``layout``.
+    """
+
+    name: ClassVar[str] = "base"
+    block_suffixes: ClassVar[tuple[str, ...]] = ()
+    block_exclude: ClassVar[tuple[str, ...]] = ()
+    mlp_names: ClassVar[tuple[str, ...]] = ()
+    default_pooling: ClassVar[Pooling] = "cls"
+
+    def __init__(self, *, routing_layer: str | int | None = None, pooling: Pooling | None = None) -> None:
+        if pooling is not None and pooling not in ("cls", "mean"):
+            raise OptionError(f"pooling: unknown pooling '{pooling}' (choose cls or mean)")
+        self.routing_override = routing_layer
+        self.pooling: Pooling = pooling or self.default_pooling
+        self.layout: Layout = "batch_first"
+
+    # -- blocks and routing layer ------------------------------------------------------------------------
+    def blocks(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+        """The dotted name and the ``nn.ModuleList`` of the encoder's transformer blocks."""
+        found = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.ModuleList)
+            and any(name == s or name.endswith("." + s) for s in self.block_suffixes)
+            and not any(x in name for x in self.block_exclude)
+        ]
+        if not found:
+            raise OptionError(
+                f"routing_layer: no block list named {' or '.join(self.block_suffixes)} in this "
+                f"{type(model).__name__}; pass routing_layer=<dotted nn.Linear name>"
+            )
+        return max(found, key=lambda item: len(item[1]))
+
+    def mlp_linear(self, block: nn.Module) -> str:
+        """Relative name of the first MLP ``nn.Linear`` of one block (family names first, then a generic rule)."""
+        modules = dict(block.named_modules())
+        for name in self.mlp_names:
+            if isinstance(modules.get(name), nn.Linear):
+                return name
+        for name, module in modules.items():
+            if isinstance(module, nn.Linear) and any(h in name.lower() for h in MLP_HINTS):
+                if module.out_features > module.in_features:
+                    return name
+        raise OptionError(f"routing_layer: no MLP nn.Linear found in block {type(block).__name__}; pass it by name")
+
+    def routing_layer(self, model: nn.Module) -> str:
+        """The routing matrix's module name: the override if given (name or block index), else the default block."""
+        if isinstance(self.routing_override, str):
+            return check_linear(model, self.routing_override)
+        prefix, blocks = self.blocks(model)
+        index = default_routing_block(len(blocks)) if self.routing_override is None else int(self.routing_override)
+        if not -len(blocks) <= index < len(blocks):
+            raise OptionError(f"routing_layer: block {index} out of range, the model has {len(blocks)} blocks")
+        index %= len(blocks)
+        return f"{prefix}.{index}.{self.mlp_linear(blocks[index])}"
+
+    def depth(self, model: nn.Module) -> int:
+        """Number of transformer blocks of the encoder."""
+        return len(self.blocks(model)[1])
+
+    # -- pooling -------------------------------------------------------------------------------------------
+    def bind(self, model: nn.Module) -> BaseAdapter:
+        """Learn model-specific facts (e.g. the token layout) from the built model; returns ``self``."""
+        return self
+
+    def pool(self, activation: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Routing vector ``z [B, d]`` from the routing layer's input, by this adapter's layout and pooling."""
+        return pool_tokens(activation, batch, layout=self.layout, pooling=self.pooling)
+
+    # -- weights -----------------------------------------------------------------------------------------
+    def encoder_keys(self, model: nn.Module) -> list[str]:
+        """State-dict keys of the part of ``model`` that is merged (all of them unless a family says otherwise)."""
+        return list(model.state_dict())
+
+    def load_weights(
+        self, source: str, model: nn.Module, *, revision: str | None = None, trust_pickle: bool = False
+    ) -> AlignedCheckpoint:
+        """A checkpoint (local path or hub id) viewed lazily under ``model``'s encoder keys.
+
+        Safetensors are read one tensor at a time; pickle files only with ``trust_pickle``.
+        """
+        from massmerge.sources import resolve_source
+
+        path = resolve_source(source, revision)
+        return AlignedCheckpoint(open_weights(path, trust_pickle=trust_pickle), self.encoder_keys(model), name=str(path))
+
+    def describe(self) -> dict[str, Any]:
+        """Settings for reports and cache keys."""
+        return {"adapter": self.name, "routing_layer": self.routing_override, "pooling": self.pooling, "layout": self.layout}
+
+
+def open_weights(path: Path, *, trust_pickle: bool = False) -> Mapping[str, torch.Tensor]:
+    """Open safetensors lazily (file or HF directory); fall back to a pickle file only when trusted."""
+    from massmerge.checkpoints import PICKLE_SUFFIXES, load_state_dict, open_checkpoint
+
+    check_pickle_policy(path, trust_pickle=trust_pickle)
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            return load_state_dict(pickles[0], trust_pickle=True)
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES and trust_pickle:
+        return load_state_dict(path, trust_pickle=True)
+    return open_checkpoint(path)
+
+
+def check_pickle_policy(path: Path, *, trust_pickle: bool) -> None:
+    """Refuse an HF directory whose only weights are pickle files, unless the user trusts them."""
+    from massmerge.checkpoints import PICKLE_SUFFIXES
+
+    if path.is_dir() and not any(path.glob("*.safetensors")) and not trust_pickle:
+        pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{pickles[0]}: pickle checkpoints can run arbitrary code and are refused; pass --trust-pickle "
+                "(trust_pickle=True) if you trust its author, or convert it to safetensors"
+            )
+
+
+def check_linear(model: nn.Module, name: str) -> str:
+    """Validate that ``name`` is an ``nn.Linear`` of ``model``; the error lists nearby candidates."""
+    modules = dict(model.named_modules())
+    if isinstance(modules.get(name), nn.Linear):
+        return name
+    candidates = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    hint = ", ".join(candidates[:3]) + (", ..." if len(candidates) > 3 else "")
+    what = "is not an nn.Linear" if name in modules else "is not a module of this model"
+    raise OptionError(f"routing_layer: '{name}' {what} (nn.Linear modules: {hint})")
+
+
+def capture_input(model: nn.Module, layer: str, run: Any) -> torch.Tensor:
+    """Run ``run()`` and return the input tensor that reached module ``layer`` (for tests and diagnostics)."""
+    module = dict(model.named_modules())[layer]
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    if not seen:
+        raise OptionError(f"routing_layer: '{layer}' was not called by the forward pass")
+    return seen[0]
+
+
+class AlignedCheckpoint(Mapping[str, torch.Tensor]):
+    """A lazy view of a checkpoint under the *model's* parameter names.
+
+    Why: the same weights are saved as ``vision_model.encoder...`` (CLIP, transformers 4), ``encoder...``
+    (transformers 5), ``bert.encoder...`` (a classifier checkpoint) or ``visual.transformer...`` (open_clip
+    whole model). MASS compares experts key by key, so every checkpoint is viewed under the names of the one
+    model that runs inference; keys outside it (a text tower, a classifier) are left out and listed in
+    ``dropped``.
+    """
+
+    def __init__(self, source: Mapping[str, torch.Tensor], model_keys: list[str], *, name: str) -> None:
+        self.source = source
+        self.name = name
+        self._map = align_keys(list(source.keys()), model_keys, name=name)
+        used = set(self._map.values())
+        self.dropped = [k for k in source.keys() if k not in used]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.source[self._map[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+
+def align_keys(file_keys: list[str], model_keys: list[str], *, name: str) -> dict[str, str]:
+    """Map each model key to a file key under one consistent prefix rewrite (strip or add a dotted prefix).
+
+    The rewrite that covers the most model keys wins; every model key must then be found, else a
+    CheckpointError names the first missing one.
+    """
+    files = set(file_keys)
+    best: dict[str, str] = {}
+    for strip, add in _candidate_rewrites(file_keys, model_keys):
+        mapping = {}
+        for key in model_keys:
+            candidate = strip + key[len(add):] if key.startswith(add) else None
+            if candidate is not None and candidate in files:
+                mapping[key] = candidate
+        if len(mapping) > len(best):
+            best = mapping
+    missing = [k for k in model_keys if k not in best]
+    if missing:
+        raise CheckpointError(
+            f"{name}: key '{missing[0]}' of the model is not in the checkpoint ({len(missing)} missing; "
+            f"the checkpoint has e.g. '{file_keys[0] if file_keys else '-'}')"
+        )
+    return best
+
+
+def _candidate_rewrites(file_keys: list[str], model_keys: list[str]) -> list[tuple[str, str]]:
+    """(file prefix, model prefix) pairs worth trying: identity plus prefixes seen on one side only."""
+    rewrites = {("", "")}
+    probe_model = model_keys[: 64]
+    file_set = set(file_keys)
+    for key in probe_model:
+        for fk in file_keys:
+            if fk.endswith("." + key):
+                rewrites.add((fk[: -len(key)], ""))
+            elif key.endswith("." + fk):
+                rewrites.add(("", key[: -len(fk)]))
+        if len(rewrites) > 8 or key in file_set:
+            break
+    return sorted(rewrites, key=lambda r: (len(r[0]) + len(r[1]), r))

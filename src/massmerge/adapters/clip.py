@@ -1,0 +1,118 @@
+"""HF CLIP vision towers (``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``CLIPModel``).
+
+Layout: HF CLIP is batch-first ``[B, L, D]`` with the class token at position 0, so the routing vector is
+``activation[:, 0]`` (never ``activation[0]``, which is the first sample). Routing matrix: ``mlp.fc1`` of block
+``round(0.75 * depth)`` of the vision encoder. Features: the projected image embedding (``visual_projection``
+of the pooled, post-layernormed class token), i.e. the space CLIP zero-shot heads live in.
+
+The experts of the paper's benchmark (e.g. ``tanganke/clip-vit-base-patch32_<task>``) are bare
+``CLIPVisionModel`` checkpoints whose base is a full ``CLIPModel``; their projection is the base's, which the
+adapter keeps aside (``projection``) because it is not merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from massmerge.adapters.base import BaseAdapter, Batch, check_pickle_policy
+from massmerge.errors import MassMergeError, OptionError
+
+IMAGE_KEYS = ("pixel_values", "image", "images")
+
+
+def pixel_values_of(batch: Batch) -> torch.Tensor:
+    """The image tensor ``[B, 3, H, W]`` of a batch (a bare tensor or a mapping with ``pixel_values``)."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    for key in IMAGE_KEYS:
+        if isinstance(batch.get(key), torch.Tensor):
+            return batch[key]
+    raise OptionError(f"batch: a vision batch needs one of the keys {', '.join(IMAGE_KEYS)}; got {sorted(batch)}")
+
+
+class CLIPAdapter(BaseAdapter):
+    """HF CLIP vision tower: CLS at token 0, batch-first, routing at ``mlp.fc1``."""
+
+    name = "clip"
+    block_suffixes = ("encoder.layers",)
+    block_exclude = ("text_model",)
+    mlp_names = ("mlp.fc1",)
+    default_pooling = "cls"
+
+    def __init__(self, *, routing_layer: str | int | None = None, pooling=None, projection: nn.Linear | None = None) -> None:  # noqa: ANN001
+        super().__init__(routing_layer=routing_layer, pooling=pooling)
+        self.projection = projection
+
+    def encoder_keys(self, model: nn.Module) -> list[str]:
+        """Only the vision tower is merged: a ``CLIPModel``'s text tower and projections are left out."""
+        keys = list(model.state_dict())
+        vision = [k for k in keys if k.startswith("vision_model.")]
+        return vision if hasattr(model, "text_model") and vision else keys
+
+    def features(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Projected image embedding ``[B, projection_dim]`` (or the pooled output when no projection exists)."""
+        pixels = pixel_values_of(batch)
+        tower = getattr(model, "vision_model", None)
+        if tower is not None and hasattr(model, "visual_projection") and hasattr(model, "text_model"):
+            return model.visual_projection(tower(pixel_values=pixels).pooler_output)  # CLIPModel
+        out = model(pixel_values=pixels)
+        if getattr(out, "image_embeds", None) is not None:  # CLIPVisionModelWithProjection
+            return out.image_embeds
+        pooled = out.pooler_output
+        return self.projection(pooled) if self.projection is not None else pooled
+
+    def load_model(self, source: str, *, revision: str | None = None, trust_pickle: bool = False) -> nn.Module:
+        """The vision tower (``CLIPVisionModel``) from a CLIP or CLIP-vision directory / hub id; keeps the projection."""
+        from transformers import CLIPVisionModel
+
+        path = _resolve(source, revision)
+        check_pickle_policy(path, trust_pickle=trust_pickle)
+        try:
+            model = CLIPVisionModel.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise MassMergeError(f"{path}: cannot load a CLIP vision model ({_first_line(exc)})") from None
+        if self.projection is None:
+            self.projection = load_visual_projection(path)
+        return model.eval()
+
+
+def load_visual_projection(path: Path) -> nn.Linear | None:
+    """The base's ``visual_projection`` (a bias-free Linear) if the checkpoint at ``path`` has one."""
+    from massmerge.checkpoints import open_checkpoint
+
+    try:
+        ckpt = open_checkpoint(path)
+    except MassMergeError:
+        return None
+    key = next((k for k in ckpt if k == "visual_projection.weight" or k.endswith(".visual_projection.weight")), None)
+    return linear_from_weight(ckpt[key]) if key else None
+
+
+def linear_from_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """An ``nn.Linear`` holding the given ``[out, in]`` weight (and bias)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer.eval()
+
+
+def _resolve(source: str, revision: str | None) -> Path:
+    from massmerge.sources import resolve_source
+
+    return resolve_source(source, revision)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def has_clip_layout(state: Mapping[str, object]) -> bool:
+    """True if a state dict looks like an HF CLIP vision tower."""
+    return any("embeddings.class_embedding" in k and "visual." not in k for k in state)

@@ -1,0 +1,89 @@
+"""HF text encoders: encoder-only models (BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa, MPNet...) and T5 encoders.
+
+Routing vector: the mean over non-padding tokens (``attention_mask``) of the routing layer's input, because text
+encoders have no token that summarizes the sequence before the last layer. Routing matrix: the first MLP linear
+of block ``round(0.75 * depth)`` (``intermediate.dense`` in BERT-likes, ``ffn.lin1`` in DistilBERT,
+``DenseReluDense.wi`` / ``wi_0`` (gated, Flan-T5) in T5). Layout: batch-first.
+
+Features (``feature_pooling``): ``mean`` over the mask of the last hidden state (sentence-transformers style and
+the default), ``cls`` (token 0) or ``pooler`` (BERT's tanh pooler, what ``*ForSequenceClassification`` heads read).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from massmerge.adapters.base import BaseAdapter, Batch, check_pickle_policy, attention_mask_of, masked_mean
+from massmerge.errors import MassMergeError, OptionError
+
+FeaturePooling = Literal["mean", "cls", "pooler"]
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+T5_TYPES = ("t5", "mt5", "umt5")
+
+
+def text_inputs(batch: Batch, *, t5: bool = False) -> dict[str, torch.Tensor]:
+    """The model kwargs of a tokenized batch (labels and other extras are dropped)."""
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch}
+    keys = TEXT_INPUTS[:2] if t5 else TEXT_INPUTS
+    inputs = {k: batch[k] for k in keys if isinstance(batch.get(k), torch.Tensor)}
+    if "input_ids" not in inputs:
+        raise OptionError(f"batch: a text batch needs input_ids (and attention_mask); got {sorted(batch)}")
+    return inputs
+
+
+class TextEncoderAdapter(BaseAdapter):
+    """Encoder-only HF text models and T5 encoders; mean pooling over the attention mask."""
+
+    name = "text"
+    block_suffixes = ("encoder.layer", "encoder.block", "transformer.layer", "encoder.layers", "layers")
+    block_exclude = ("decoder",)
+    mlp_names = ("intermediate.dense", "ffn.lin1", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi", "mlp.fc1")
+    default_pooling = "mean"
+
+    def __init__(
+        self, *, routing_layer: str | int | None = None, pooling=None, feature_pooling: FeaturePooling = "mean"  # noqa: ANN001
+    ) -> None:
+        super().__init__(routing_layer=routing_layer, pooling=pooling)
+        if feature_pooling not in ("mean", "cls", "pooler"):
+            raise OptionError(f"feature_pooling: unknown value '{feature_pooling}' (choose mean, cls or pooler)")
+        self.feature_pooling: FeaturePooling = feature_pooling
+        self.t5 = False
+
+    def bind(self, model: nn.Module) -> TextEncoderAdapter:
+        """T5 encoders take no ``token_type_ids``; remember whether this is one."""
+        self.t5 = getattr(getattr(model, "config", None), "model_type", "") in T5_TYPES
+        return self
+
+    def features(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Sentence features ``[B, hidden]`` by ``feature_pooling``."""
+        out = model(**text_inputs(batch, t5=self.t5))
+        if self.feature_pooling == "pooler":
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None:
+                raise OptionError(f"feature_pooling: {type(model).__name__} has no pooler; use mean or cls")
+            return pooled
+        hidden = out.last_hidden_state
+        if self.feature_pooling == "cls":
+            return hidden[:, 0]
+        return masked_mean(hidden, attention_mask_of(batch))
+
+    def load_model(self, source: str, *, revision: str | None = None, trust_pickle: bool = False) -> nn.Module:
+        """``AutoModel`` (or ``T5EncoderModel`` for T5 configs) from a local directory or hub id."""
+        from transformers import AutoConfig, AutoModel, T5EncoderModel
+
+        from massmerge.sources import resolve_source
+
+        path = resolve_source(source, revision)
+        check_pickle_policy(path, trust_pickle=trust_pickle)
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+            cls = T5EncoderModel if config.model_type in T5_TYPES else AutoModel
+            model = cls.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError) as exc:
+            raise MassMergeError(f"{path}: cannot load a text encoder ({str(exc).strip().splitlines()[0][:200]})") from None
+        self.bind(model)
+        return model.eval()
