@@ -69,9 +69,12 @@ def _use_randomized(m: int, n: int, k: int) -> bool:
 def truncated_svd(
     matrix: torch.Tensor, k: int, *, method: SVDMethod = "auto", dtype: torch.dtype = torch.float32
 ) -> LowRank:
-    """Top-``k`` singular triplets of ``matrix`` computed in ``dtype``.
+    """Top-``k`` singular triplets of ``matrix`` computed in ``dtype``, without numerically-zero ones.
 
     ``auto`` picks the randomized SVD for large matrices with ``k`` well below ``min(m, n)``, else exact.
+    Directions whose singular value is below the numerical-rank tolerance are dropped (so a rank-r delta,
+    e.g. from a LoRA adapter, keeps at most r): their singular vectors are arbitrary, and TSV-M's polar factor
+    and the router's subspaces would otherwise depend on that arbitrary choice.
     """
     if matrix.ndim != 2:
         raise ValueError(f"truncated_svd needs a 2-D tensor, got shape {list(matrix.shape)}")
@@ -82,10 +85,21 @@ def truncated_svd(
         method = "randomized" if _use_randomized(m, n, k) else "exact"
     if method == "exact":
         U, s, Vh = torch.linalg.svd(a, full_matrices=False)
-        return LowRank(U[:, :k].contiguous(), s[:k].contiguous(), Vh[:k].T.contiguous())
+        return _drop_null(LowRank(U[:, :k], s[:k], Vh[:k].T), m, n)
     if method == "randomized":
-        return _randomized_svd(a, k)
+        return _drop_null(_randomized_svd(a, k), m, n)
     raise OptionError(f"--svd must be one of auto, exact, randomized, got '{method}'")
+
+
+def numerical_rank_tolerance(s_max: float, m: int, n: int, dtype: torch.dtype) -> float:
+    """The standard tolerance (as numpy's matrix_rank): ``s_max * max(m, n) * eps(dtype)``."""
+    return s_max * max(m, n) * torch.finfo(dtype).eps
+
+
+def _drop_null(lr: LowRank, m: int, n: int) -> LowRank:
+    s_max = float(lr.s[0]) if lr.rank else 0.0
+    keep = int((lr.s > numerical_rank_tolerance(s_max, m, n, lr.s.dtype)).sum()) if s_max > 0 else 0
+    return LowRank(lr.U[:, :keep].contiguous(), lr.s[:keep].contiguous(), lr.V[:, :keep].contiguous())
 
 
 def _randomized_svd(a: torch.Tensor, k: int) -> LowRank:

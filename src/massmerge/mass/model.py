@@ -89,6 +89,10 @@ class MergedFactors:
 
     @classmethod
     def of(cls, factors: Sequence[LowRank]) -> "MergedFactors":
+        nonzero = [f for f in factors if f.rank > 0]
+        if not nonzero:  # no task changed this matrix: an empty (rank-0) delta
+            return cls(factors[0].U[:, :0], factors[0].s[:0], factors[0].V[:, :0])
+        factors = nonzero
         U = torch.cat([f.U for f in factors], dim=1)
         V = torch.cat([f.V for f in factors], dim=1)
         return cls(polar(U), torch.cat([f.s for f in factors]), polar(V))
@@ -224,7 +228,7 @@ class MASSModel(nn.Module):
     def route(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(residuals, probs, selected) for a batch, by the configured routing mode."""
         z = self.routing_activation(batch)
-        res = router.residuals(z.float(), self.routing_basis)
+        res = router.residuals(z, self.routing_basis)
         cfg = self.config
         probs, selected = router.select(res, mode=cfg.mode, eta=cfg.eta, top_k=cfg.top_k, tau=cfg.tau)
         return res, probs, selected

@@ -1,0 +1,36 @@
+"""Shared fixtures: small random low-rank task vectors whose answers can be computed independently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+def low_rank(rng: np.random.Generator, m: int, n: int, rank: int, scale: float = 1.0) -> torch.Tensor:
+    """A random float64 m x n matrix of exactly ``rank``."""
+    return torch.from_numpy(scale * rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n)))
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def small_model_state(rng: np.random.Generator) -> tuple[dict, list[dict]]:
+    """A float64 base with two matrices, a bias and an int buffer, and 3 low-rank task vectors."""
+    base = {
+        "layer.weight": torch.from_numpy(rng.standard_normal((12, 10))),
+        "layer.bias": torch.from_numpy(rng.standard_normal(12)),
+        "proj.weight": torch.from_numpy(rng.standard_normal((6, 12))),
+        "steps": torch.arange(4),
+    }
+    tvs = []
+    for _ in range(3):
+        tvs.append({
+            "layer.weight": low_rank(rng, 12, 10, 3, 0.1),
+            "layer.bias": torch.from_numpy(0.1 * rng.standard_normal(12)),
+            "proj.weight": low_rank(rng, 6, 12, 2, 0.1),
+        })
+    return base, tvs
