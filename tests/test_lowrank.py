@@ -9,7 +9,7 @@ import torch
 from massmerge.errors import OptionError
 from massmerge.lowrank import LowRank, polar, rank_for, truncated_svd
 
-from conftest import low_rank
+from lowrank_fixtures import low_rank
 
 
 def rel(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:

@@ -17,7 +17,7 @@ from massmerge.mass import router
 from massmerge.mass.experts import deredundant_tasks, lowrank_cosine
 from massmerge.mass.model import group_by_task_set
 
-from conftest import low_rank
+from lowrank_fixtures import low_rank
 
 D_IN, HIDDEN, D_OUT, T = 24, 32, 16, 4
 

@@ -12,7 +12,7 @@ from massmerge.merging.common import tsv_merge_factors
 from massmerge.merging.iso_cts import iso_cts_sizes
 from massmerge.lowrank import truncated_svd
 
-from conftest import low_rank
+from lowrank_fixtures import low_rank
 
 TOL = 1e-5
 MATRICES = ("layer.weight", "proj.weight")
