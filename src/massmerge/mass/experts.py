@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from massmerge.errors import OptionError
+from massmerge.errors import CheckpointError, OptionError
 from massmerge.lowrank import LowRank, SVDMethod, rank_for, truncated_svd
 from massmerge.merging.common import tsv_merge_factors
 from massmerge.progress import track
@@ -95,6 +95,8 @@ class ExpertFactors:
         others: dict[str, torch.Tensor] = {}
         for key in task_vector:
             delta = task_vector[key]
+            if delta.is_floating_point() and not bool(torch.isfinite(delta).all()):
+                raise CheckpointError(f"task {self._label(self._count())}: key '{key}' contains NaN or Inf values")
             if is_matrix(delta):
                 k = rank_for(delta.shape, self.rank_fraction)
                 matrices[key] = truncated_svd(delta, k, method=svd, dtype=work_dtype(delta, dtype))
@@ -104,13 +106,28 @@ class ExpertFactors:
 
     def add_task_factors(self, matrices: Mapping[str, LowRank], non_matrix: Mapping[str, torch.Tensor]) -> None:
         """Append one task's precomputed factors (e.g. from a LoRA adapter, factorized without densifying)."""
-        position = len(next(iter(self.matrices.values()), []))
-        if self.matrices and set(matrices) != set(self.matrices):
-            raise OptionError(f"task {self.task_names[position]!r} has different matrix keys from the first task")
+        position = self._count()
+        if position and (set(matrices) != set(self.matrices) or set(non_matrix) != set(self.non_matrix)):
+            raise OptionError(f"task {self._label(position)} has different keys from the first task")
+        for key, value in matrices.items():
+            if position and value.shape != self.matrices[key][0].shape:
+                raise CheckpointError(f"task {self._label(position)}: key '{key}' has shape {list(value.shape)}, "
+                                      f"the first task has {list(self.matrices[key][0].shape)}")
+        for key, value in non_matrix.items():
+            if position and value.shape != self.non_matrix[key][0].shape:
+                raise CheckpointError(f"task {self._label(position)}: key '{key}' has shape {list(value.shape)}, "
+                                      f"the first task has {list(self.non_matrix[key][0].shape)}")
         for key, value in matrices.items():
             self.matrices.setdefault(key, []).append(value)
         for key, value in non_matrix.items():
             self.non_matrix.setdefault(key, []).append(value)
+
+    def _count(self) -> int:
+        """Tasks added so far."""
+        return len(next(iter(self.matrices.values()), next(iter(self.non_matrix.values()), [])))
+
+    def _label(self, position: int) -> str:
+        return repr(self.task_names[position]) if position < len(self.task_names) else f"#{position}"
 
     def apply_deredundancy(self, eps: float | None) -> None:
         """Fill ``accepted`` per matrix; eps None keeps every task everywhere."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from massmerge.errors import OptionError
+from massmerge.errors import CheckpointError, OptionError
 from massmerge.merging import iso_c, iso_cts, task_arithmetic, ties, tsv_c, tsv_m, weight_average
 from massmerge.merging.common import StateDict, TaskVectors
 
@@ -46,14 +46,49 @@ def method_options(name: str) -> list[str]:
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
+class CheckedTaskVector(Mapping[str, torch.Tensor]):
+    """A task vector whose tensors are checked as a method reads them: the base's shape and finite values.
+
+    Why: the methods are pure math; without this a NaN expert gives NaN weights (or a raw linalg error) and a
+    wrong shape a raw RuntimeError. The check costs one pass over each tensor read, small beside the SVDs.
+    """
+
+    def __init__(self, task_vector: Mapping[str, torch.Tensor], index: int, base: Mapping[str, torch.Tensor]) -> None:
+        self._tv, self._index, self._base = task_vector, index, base
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        tensor = self._tv[key]
+        expected = tuple(self._base[key].shape)
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(f"task vector {self._index}: key '{key}' has shape {list(tensor.shape)}, "
+                                  f"the base has {list(expected)}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"task vector {self._index}: key '{key}' contains NaN or Inf values")
+        return tensor
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._tv)
+
+    def __len__(self) -> int:
+        return len(self._tv)
+
+
 def merge(name: str, base: Mapping[str, torch.Tensor], task_vectors: TaskVectors, **options: Any) -> StateDict:
-    """Run the method ``name``; options it does not take are an error naming the option."""
+    """Run the method ``name``; options it does not take are an error naming the option.
+
+    Task vectors must hold base keys only, with the base's shapes and finite values (checked as they are read).
+    """
     fn = get_merge_method(name)
     accepted = set(method_options(name))
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise OptionError(f"option '{unknown[0]}' does not apply to --method {name} (it takes {sorted(accepted)})")
-    return fn(base, task_vectors, **options)
+    for index, tv in enumerate(task_vectors):
+        stray = [key for key in tv if key not in base]
+        if stray:
+            raise CheckpointError(f"task vector {index}: key '{stray[0]}' is not in the base")
+    checked = [CheckedTaskVector(tv, index, base) for index, tv in enumerate(task_vectors)]
+    return fn(base, checked, **options)
 
 
 __all__ = ["MERGE_METHODS", "STATIC_MERGES", "get_merge_method", "merge", "method_options"]
