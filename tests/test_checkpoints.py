@@ -1,0 +1,136 @@
+"""Loading and validating state dicts: safetensors files, HF model directories (sharded too), atomic saves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import BertConfig, BertModel
+
+from massmerge.checkpoints import (
+    check_finite,
+    load_state_dict,
+    open_checkpoint,
+    save_state_dict,
+    validate_compatible,
+)
+from massmerge.errors import CheckpointError
+from massmerge.task_vectors import KeyFilter, LazyTaskVector, task_vector
+
+
+def tiny_bert() -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    return BertModel(config)
+
+
+def test_hf_directory_single_and_sharded_give_the_same_state(tmp_path: Path):
+    model = tiny_bert()
+    model.save_pretrained(tmp_path / "single")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    single = load_state_dict(tmp_path / "single")
+    sharded = load_state_dict(tmp_path / "sharded")
+    assert set(single) == set(sharded)
+    for key in single:
+        assert torch.equal(single[key], sharded[key])
+    # the keys are the model's own state-dict names
+    assert set(single) <= set(model.state_dict())
+
+
+def test_lazy_checkpoint_reads_shapes_without_data(tmp_path: Path):
+    save_file({"a": torch.ones(3, 4), "b": torch.zeros(2, dtype=torch.float16)}, str(tmp_path / "x.safetensors"))
+    lazy = open_checkpoint(tmp_path / "x.safetensors")
+    assert len(lazy) == 2 and lazy.shape("a") == (3, 4) and lazy.dtype_name("b") == "F16"
+    assert torch.equal(lazy["a"], torch.ones(3, 4))
+    with pytest.raises(KeyError):
+        lazy["missing"]
+
+
+def test_missing_shard_is_named(tmp_path: Path):
+    tiny_bert().save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / "m" / shard).unlink()
+    with pytest.raises(CheckpointError, match=shard):
+        open_checkpoint(tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", ["model.bin", "model.pt"])
+def test_pickle_refused_without_trust(tmp_path: Path, name: str):
+    torch.save({"w": torch.ones(2)}, tmp_path / name)
+    with pytest.raises(CheckpointError, match="--trust-pickle"):
+        load_state_dict(tmp_path / name)
+    assert torch.equal(load_state_dict(tmp_path / name, trust_pickle=True)["w"], torch.ones(2))
+
+
+def test_not_an_hf_directory(tmp_path: Path):
+    (tmp_path / "README").write_text("hi")
+    with pytest.raises(CheckpointError, match="not an HF model directory"):
+        load_state_dict(tmp_path)
+
+
+def test_validate_names_key_shape_and_dtype():
+    base = {"a": torch.zeros(2, 3), "b": torch.zeros(3)}
+    with pytest.raises(CheckpointError, match="e.safetensors: key 'b' of the base is missing"):
+        validate_compatible(base, {"a": torch.zeros(2, 3)}, name="e.safetensors")
+    with pytest.raises(CheckpointError, match="key 'c' is not in the base"):
+        validate_compatible(base, {**base, "c": torch.zeros(1)}, name="e")
+    with pytest.raises(CheckpointError, match=r"key 'a' has shape \[3, 2\]"):
+        validate_compatible(base, {"a": torch.zeros(3, 2), "b": torch.zeros(3)}, name="e")
+    with pytest.raises(CheckpointError, match="key 'b' has dtype torch.float16"):
+        validate_compatible(base, {"a": torch.zeros(2, 3), "b": torch.zeros(3, dtype=torch.float16)}, name="e")
+
+
+def test_validate_lazy_dtypes(tmp_path: Path):
+    save_file({"a": torch.zeros(2, dtype=torch.bfloat16)}, str(tmp_path / "e.safetensors"))
+    with pytest.raises(CheckpointError, match="dtype torch.bfloat16"):
+        validate_compatible({"a": torch.zeros(2)}, open_checkpoint(tmp_path / "e.safetensors"), name="e")
+    validate_compatible({"a": torch.zeros(2, dtype=torch.bfloat16)}, open_checkpoint(tmp_path / "e.safetensors"),
+                        name="e")
+
+
+@pytest.mark.parametrize("bad,kind", [(float("nan"), "NaN"), (float("inf"), "Inf")])
+def test_check_finite(bad: float, kind: str):
+    state = {"ok": torch.ones(2), "w": torch.tensor([1.0, bad])}
+    with pytest.raises(CheckpointError, match=f"key 'w' contains {kind}"):
+        check_finite(state, name="f")
+
+
+def test_atomic_save_keeps_previous_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    out = tmp_path / "out.safetensors"
+    save_state_dict({"a": torch.ones(2)}, out)
+    before = out.read_bytes()
+
+    def failing_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("massmerge.checkpoints.save_file", failing_save)
+    with pytest.raises(OSError):
+        save_state_dict({"a": torch.zeros(2)}, out)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_task_vectors_and_key_filter():
+    base = {"vision.w": torch.ones(2, 2), "text.w": torch.ones(2), "ids": torch.arange(2)}
+    expert = {"vision.w": 3 * torch.ones(2, 2), "text.w": torch.zeros(2), "ids": torch.arange(2)}
+    full = task_vector(base, expert)
+    assert set(full) == {"vision.w", "text.w"}  # integer buffers are not task vectors
+    assert torch.equal(full["vision.w"], 2 * torch.ones(2, 2))
+    only_vision = KeyFilter.from_patterns(exclude=["text.*"])
+    lazy = LazyTaskVector(base, expert, key_filter=only_vision)
+    assert list(lazy) == ["vision.w"] and torch.equal(lazy["vision.w"], full["vision.w"])
+    assert list(task_vector(base, expert, key_filter=KeyFilter.from_patterns(include=["text.*"]))) == ["text.w"]
+
+
+def test_half_precision_deltas_are_computed_in_float32():
+    base = {"w": torch.tensor([1000.0], dtype=torch.float16)}
+    expert = {"w": torch.tensor([1001.0], dtype=torch.float16)}
+    delta = task_vector(base, expert)["w"]
+    assert delta.dtype == torch.float32 and float(delta) == 1.0
