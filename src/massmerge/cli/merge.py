@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from massmerge import merging
+from massmerge.checkpoints import _is_pickle_source as is_pickle_source
 from massmerge.checkpoints import check_finite, load_state_dict, open_checkpoint, save_state_dict, validate_compatible
 from massmerge.cli import app
 from massmerge.errors import OptionError
@@ -17,7 +18,7 @@ from massmerge.task_vectors import KeyFilter, LazyTaskVector
 
 def open_expert(path: Path, base: dict, *, trust_pickle: bool) -> Any:
     """Open an expert lazily (safetensors) or load it (trusted pickle) and check it against the base."""
-    expert = load_state_dict(path, trust_pickle=True) if trust_pickle and path.suffix in (".bin", ".pt", ".pth") \
+    expert = load_state_dict(path, trust_pickle=True) if trust_pickle and is_pickle_source(path) \
         else open_checkpoint(path)
     validate_compatible(base, expert, name=str(path))
     check_finite(expert, name=str(path))
@@ -32,7 +33,8 @@ def method_kwargs(method: str, given: dict[str, Any]) -> dict[str, Any]:
         if value is None:
             continue
         if name not in accepted:
-            raise OptionError(f"--{name.replace('_', '-')} does not apply to --method {method}")
+            flag = "ties-density" if name == "density" else name.replace("_", "-")  # the CLI's spelling
+            raise OptionError(f"--{flag} does not apply to --method {method}")
         kwargs[name] = value
     return kwargs
 
