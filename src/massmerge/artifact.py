@@ -372,6 +372,71 @@ def _version() -> str:
         return "unknown"
 
 
+# ----- heads files (the CLI's --heads format) ------------------------------------------------------------------
+
+def write_head_file(path: str | os.PathLike[str], head: nn.Module, *, task: str | None = None,
+                    class_names: Sequence[str] | None = None) -> None:
+    """Write a head as the ``--heads`` file format: safetensors ``weight`` [C, d] (+ ``bias``) and metadata
+    ``kind`` (zero_shot | linear), ``logit_scale``, ``class_names`` (JSON list) and ``task``."""
+    from massmerge.checkpoints import save_state_dict
+
+    tensors = {"weight": head.weight}
+    meta = {"kind": "zero_shot" if isinstance(head, ZeroShotHead) else "linear"}
+    if isinstance(head, ZeroShotHead):
+        meta["logit_scale"] = repr(head.logit_scale)
+    elif getattr(head, "bias", None) is not None:
+        tensors["bias"] = head.bias
+    if class_names is not None:
+        meta["class_names"] = json.dumps(list(class_names))
+    if task is not None:
+        meta["task"] = task
+    save_state_dict(tensors, path, metadata=meta)
+
+
+def read_head_file(path: str | os.PathLike[str]) -> tuple[nn.Module, str | None, list[str] | None]:
+    """(head, task name or None, class names or None) from a ``--heads`` file; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MassMergeError(f"{path}: no such heads file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            meta = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MassMergeError(f"{path}: not a readable safetensors heads file ({str(exc).splitlines()[0][:200]})") from None
+    weight = tensors.get("weight")
+    if weight is None or weight.ndim != 2 or not weight.is_floating_point():
+        raise MassMergeError(f"{path}: a heads file needs a floating 2-D tensor 'weight' [classes, dim]")
+    kind = meta.get("kind", "linear")
+    names = _class_names(meta, path, int(weight.shape[0]))
+    if kind == "zero_shot":
+        try:
+            scale = float(meta.get("logit_scale", "100.0"))
+        except ValueError:
+            raise MassMergeError(f"{path}: metadata logit_scale is not a number") from None
+        head: nn.Module = ZeroShotHead(weight, scale)
+    elif kind == "linear":
+        bias = tensors.get("bias")
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise MassMergeError(f"{path}: 'bias' has shape {list(bias.shape)}, expected [{weight.shape[0]}]")
+        head = LinearHead(weight, bias)
+    else:
+        raise MassMergeError(f"{path}: metadata kind '{kind}' is not zero_shot or linear")
+    return head, meta.get("task"), names
+
+
+def _class_names(meta: Mapping[str, str], path: Path, classes: int) -> list[str] | None:
+    if "class_names" not in meta:
+        return None
+    try:
+        names = json.loads(meta["class_names"])
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or len(names) != classes or not all(isinstance(n, str) for n in names):
+        raise MassMergeError(f"{path}: metadata class_names must be a JSON list of {classes} strings")
+    return names
+
+
 # ----- load ---------------------------------------------------------------------------------------------------
 
 def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
@@ -543,6 +608,6 @@ def artifact_bytes(directory: str | os.PathLike[str], *, include_base: bool = Tr
 
 
 __all__ = [
-    "FORMAT_VERSION", "Manifest", "artifact_bytes", "load", "read_manifest", "round_factors", "save_artifact",
-    "storage_dtype", "verify_files",
+    "FORMAT_VERSION", "Manifest", "artifact_bytes", "load", "read_head_file", "read_manifest", "round_factors",
+    "save_artifact", "storage_dtype", "verify_files", "write_head_file",
 ]
