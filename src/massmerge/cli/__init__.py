@@ -70,5 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 from massmerge.cli import info as _info  # noqa: E402  (commands register themselves on ``app``)
 from massmerge.cli import merge as _merge  # noqa: E402,F401
+from massmerge.cli import build as _build  # noqa: E402,F401
+from massmerge.cli import predict as _predict  # noqa: E402,F401
 
 __all__ = ["app", "main"]
