@@ -1,0 +1,86 @@
+"""Text encoders (BERT-like and T5): routing layer, mean pooling over the attention mask, key alignment, heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from massmerge.adapters import TextEncoderAdapter, adapter_for, detect_family
+from massmerge.adapters.base import capture_input
+from massmerge.errors import CheckpointError
+from massmerge.heads_zoo import linear_head_from_state
+from tiny_models import DEPTH, bert_config, low_rank_deltas, perturbed, save_prefixed, t5_config
+
+
+def _batch(lengths: list[int], total: int = 9) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 99, (len(lengths), total), generator=gen)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+        ids[row, n:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(len(lengths), dtype=torch.long)}
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_mean_pooling_ignores_padding(family: str, tmp_path: Path) -> None:
+    from transformers import BertModel, T5EncoderModel
+
+    torch.manual_seed(0)
+    model = (BertModel(bert_config()) if family == "bert" else T5EncoderModel(t5_config())).eval()
+    model.save_pretrained(str(tmp_path / family))
+    adapter = TextEncoderAdapter()
+    loaded = adapter.load_model(str(tmp_path / family))
+    layer = adapter.routing_layer(loaded)
+    expected = "encoder.layer.3.intermediate.dense" if family == "bert" else "encoder.block.3.layer.1.DenseReluDense.wi_0"
+    assert layer == expected
+    batch = _batch([9, 4, 6])
+    with torch.no_grad():
+        z = adapter.pool(capture_input(loaded, layer, lambda: adapter.features(loaded, batch)), batch)
+        feats = adapter.features(loaded, batch)
+        for row, n in ((1, 4), (2, 6)):
+            alone = {"input_ids": batch["input_ids"][row:row + 1, :n], "attention_mask": batch["attention_mask"][row:row + 1, :n]}
+            act = capture_input(loaded, layer, lambda: adapter.features(loaded, alone))
+            torch.testing.assert_close(z[row], act[0].mean(dim=0), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(feats[row], adapter.features(loaded, alone)[0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(z[1], capture_input(loaded, layer, lambda: loaded(input_ids=batch["input_ids"]))[1].mean(0), atol=1e-4)
+
+
+def test_classifier_checkpoint_aligns_and_gives_a_linear_head(tmp_path: Path) -> None:
+    """A BertForSequenceClassification expert: `bert.*` keys align to BertModel, classifier becomes the head."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    adapter = TextEncoderAdapter(feature_pooling="pooler")
+    base = BertForSequenceClassification(bert_config()).eval()
+    base.bert.save_pretrained(str(tmp_path / "base"))
+    encoder = adapter.load_model(str(tmp_path / "base"))
+    deltas = low_rank_deltas(base, seed=5)
+    expert_state = perturbed(base, deltas)
+    expert_dir = save_prefixed(expert_state, tmp_path / "expert", "")
+    (expert_dir / "config.json").write_text('{"model_type": "bert"}')
+    aligned = adapter.load_weights(str(expert_dir), encoder)
+    assert set(aligned) == set(encoder.state_dict())
+    key = f"encoder.layer.{DEPTH - 1}.intermediate.dense.weight"
+    torch.testing.assert_close(aligned[key] - encoder.state_dict()[key], deltas["bert." + key])
+    head = linear_head_from_state(expert_state)
+    batch = _batch([5, 7])
+    with torch.no_grad():
+        pooled = base.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+        expected = torch.nn.functional.linear(pooled, expert_state["classifier.weight"], expert_state["classifier.bias"])
+        torch.testing.assert_close(head(adapter.features(encoder, batch)), expected, atol=1e-5, rtol=1e-5)
+    assert detect_family(expert_dir) == "text"
+
+
+def test_multilayer_classifier_is_refused() -> None:
+    state = {"classifier.dense.weight": torch.zeros(4, 4), "classifier.out_proj.weight": torch.zeros(2, 4)}
+    with pytest.raises(CheckpointError, match="several layers"):
+        linear_head_from_state(state, prefix="score")
+
+
+def test_auto_detection_of_text_models() -> None:
+    from transformers import BertModel
+
+    assert adapter_for(BertModel(bert_config())).name == "text"
