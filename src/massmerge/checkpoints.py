@@ -229,7 +229,14 @@ def save_state_dict(
     """
     path = Path(path)
     tensors = {key: value.detach().contiguous().cpu() for key, value in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # a full disk surfaces as SafetensorError, not OSError
+            raise CheckpointError(f"{path}: cannot write ({_short(exc)})") from None
+
+    atomic_write(path, write)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
