@@ -1,0 +1,296 @@
+"""The MASS artifact: bit-identical round trip, refusal of corrupt/unknown artifacts, atomic writes, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from massmerge import artifact
+from massmerge.artifact import load, read_head_file, round_factors, save_artifact, write_head_file
+from massmerge.checkpoints import save_state_dict
+from massmerge.errors import MassMergeError, OptionError
+from massmerge.heads import LinearHead, ZeroShotHead
+from massmerge.mass import mean_pool
+from massmerge.mass.fast import FastMASSModel
+
+from toy_mass import ToyEncoder, make_batch, make_parts
+
+
+def built(num_tasks: int = 4, dtype: torch.dtype = torch.float16, seed: int = 0) -> FastMASSModel:
+    """A model as ``massmerge build`` makes it: factors rounded to their storage dtype."""
+    base, factors, heads, cfg = make_parts(num_tasks, seed)
+    return FastMASSModel(base, round_factors(factors, dtype), heads, cfg, pool=mean_pool())
+
+
+def assert_same_outputs(a: FastMASSModel, b: FastMASSModel, batch: torch.Tensor) -> None:
+    out_a, out_b = a(batch), b(batch)
+    for field in ("task", "label", "probs", "selected", "residuals"):
+        assert torch.equal(getattr(out_a, field), getattr(out_b, field)), field
+    for tasks in [(0,), (1, 2), (0, 1, 2)]:
+        assert torch.equal(a.features_with(tasks, batch), b.features_with(tasks, batch))
+
+
+def test_round_trip_is_bit_identical(tmp_path):
+    model = built()
+    save_artifact(model, tmp_path / "art")
+    loaded = load(tmp_path / "art", base_model=ToyEncoder(), pool=mean_pool())
+    assert_same_outputs(model, loaded, make_batch(16, seed=3))
+    assert loaded.manifest.factor_dtype == "float16"
+    assert [type(h) for h in loaded.heads] == [type(h) for h in model.heads]
+
+
+def test_round_trip_exact_with_float32_factors(tmp_path):
+    base, factors, heads, cfg = make_parts(3)
+    model = FastMASSModel(base, factors, heads, cfg, pool=mean_pool())
+    save_artifact(model, tmp_path / "art", factor_dtype="float32")
+    loaded = load(tmp_path / "art", base_model=ToyEncoder(), pool=mean_pool())
+    assert_same_outputs(model, loaded, make_batch(10))
+
+
+def test_manifest_holds_every_hyper_parameter(tmp_path):
+    base, factors, heads, cfg = make_parts(3, eta=0.25, top_k=2, tau=0.5)
+    save_artifact(FastMASSModel(base, factors, heads, cfg, pool=mean_pool()), tmp_path / "a", pooling="mean")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["format_version"] == artifact.FORMAT_VERSION
+    assert manifest["task_names"] == ["task0", "task1", "task2"]
+    assert manifest["config"]["routing_layer"] == "blocks.2.fc1"
+    assert (manifest["config"]["eta"], manifest["config"]["top_k"], manifest["config"]["tau"]) == (0.25, 2, 0.5)
+    assert manifest["rank_fraction"] == pytest.approx(1 / 3) and manifest["eps"] == 0.3
+    assert manifest["architecture"]["pooling"] == "mean"
+    assert set(manifest["files"]) == {"factors.safetensors", "heads.safetensors", "base.safetensors"}
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
+
+
+def test_checksum_mismatch_refused_naming_file(tmp_path):
+    save_artifact(built(), tmp_path / "art")
+    path = tmp_path / "art" / "heads.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(MassMergeError, match=r"heads\.safetensors: checksum mismatch"):
+        load(tmp_path / "art", base_model=ToyEncoder(), pool=mean_pool())
+
+
+def test_missing_file_refused_naming_file(tmp_path):
+    save_artifact(built(), tmp_path / "art")
+    (tmp_path / "art" / "factors.safetensors").unlink()
+    with pytest.raises(MassMergeError, match=r"factors\.safetensors: missing"):
+        load(tmp_path / "art", base_model=ToyEncoder(), pool=mean_pool())
+
+
+@pytest.mark.parametrize("version", [2, 0, None, "1"])
+def test_unknown_format_version_refused(tmp_path, version):
+    save_artifact(built(), tmp_path / "art")
+    manifest_path = tmp_path / "art" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = version
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(MassMergeError, match="format_version .* is not supported"):
+        load(tmp_path / "art", base_model=ToyEncoder())
+
+
+def test_not_an_artifact_and_bad_manifest(tmp_path):
+    with pytest.raises(MassMergeError, match="no such artifact"):
+        load(tmp_path / "nope", base_model=ToyEncoder())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MassMergeError, match="manifest.json: missing"):
+        load(tmp_path / "empty", base_model=ToyEncoder())
+    save_artifact(built(), tmp_path / "art")
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    del manifest["task_names"]
+    (tmp_path / "art" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MassMergeError, match="invalid manifest field 'task_names'"):
+        load(tmp_path / "art", base_model=ToyEncoder())
+
+
+def test_generic_artifact_needs_base_model_of_the_right_shape(tmp_path):
+    save_artifact(built(), tmp_path / "art")
+    with pytest.raises(OptionError, match="base_model"):
+        load(tmp_path / "art")
+    with pytest.raises(MassMergeError, match="does not match"):
+        load(tmp_path / "art", base_model=torch.nn.Linear(3, 3))
+
+
+def test_failed_write_leaves_previous_artifact_and_no_temp(tmp_path, monkeypatch):
+    save_artifact(built(seed=0), tmp_path / "art")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "art").iterdir()}
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(artifact, "_file_entries", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_artifact(built(seed=1), tmp_path / "art")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "art").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_overwrite_replaces_artifact_but_refuses_foreign_directory(tmp_path):
+    save_artifact(built(seed=0), tmp_path / "art")
+    save_artifact(built(seed=1, num_tasks=3), tmp_path / "art")
+    assert artifact.read_manifest(tmp_path / "art").task_names == ["task0", "task1", "task2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(OptionError, match="not a massmerge artifact"):
+        save_artifact(built(), tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_base_by_reference(tmp_path):
+    model = built()
+    save_state_dict(model.model.state_dict(), tmp_path / "base.safetensors")
+    save_artifact(model, tmp_path / "art", base_reference=tmp_path / "base.safetensors")
+    assert not (tmp_path / "art" / "base.safetensors").exists()
+    loaded = load(tmp_path / "art", base_model=ToyEncoder(), pool=mean_pool())
+    assert_same_outputs(model, loaded, make_batch(6))
+    other = {k: v + 1 for k, v in model.model.state_dict().items()}
+    save_state_dict(other, tmp_path / "base.safetensors")
+    with pytest.raises(MassMergeError, match="base.safetensors: checksum mismatch"):
+        load(tmp_path / "art", base_model=ToyEncoder())
+
+
+def data_bytes(path: Path) -> int:
+    from safetensors.torch import load_file
+
+    return sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
+
+
+def test_factor_storage_dtype_and_size(tmp_path):
+    """Default storage is float16 for a float32 base: factors take half the bytes of float32 ones."""
+    model = built(dtype=torch.float16)
+    save_artifact(model, tmp_path / "half")
+    save_artifact(model, tmp_path / "full", factor_dtype=torch.float32)
+    half, full = data_bytes(tmp_path / "half" / "factors.safetensors"), data_bytes(tmp_path / "full" / "factors.safetensors")
+    assert half < 0.6 * full  # U, V and deltas halve; s stays float32
+    assert artifact.storage_dtype(torch.bfloat16) == torch.bfloat16
+    assert artifact.storage_dtype(torch.float32) == torch.float16
+    with pytest.raises(OptionError, match="--factor-dtype"):
+        save_artifact(model, tmp_path / "x", factor_dtype="int3")
+
+
+def test_task_names_with_slash_refused(tmp_path):
+    model = built()
+    model.factors.task_names[0] = "a/b"
+    with pytest.raises(OptionError, match="a/b"):
+        save_artifact(model, tmp_path / "art")
+
+
+# ----- heads files ---------------------------------------------------------------------------------------------
+
+def test_head_file_round_trip(tmp_path):
+    zs = ZeroShotHead(torch.randn(3, 8), 42.0)
+    write_head_file(tmp_path / "zs.safetensors", zs, task="topics", class_names=["a", "b", "c"])
+    head, task, names = read_head_file(tmp_path / "zs.safetensors")
+    assert isinstance(head, ZeroShotHead) and head.logit_scale == 42.0 and task == "topics" and names == ["a", "b", "c"]
+    x = torch.randn(4, 8)
+    assert torch.allclose(head(x), zs(x), atol=1e-6)
+    lin = LinearHead(torch.randn(2, 8), torch.randn(2))
+    write_head_file(tmp_path / "lin.safetensors", lin)
+    head, task, names = read_head_file(tmp_path / "lin.safetensors")
+    assert isinstance(head, LinearHead) and task is None and names is None
+    assert torch.equal(head(x), lin(x))
+
+
+def test_bad_head_files_refused(tmp_path):
+    save_state_dict({"w": torch.zeros(2, 2)}, tmp_path / "no_weight.safetensors")
+    with pytest.raises(MassMergeError, match="no_weight.safetensors: a heads file needs"):
+        read_head_file(tmp_path / "no_weight.safetensors")
+    save_state_dict({"weight": torch.zeros(2, 2)}, tmp_path / "names.safetensors", metadata={"class_names": '["x"]'})
+    with pytest.raises(MassMergeError, match="class_names"):
+        read_head_file(tmp_path / "names.safetensors")
+    save_state_dict({"weight": torch.zeros(2, 2)}, tmp_path / "kind.safetensors", metadata={"kind": "svm"})
+    with pytest.raises(MassMergeError, match="kind 'svm'"):
+        read_head_file(tmp_path / "kind.safetensors")
+
+
+# ----- CLI on a tiny HF text model ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_setup(tmp_path_factory):
+    """A tiny BERT base with a word-level tokenizer, 3 perturbed experts and their heads files."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)] + ["spam", "cat", "mat"]
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=4,
+                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = transformers.BertModel(config).eval()
+    base.save_pretrained(root / "base")
+    (root / "base" / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(root / "base" / "vocab.txt")).save_pretrained(root / "base")
+    for t in range(3):
+        expert = transformers.BertModel(config)
+        expert.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        expert.save_pretrained(root / f"expert{t}")
+        head = ZeroShotHead(torch.randn(3 + t, 16), 30.0) if t else LinearHead(torch.randn(3, 16), torch.zeros(3))
+        write_head_file(root / f"head{t}.safetensors", head, task=f"t{t}", class_names=[f"c{t}{i}" for i in range(3 + t)])
+    (root / "inputs.txt").write_text("w1 w2 cat\nspam spam w3\n\nmat w9 w10 w11\nw5\n")
+    return root
+
+
+def run_cli(args: list[str]) -> None:
+    """Run ``massmerge ARGS`` in-process; a clean exit returns, an error exit raises SystemExit."""
+    from massmerge.cli import main
+
+    try:
+        main(args)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+
+
+def test_cli_build_and_predict(hf_setup, tmp_path, capsys):
+    root = hf_setup
+    run_cli(["build", "--base", str(root / "base"), "--experts", *[str(root / f"expert{t}") for t in range(3)],
+             "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--output", str(tmp_path / "art")])
+    manifest = artifact.read_manifest(tmp_path / "art")
+    assert manifest.architecture.adapter == "text" and manifest.task_names == ["t0", "t1", "t2"]
+    assert manifest.config["routing_layer"] == "encoder.layer.3.intermediate.dense"
+    assert (tmp_path / "art" / "model" / "vocab.txt").is_file()
+    capsys.readouterr()
+    run_cli(["predict", str(tmp_path / "art"), str(root / "inputs.txt"), "--batch-size", "3"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["index"] for r in lines] == [0, 1, 2, 3]
+    for r in lines:
+        assert r["task"] in r["selected"] and r["class"].startswith(f"c{r['task'][1]}")
+        assert sum(r["probs"].values()) == pytest.approx(1.0, abs=1e-4)
+    # predictions equal the loaded model's reference path on the same batch
+    model = load(tmp_path / "art", fast=False)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "art" / "model"))
+    texts = [t for t in (root / "inputs.txt").read_text().splitlines() if t.strip()]
+    out = model(dict(tok(texts, padding=True, return_tensors="pt")))
+    assert [manifest.task_names[t] for t in out.task.tolist()] == [r["task"] for r in lines]
+
+
+def test_cli_errors_exit_2(hf_setup, tmp_path, capsys):
+    root = hf_setup
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["build", "--base", str(root / "base"), "--experts", str(root / "expert0"), str(root / "expert1"),
+                 "--heads", str(root / "head0.safetensors"), "--output", str(tmp_path / "art")])
+    assert exc.value.code == 2 and "error: --heads: 1 heads files for 2 experts" in capsys.readouterr().err
+    shutil.copytree(root / "expert1", tmp_path / "bad")
+    from massmerge.checkpoints import load_state_dict
+
+    state = load_state_dict(tmp_path / "bad")
+    state["embeddings.word_embeddings.weight"][0, 0] = float("nan")
+    save_state_dict(state, tmp_path / "bad" / "model.safetensors")
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["build", "--base", str(root / "base"), "--experts", str(root / "expert0"), str(tmp_path / "bad"),
+                 "--heads", str(root / "head0.safetensors"), str(root / "head1.safetensors"),
+                 "--output", str(tmp_path / "art")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "NaN or Inf" in err and "bad" in err
+    assert not (tmp_path / "art").exists()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["predict", str(tmp_path / "missing"), str(root / "inputs.txt")])
+    assert exc.value.code == 2 and "no such artifact directory" in capsys.readouterr().err
