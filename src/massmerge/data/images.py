@@ -1,0 +1,199 @@
+"""Image classification test sets for ``massmerge evaluate``: local image folders or HF datasets.
+
+Why our own preprocessing: torchvision cannot be installed beside our torch, and CLIP's eval transform is
+small (resize the shorter side with bicubic, center crop, scale to [0, 1], normalize); its sizes and statistics
+are read from the model's ``preprocessor_config.json`` when present, else CLIP's defaults.
+
+Label order (design.md section 4): a folder dataset's classes follow the task's class names when the folder
+names match them, else sorted folder names; an HF dataset's labels are its ``ClassLabel`` order. The heads
+must use the same order, which :func:`check_label_space` verifies by count.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from massmerge.errors import MassMergeError, OptionError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """CLIP eval transform: shorter side to ``size`` (bicubic), center crop ``crop``, normalize."""
+
+    size: int = 224
+    crop: int = 224
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+
+    @classmethod
+    def from_model_dir(cls, path: Path | None, *, image_size: int | None = None) -> Preprocess:
+        """Read ``preprocessor_config.json`` (HF) if the model directory has one, else use the model's image size."""
+        file = path / "preprocessor_config.json" if path is not None and path.is_dir() else None
+        if file is None or not file.is_file():
+            return cls(image_size, image_size) if image_size else cls()
+        cfg = json.loads(file.read_text())
+        size = _edge(cfg.get("size"), 224)
+        crop = _edge(cfg.get("crop_size"), size)
+        return cls(size, crop, tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD)))
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        """PIL image -> float tensor [3, crop, crop]."""
+        from PIL import Image
+
+        image = image.convert("RGB")
+        w, h = image.size
+        scale = self.size / min(w, h)
+        image = image.resize((max(self.crop, round(w * scale)), max(self.crop, round(h * scale))), Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - self.crop) // 2, (h - self.crop) // 2
+        image = image.crop((left, top, left + self.crop, top + self.crop))
+        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(self.crop, self.crop, 3)
+        pixels = data.permute(2, 0, 1).float() / 255.0
+        return (pixels - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+
+
+def _edge(value: Any, default: int) -> int:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        return int(value.get("shortest_edge") or value.get("height") or default)
+    return default
+
+
+@dataclass
+class ImageDataset:
+    """A list of (image loader, label) with its class names, in label order."""
+
+    name: str
+    classes: list[str]
+    items: list[tuple[Any, int]] = field(default_factory=list)  # (path, or a key for ``loader``; label)
+    loader: Callable[[Any], Any] | None = None  # key -> PIL image; None: items hold paths or images
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, max_samples: int | None, seed: int = 0) -> ImageDataset:
+        """A seeded random subset of at most ``max_samples`` items (all of them when None)."""
+        if max_samples is None or max_samples >= len(self.items):
+            return self
+        order = list(range(len(self.items)))
+        random.Random(seed).shuffle(order)
+        return ImageDataset(self.name, self.classes, [self.items[i] for i in sorted(order[:max_samples])], self.loader)
+
+    def batches(self, preprocess: Preprocess, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(pixel_values [B, 3, H, W], labels [B]) in order."""
+        for start in range(0, len(self.items), batch_size):
+            chunk = self.items[start:start + batch_size]
+            load = self.loader or _open
+            pixels = torch.stack([preprocess(load(item)) for item, _ in chunk])
+            yield pixels, torch.tensor([label for _, label in chunk], dtype=torch.long)
+
+
+def _open(item: Any) -> Any:
+    if isinstance(item, (str, Path)):
+        from PIL import Image
+
+        try:
+            with Image.open(item) as image:
+                return image.copy()
+        except OSError as exc:
+            raise MassMergeError(f"{item}: not a readable image ({exc})") from None
+    return item
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def load_image_folder(root: str | Path, classnames: Sequence[str] | None = None, *, name: str | None = None) -> ImageDataset:
+    """``root/<class>/<image>`` folders. With ``classnames`` the folders are matched to them (ignoring case and
+    punctuation) and labelled in that order; otherwise labels follow the sorted folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MassMergeError(f"{root}: no such image folder")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise MassMergeError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")
+    order = _folder_order(root, folders, classnames)
+    items = [(str(f), label) for label, folder in enumerate(order) for f in sorted(folder.rglob("*"))
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise MassMergeError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
+    classes = list(classnames) if classnames is not None and len(order) == len(classnames) else [f.name for f in order]
+    return ImageDataset(name or root.name, classes, items)
+
+
+def _folder_order(root: Path, folders: list[Path], classnames: Sequence[str] | None) -> list[Path]:
+    by_name = {_norm(f.name): f for f in folders}
+    if classnames is None or not all(_norm(c) in by_name for c in classnames):
+        return folders
+    if len(folders) != len(classnames):
+        raise MassMergeError(f"{root}: {len(folders)} class folders but the task has {len(classnames)} classes")
+    return [by_name[_norm(c)] for c in classnames]
+
+
+def load_hf_image_dataset(spec: str, *, split: str = "test", revision: str | None = None, subset: str | None = None,
+                          image_column: str | None = None, label_column: str | None = None) -> ImageDataset:
+    """An HF dataset (hub id or local directory) via ``datasets``; the files come through ``resolve_source``."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise MassMergeError(f"dataset '{spec}': loading HF datasets needs `pip install datasets`; or export it as an image folder") from None
+    from datasets import load_dataset
+
+    from massmerge.sources import resolve_source
+
+    local = resolve_source(spec, revision, allow_patterns=None, repo_type="dataset")
+    try:
+        data = load_dataset(str(local), subset, split=split)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise MassMergeError(f"dataset '{spec}': cannot load split '{split}' ({str(exc).splitlines()[0][:160]})") from None
+    image_col = image_column or _pick_column(data, ("image", "img", "jpg", "png"), spec)
+    label_col = label_column or _pick_column(data, ("label", "labels", "fine_label", "cls"), spec)
+    feature = data.features.get(label_col)
+    classes = list(getattr(feature, "names", None) or sorted({int(v) for v in data[label_col]}))
+    items = [(index, int(label)) for index, label in enumerate(data[label_col])]  # images decoded lazily
+    return ImageDataset(spec, [str(c) for c in classes], items, loader=lambda index: data[index][image_col])
+
+
+def _pick_column(data: Any, names: Sequence[str], spec: str) -> str:
+    for name in names:
+        if name in data.column_names:
+            return name
+    raise OptionError(f"dataset '{spec}': none of the columns {list(names)} exists (has {data.column_names}); set image_column/label_column")
+
+
+def load_image_dataset(spec: str, *, classnames: Sequence[str] | None = None, split: str = "test",
+                       revision: str | None = None, **hf_options: Any) -> ImageDataset:
+    """A local image folder (``root/<class>/<image>``) or else an HF dataset id / directory."""
+    path = Path(spec).expanduser()
+    if _is_image_folder(path / split):
+        return load_image_folder(path / split, classnames, name=path.name)
+    if _is_image_folder(path):
+        return load_image_folder(path, classnames)
+    return load_hf_image_dataset(spec, split=split, revision=revision, **hf_options)
+
+
+def _is_image_folder(path: Path) -> bool:
+    """A directory whose sub-folders hold image files directly (``root/<class>/<image>``)."""
+    if not path.is_dir():
+        return False
+    return any(f.suffix.lower() in IMAGE_SUFFIXES for d in path.iterdir() if d.is_dir() for f in d.iterdir())
+
+
+def check_label_space(dataset: ImageDataset, num_classes: int, *, task: str) -> None:
+    """The head must have exactly the dataset's number of classes (same order is the task file's job)."""
+    if len(dataset.classes) != num_classes:
+        raise OptionError(f"task '{task}': the dataset has {len(dataset.classes)} classes but the head has {num_classes}")

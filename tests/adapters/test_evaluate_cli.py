@@ -1,0 +1,128 @@
+"""`massmerge evaluate --config bench.yaml` end to end on tiny HF CLIP experts and image folders (no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from massmerge.benchmark_config import load_benchmark_config, parse_benchmark_config
+from massmerge.cli import main
+from massmerge.data.images import Preprocess, load_image_dataset
+from massmerge.errors import OptionError
+from tiny_models import low_rank_deltas, perturbed, save_clip_vision, save_prefixed
+
+CLASSES = {"alpha": ["cat", "dog"], "beta": ["red", "green", "blue"]}
+
+
+def _image_folder(root: Path, classes: list[str], per_class: int = 3, seed: int = 0) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(40, 48, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def _bench(tmp_path: Path) -> Path:
+    model, base_dir = save_clip_vision(tmp_path)
+    tasks = []
+    for seed, (task, classes) in enumerate(CLASSES.items(), start=1):
+        state = perturbed(model, low_rank_deltas(model, seed=seed))
+        gen = torch.Generator().manual_seed(seed)
+        state["classifier.weight"] = torch.randn(len(classes), 32, generator=gen)
+        state["classifier.bias"] = torch.zeros(len(classes))
+        expert = save_prefixed(state, tmp_path / f"expert_{task}", "vision_model.")
+        data = _image_folder(tmp_path / f"data_{task}" / "test", classes, seed=seed)
+        tasks.append({"name": task, "expert": str(expert), "dataset": str(data.parent), "classnames": classes})
+    config = {"family": "clip", "base": str(base_dir), "heads": "linear", "tasks": tasks,
+              "methods": ["zeroshot", "experts", "task_arithmetic", "tsv_m", "mass"],
+              "mass": {"rank_fraction": 0.5}, "eval": {"batch_size": 4}, "output": str(tmp_path / "out")}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_evaluate_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _bench(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--config", str(config), "--max-samples", "5"])
+    assert exit_info.value.code in (0, None)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["tasks"] == ["alpha", "beta"] and report["samples"] == {"alpha": 5, "beta": 5}
+    assert report["routing_layer"] == "encoder.layers.3.mlp.fc1"
+    methods = report["methods"]
+    assert list(methods) == ["zeroshot", "experts", "task_arithmetic", "tsv_m", "mass"]
+    assert methods["experts"]["mean_normalized_oracle"] == pytest.approx(1.0) or methods["experts"]["mean_oracle"] == 0
+    assert methods["task_arithmetic"]["options"] == {"alpha": 0.3}
+    assert set(methods["mass"]["routing_accuracy"]) == {"alpha", "beta"}
+    assert len(methods["mass"]["routing_confusion"]) == 2
+    assert sum(map(sum, methods["mass"]["routing_confusion"])) == 10
+    assert "| mass |" in (tmp_path / "out" / "report.md").read_text()
+    assert "| tsv_m |" in capsys.readouterr().out
+
+
+def test_bad_config_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({"base": "x", "tasks": [{"name": "a", "expert": "e", "dataset": "d"}] * 2}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--config", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "task 'a' is listed twice" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(OptionError, match="methods.*unknown method 'tsv'"):
+        parse_benchmark_config({"base": "x", "methods": ["tsv"], "tasks": [
+            {"name": "a", "expert": "e", "dataset": "d"}, {"name": "b", "expert": "e", "dataset": "d"}]})
+
+
+def test_image_folder_follows_the_task_class_order(tmp_path: Path) -> None:
+    root = _image_folder(tmp_path / "colors", ["Blue", "green", "red"], per_class=1)
+    data = load_image_dataset(str(root), classnames=["red", "green", "blue"])
+    assert data.classes == ["red", "green", "blue"]
+    labels = {Path(item).parent.name: label for item, label in data.items}
+    assert labels == {"red": 0, "green": 1, "Blue": 2}
+    pixels, y = next(data.batches(Preprocess(size=16, crop=16), batch_size=8))
+    assert pixels.shape == (3, 3, 16, 16) and y.tolist() == [0, 1, 2]
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "clip_vit_b32_8tasks.yaml"
+    config = load_benchmark_config(example)
+    assert [t.name for t in config.tasks] == ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD"]
+    assert config.merge_options("task_arithmetic") == {"alpha": 0.3}
+
+
+def test_hf_dataset_directory_keeps_its_label_names(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    import numpy as np
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y", "z"])})
+    images = [Image.fromarray((np.random.default_rng(i).random((20, 20, 3)) * 255).astype("uint8")) for i in range(6)]
+    table = datasets.Dataset.from_dict({"image": images, "label": [2, 1, 0, 2, 1, 0]}, features=features)
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    table.to_parquet(str(tmp_path / "ds" / "data" / "test-00000-of-00001.parquet"))
+    data = load_image_dataset(str(tmp_path / "ds"), split="test")
+    assert data.classes == ["x", "y", "z"] and [label for _, label in data.items] == [2, 1, 0, 2, 1, 0]
+    pixels, labels = next(data.subset(4).batches(Preprocess(size=8, crop=8), 4))
+    assert pixels.shape == (4, 3, 8, 8) and len(labels) == 4
+
+
+def test_hub_ids_offline_fail_with_how_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({"family": "clip", "base": "openai/clip-vit-base-patch32", "tasks": [
+        {"name": "MNIST", "expert": "tanganke/clip-vit-base-patch32_mnist", "dataset": "ylecun/mnist"},
+        {"name": "DTD", "expert": "tanganke/clip-vit-base-patch32_dtd", "dataset": "tanganke/dtd"}]}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--config", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: openai/clip-vit-base-patch32: cannot download")
+    assert "hf download openai/clip-vit-base-patch32 --local-dir" in err[-1]
