@@ -254,7 +254,7 @@ def _numel(state: Mapping[str, torch.Tensor]) -> int:
 
 
 def run_benchmark(config: BenchmarkConfig, *, log: Log = print) -> dict[str, Any]:
-    """Run every configured method; returns the report (see :func:`summarize`)."""
+    """Run every configured method; returns the report (the suite's row format, see :func:`summarize`)."""
     wb = prepare(config, log=log)
     results: dict[str, Any] = {}
     for method in config.methods:
@@ -273,37 +273,67 @@ def _score(wb: Workbench, method: str) -> dict[str, Any]:
     return score_mass(wb)
 
 
+def _row(kind: str, accuracy: dict[str, float], expert: dict[str, float] | None, **extra: Any) -> dict[str, Any]:
+    """One report row as the offline suite writes it: absolute and normalized accuracy per task and averaged."""
+    normalized = ev.normalized_accuracy(accuracy, expert) if expert else {}
+    return {"kind": kind, "accuracy": accuracy, "normalized": normalized, "avg_accuracy": ev.mean(accuracy),
+            "avg_normalized": ev.mean(normalized) if normalized else None, **extra}
+
+
 def summarize(wb: Workbench, results: dict[str, Any]) -> dict[str, Any]:
-    """Add normalized accuracies (by the expert on the same split) and task means."""
+    """Rows per method and kind (oracle head / task hidden), normalized by the expert on the same split."""
     expert = results.get("experts", {}).get("oracle")
-    for result in results.values():
-        for kind in ("oracle", "max_logit"):
-            if kind in result:
-                result[f"mean_{kind}"] = ev.mean(result[kind])
-                if expert:
-                    result[f"normalized_{kind}"] = ev.normalized_accuracy(result[kind], expert)
-                    result[f"mean_normalized_{kind}"] = ev.mean(result[f"normalized_{kind}"])
-    return {"tasks": wb.task_names, "samples": {n: len(d) for n, d in zip(wb.task_names, wb.datasets)},
-            "adapter": wb.adapter.describe(), "routing_layer": wb.adapter.routing_layer(wb.model),
-            "config": wb.config.model_dump(mode="json"), "methods": results}
+    T = len(wb.task_names)
+    rows: dict[str, dict[str, Any]] = {}
+    for method, result in results.items():
+        if method == "zeroshot":
+            rows["zero-shot"] = _row("oracle head", result["oracle"], expert, storage_factor=1.0)
+            rows["zero-shot max-logit"] = _row("task hidden", result["max_logit"], expert, storage_factor=1.0)
+        elif method == "experts":
+            rows["experts"] = _row("oracle head", result["oracle"], expert, storage_factor=float(T))
+        elif method == "mass":
+            rows["MASS"] = _row("task hidden", result["max_logit"], expert, storage_factor=result["storage_factor"])
+        else:
+            extra = {"merge_seconds": result["merge_seconds"], "options": result["options"], "storage_factor": 1.0}
+            rows[method] = _row("oracle head", result["oracle"], expert, **extra)
+            rows[f"{method} max-logit"] = _row("task hidden", result["max_logit"], expert, storage_factor=1.0)
+    tasks = [{"name": t.name, "expert": t.expert, "dataset": t.dataset, "split": t.split, "classes": d.classes,
+              "samples": len(d)} for t, d in zip(wb.config.tasks, wb.datasets)]
+    return {"tasks": tasks, "methods": rows, "mass": results.get("mass"), "adapter": wb.adapter.describe(),
+            "routing_layer": wb.adapter.routing_layer(wb.model), "config": wb.config.model_dump(mode="json")}
 
 
 # ----- report -------------------------------------------------------------------------------------------------
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _md_table(report: Mapping[str, Any], metric: str) -> list[str]:
+    tasks = [t["name"] for t in report["tasks"]]
+    avg = "avg_accuracy" if metric == "accuracy" else "avg_normalized"
+    lines = ["| method | kind | " + " | ".join(tasks) + " | avg |", "|" + "---|" * (len(tasks) + 3)]
+    for name, row in report["methods"].items():
+        cells = [_pct(row[metric].get(t)) for t in tasks]
+        bold = "**" if name == "MASS" else ""
+        lines.append(f"| {bold}{name}{bold} | {row['kind']} | " + " | ".join(cells) + f" | {bold}{_pct(row[avg])}{bold} |")
+    return lines
+
+
 def markdown_report(report: Mapping[str, Any]) -> str:
-    """Per method and task: accuracy with the task hidden (max-logit; the expert column is oracle), normalized."""
-    tasks = report["tasks"]
-    lines = ["| method | " + " | ".join(tasks) + " | mean | mean normalized |", "|---" * (len(tasks) + 3) + "|"]
-    for method, result in report["methods"].items():
-        kind = "max_logit" if "max_logit" in result else "oracle"
-        cells = [f"{100 * result[kind][t]:.1f}" for t in tasks]
-        normalized = result.get(f"mean_normalized_{kind}")
-        norm = f"{100 * normalized:.1f}" if normalized is not None else "-"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {100 * result[f'mean_{kind}']:.1f} | {norm} |")
-    if "mass" in report["methods"]:
-        routing = report["methods"]["mass"]["routing_accuracy"]
-        lines += ["", "MASS routing accuracy: " + ", ".join(f"{t} {100 * routing[t]:.1f}" for t in tasks)]
-    return "\n".join(lines) + "\n"
+    """report.md: the suite's two tables (absolute, normalized), then MASS routing per task."""
+    out = ["# massmerge evaluate", "", f"Routing layer `{report['routing_layer']}`; `task hidden` rows (max-logit "
+           "heads, MASS) count a prediction only with the right task and class.", "",
+           "## Absolute accuracy (%)", "", *_md_table(report, "accuracy"), ""]
+    if any(row["normalized"] for row in report["methods"].values()):
+        out += ["## Normalized accuracy (% of each expert on the same test split)", "", *_md_table(report, "normalized"), ""]
+    mass = report.get("mass")
+    if mass:
+        out += ["## MASS routing", "", "| task | top-1 routing accuracy |", "|---|---|"]
+        out += [f"| {t} | {_pct(v)} |" for t, v in mass["routing_accuracy"].items()]
+        dropped = "; ".join(f"`{k}`: {', '.join(v)}" for k, v in mass["dropped"].items()) or "nothing"
+        out += ["", f"Storage: {mass['storage_factor']:.2f}x the base. De-redundancy left out of the first pass: {dropped}.", ""]
+    return "\n".join(out)
 
 
 def write_report(report: Mapping[str, Any], output: str | Path) -> tuple[Path, Path]:

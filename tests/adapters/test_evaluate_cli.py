@@ -54,17 +54,21 @@ def test_evaluate_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixtur
         main(["evaluate", "--config", str(config), "--max-samples", "5"])
     assert exit_info.value.code in (0, None)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["tasks"] == ["alpha", "beta"] and report["samples"] == {"alpha": 5, "beta": 5}
+    assert [t["name"] for t in report["tasks"]] == ["alpha", "beta"]
+    assert [t["samples"] for t in report["tasks"]] == [5, 5]
+    assert report["tasks"][1]["classes"] == ["red", "green", "blue"]
     assert report["routing_layer"] == "encoder.layers.3.mlp.fc1"
-    methods = report["methods"]
-    assert list(methods) == ["zeroshot", "experts", "task_arithmetic", "tsv_m", "mass"]
-    assert methods["experts"]["mean_normalized_oracle"] == pytest.approx(1.0) or methods["experts"]["mean_oracle"] == 0
-    assert methods["task_arithmetic"]["options"] == {"alpha": 0.3}
-    assert set(methods["mass"]["routing_accuracy"]) == {"alpha", "beta"}
-    assert len(methods["mass"]["routing_confusion"]) == 2
-    assert sum(map(sum, methods["mass"]["routing_confusion"])) == 10
-    assert "| mass |" in (tmp_path / "out" / "report.md").read_text()
-    assert "| tsv_m |" in capsys.readouterr().out
+    rows = report["methods"]
+    assert list(rows) == ["zero-shot", "zero-shot max-logit", "experts", "task_arithmetic", "task_arithmetic max-logit",
+                          "tsv_m", "tsv_m max-logit", "MASS"]
+    assert rows["experts"]["normalized"] == {t: 1.0 for t, v in rows["experts"]["accuracy"].items() if v > 0}
+    assert rows["task_arithmetic"]["options"] == {"alpha": 0.3}
+    assert rows["MASS"]["kind"] == "task hidden" and 1.0 < rows["MASS"]["storage_factor"] < 3.0
+    mass = report["mass"]
+    assert set(mass["routing_accuracy"]) == {"alpha", "beta"}
+    assert sum(map(sum, mass["routing_confusion"])) == 10
+    assert "| **MASS** | task hidden |" in (tmp_path / "out" / "report.md").read_text()
+    assert "| tsv_m max-logit | task hidden |" in capsys.readouterr().out
 
 
 def test_bad_config_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
