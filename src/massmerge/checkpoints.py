@@ -235,8 +235,31 @@ def save_state_dict(
             save_file(tensors, str(tmp), metadata=metadata)
         except SafetensorError as exc:  # a full disk surfaces as SafetensorError, not OSError
             raise CheckpointError(f"{path}: cannot write ({_short(exc)})") from None
+        canonicalize_metadata_order(tmp)
 
     atomic_write(path, write)
+
+
+def canonicalize_metadata_order(file: Path) -> None:
+    """Sort the ``__metadata__`` entries of a safetensors header in place, so equal inputs give equal bytes.
+
+    Why: safetensors serializes metadata from a Rust HashMap whose order changes from process to process. The
+    sorted header has the same length (same strings, reordered), so only the header bytes are rewritten; if the
+    length ever differed the file is left as written (it is valid either way).
+    """
+    with open(file, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        raw = handle.read(size)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or len(meta) < 2:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size or raw.rstrip(b" ") != raw[: len(text)] or len(raw.rstrip(b" ")) != len(text):
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (size - len(text)))
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
