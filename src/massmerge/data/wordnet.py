@@ -25,7 +25,7 @@ LEXNAMES = [
     "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl",
 ]  # fmt: skip
 
-#: Readable class names for the zero-shot prompts (the head is built from these words).
+#: Readable noun class names for the zero-shot prompts (the head is built from these words).
 _READABLE = {"Tops": "general concept", "act": "action", "artifact": "man-made object", "body": "body part",
              "communication": "communication", "person": "person", "possession": "possession or money"}
 _POS_FILES = {"noun": "data.noun", "verb": "data.verb", "adjective": "data.adj", "adverb": "data.adv"}
@@ -53,7 +53,8 @@ def _supersense(pos: str, root: Path) -> LabelledText:
             texts.append(f"{lemma}: {gloss}")
             labels.append(names.index(name))
     texts, labels = dedupe(texts, labels)
-    classes = [_READABLE.get(n.split(".")[1], n.split(".")[1]) for n in names]
+    readable = _READABLE if pos == "noun" else {}
+    classes = [readable.get(n.split(".")[1], n.split(".")[1]) for n in names]
     return LabelledText(texts, labels, classes)
 
 
