@@ -7,7 +7,14 @@ import torch
 from torch.nn import functional as F
 
 from massmerge.errors import CheckpointError, OptionError
-from massmerge.heads_zoo import benchmark_tasks, clip_task, clip_tasks, clip_zero_shot_heads, linear_head_from_state, zero_shot_head
+from massmerge.heads_zoo import (
+    benchmark_tasks,
+    clip_task,
+    clip_tasks,
+    clip_zero_shot_heads,
+    linear_head_from_state,
+    zero_shot_head,
+)
 
 EXPECTED_CLASSES = {
     "SUN397": 397, "Cars": 196, "RESISC45": 45, "EuroSAT": 10, "SVHN": 10, "GTSRB": 43, "MNIST": 10, "DTD": 47,
@@ -63,3 +70,32 @@ def test_linear_head_from_classifier_keys() -> None:
     torch.testing.assert_close(head(x), x @ state["classifier.weight"].T + state["classifier.bias"])
     with pytest.raises(CheckpointError, match="no classifier weight"):
         linear_head_from_state({"w": torch.zeros(2, 2)}, name="expert.safetensors")
+
+
+def test_hf_clip_text_encoder_uses_the_text_tower_and_projection() -> None:
+    from transformers import CLIPConfig, CLIPModel
+
+    from massmerge.heads_zoo import hf_clip_text_encoder
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=99,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+
+    def tokenizer(texts: list[str], **_: object) -> dict[str, torch.Tensor]:
+        ids = torch.ones(len(texts), 8, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, t in enumerate(texts):
+            codes = [2 + ord(c) % 90 for c in t][:7] + [1]
+            ids[row, : len(codes)] = torch.tensor(codes)
+            mask[row, : len(codes)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    encode = hf_clip_text_encoder(model, tokenizer, batch_size=2)
+    out = encode(["a cat", "a dog", "a bird"])
+    tokens = tokenizer(["a cat", "a dog", "a bird"])
+    with torch.no_grad():
+        expected = model.text_projection(model.text_model(**tokens).pooler_output)
+    assert out.shape == (3, 16)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

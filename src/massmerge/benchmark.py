@@ -70,7 +70,7 @@ def prepare(config: BenchmarkConfig, *, log: Log = print) -> Workbench:
     heads = build_heads(config, lora)
     preprocess = Preprocess.from_model_dir(resolve_source(config.base, config.revision), image_size=_image_size(model))
     datasets = []
-    for task, head in zip(config.tasks, heads):
+    for task, head in zip(config.tasks, heads, strict=True):
         log(f"loading test set {task.dataset} ({task.name})")
         data = load_image_dataset(task.dataset, classnames=_classnames(task), split=task.split, subset=task.subset,
                                   image_column=task.image_column, label_column=task.label_column)
@@ -243,7 +243,7 @@ def score_mass(wb: Workbench) -> dict[str, Any]:
             routed.append(out.probs.argmax(dim=1))
         accuracy[name] = correct / max(count, 1)
     confusion = ev.routing_confusion(torch.cat(true_tasks), torch.cat(routed), len(wb.task_names))
-    routing = dict(zip(wb.task_names, ev.routing_accuracy_per_task(confusion)))
+    routing = dict(zip(wb.task_names, ev.routing_accuracy_per_task(confusion), strict=True))
     return {"max_logit": accuracy, "routing_accuracy": routing, "routing_confusion": confusion.tolist(),
             "dropped": mass.factors.dropped(), "build_seconds": build_seconds,
             "storage_factor": ev.storage_factor(mass.factors.numel() + _numel(wb.base_state), _numel(wb.base_state))}
@@ -298,7 +298,7 @@ def summarize(wb: Workbench, results: dict[str, Any]) -> dict[str, Any]:
             rows[method] = _row("oracle head", result["oracle"], expert, **extra)
             rows[f"{method} max-logit"] = _row("task hidden", result["max_logit"], expert, storage_factor=1.0)
     tasks = [{"name": t.name, "expert": t.expert, "dataset": t.dataset, "split": t.split, "classes": d.classes,
-              "samples": len(d)} for t, d in zip(wb.config.tasks, wb.datasets)]
+              "samples": len(d)} for t, d in zip(wb.config.tasks, wb.datasets, strict=True)]
     return {"tasks": tasks, "methods": rows, "mass": results.get("mass"), "adapter": wb.adapter.describe(),
             "routing_layer": wb.adapter.routing_layer(wb.model), "config": wb.config.model_dump(mode="json")}
 

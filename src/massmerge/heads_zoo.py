@@ -98,7 +98,8 @@ def load_hf_clip_text(source: str, *, revision: str | None = None) -> tuple[Text
         model = CLIPModel.from_pretrained(str(path)).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: zero-shot heads need a full CLIP model with its tokenizer ({str(exc).splitlines()[0][:160]})") from None
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: zero-shot heads need a full CLIP model with its tokenizer ({reason})") from None
     return hf_clip_text_encoder(model, tokenizer), float(model.logit_scale.exp())
 
 
@@ -115,7 +116,9 @@ def clip_zero_shot_heads(encode: TextEncoder, task_names: Sequence[str], *, logi
     return heads
 
 
-def linear_head_from_state(state: Mapping[str, torch.Tensor], *, prefix: str | None = None, name: str = "checkpoint") -> LinearHead:
+def linear_head_from_state(
+    state: Mapping[str, torch.Tensor], *, prefix: str | None = None, name: str = "checkpoint"
+) -> LinearHead:
     """A :class:`LinearHead` from a classifier's ``<prefix>.weight`` / ``<prefix>.bias`` in a state dict.
 
     Without ``prefix`` the usual names (classifier, score, head, fc) are tried. A multi-layer classifier (e.g.

@@ -78,7 +78,9 @@ class LoraExpert:
         for key, (a, b, scale, transpose) in self.pairs.items():
             shape = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
             if shapes is not None and tuple(shapes[key]) != shape:
-                raise CheckpointError(f"{self.path}: LoRA delta for '{key}' has shape {list(shape)}, the base has {list(shapes[key])}")
+                raise CheckpointError(
+                    f"{self.path}: LoRA delta for '{key}' has shape {list(shape)}, the base has {list(shapes[key])}"
+                )
             k = None if rank_fraction is None else rank_for(shape, rank_fraction)
             out[key] = lowrank_from_lora(a, b, scale, k=k, transpose=transpose, dtype=dtype)
         return out

@@ -150,7 +150,9 @@ def load_hf_image_dataset(spec: str, *, split: str = "test", revision: str | Non
     try:
         import datasets  # noqa: F401
     except ImportError:
-        raise MassMergeError(f"dataset '{spec}': loading HF datasets needs `pip install datasets`; or export it as an image folder") from None
+        raise MassMergeError(
+            f"dataset '{spec}': loading HF datasets needs `pip install datasets`; or export it as an image folder"
+        ) from None
     from datasets import load_dataset
 
     from massmerge.sources import resolve_source
@@ -172,7 +174,10 @@ def _pick_column(data: Any, names: Sequence[str], spec: str) -> str:
     for name in names:
         if name in data.column_names:
             return name
-    raise OptionError(f"dataset '{spec}': none of the columns {list(names)} exists (has {data.column_names}); set image_column/label_column")
+    raise OptionError(
+        f"dataset '{spec}': none of the columns {list(names)} exists (has {data.column_names}); "
+        "set image_column/label_column"
+    )
 
 
 def load_image_dataset(spec: str, *, classnames: Sequence[str] | None = None, split: str = "test",
