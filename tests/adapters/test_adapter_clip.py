@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_models import DEPTH, clip_config, low_rank_deltas, perturbed, save_clip_vision, save_prefixed
+
 from massmerge.adapters import CLIPAdapter, adapter_for, detect_family, get_adapter
 from massmerge.adapters.base import capture_input, default_routing_block
 from massmerge.errors import CheckpointError, OptionError

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import bert_config
 
 from massmerge.adapters import TextEncoderAdapter
 from massmerge.adapters.lora import build_lora_factors, load_lora_expert, lora_scale, lowrank_from_lora
 from massmerge.errors import CheckpointError
 from massmerge.heads import LinearHead
 from massmerge.mass import MASSModel, make_config
-from tiny_models import bert_config
 
 TARGETS = ["query", "value", "intermediate.dense"]
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tiny_models import low_rank_deltas, perturbed, save_clip_vision, save_prefixed
 
 from massmerge.benchmark_config import load_benchmark_config, parse_benchmark_config
 from massmerge.cli import main
 from massmerge.data.images import Preprocess, load_image_dataset
 from massmerge.errors import OptionError
-from tiny_models import low_rank_deltas, perturbed, save_clip_vision, save_prefixed
 
 CLASSES = {"alpha": ["cat", "dog"], "beta": ["red", "green", "blue"]}
 

@@ -7,7 +7,6 @@ every loaded task vector can be checked exactly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import torch

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from massmerge.adapters.base import BaseAdapter, Batch, check_pickle_policy, attention_mask_of, masked_mean
+from massmerge.adapters.base import BaseAdapter, Batch, attention_mask_of, check_pickle_policy, masked_mean
 from massmerge.errors import MassMergeError, OptionError
 
 FeaturePooling = Literal["mean", "cls", "pooler"]
