@@ -1,0 +1,333 @@
+"""``massmerge build`` and ``predict`` on broken experts, heads, options and hand-edited artifacts.
+
+A tiny random BERT (HF directory with a tokenizer) is the base; experts are safetensors state dicts of it.
+Build and predict load transformers, which prints its own progress bars on stderr, so for these commands the
+check is: exactly one ``error:`` line, last, naming the culprit; exit 2; no traceback; nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from robust_helpers import Payload, Result, digest, leftovers, run_cli
+
+pytest.importorskip("transformers")
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def assert_cli_error(result: Result, *culprits: str) -> str:
+    """Exit 2, no traceback, exactly one 'error:' line (the last one) naming every culprit."""
+    text = result.out + result.err
+    assert "Traceback" not in text, text
+    assert result.code == 2, f"exit code {result.code}:\n{text}"
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.err
+    for culprit in culprits:
+        assert culprit in errors[0], f"{culprit!r} not named in: {errors[0]}"
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def text_zoo(tmp_path_factory) -> dict[str, Path]:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("text_zoo")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = BertModel(config).eval()
+    base_dir = root / "base"
+    model.save_pretrained(str(base_dir), safe_serialization=True)
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(str(base_dir))
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    paths = {"base": base_dir, "marker": root / "PWNED"}
+
+    def expert(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return {k: (v + 0.02 * torch.randn(v.shape, generator=g)).contiguous() if v.is_floating_point() else v
+                for k, v in state.items()}
+
+    def save(name: str, tensors: dict) -> None:
+        paths[name] = root / f"{name}.safetensors"
+        save_file(tensors, str(paths[name]))
+
+    save("e1", expert(1))
+    save("e2", expert(2))
+    save("e3", expert(3))
+    s = expert(4)
+    del s["encoder.layer.0.output.dense.weight"]
+    save("missing_key", s)
+    s = expert(4)
+    s["encoder.layer.1.attention.self.query.weight"] = torch.zeros(32, 31)
+    save("bad_shape", s)
+    save("fp16", {k: v.half() if v.is_floating_point() else v for k, v in expert(4).items()})
+    s = expert(4)
+    s["encoder.layer.2.intermediate.dense.weight"][0, 0] = float("nan")
+    save("nan", s)
+    paths["empty"] = root / "empty.safetensors"
+    paths["empty"].write_bytes(b"")
+    data = paths["e1"].read_bytes()
+    paths["truncated"] = root / "truncated.safetensors"
+    paths["truncated"].write_bytes(data[: len(data) // 3])
+    paths["evil"] = root / "evil.pt"
+    torch.save({"x": Payload(paths["marker"])}, str(paths["evil"]))
+    paths["not_a_model"] = root / "not_a_model"
+    paths["not_a_model"].mkdir()
+    (paths["not_a_model"] / "notes.txt").write_text("hi")
+    for i in (1, 2, 3):
+        paths[f"h{i}"] = root / f"h{i}.safetensors"
+        save_file({"weight": torch.randn(3, 32, generator=torch.Generator().manual_seed(i))}, str(paths[f"h{i}"]),
+                  metadata={"task": f"t{i}", "kind": "zero_shot"})
+    paths["h_nodim"] = root / "h_nodim.safetensors"
+    save_file({"bias": torch.randn(3)}, str(paths["h_nodim"]))
+    paths["h_badkind"] = root / "h_badkind.safetensors"
+    save_file({"weight": torch.randn(3, 32)}, str(paths["h_badkind"]), metadata={"kind": "magic"})
+    paths["h_evil"] = root / "h_evil.pt"
+    torch.save({"weight": Payload(paths["marker"])}, str(paths["h_evil"]))
+    paths["inputs"] = root / "inputs.txt"
+    paths["inputs"].write_text("w1 w2 w3\nw4 w5\nw9 w10 w11 w12\nw60 w61\n")
+    return paths
+
+
+def build_args(z: dict, output: Path, experts=("e1", "e2"), heads=("h1", "h2"), extra=()) -> list:
+    return ["build", "--base", z["base"], "--experts", *[z.get(e, e) for e in experts],
+            "--heads", *[z.get(h, h) for h in heads], "--output", output, *extra]
+
+
+@pytest.fixture(scope="module")
+def artifact(text_zoo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "art"
+    capture = pytest.CaptureFixture  # noqa: F841 - documentation: built outside capsys on purpose
+    from massmerge.cli import main
+
+    try:
+        main([str(a) for a in build_args(text_zoo, out)])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    assert (out / "manifest.json").is_file()
+    return out
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): digest(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+BAD_BUILD = [
+    (dict(experts=("e1", "missing_key")), ["missing_key", "encoder.layer.0.output.dense.weight"]),
+    (dict(experts=("e1", "bad_shape")), ["bad_shape", "encoder.layer.1.attention.self.query.weight"]),
+    (dict(experts=("e1", "nan")), ["nan", "encoder.layer.2.intermediate.dense.weight"]),
+    (dict(experts=("e1", "empty")), ["empty"]),
+    (dict(experts=("e1", "truncated")), ["truncated"]),
+    (dict(experts=("e1", "evil")), ["evil.pt"]),
+    (dict(experts=("e1", "evil"), extra=("--trust-pickle",)), ["evil.pt"]),
+    (dict(experts=("e1", "not_a_model")), ["not_a_model"]),
+    (dict(experts=("e1", "nowhere.safetensors")), ["nowhere"]),
+    (dict(experts=("e1",), heads=("h1",)), ["--experts"]),
+    (dict(heads=("h1",)), ["--heads"]),
+    (dict(heads=("h1", "h_nodim")), ["h_nodim", "weight"]),
+    (dict(heads=("h1", "h_badkind")), ["h_badkind", "magic"]),
+    (dict(heads=("h1", "h_evil")), ["h_evil"]),
+    (dict(heads=("h1", "nowhere.safetensors")), ["nowhere"]),
+    (dict(extra=("--routing-layer", "encoder.layer.99.nope")), ["encoder.layer.99.nope"]),
+    (dict(extra=("--routing-layer", "encoder.layer.0.attention")), ["encoder.layer.0.attention"]),
+    (dict(extra=("--rank-fraction", "0")), ["--rank-fraction"]),
+    (dict(extra=("--rank-fraction", "1.5")), ["--rank-fraction"]),
+    (dict(extra=("--eta", "1.5")), ["--eta"]),
+    (dict(extra=("--eta", "-0.1")), ["--eta"]),
+    (dict(extra=("--top-k", "0")), ["--top-k"]),
+    (dict(extra=("--tau", "0")), ["--tau"]),
+    (dict(extra=("--eps", "2")), ["--eps"]),
+    (dict(extra=("--mode", "everything")), ["--mode"]),
+    (dict(extra=("--factor-dtype", "int3")), ["--factor-dtype"]),
+    (dict(extra=("--task-names", "a", "a")), ["--task-names"]),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "culprits"), BAD_BUILD, ids=[str(i) for i in range(len(BAD_BUILD))])
+def test_build_refuses(text_zoo, tmp_path, capsys, kwargs, culprits) -> None:
+    out = tmp_path / "art"
+    result = run_cli(build_args(text_zoo, out, **kwargs), capsys)
+    assert_cli_error(result, *culprits)
+    assert leftovers(tmp_path) == []
+    assert not text_zoo["marker"].exists()
+
+
+def test_build_handles_half_precision_expert(text_zoo, tmp_path, capsys) -> None:
+    """Mixed precision (fp32 base, fp16 expert) is handled by the adapter: the expert is read in the base dtype."""
+    out = tmp_path / "art"
+    result = run_cli(build_args(text_zoo, out, experts=("e1", "fp16")), capsys)
+    assert result.code == 0, result.err
+    assert (out / "manifest.json").is_file()
+
+
+def test_build_failure_keeps_previous_artifact(text_zoo, artifact, tmp_path, capsys) -> None:
+    out = tmp_path / "art"
+    shutil.copytree(artifact, out)
+    before = tree_digest(out)
+    result = run_cli(build_args(text_zoo, out, experts=("e1", "nan")), capsys)
+    assert_cli_error(result, "nan")
+    assert tree_digest(out) == before
+    assert leftovers(tmp_path, keep=[out]) == []
+
+
+def test_build_disk_full_keeps_previous_artifact(text_zoo, artifact, tmp_path, capsys, monkeypatch) -> None:
+    import errno
+    import os
+
+    import massmerge.artifact as artifact_module
+
+    def full(tensors, filename, metadata=None):  # noqa: ANN001, ANN202
+        Path(filename).write_bytes(b"\0" * 64)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+
+    out = tmp_path / "art"
+    shutil.copytree(artifact, out)
+    before = tree_digest(out)
+    monkeypatch.setattr(artifact_module, "save_file", full)
+    result = run_cli(build_args(text_zoo, out), capsys)
+    assert_cli_error(result, "No space left on device")
+    assert tree_digest(out) == before
+    assert leftovers(tmp_path, keep=[out]) == []
+
+
+def test_build_refuses_to_replace_a_non_artifact(text_zoo, tmp_path, capsys) -> None:
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.txt").write_text("do not delete")
+    assert_cli_error(run_cli(build_args(text_zoo, out), capsys), "--output")
+    assert (out / "thesis.txt").read_text() == "do not delete"
+
+
+# ----- predict on a valid artifact, then on hand-edited ones ----------------------------------------------
+
+def test_predict_works_and_is_deterministic(artifact, text_zoo, tmp_path, capsys) -> None:
+    outs = []
+    for run in range(2):
+        out = tmp_path / f"p{run}.jsonl"
+        result = run_cli(["predict", artifact, text_zoo["inputs"], "--output", out], capsys)
+        assert result.code == 0, result.err
+        outs.append(out.read_bytes())
+    lines = outs[0].decode().splitlines()
+    assert len(lines) == 4 and all(json.loads(line)["task"] in ("t1", "t2") for line in lines)
+    assert outs[0] == outs[1]
+
+
+def _edited(artifact: Path, tmp_path: Path, edit) -> Path:  # noqa: ANN001
+    copy = tmp_path / "edited"
+    shutil.copytree(artifact, copy)
+    manifest = copy / "manifest.json"
+    data = json.loads(manifest.read_text())
+    result = edit(data, copy)
+    if result is not None:
+        manifest.write_text(result if isinstance(result, str) else json.dumps(result))
+    return copy
+
+
+def _set(path: tuple, value):  # noqa: ANN001, ANN202
+    def edit(data, _copy):  # noqa: ANN001, ANN202
+        target = data
+        for part in path[:-1]:
+            target = target[part]
+        target[path[-1]] = value
+        return data
+    return edit
+
+
+def _tamper(path: Path) -> None:
+    """Flip the last bytes of a file (same size): only the checksum can tell."""
+    data = path.read_bytes()
+    path.write_bytes(data[:-10] + bytes(255 - b for b in data[-10:]))
+
+
+def _first_file(data) -> str:  # noqa: ANN001
+    return sorted(data["files"])[0]
+
+
+MANIFEST_EDITS = [
+    ("not_json", lambda d, c: "{ this is not json", ["manifest.json", "JSON"]),
+    ("empty", lambda d, c: "", ["manifest.json"]),
+    ("version", _set(("format_version",), 99), ["manifest.json", "format_version"]),
+    ("extra_field", _set(("surprise",), 1), ["manifest.json", "surprise"]),
+    ("eta", _set(("config", "eta"), 7.0), ["eta"]),
+    ("top_k", _set(("config", "top_k"), 0), ["top"]),
+    ("routing_layer", _set(("config", "routing_layer"), "encoder.nope"), ["encoder.nope"]),
+    ("task_names", lambda d, c: {**d, "task_names": d["task_names"][:1]}, []),
+    ("hash", lambda d, c: {**d, "files": {k: {**v, "sha256": "0" * 64} for k, v in d["files"].items()}}, []),
+    ("file_missing", lambda d, c: (c / _first_file(d)).unlink(), []),
+    ("file_tampered", lambda d, c: _tamper(c / "factors.safetensors"), ["factors.safetensors"]),
+    ("manifest_gone", lambda d, c: (c / "manifest.json").unlink(), ["manifest.json"]),
+]
+
+
+@pytest.mark.parametrize(("name", "edit", "culprits"), MANIFEST_EDITS, ids=[e[0] for e in MANIFEST_EDITS])
+def test_predict_refuses_hand_edited_artifact(artifact, text_zoo, tmp_path, capsys, name, edit, culprits) -> None:
+    edited = _edited(artifact, tmp_path, edit)
+    out = tmp_path / "preds.jsonl"
+    out.write_text("previous\n")
+    result = run_cli(["predict", edited, text_zoo["inputs"], "--output", out], capsys)
+    assert_cli_error(result, *culprits)
+    assert out.read_text() == "previous\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited", "preds.jsonl"]
+
+
+def test_python_load_refuses_hand_edited_manifest(artifact, tmp_path) -> None:
+    from massmerge.artifact import load
+    from massmerge.errors import MassMergeError
+
+    edited = _edited(artifact, tmp_path, _set(("config", "tau"), -1))
+    with pytest.raises(MassMergeError, match="tau"):
+        load(edited)
+
+
+@pytest.mark.parametrize(("setup", "culprits"), [
+    (lambda z, t: ["predict", t / "nowhere", z["inputs"]], ["nowhere"]),
+    (lambda z, t: ["predict", z["base"], z["inputs"]], ["manifest.json"]),
+    (lambda z, t: ["predict", "ART", t / "absent.txt"], ["absent.txt"]),
+    (lambda z, t: ["predict", "ART", _write(t / "bad.jsonl", '{"text": "w1"}\nnot json\n')], ["bad.jsonl", "line 2"]),
+    (lambda z, t: ["predict", "ART", _write(t / "bad2.jsonl", '{"txt": "w1"}\n')], ["bad2.jsonl", "line 1"]),
+    (lambda z, t: ["predict", "ART", z["inputs"], "--batch-size", "0"], ["--batch-size"]),
+])
+def test_predict_bad_inputs(artifact, text_zoo, tmp_path, capsys, setup, culprits) -> None:
+    args = [artifact if a == "ART" else a for a in setup(text_zoo, tmp_path)]
+    out = tmp_path / "preds.jsonl"
+    result = run_cli([*args, "--output", out], capsys)
+    assert_cli_error(result, *culprits)
+    assert not out.exists()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_predict_output_disk_full_keeps_previous(artifact, text_zoo, tmp_path, capsys, monkeypatch) -> None:
+    import errno
+    import os
+
+    out = tmp_path / "preds.jsonl"
+    out.write_text("previous\n")
+    real_write_text = Path.write_text
+
+    def full(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if self.name.startswith(".preds.jsonl"):
+            real_write_text(self, "half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    result = run_cli(["predict", artifact, text_zoo["inputs"], "--output", out], capsys)
+    assert_cli_error(result, "No space left on device")
+    assert out.read_text() == "previous\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.jsonl"]
