@@ -13,6 +13,7 @@ from massmerge.checkpoints import _is_pickle_source as is_pickle_source
 from massmerge.checkpoints import check_finite, load_state_dict, open_checkpoint, save_state_dict, validate_compatible
 from massmerge.cli import app
 from massmerge.errors import OptionError
+from massmerge.sources import resolve_source
 from massmerge.task_vectors import KeyFilter, LazyTaskVector
 
 
@@ -42,8 +43,8 @@ def method_kwargs(method: str, given: dict[str, Any]) -> dict[str, Any]:
 @app.command("merge")
 def merge_cmd(
     method: Annotated[str, typer.Option(help=f"one of {', '.join(merging.MERGE_METHODS)}")],
-    base: Annotated[Path, typer.Option(help="base checkpoint: .safetensors file or HF model directory")],
-    experts: Annotated[list[Path], typer.Option(help="expert checkpoints, one per task (at least 2)")],
+    base: Annotated[Path, typer.Option(help="base checkpoint: .safetensors file, HF model directory or hub id org/name[@rev]")],
+    experts: Annotated[list[Path], typer.Option(help="expert checkpoints (files, directories or hub ids), one per task, at least 2")],
     output: Annotated[Path, typer.Option(help="output .safetensors file (written atomically)")],
     alpha: Annotated[float | None, typer.Option(help="scale of the merged delta (method default if unset)")] = None,
     rank_fraction: Annotated[float | None, typer.Option(help="tsv_m/tsv_c: kept rank fraction (default 1/T)")] = None,
@@ -67,6 +68,7 @@ def merge_cmd(
                                     "common_fraction": common_fraction, "task": task})
     if method == "tsv_c" and task is None:
         raise OptionError("--task is required for --method tsv_c")
+    base, experts = resolve_source(base), [resolve_source(p) for p in experts]  # local path, or hub id -> snapshot
     base_state = load_state_dict(base, trust_pickle=trust_pickle)
     check_finite(base_state, name=str(base))
     key_filter = KeyFilter.from_patterns(include, exclude)
