@@ -169,6 +169,15 @@ def _lr_factor(step: int, config: FinetuneConfig) -> float:
     return max(0.0, (config.steps - step) / max(1, config.steps - warm))
 
 
+def _adamw(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW, fused where torch supports it: the unfused update of the 30k x 384 word embeddings costs more than
+    a whole forward pass on a 2-core CPU, and the fused one computes the same update."""
+    try:
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
 @dataclass
 class ExpertResult:
     """Where a cached expert lives and what its training recorded."""
@@ -191,7 +200,7 @@ class _Trainer:
         self.tokenizer, self.head, self.task, self.config = backbone.tokenizer, head, task, config
         self.resume_path = workdir / "resume.pt"
         self.checkpoint_every = checkpoint_every
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = _adamw(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, config))
         self.step = 0
         self.losses: list[float] = []

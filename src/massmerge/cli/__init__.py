@@ -73,5 +73,6 @@ from massmerge.cli import merge as _merge  # noqa: E402,F401
 from massmerge.cli import build as _build  # noqa: E402,F401
 from massmerge.cli import predict as _predict  # noqa: E402,F401
 from massmerge.cli import evaluate as _evaluate  # noqa: E402,F401
+from massmerge.cli import suite as _suite  # noqa: E402,F401
 
 __all__ = ["app", "main"]

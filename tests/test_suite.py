@@ -1,0 +1,84 @@
+"""The offline suite end to end on the ``ci`` preset (slow: fine-tunes 4 experts), plus fast report checks.
+
+Asserts the pipeline's invariants, never fixed accuracy numbers: experts beat zero-shot on their own task,
+MASS with the oracle head is at least MASS, normalized figures divide by the expert, and every report file
+is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from massmerge.errors import MassMergeError
+
+
+def _data_or_skip() -> None:
+    """Outside CI a machine without the packaged data skips; in CI missing data is a failure."""
+    from massmerge.data import load_task
+
+    try:
+        for name in ("wordnet_pos", "quote_language", "spam", "debian_apps"):
+            load_task(name, 10, 2, 10)
+    except MassMergeError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"suite data not installed: {exc}")
+
+
+@pytest.fixture(scope="module")
+def ci_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    _data_or_skip()
+    import torch
+
+    from massmerge.suite import SuiteConfig, run_suite
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    root = tmp_path_factory.mktemp("suite")
+    report = run_suite(SuiteConfig(preset="ci"), cache_dir=root / "cache", out_dir=root / "out")
+    return report, root
+
+
+@pytest.mark.slow
+def test_ci_preset_writes_every_report_file(ci_report: tuple[dict, Path]) -> None:
+    report, root = ci_report
+    for name in ("report.json", "report.md", "per_task.png", "radar.png", "routing_confusion.png",
+                 "routing_accuracy.png", "layer_sweep.png"):  # fmt: skip
+        assert (root / "out" / name).stat().st_size > 0, name
+    assert json.loads((root / "out" / "report.json").read_text())["methods"].keys() == report["methods"].keys()
+    assert "| **MASS** |" in (root / "out" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_ci_preset_invariants(ci_report: tuple[dict, Path]) -> None:
+    report, _ = ci_report
+    methods = report["methods"]
+    tasks = [t["name"] for t in report["tasks"]]
+    assert len(tasks) == 4
+    for task in tasks:
+        assert methods["experts"]["accuracy"][task] > methods["zero-shot"]["accuracy"][task], task
+        assert methods["MASS oracle-head"]["accuracy"][task] >= methods["MASS"]["accuracy"][task], task
+        assert methods["experts"]["normalized"][task] == pytest.approx(1.0)
+        expert = methods["experts"]["accuracy"][task]
+        assert methods["MASS"]["normalized"][task] == pytest.approx(methods["MASS"]["accuracy"][task] / expert)
+    for name in ("weight_average", "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts"):
+        assert name in methods and f"{name} max-logit" in methods
+    confusion = report["mass"]["confusion"]
+    sizes = [t["sizes"]["test"] for t in report["tasks"]]
+    assert [sum(row) for row in confusion] == sizes
+    assert 1.0 < report["storage"]["mass_factor"] < 2.5
+    assert {row["layer"] for row in report["layer_sweep"]} >= {report["mass"]["layer"]}
+
+
+@pytest.mark.slow
+def test_ci_preset_rerun_reuses_cached_experts(ci_report: tuple[dict, Path]) -> None:
+    """A second run with the same cache trains nothing and reproduces the report's figures."""
+    from massmerge.suite import SuiteConfig, run_suite
+
+    report, root = ci_report
+    again = run_suite(SuiteConfig(preset="ci"), cache_dir=root / "cache", out_dir=root / "out2")
+    assert again["timing"]["finetune_seconds"] < 30
+    assert again["methods"]["MASS"]["accuracy"] == report["methods"]["MASS"]["accuracy"]
