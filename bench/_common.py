@@ -1,0 +1,98 @@
+"""Shared pieces of the benchmarks: model shapes, random experts, MASS parts, timing, tables and JSON output.
+
+Models are built from HF configs with random weights (no download): MiniLM-L6 (BERT, 6 x 384, 22.7M params)
+and ViT-B/16 (12 x 768, 86M params). Experts are the base plus a *full-rank* random delta, the worst case for
+storage and SVD time (a real fine-tuning delta is numerically full rank too).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DELTA_SCALE = 0.01
+
+
+def minilm(depth: int = 6) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=depth, num_attention_heads=12,
+                        intermediate_size=1536, max_position_embeddings=512)
+    torch.manual_seed(0)
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def vit_b(depth: int = 12) -> nn.Module:
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(hidden_size=768, num_hidden_layers=depth, num_attention_heads=12, intermediate_size=3072,
+                       image_size=224, patch_size=16)
+    torch.manual_seed(0)
+    return ViTModel(config, add_pooling_layer=False).eval()
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"minilm": minilm, "vit_b": vit_b}
+
+
+def random_expert(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Base + full-rank Gaussian delta (scale 0.01) on every floating tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: (v + DELTA_SCALE * torch.randn(v.shape, generator=gen, dtype=v.dtype)) if v.is_floating_point()
+            else v.clone() for k, v in base.items()}
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain Markdown table (also readable on a terminal)."""
+    def fmt(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c, "")).rjust(w) for c, w in zip(columns, widths)) + " |")
+    return "\n".join(lines)
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__,
+                           "threads": torch.get_num_threads(), "platform": platform.platform()}, **payload}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def mib(count: int | float) -> float:
+    return float(count) / 2**20

@@ -1,0 +1,106 @@
+"""Merge time and peak RSS of building MASS factors from T streamed experts, T = 2..20.
+
+Each T runs in a fresh subprocess (peak RSS is per process): it loads the base, then
+``massmerge.mass.stream.build_factors`` opens the experts one at a time from safetensors files. The budget the
+issue sets is ``base + 2 experts + factors`` on top of the process's own footprint (Python + torch + the base,
+measured before the first expert is read); "flat in T" means peak RSS varies by at most 10% across T.
+
+Run by hand:  python bench/merge_memory.py [--models minilm vit_b] [--tasks 2 4 8 12 16 20] [--vit-depth 4]
+(default: ViT-B width with 1 of its 12 blocks, to stay near 10 minutes on 2 busy cores; add --models minilm
+and --vit-depth 12 for the full models: each expert then takes about a minute to factorize here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import MODELS, mib, peak_rss_bytes, random_expert, state_bytes, table, write_json  # noqa: E402
+
+
+def child(directory: Path, tasks: int) -> None:
+    """Build factors from the first ``tasks`` experts and print one JSON line of measurements."""
+    import torch
+
+    from massmerge.checkpoints import load_state_dict
+    from massmerge.mass.stream import build_factors
+
+    torch.set_num_threads(2)
+    base = load_state_dict(directory / "base.safetensors")
+    baseline = peak_rss_bytes()
+    experts = [directory / f"expert{t}.safetensors" for t in range(tasks)]
+    start = time.perf_counter()
+    factors = build_factors(base, experts, [f"task{t}" for t in range(tasks)])
+    seconds = time.perf_counter() - start
+    factor_bytes = sum(f.U.numel() * f.U.element_size() + f.s.numel() * f.s.element_size()
+                       + f.V.numel() * f.V.element_size() for per in factors.matrices.values() for f in per)
+    factor_bytes += sum(t.numel() * t.element_size() for per in factors.non_matrix.values() for t in per)
+    print(json.dumps({"tasks": tasks, "merge_s": seconds, "baseline_rss": baseline, "peak_rss": peak_rss_bytes(),
+                      "factor_bytes": factor_bytes}))
+
+
+def prepare(model_name: str, directory: Path, count: int, vit_depth: int) -> tuple[int, int]:
+    """Write the base and ``count`` experts as safetensors files; returns (base bytes, expert bytes)."""
+    from massmerge.checkpoints import save_state_dict
+
+    model = MODELS[model_name](vit_depth) if model_name == "vit_b" else MODELS[model_name]()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_state_dict(base, directory / "base.safetensors")
+    for t in range(count):
+        save_state_dict(random_expert(base, seed=100 + t), directory / f"expert{t}.safetensors")
+    return state_bytes(base), state_bytes(base)
+
+
+def run(model_name: str, task_counts: list[int], vit_depth: int) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="massmerge-bench-") as tmp:
+        directory = Path(tmp)
+        base_bytes, expert_bytes = prepare(model_name, directory, max(task_counts), vit_depth)
+        for tasks in task_counts:
+            out = subprocess.run([sys.executable, __file__, "--child", str(directory), str(tasks)],
+                                 check=True, capture_output=True, text=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            budget = result["baseline_rss"] + 2 * expert_bytes + result["factor_bytes"]
+            rows.append({
+                "model": model_name, "T": tasks, "merge_s": result["merge_s"],
+                "base_MiB": mib(base_bytes), "baseline_MiB": mib(result["baseline_rss"]),
+                "factors_MiB": mib(result["factor_bytes"]), "peak_MiB": mib(result["peak_rss"]),
+                "growth_MiB": mib(result["peak_rss"] - result["baseline_rss"]),
+                "budget_MiB": mib(budget), "within_budget": result["peak_rss"] <= budget,
+            })
+            print(f"  {model_name} T={tasks}: {rows[-1]['merge_s']:.1f}s peak {rows[-1]['peak_MiB']:.0f} MiB",
+                  file=sys.stderr)
+    peaks = [r["peak_MiB"] for r in rows]
+    spread = (max(peaks) - min(peaks)) / min(peaks)
+    for row in rows:
+        row["peak_spread_over_T"] = spread
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["vit_b"], choices=sorted(MODELS))
+    parser.add_argument("--tasks", nargs="+", type=int, default=[2, 4, 8, 12, 16, 20])
+    parser.add_argument("--vit-depth", type=int, default=1, help="ViT-B blocks (12 = the whole model)")
+    parser.add_argument("--child", nargs=2, metavar=("DIR", "T"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(Path(args.child[0]), int(args.child[1]))
+        return
+    rows = [row for name in args.models for row in run(name, args.tasks, args.vit_depth)]
+    columns = ["model", "T", "merge_s", "base_MiB", "baseline_MiB", "factors_MiB", "peak_MiB", "growth_MiB",
+               "budget_MiB", "within_budget", "peak_spread_over_T"]
+    print(table(rows, columns))
+    path = write_json("merge_memory", {"vit_depth": args.vit_depth, "rows": rows})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
