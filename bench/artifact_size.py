@@ -1,0 +1,83 @@
+"""Artifact size / base size vs T for MiniLM-L6 and ViT-B/16, fp32 and fp16 bases, by factor storage dtype.
+
+Sizes depend only on tensor shapes, ranks and dtypes, so the factors here are random tensors of exactly the
+shapes a full-rank expert gives (``k = floor(min(m, n) / T)`` per matrix; real fine-tuning deltas are
+numerically full rank); this keeps the run to a minute instead of hours of SVDs. The artifact is the real one
+``save_artifact`` writes (base embedded, factors, non-matrix deltas, 10-class heads, manifest).
+
+Run by hand:  python bench/artifact_size.py [--models minilm vit_b] [--tasks 2 4 8 12 16 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import MODELS, state_bytes, table, write_json  # noqa: E402
+
+from massmerge.artifact import artifact_bytes, save_artifact  # noqa: E402
+from massmerge.heads import ZeroShotHead  # noqa: E402
+from massmerge.lowrank import LowRank, rank_for  # noqa: E402
+from massmerge.mass import ExpertFactors, MASSModel, make_config  # noqa: E402
+
+ROUTING = {"minilm": "encoder.layer.4.intermediate.dense", "vit_b": "encoder.layer.9.intermediate.dense"}
+CONFIGS = [("float32", None), ("float32", "float32"), ("float16", None)]  # (base dtype, factor dtype; None=auto)
+
+
+def shaped_factors(state: dict[str, torch.Tensor], tasks: int) -> ExpertFactors:
+    """Factors with the exact shapes MASS keeps for ``tasks`` full-rank experts (values are irrelevant here)."""
+    names = [f"task{t}" for t in range(tasks)]
+    factors = ExpertFactors(task_names=names, rank_fraction=1.0 / tasks)
+    for key, value in state.items():
+        if not value.is_floating_point():
+            continue
+        if value.ndim == 2:
+            k = rank_for(value.shape, 1.0 / tasks)
+            factors.matrices[key] = [LowRank(torch.randn(value.shape[0], k), torch.rand(k), torch.randn(value.shape[1], k))
+                                     for _ in names]
+        else:
+            factors.non_matrix[key] = [torch.randn(value.shape) for _ in names]
+    factors.apply_deredundancy(None)
+    return factors
+
+
+def measure(model_name: str, tasks: int, base_dtype: str, factor_dtype: str | None, tmp: Path) -> dict:
+    model = MODELS[model_name]().to(getattr(torch, base_dtype))
+    state = model.state_dict()
+    factors = shaped_factors(state, tasks)
+    heads = [ZeroShotHead(torch.randn(10, model.config.hidden_size)) for _ in range(tasks)]
+    mass = MASSModel(model, factors, heads, make_config(routing_layer=ROUTING[model_name]))
+    out = tmp / f"{model_name}-{tasks}"
+    save_artifact(mass, out, factor_dtype=factor_dtype)
+    size = artifact_bytes(out)
+    shutil.rmtree(out)
+    base = state_bytes(state)
+    return {"model": model_name, "T": tasks, "base_dtype": base_dtype, "factor_dtype": factor_dtype or "auto",
+            "base_MiB": base / 2**20, "artifact_MiB": size / 2**20, "ratio": size / base, "le_2.1x": size / base <= 2.1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["minilm", "vit_b"], choices=sorted(MODELS))
+    parser.add_argument("--tasks", nargs="+", type=int, default=[2, 4, 8, 12, 16, 20])
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="massmerge-size-") as tmp:
+        for name in args.models:
+            for base_dtype, factor_dtype in CONFIGS:
+                for tasks in args.tasks:
+                    rows.append(measure(name, tasks, base_dtype, factor_dtype, Path(tmp)))
+                    print(f"  {rows[-1]}", file=sys.stderr)
+    print(table(rows, ["model", "T", "base_dtype", "factor_dtype", "base_MiB", "artifact_MiB", "ratio", "le_2.1x"]))
+    print(f"\nwrote {write_json('artifact_size', {'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
