@@ -331,3 +331,50 @@ def test_predict_output_disk_full_keeps_previous(artifact, text_zoo, tmp_path, c
     assert_cli_error(result, "No space left on device")
     assert out.read_text() == "previous\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.jsonl"]
+
+
+# ----- hostile HF directories as the base ------------------------------------------------------------------
+
+def _hostile_dir(text_zoo, tmp_path: Path, kind: str) -> Path:  # noqa: ANN001
+    hostile = tmp_path / f"hostile_{kind}"
+    hostile.mkdir()
+    base = text_zoo["base"]
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (base / name).exists():
+            shutil.copy(base / name, hostile / name)
+    marker = text_zoo["marker"]
+    if kind == "pickle":
+        torch.save({"embeddings.word_embeddings.weight": Payload(marker)}, str(hostile / "pytorch_model.bin"))
+    else:  # remote code: config.json asks for a modelling file that would create the marker on import
+        shutil.copy(base / "model.safetensors", hostile / "model.safetensors")
+        config = json.loads((hostile / "config.json").read_text())
+        config["auto_map"] = {"AutoConfig": "evil_code.EvilConfig", "AutoModel": "evil_code.EvilModel"}
+        (hostile / "config.json").write_text(json.dumps(config))
+        (hostile / "evil_code.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                              "from transformers import BertConfig as EvilConfig\n"
+                                              "from transformers import BertModel as EvilModel\n")
+    return hostile
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_build_pickle_only_base_never_runs_payload(text_zoo, tmp_path, capsys, trust) -> None:
+    hostile = _hostile_dir(text_zoo, tmp_path, "pickle")
+    args = build_args(text_zoo, tmp_path / "art", extra=("--trust-pickle",) if trust else ())
+    args[args.index("--base") + 1] = hostile
+    result = run_cli(args, capsys)
+    line = assert_cli_error(result)
+    assert "pytorch_model.bin" in line or str(hostile) in line
+    assert not text_zoo["marker"].exists()
+    assert not (tmp_path / "art").exists()
+
+
+def test_build_remote_code_base_never_runs_code(text_zoo, tmp_path, capsys) -> None:
+    """A config.json with auto_map must not import the directory's Python file (no trust_remote_code)."""
+    hostile = _hostile_dir(text_zoo, tmp_path, "remote")
+    args = build_args(text_zoo, tmp_path / "art")
+    args[args.index("--base") + 1] = hostile
+    result = run_cli(args, capsys)
+    assert not text_zoo["marker"].exists()
+    assert "Traceback" not in result.out + result.err
+    if result.code != 0:  # refusing is fine; it must be a clean one-line error
+        assert_cli_error(result)

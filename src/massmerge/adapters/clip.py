@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from pickle import UnpicklingError
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from massmerge.adapters.base import BaseAdapter, Batch, check_pickle_policy
@@ -73,7 +75,7 @@ class CLIPAdapter(BaseAdapter):
         check_pickle_policy(path, trust_pickle=trust_pickle)
         try:
             model = CLIPVisionModel.from_pretrained(str(path))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RuntimeError, UnpicklingError, SafetensorError) as exc:
             raise MassMergeError(f"{path}: cannot load a CLIP vision model ({_first_line(exc)})") from None
         if self.projection is None:
             self.projection = load_visual_projection(path)

@@ -11,9 +11,11 @@ the default), ``cls`` (token 0) or ``pooler`` (BERT's tanh pooler, what ``*ForSe
 
 from __future__ import annotations
 
+from pickle import UnpicklingError
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from massmerge.adapters.base import BaseAdapter, Batch, attention_mask_of, check_pickle_policy, masked_mean
@@ -83,7 +85,7 @@ class TextEncoderAdapter(BaseAdapter):
             config = AutoConfig.from_pretrained(str(path))
             cls = T5EncoderModel if config.model_type in T5_TYPES else AutoModel
             model = cls.from_pretrained(str(path))
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, RuntimeError, UnpicklingError, SafetensorError) as exc:
             raise MassMergeError(f"{path}: cannot load a text encoder ({str(exc).strip().splitlines()[0][:200]})") from None
         self.bind(model)
         return model.eval()
