@@ -34,8 +34,8 @@ from massmerge.task_vectors import task_vector
 #: Training budgets per preset; ``ci`` is cut so the whole pipeline fits 10 minutes on 2 cores.
 PRESET_FINETUNE = {
     "ci": FinetuneConfig(steps=60, batch_size=16, max_length=32),
-    "default": FinetuneConfig(steps=200, batch_size=16, max_length=48),
-    "wide": FinetuneConfig(steps=200, batch_size=16, max_length=48),
+    "default": FinetuneConfig(steps=100, batch_size=16, max_length=48),
+    "wide": FinetuneConfig(steps=100, batch_size=16, max_length=48),
 }
 
 

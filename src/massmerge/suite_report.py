@@ -35,7 +35,7 @@ def terminal_table(report: dict[str, Any], metric: str = "accuracy") -> Table:
     """A rich table: one row per method, one column per task plus the average."""
     tasks = _tasks(report)
     title = "absolute accuracy (%)" if metric == "accuracy" else "normalized accuracy (% of each expert)"
-    table = Table(title=f"massmerge suite [{report['preset']}]: {title}")
+    table = Table(title=f"massmerge suite ({report['preset']}): {title}")
     table.add_column("method")
     table.add_column("kind", style="dim")
     for task in tasks:
@@ -51,7 +51,10 @@ def terminal_table(report: dict[str, Any], metric: str = "accuracy") -> Table:
 
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
     """Both tables, routing accuracy per task and the targets, on the terminal."""
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and CI: do not squeeze the task columns into 80 characters
+            console = Console(width=200)
     console.print(terminal_table(report, "accuracy"))
     console.print(terminal_table(report, "normalized"))
     routing = report["mass"]["routing_accuracy"]
