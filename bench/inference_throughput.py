@@ -1,0 +1,117 @@
+"""Inference throughput (samples/s) at batch 1, 16, 64: plain base forward vs MASS, in one run, with ratios.
+
+Rows: ``base`` (one plain forward), ``mass_one_set`` (fast path, every sample served with the same task set),
+``mass_mixed`` (fast path, samples of T tasks mixed: sample i gets {i mod T} or {i mod T, i+1 mod T}, up to 2T
+distinct sets per batch), ``mass_routed`` (fast path with the router's own sets on these random inputs) and
+``reference_mixed`` (the per-set dense rebuild of :class:`MASSModel`, same mixed sets). Every MASS row includes
+the first pass (to the routing layer) and routing. Per-set merged factors are cached across calls (warm, as in
+serving); no per-set model is cached. Factors have the exact shapes of T full-rank experts (values random:
+speed does not depend on them).
+
+Run by hand:  python bench/inference_throughput.py [--model minilm|vit_b] [--tasks 8] [--seq-len 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import MODELS, median_time, table, write_json  # noqa: E402
+
+from massmerge.adapters import get_adapter  # noqa: E402
+from massmerge.heads import ZeroShotHead  # noqa: E402
+from massmerge.lowrank import LowRank, rank_for  # noqa: E402
+from massmerge.mass import ExpertFactors, make_config  # noqa: E402
+from massmerge.mass.fast import FastMASSModel, num_groups  # noqa: E402
+from massmerge.mass.model import MASSModel  # noqa: E402
+
+ROUTING = {"minilm": "encoder.layer.4.intermediate.dense", "vit_b": "encoder.layer.9.intermediate.dense"}
+
+
+def orthonormal(rows: int, cols: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols))[0]
+
+
+def shaped_factors(state: dict[str, torch.Tensor], tasks: int) -> ExpertFactors:
+    names = [f"task{t}" for t in range(tasks)]
+    factors = ExpertFactors(task_names=names, rank_fraction=1.0 / tasks)
+    for key, value in state.items():
+        if not value.is_floating_point():
+            continue
+        if value.ndim == 2:
+            k = rank_for(value.shape, 1.0 / tasks)
+            factors.matrices[key] = [LowRank(orthonormal(value.shape[0], k), 0.05 * torch.rand(k).sort(descending=True).values,
+                                             orthonormal(value.shape[1], k)) for _ in names]
+        else:
+            factors.non_matrix[key] = [0.01 * torch.randn(value.shape) for _ in names]
+    factors.apply_deredundancy(0.3)
+    return factors
+
+
+def make_batch(model_name: str, size: int, seq_len: int) -> object:
+    if model_name == "vit_b":
+        return {"pixel_values": torch.randn(size, 3, 224, 224)}
+    return {"input_ids": torch.randint(1000, 30000, (size, seq_len)), "attention_mask": torch.ones(size, seq_len, dtype=torch.long)}
+
+
+def mixed_sets(size: int, tasks: int) -> torch.Tensor:
+    selected = torch.zeros(size, tasks, dtype=torch.bool)
+    for i in range(size):
+        selected[i, i % tasks] = True
+        if (i // tasks) % 2:
+            selected[i, (i + 1) % tasks] = True
+    return selected
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm", choices=sorted(MODELS))
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = MODELS[args.model]()
+    family = "clip" if args.model == "vit_b" else "text"
+    adapter = get_adapter("text") if family == "text" else None
+    features = adapter.features if adapter else (lambda m, b: m(**b).last_hidden_state[:, 0])
+    pool = adapter.pool if adapter else (lambda a, b: a[:, 0])
+    factors = shaped_factors(model.state_dict(), args.tasks)
+    heads = [ZeroShotHead(torch.randn(10, model.config.hidden_size)) for _ in range(args.tasks)]
+    config = make_config(routing_layer=ROUTING[args.model])
+    fast = FastMASSModel(model, factors, heads, config, pool=pool, features=features)
+    reference = MASSModel(model, factors, heads, config, pool=pool, features=features)
+    rows = []
+    with torch.no_grad():
+        for size in args.batches:
+            batch = make_batch(args.model, size, args.seq_len)
+            mixed = mixed_sets(size, args.tasks)
+            one = torch.zeros(size, args.tasks, dtype=torch.bool)
+            one[:, :2] = True
+            repeats = args.repeats if size < 64 else max(3, args.repeats // 2)
+            runs = {
+                "base": lambda: features(model, batch),
+                "mass_one_set": lambda: fast.forward_with_sets(batch, one),
+                "mass_mixed": lambda: fast.forward_with_sets(batch, mixed),
+                "mass_routed": lambda: fast(batch),
+                "reference_mixed": lambda: reference._second_pass(batch, mixed) if reference.route(batch) else None,
+            }
+            groups = {"base": 0, "mass_one_set": 1, "mass_mixed": num_groups(mixed),
+                      "mass_routed": num_groups(fast.route(batch)[2]), "reference_mixed": num_groups(mixed)}
+            times = {name: median_time(fn, repeats) for name, fn in runs.items()}
+            for name, seconds in times.items():
+                rows.append({"model": args.model, "batch": size, "mode": name, "groups": groups[name],
+                             "samples_per_s": size / seconds, "ratio_vs_base": times["base"] / seconds})
+                print(f"  batch {size} {name}: {size / seconds:.1f}/s", file=sys.stderr)
+    print(table(rows, ["model", "batch", "mode", "groups", "samples_per_s", "ratio_vs_base"]))
+    print(f"\nwrote {write_json('inference_throughput', {'args': vars(args), 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
