@@ -27,7 +27,13 @@ from massmerge.heads import ZeroShotHead  # noqa: E402
 from massmerge.lowrank import LowRank, rank_for  # noqa: E402
 from massmerge.mass import ExpertFactors, MASSModel, make_config  # noqa: E402
 
-ROUTING = {"minilm": "encoder.layer.4.intermediate.dense", "vit_b": "encoder.layer.9.intermediate.dense"}
+
+
+def routing_layer(model: torch.nn.Module) -> str:
+    """First MLP linear of block round(0.75 * depth), found by the adapters' generic rule (HF names vary)."""
+    from massmerge.adapters import get_adapter
+
+    return get_adapter("text").routing_layer(model)
 CONFIGS = [("float32", None), ("float32", "float32"), ("float16", None)]  # (base dtype, factor dtype; None=auto)
 
 
@@ -53,7 +59,7 @@ def measure(model_name: str, tasks: int, base_dtype: str, factor_dtype: str | No
     state = model.state_dict()
     factors = shaped_factors(state, tasks)
     heads = [ZeroShotHead(torch.randn(10, model.config.hidden_size)) for _ in range(tasks)]
-    mass = MASSModel(model, factors, heads, make_config(routing_layer=ROUTING[model_name]))
+    mass = MASSModel(model, factors, heads, make_config(routing_layer=routing_layer(model)))
     out = tmp / f"{model_name}-{tasks}"
     save_artifact(mass, out, factor_dtype=factor_dtype)
     size = artifact_bytes(out)

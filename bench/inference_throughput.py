@@ -30,7 +30,13 @@ from massmerge.mass import ExpertFactors, make_config  # noqa: E402
 from massmerge.mass.fast import FastMASSModel, num_groups  # noqa: E402
 from massmerge.mass.model import MASSModel  # noqa: E402
 
-ROUTING = {"minilm": "encoder.layer.4.intermediate.dense", "vit_b": "encoder.layer.9.intermediate.dense"}
+
+
+def routing_layer(model: torch.nn.Module) -> str:
+    """First MLP linear of block round(0.75 * depth), found by the adapters' generic rule (HF names vary)."""
+    from massmerge.adapters import get_adapter
+
+    return get_adapter("text").routing_layer(model)
 
 
 def orthonormal(rows: int, cols: int) -> torch.Tensor:
@@ -84,7 +90,7 @@ def main() -> None:
     pool = adapter.pool if adapter else (lambda a, b: a[:, 0])
     factors = shaped_factors(model.state_dict(), args.tasks)
     heads = [ZeroShotHead(torch.randn(10, model.config.hidden_size)) for _ in range(args.tasks)]
-    config = make_config(routing_layer=ROUTING[args.model])
+    config = make_config(routing_layer=routing_layer(model))
     fast = FastMASSModel(model, factors, heads, config, pool=pool, features=features)
     reference = MASSModel(model, factors, heads, config, pool=pool, features=features)
     rows = []
