@@ -45,6 +45,12 @@ def suite_cmd(
 
     if steps is not None and steps < 1:
         raise OptionError(f"--steps must be >= 1, got {steps}")
+    if n_test is not None and n_test < 1:
+        raise OptionError(f"--n-test must be >= 1, got {n_test}")
+    from massmerge.mass.config import make_config
+
+    # fail before an hour of fine-tuning, not after it: the router options are checked up front
+    make_config(routing_layer=routing_layer or "default", eta=eta, top_k=top_k, eps=None if eps < 0 else eps)
     _threads(threads)
     finetune = PRESET_FINETUNE.get(preset, PRESET_FINETUNE["default"])
     finetune = finetune.model_copy(update={"seed": seed, **({"steps": steps} if steps else {})})
