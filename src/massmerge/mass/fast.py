@@ -18,6 +18,11 @@ First pass. ``theta_0 + alpha * TSV-M(all)`` is materialized once, but only for 
 run before the routing layer (found by tracing one forward of the base): the layers after it are never reached
 because the pass stops at the routing layer's input.
 
+Mixed batches. With ``batched=True`` (default) a batch whose samples were routed to several task sets runs as
+ONE forward (:mod:`massmerge.mass.batched`): the base matmul of every Linear once over all samples, each set's
+low-rank delta as a side branch on its own rows. Models with parameter kinds that path cannot patch, or
+seq-first models, fall back to the per-group path (one forward per set), which ``batched=False`` forces.
+
 The reference path stays available: ``FastMASSModel(..., fast=False)`` or :meth:`reference_features_with`.
 Neither path is thread-safe (both temporarily rebind module parameters / forwards during a call).
 """
@@ -34,6 +39,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from massmerge.errors import OptionError
+from massmerge.heads import select_by_max_logit
+from massmerge.mass import batched as mixed
 from massmerge.mass.model import (
     MERGED_SET_CACHE_SIZE,
     Batch,
@@ -41,6 +48,7 @@ from massmerge.mass.model import (
     MASSOutput,
     MergedFactors,
     group_by_task_set,
+    index_batch,
 )
 from massmerge.merging.common import tsv_merge_factors
 
@@ -82,15 +90,20 @@ class FastMASSModel(MASSModel):
 
     ``strategy``: ``auto`` (per layer and group, the cheaper of side branch and transient dense weight),
     ``side`` or ``dense`` (forced, for tests and benchmarks). ``fast=False`` runs the reference path.
+    ``batched``: serve a batch of mixed task sets in one forward (default) instead of one forward per set;
+    :attr:`batched_off_reason` says why a model cannot (then the per-group path runs).
     """
 
-    def __init__(self, *args: Any, strategy: Strategy = "auto", fast: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, strategy: Strategy = "auto", fast: bool = True, batched: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if strategy not in ("auto", "side", "dense"):
             raise OptionError(f"strategy: unknown value '{strategy}' (choose auto, side or dense)")
         self.strategy: Strategy = strategy
         self.fast = fast
+        self.batched = batched
         self._linear, self._embedding, self._other = self._classify_matrices()
+        self.batched_off_reason: str | None = self._batched_off_reason()
         self._non_matrix_cache: OrderedDict[tuple[int, ...], dict[str, torch.Tensor]] = OrderedDict()
         self._first_pass_keys: set[str] | None = None
 
@@ -249,6 +262,76 @@ class FastMASSModel(MASSModel):
             return out + (((rows * (alpha * factors.s)) @ factors.V.T)).to(out.dtype)
 
         return forward
+
+    # ----- mixed batches in one forward ----------------------------------------------------------------------
+
+    def _batched_off_reason(self) -> str | None:
+        """Why mixed batches cannot run in one forward on this model (None: they can)."""
+        owners = dict(self.model.named_modules())
+        key = mixed.unsupported_owner(owners, [*self.factors.matrices, *self.factors.non_matrix])
+        if key is not None:
+            return f"factored parameter '{key}' is not owned by an nn.Linear, nn.Embedding or nn.LayerNorm"
+        return mixed.check_batch_first(self.model)
+
+    def _second_pass(self, batch: Batch, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward for all sets when possible; else (or with one set) the per-group path."""
+        groups = group_by_task_set(selected)
+        if not (self.fast and self.batched) or self.batched_off_reason or len(groups) < 2:
+            return super()._second_pass(batch, selected)
+        try:
+            feats = self._mixed_features(batch, groups)
+        except mixed.Unbatchable as error:
+            self.batched_off_reason = str(error)  # the model's layout does not change between batches
+            return super()._second_pass(batch, selected)
+        task = torch.empty(selected.shape[0], dtype=torch.long)
+        label = torch.empty(selected.shape[0], dtype=torch.long)
+        for tasks, index in groups:
+            winner, labels = select_by_max_logit([self.heads[t](feats[index]) for t in tasks])
+            task[index] = torch.tensor(tasks)[winner]
+            label[index] = labels
+        return task, label
+
+    def mixed_features(self, batch: Batch, selected: torch.Tensor) -> torch.Tensor:
+        """Final features [B, ...], sample i under ``theta_0 + alpha * TSV-M(S_i)``, in one batched forward.
+
+        Raises :class:`~massmerge.mass.batched.Unbatchable` where the model needs the per-group path.
+        """
+        if self.batched_off_reason:
+            raise mixed.Unbatchable(self.batched_off_reason)
+        return self._mixed_features(batch, group_by_task_set(selected))
+
+    def _mixed_features(self, batch: Batch, groups: list[tuple[tuple[int, ...], torch.Tensor]]) -> torch.Tensor:
+        plan = mixed.Plan.of(groups)
+        spans = [mixed.Group(start, stop, self.merged_set(tasks), self._non_matrix_params(tasks))
+                 for tasks, start, stop in plan.sets]
+        with mixed.patched_forwards(self._mixed_forwards(spans)):
+            return plan.unpermute(self.runner(index_batch(batch, plan.order)))
+
+    def _mixed_forwards(self, groups: list[mixed.Group]) -> dict[nn.Module, Any]:
+        """The batched forward of every module that owns a factored parameter, for these groups."""
+        alpha, strategy = self.config.alpha, self.strategy
+        modules = dict(self.model.named_modules())
+
+        def choose(tokens: int, factors: MergedFactors) -> bool:
+            return use_dense(tokens, factors, strategy)
+
+        def dense(weight: torch.Tensor, factors: MergedFactors) -> torch.Tensor:
+            return dense_weight(weight, factors, alpha)
+
+        forwards: dict[nn.Module, Any] = {}
+        for key, module in self._linear.items():
+            forwards[module] = mixed.linear_forward(module, key, groups, alpha, choose, dense)
+        for key, module in self._embedding.items():
+            forwards[module] = mixed.embedding_forward(module, key, groups, alpha,
+                                                       dense if strategy == "dense" else None)
+        for key in self.factors.non_matrix:
+            owner = split_key(key)[0]
+            module = modules[owner]
+            if module not in forwards and type(module) is nn.LayerNorm:
+                forwards[module] = mixed.layer_norm_forward(module, owner, groups)
+            elif module not in forwards:  # a Linear whose bias alone changes: a rank-0 matrix delta
+                forwards[module] = mixed.linear_forward(module, f"{owner}.weight", groups, alpha, choose, dense)
+        return forwards
 
     # ----- explicit task sets (benchmarks, serving with known sets) -----------------------------------------
 
