@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 
 from massmerge import merging
 from massmerge.lowrank import LowRank, polar, rank_for, truncated_svd
-from massmerge.mass import ExpertFactors
-from massmerge.mass import router
+from massmerge.mass import ExpertFactors, router
 from massmerge.merging.common import tsv_merge_factors
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
@@ -36,7 +35,7 @@ def matrix(seed: int, m: int, n: int, rank: int | None = None, scale: float = 1.
 
 
 @st.composite
-def problems(draw, min_tasks: int = 2, max_tasks: int = 4):  # noqa: ANN001, ANN201
+def problems(draw, min_tasks: int = 2, max_tasks: int = 4):
     """(base, task vectors): two matrices of random shapes, a bias, a 0-d scalar and an int buffer."""
     m1, n1, m2, n2 = draw(dims), draw(dims), draw(dims), draw(dims)
     tasks = draw(st.integers(min_value=min_tasks, max_value=max_tasks))

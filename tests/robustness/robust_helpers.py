@@ -47,7 +47,7 @@ class Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = str(marker)
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (open, (self.marker, "w"))
 
 
@@ -150,7 +150,7 @@ def run_cli_subprocess(args: Sequence[str | os.PathLike[str]], *, cwd: Path | No
     """Run ``massmerge ARGS`` in a fresh interpreter, as a user would."""
     cmd = [sys.executable, "-c", "from massmerge.cli import main; main()", *map(str, args)]
     env = {**os.environ, "COLUMNS": "200", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 

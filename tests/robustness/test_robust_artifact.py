@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from robust_helpers import Payload, Result, digest, leftovers, run_cli
+from safetensors.torch import save_file
 
 pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -109,7 +107,6 @@ def build_args(z: dict, output: Path, experts=("e1", "e2"), heads=("h1", "h2"), 
 @pytest.fixture(scope="module")
 def artifact(text_zoo, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("art") / "art"
-    capture = pytest.CaptureFixture  # noqa: F841 - documentation: built outside capsys on purpose
     from massmerge.cli import main
 
     try:
@@ -125,33 +122,33 @@ def tree_digest(directory: Path) -> dict[str, str]:
 
 
 BAD_BUILD = [
-    (dict(experts=("e1", "missing_key")), ["missing_key", "encoder.layer.0.output.dense.weight"]),
-    (dict(experts=("e1", "bad_shape")), ["bad_shape", "encoder.layer.1.attention.self.query.weight"]),
-    (dict(experts=("e1", "nan")), ["nan", "encoder.layer.2.intermediate.dense.weight"]),
-    (dict(experts=("e1", "empty")), ["empty"]),
-    (dict(experts=("e1", "truncated")), ["truncated"]),
-    (dict(experts=("e1", "evil")), ["evil.pt"]),
-    (dict(experts=("e1", "evil"), extra=("--trust-pickle",)), ["evil.pt"]),
-    (dict(experts=("e1", "not_a_model")), ["not_a_model"]),
-    (dict(experts=("e1", "nowhere.safetensors")), ["nowhere"]),
-    (dict(experts=("e1",), heads=("h1",)), ["--experts"]),
-    (dict(heads=("h1",)), ["--heads"]),
-    (dict(heads=("h1", "h_nodim")), ["h_nodim", "weight"]),
-    (dict(heads=("h1", "h_badkind")), ["h_badkind", "magic"]),
-    (dict(heads=("h1", "h_evil")), ["h_evil"]),
-    (dict(heads=("h1", "nowhere.safetensors")), ["nowhere"]),
-    (dict(extra=("--routing-layer", "encoder.layer.99.nope")), ["encoder.layer.99.nope"]),
-    (dict(extra=("--routing-layer", "encoder.layer.0.attention")), ["encoder.layer.0.attention"]),
-    (dict(extra=("--rank-fraction", "0")), ["--rank-fraction"]),
-    (dict(extra=("--rank-fraction", "1.5")), ["--rank-fraction"]),
-    (dict(extra=("--eta", "1.5")), ["--eta"]),
-    (dict(extra=("--eta", "-0.1")), ["--eta"]),
-    (dict(extra=("--top-k", "0")), ["--top-k"]),
-    (dict(extra=("--tau", "0")), ["--tau"]),
-    (dict(extra=("--eps", "2")), ["--eps"]),
-    (dict(extra=("--mode", "everything")), ["--mode"]),
-    (dict(extra=("--factor-dtype", "int3")), ["--factor-dtype"]),
-    (dict(extra=("--task-names", "a", "a")), ["--task-names"]),
+    ({"experts": ("e1", "missing_key")}, ["missing_key", "encoder.layer.0.output.dense.weight"]),
+    ({"experts": ("e1", "bad_shape")}, ["bad_shape", "encoder.layer.1.attention.self.query.weight"]),
+    ({"experts": ("e1", "nan")}, ["nan", "encoder.layer.2.intermediate.dense.weight"]),
+    ({"experts": ("e1", "empty")}, ["empty"]),
+    ({"experts": ("e1", "truncated")}, ["truncated"]),
+    ({"experts": ("e1", "evil")}, ["evil.pt"]),
+    ({"experts": ("e1", "evil"), "extra": ("--trust-pickle",)}, ["evil.pt"]),
+    ({"experts": ("e1", "not_a_model")}, ["not_a_model"]),
+    ({"experts": ("e1", "nowhere.safetensors")}, ["nowhere"]),
+    ({"experts": ("e1",), "heads": ("h1",)}, ["--experts"]),
+    ({"heads": ("h1",)}, ["--heads"]),
+    ({"heads": ("h1", "h_nodim")}, ["h_nodim", "weight"]),
+    ({"heads": ("h1", "h_badkind")}, ["h_badkind", "magic"]),
+    ({"heads": ("h1", "h_evil")}, ["h_evil"]),
+    ({"heads": ("h1", "nowhere.safetensors")}, ["nowhere"]),
+    ({"extra": ("--routing-layer", "encoder.layer.99.nope")}, ["encoder.layer.99.nope"]),
+    ({"extra": ("--routing-layer", "encoder.layer.0.attention")}, ["encoder.layer.0.attention"]),
+    ({"extra": ("--rank-fraction", "0")}, ["--rank-fraction"]),
+    ({"extra": ("--rank-fraction", "1.5")}, ["--rank-fraction"]),
+    ({"extra": ("--eta", "1.5")}, ["--eta"]),
+    ({"extra": ("--eta", "-0.1")}, ["--eta"]),
+    ({"extra": ("--top-k", "0")}, ["--top-k"]),
+    ({"extra": ("--tau", "0")}, ["--tau"]),
+    ({"extra": ("--eps", "2")}, ["--eps"]),
+    ({"extra": ("--mode", "everything")}, ["--mode"]),
+    ({"extra": ("--factor-dtype", "int3")}, ["--factor-dtype"]),
+    ({"extra": ("--task-names", "a", "a")}, ["--task-names"]),
 ]
 
 
@@ -188,7 +185,7 @@ def test_build_disk_full_keeps_previous_artifact(text_zoo, artifact, tmp_path, c
 
     import massmerge.artifact as artifact_module
 
-    def full(tensors, filename, metadata=None):  # noqa: ANN001, ANN202
+    def full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 64)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
@@ -224,7 +221,7 @@ def test_predict_works_and_is_deterministic(artifact, text_zoo, tmp_path, capsys
     assert outs[0] == outs[1]
 
 
-def _edited(artifact: Path, tmp_path: Path, edit) -> Path:  # noqa: ANN001
+def _edited(artifact: Path, tmp_path: Path, edit) -> Path:
     copy = tmp_path / "edited"
     shutil.copytree(artifact, copy)
     manifest = copy / "manifest.json"
@@ -235,8 +232,8 @@ def _edited(artifact: Path, tmp_path: Path, edit) -> Path:  # noqa: ANN001
     return copy
 
 
-def _set(path: tuple, value):  # noqa: ANN001, ANN202
-    def edit(data, _copy):  # noqa: ANN001, ANN202
+def _set(path: tuple, value):
+    def edit(data, _copy):
         target = data
         for part in path[:-1]:
             target = target[part]
@@ -251,8 +248,8 @@ def _tamper(path: Path) -> None:
     path.write_bytes(data[:-10] + bytes(255 - b for b in data[-10:]))
 
 
-def _first_file(data) -> str:  # noqa: ANN001
-    return sorted(data["files"])[0]
+def _first_file(data) -> str:
+    return min(data["files"])
 
 
 MANIFEST_EDITS = [
@@ -320,7 +317,7 @@ def test_predict_output_disk_full_keeps_previous(artifact, text_zoo, tmp_path, c
     out.write_text("previous\n")
     real_write_text = Path.write_text
 
-    def full(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def full(self, *args, **kwargs):
         if self.name.startswith(".preds.jsonl"):
             real_write_text(self, "half")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
@@ -335,7 +332,7 @@ def test_predict_output_disk_full_keeps_previous(artifact, text_zoo, tmp_path, c
 
 # ----- hostile HF directories as the base ------------------------------------------------------------------
 
-def _hostile_dir(text_zoo, tmp_path: Path, kind: str) -> Path:  # noqa: ANN001
+def _hostile_dir(text_zoo, tmp_path: Path, kind: str) -> Path:
     hostile = tmp_path / f"hostile_{kind}"
     hostile.mkdir()
     base = text_zoo["base"]

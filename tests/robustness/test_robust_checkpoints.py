@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from robust_helpers import Zoo, assert_user_error, digest, leftovers, run_cli
 
 from massmerge import merging
-from massmerge.checkpoints import check_finite, load_state_dict, open_checkpoint, validate_compatible
+from massmerge.checkpoints import (
+    check_finite,
+    load_state_dict,
+    open_checkpoint,
+    validate_compatible,
+)
 from massmerge.errors import MassMergeError
 from massmerge.mass import ExpertFactors
 from massmerge.task_vectors import LazyTaskVector, task_vector
-from robust_helpers import Zoo, assert_user_error, digest, leftovers, run_cli
 
 # (zoo attribute, words the error line must contain besides the file name)
 BAD_EXPERTS = [

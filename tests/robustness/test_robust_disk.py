@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from robust_helpers import Zoo, assert_user_error, digest, leftovers, run_cli
 from safetensors.torch import save_file
 
-import massmerge.checkpoints as checkpoints
+from massmerge import checkpoints
 from massmerge.checkpoints import load_state_dict, save_state_dict
-from robust_helpers import Zoo, assert_user_error, digest, leftovers, run_cli
 
 
-def half_then_enospc(tensors, filename, metadata=None):  # noqa: ANN001, ANN201 - mimics save_file
+def half_then_enospc(tensors, filename, metadata=None):
     """Write the first half of the real file, then fail as a full disk does."""
     real = Path(filename).with_name(Path(filename).name + ".real")
     save_file(tensors, str(real), metadata=metadata)
@@ -27,7 +27,7 @@ def half_then_enospc(tensors, filename, metadata=None):  # noqa: ANN001, ANN201 
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
 
-def half_then_interrupt(tensors, filename, metadata=None):  # noqa: ANN001, ANN201
+def half_then_interrupt(tensors, filename, metadata=None):
     Path(filename).write_bytes(b"\0" * 100)
     raise KeyboardInterrupt
 
@@ -84,13 +84,13 @@ def small_tmpfs(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
+                          check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
         yield mount_point
     finally:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
 
 
 @pytest.fixture

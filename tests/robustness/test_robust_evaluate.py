@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from robust_helpers import Zoo, assert_user_error, run_cli
 
 pytest.importorskip("massmerge.benchmark_config")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from robust_helpers import Zoo, assert_user_error, digest, leftovers, run_cli
 from torch import nn
 
 from massmerge import merging
@@ -11,7 +12,6 @@ from massmerge.errors import MassMergeError, OptionError
 from massmerge.heads import LinearHead
 from massmerge.mass import ExpertFactors, MASSModel, make_config
 from massmerge.task_vectors import task_vector
-from robust_helpers import Zoo, assert_user_error, digest, leftovers, run_cli
 
 BAD_MERGE_OPTIONS = [
     (["--method", "tsv_m", "--rank-fraction", "0"], "--rank-fraction"),

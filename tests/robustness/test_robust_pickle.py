@@ -10,10 +10,17 @@ import pickle
 
 import pytest
 import torch
+from robust_helpers import (
+    Payload,
+    Zoo,
+    assert_user_error,
+    expert_state,
+    leftovers,
+    run_cli,
+)
 
 from massmerge.checkpoints import load_state_dict, open_checkpoint
 from massmerge.errors import MassMergeError
-from robust_helpers import Payload, Zoo, assert_user_error, expert_state, leftovers, run_cli
 
 EVIL = ["evil", "evil_bin", "evil_pkl", "evil_named", "evil_hf"]
 

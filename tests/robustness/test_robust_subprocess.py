@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from robust_helpers import Zoo, assert_user_error, run_cli_subprocess
 
 

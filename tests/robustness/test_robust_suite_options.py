@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from robust_helpers import assert_user_error, run_cli
 
 pytest.importorskip("massmerge.suite")
@@ -20,9 +19,9 @@ pytest.importorskip("massmerge.suite")
     (["--tasks", "no_such_task"], "no_such_task"),
 ])
 def test_suite_bad_option_fails_fast(tmp_path, capsys, monkeypatch, options, culprit) -> None:
-    import massmerge.finetune as finetune
+    from massmerge import finetune
 
-    def no_training(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def no_training(*args, **kwargs):
         raise AssertionError("fine-tuning started before the options were checked")
 
     monkeypatch.setattr(finetune, "finetune_expert", no_training)
