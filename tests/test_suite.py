@@ -139,3 +139,26 @@ def test_targets_compare_mass_with_tsv_m_and_task_arithmetic() -> None:
     got = _fake_report()["targets"]
     assert got["mass_minus_tsv_m_max_logit_ge_5pt"]["met"] is True
     assert got["tsv_m_gt_task_arithmetic_oracle"]["met"] is False  # equal numbers are not "greater"
+
+
+def test_eval_cache_keys_on_settings(tmp_path: Path) -> None:
+    from massmerge.suite import EvalCache
+
+    calls = []
+    cache = EvalCache(tmp_path, "zoo-key")
+    run = lambda: calls.append(1) or {"x": len(calls)}  # noqa: E731
+    assert cache.get_or_run("mass", run, eta=0.2) == {"x": 1}
+    assert cache.get_or_run("mass", run, eta=0.2) == {"x": 1}  # cached: not run again
+    assert cache.get_or_run("mass", run, eta=0.3) == {"x": 2}  # another setting: another entry
+    assert EvalCache(tmp_path, "other-zoo").get_or_run("mass", run, eta=0.2) == {"x": 3}
+
+
+def test_default_routing_layer_is_block_round_three_quarters() -> None:
+    from types import SimpleNamespace
+
+    from massmerge.suite import default_routing_layer
+
+    model = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=6))
+    assert default_routing_layer(model) == "encoder.layer.4.intermediate.dense"  # round(4.5) == 4
+    model.config.num_hidden_layers = 12
+    assert default_routing_layer(model) == "encoder.layer.9.intermediate.dense"
