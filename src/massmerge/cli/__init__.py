@@ -60,13 +60,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = expand_multi_value_options(sys.argv[1:] if argv is None else argv)
     progress.set_enabled(sys.stderr.isatty())
     try:
-        app(args=args, prog_name="massmerge")  # click handles usage errors itself: message + exit 2
+        code = app(args=args, prog_name="massmerge", standalone_mode=False)
     except MassMergeError as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, EOFError):
         fail("interrupted; no output was written")
     except OSError as exc:
         fail(f"{getattr(exc, 'filename', None) or ''}: {exc.strerror or exc}".lstrip(": "))
+    except Exception as exc:  # noqa: BLE001 - click's exceptions live in typer's private vendored module
+        if not _is_click_error(exc):
+            raise
+        _report_click_error(exc)
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
+
+
+def _is_click_error(exc: BaseException) -> bool:
+    """Usage errors and aborts from (typer's vendored) click, recognised by their interface, not their module."""
+    return type(exc).__name__ == "Abort" or (hasattr(exc, "format_message") and hasattr(exc, "exit_code"))
+
+
+def _report_click_error(exc: BaseException) -> None:
+    """One line for a usage error (``error: Missing option '--output'.``); the help text for a bare command."""
+    if type(exc).__name__ == "Abort":
+        fail("interrupted; no output was written")
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        exc.show()  # type: ignore[attr-defined]
+        raise SystemExit(2)
+    message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+    command = getattr(getattr(exc, "ctx", None), "command_path", "massmerge")
+    fail(f"{message} (see '{command} --help')")
+
 
 from massmerge.cli import info as _info  # noqa: E402  (commands register themselves on ``app``)
 from massmerge.cli import merge as _merge  # noqa: E402,F401
