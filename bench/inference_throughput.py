@@ -2,19 +2,21 @@
 
 Rows: ``base`` (one plain forward), ``mass_one_set`` (fast path, every sample served with the same task set),
 ``mass_mixed`` (fast path, samples of T tasks mixed: sample i gets {i mod T} or {i mod T, i+1 mod T}, up to 2T
-distinct sets per batch), ``mass_routed`` (fast path with the router's own sets on these random inputs) and
+distinct sets per batch, served in ONE batched second pass), ``mass_mixed_grouped`` (the same sets with one
+second-pass forward per set, ``batched=False``), ``mass_routed`` (fast path with the router's own sets on these random inputs) and
 ``reference_mixed`` (the per-set dense rebuild of :class:`MASSModel`, same mixed sets). Every MASS row includes
 the first pass (to the routing layer) and routing. Per-set merged factors are cached across calls (warm, as in
 serving); no per-set model is cached. Factors have the exact shapes of T full-rank experts (values random:
 speed does not depend on them).
 
-Run by hand:  python bench/inference_throughput.py [--model minilm|vit_b] [--tasks 8] [--seq-len 64]
+Run by hand:  python bench/inference_throughput.py [--model minilm|vit_b] [--tasks 8] [--seq-len 64] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,6 +76,17 @@ def mixed_sets(size: int, tasks: int) -> torch.Tensor:
     return selected
 
 
+def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per run, timing the runs round-robin so load drift on a shared machine hits all alike."""
+    for fn in runs.values():
+        fn()  # warm-up: merged-set caches, first-pass trace
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            samples[name].append(median_time(fn, 1, warmup=0))
+    return {name: sorted(times)[len(times) // 2] for name, times in samples.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm", choices=sorted(MODELS))
@@ -81,7 +94,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = MODELS[args.model]()
     family = "clip" if args.model == "vit_b" else "text"
@@ -92,6 +108,7 @@ def main() -> None:
     heads = [ZeroShotHead(torch.randn(10, model.config.hidden_size)) for _ in range(args.tasks)]
     config = make_config(routing_layer=routing_layer(model))
     fast = FastMASSModel(model, factors, heads, config, pool=pool, features=features)
+    grouped = FastMASSModel(model, factors, heads, config, pool=pool, features=features, batched=False)
     reference = MASSModel(model, factors, heads, config, pool=pool, features=features)
     rows = []
     with torch.no_grad():
@@ -105,12 +122,14 @@ def main() -> None:
                 "base": lambda: features(model, batch),
                 "mass_one_set": lambda: fast.forward_with_sets(batch, one),
                 "mass_mixed": lambda: fast.forward_with_sets(batch, mixed),
+                "mass_mixed_grouped": lambda: grouped.forward_with_sets(batch, mixed),
                 "mass_routed": lambda: fast(batch),
                 "reference_mixed": lambda: reference._second_pass(batch, mixed) if reference.route(batch) else None,
             }
             groups = {"base": 0, "mass_one_set": 1, "mass_mixed": num_groups(mixed),
+                      "mass_mixed_grouped": num_groups(mixed),
                       "mass_routed": num_groups(fast.route(batch)[2]), "reference_mixed": num_groups(mixed)}
-            times = {name: median_time(fn, repeats) for name, fn in runs.items()}
+            times = interleaved_medians(runs, repeats)
             for name, seconds in times.items():
                 rows.append({"model": args.model, "batch": size, "mode": name, "groups": groups[name],
                              "samples_per_s": size / seconds, "ratio_vs_base": times["base"] / seconds})
