@@ -294,3 +294,35 @@ def test_cli_errors_exit_2(hf_setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli(["predict", str(tmp_path / "missing"), str(root / "inputs.txt")])
     assert exc.value.code == 2 and "no such artifact directory" in capsys.readouterr().err
+
+
+def _size_factor(directory: Path) -> tuple[float, float]:
+    """(rank scale from the manifest, saved factor + non-matrix + base tensor bytes / base tensor bytes)."""
+    from massmerge.checkpoints import load_state_dict
+    from massmerge.mass.budget import factor_bytes, non_matrix_bytes
+
+    manifest = artifact.read_manifest(directory)
+    base = sum(t.numel() * t.element_size() for t in load_state_dict(directory / "model").values())
+    factors = artifact.load_factors(directory, manifest)
+    store = getattr(torch, manifest.factor_dtype)
+    return manifest.rank_scale, (base + factor_bytes(factors, store) + non_matrix_bytes(factors, store)) / base
+
+
+def test_cli_build_fits_the_size_budget(hf_setup, tmp_path, capsys):
+    root = hf_setup
+    common = ["build", "--base", str(root / "base"), "--experts", *[str(root / f"expert{t}") for t in range(3)],
+              "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--factor-dtype", "float32"]
+    run_cli([*common, "--output", str(tmp_path / "design"), "--max-size", "0"])
+    scale, design = _size_factor(tmp_path / "design")
+    assert scale == 1.0 and design > 2.5, "float32 factors at design ranks: about 2.7x this tiny base"
+    assert "design ranks" in capsys.readouterr().out
+    run_cli([*common, "--output", str(tmp_path / "fit"), "--max-size", "3.5"])  # headers are large for tiny models
+    scale, fitted = _size_factor(tmp_path / "fit")
+    assert 0.0 < scale < 1.0 and fitted < 3.5 - 0.1  # the budget also holds heads and headers
+    assert "ranks cut to" in capsys.readouterr().out
+    run_cli([*common, "--output", str(tmp_path / "default")])  # default 2.1x is out of reach here: a note
+    assert _size_factor(tmp_path / "default")[0] == 1.0
+    assert "note: design ranks kept; --max-size: 2.1x the base cannot hold" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run_cli([*common, "--output", str(tmp_path / "tiny"), "--max-size", "2.1"])
+    assert exc.value.code == 2 and "--max-size: 2.1x" in capsys.readouterr().err and not (tmp_path / "tiny").exists()

@@ -108,6 +108,7 @@ class Manifest(_Strict):
     task_names: list[str]
     config: dict[str, Any]
     rank_fraction: float
+    rank_scale: float = 1.0  # fraction of every task's rank kept to fit a size budget (mass/budget.py)
     eps: float | None
     accepted: dict[str, list[int]]
     matrix_keys: list[str]
@@ -266,6 +267,7 @@ def save_artifact(
     factor_dtype: str | torch.dtype | None = None,
     class_names: Sequence[Sequence[str] | None] | None = None,
     pooling: str | None = None,
+    rank_scale: float = 1.0,
 ) -> Path:
     """Write ``model`` as an artifact directory (atomically) and return its path.
 
@@ -292,8 +294,9 @@ def save_artifact(
         base = _write_base(tmp, model, base_state, architecture, hf_config, tokenizer_dir, base_reference, base_dtype)
         manifest = Manifest(
             format_version=FORMAT_VERSION, massmerge_version=_version(), task_names=list(factors.task_names),
-            config=model.config.model_dump(), rank_fraction=factors.rank_fraction, eps=factors.eps,
-            accepted=factors.accepted, matrix_keys=list(factors.matrices), non_matrix_keys=list(factors.non_matrix),
+            config=model.config.model_dump(), rank_fraction=factors.rank_fraction,
+            rank_scale=rank_scale, eps=factors.eps, accepted=factors.accepted, matrix_keys=list(factors.matrices),
+            non_matrix_keys=list(factors.non_matrix),
             factor_dtype=dtype_name(store), base=base, architecture=architecture, heads=entries,
             files=_file_entries(tmp),
         )

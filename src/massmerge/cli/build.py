@@ -11,10 +11,19 @@ from typing import Annotated, Any
 
 import typer
 
-from massmerge.artifact import parse_dtype, read_head_file, round_factors, save_artifact, storage_dtype
+from massmerge.artifact import (
+    artifact_bytes,
+    parse_dtype,
+    read_head_file,
+    round_factors,
+    save_artifact,
+    storage_dtype,
+)
 from massmerge.cli import app
 from massmerge.errors import OptionError
+from massmerge.mass.budget import fit_to_size, metadata_bytes
 from massmerge.mass.config import make_config
+from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.model import MASSModel
 from massmerge.mass.stream import build_factors
 from massmerge.task_vectors import KeyFilter
@@ -70,6 +79,9 @@ def build_cmd(
     mode: Annotated[str, typer.Option(help="routing mode: topk, top1 or batch")] = "topk",
     svd: Annotated[str, typer.Option(help="auto, exact or randomized")] = "auto",
     factor_dtype: Annotated[str, typer.Option(help="auto (float16 for 32-bit bases), float32, float16, bfloat16")] = "auto",
+    max_size: Annotated[float | None, typer.Option(help="cut every task's rank by one fraction so the artifact is at "
+                                                        "most this many times the base's size (default 2.1 where "
+                                                        "reachable; 0: keep the design ranks)")] = None,
     include: Annotated[list[str] | None, typer.Option(help="only merge keys matching these globs")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="leave keys matching these globs at the base")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="allow .bin/.pt files (weights-only load)")] = False,
@@ -93,19 +105,52 @@ def build_cmd(
     encoder = {key: state[key] for key in adapter.encoder_keys(model)}
     key_filter = KeyFilter.from_patterns(include, exclude)
 
-    def open_expert(path: Path):  # noqa: ANN202 - the adapter's lazy aligned view
+    def open_expert(path: Path):
         return adapter.load_weights(str(path), model, trust_pickle=trust_pickle)
 
     factors = build_factors(encoder, experts, names, rank_fraction=config.rank_fraction, eps=config.eps,
                             svd=config.svd, open_expert=open_expert, key_filter=key_filter)
     store = storage_dtype(_float_dtype(encoder)) if factor_dtype == "auto" else parse_dtype(factor_dtype)
+    base_bytes = tensor_bytes(state.values())
+    factors, scale = fit_size(factors, head_modules, base_bytes, store, max_size)
     factors = round_factors(factors, store)  # what is saved is exactly what a later load() serves
     mass = MASSModel(model, factors, head_modules, config, pool=adapter.pool, features=adapter.features)
     save_artifact(mass, output, adapter=adapter, tokenizer_dir=base_path if base_path.is_dir() else None,
-                  factor_dtype=store, class_names=classes)
+                  factor_dtype=store, class_names=classes, rank_scale=scale)
     dropped = factors.dropped()
+    budget = max_size or DEFAULT_MAX_SIZE
+    ranks = "design ranks" if scale == 1.0 else f"ranks cut to {scale:.0%} to fit --max-size {budget}"
     typer.echo(f"wrote {output} ({len(names)} tasks: {', '.join(names)}; routing layer {config.routing_layer}; "
-               f"factors {str(store).removeprefix('torch.')}; de-redundancy dropped tasks in {len(dropped)} matrices)")
+               f"factors {str(store).removeprefix('torch.')}, {ranks}; "
+               f"{artifact_bytes(output) / base_bytes:.2f}x the base's tensors; "
+               f"de-redundancy dropped tasks in {len(dropped)} matrices)")
+
+
+DEFAULT_MAX_SIZE = 2.1  # issue 5's storage target: the artifact at most 2.1x the base
+
+
+def fit_size(factors: ExpertFactors, heads: list, base_bytes: int, store: Any,
+             max_size: float | None) -> tuple[ExpertFactors, float]:
+    """Factors cut to ``--max-size`` (an explicit budget that cannot be met is an error; the default budget is
+    best effort: a model too small for it keeps its design ranks, with a note) and the rank scale kept."""
+    if max_size == 0:
+        return factors, 1.0
+    extra = metadata_bytes(factors) + tensor_bytes(p for h in heads for p in h.state_dict().values())
+    try:
+        fit = fit_to_size(factors, base_bytes=base_bytes, max_size=max_size or DEFAULT_MAX_SIZE, store=store,
+                          extra_bytes=extra)
+    except OptionError as exc:
+        if max_size is not None:
+            raise
+        typer.echo(f"note: design ranks kept; {exc}".replace("; raise it or use --factor-dtype float16", ""),
+                   err=True)
+        return factors, 1.0
+    return fit.factors, fit.rank_scale
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes of the tensors' elements (what safetensors stores, headers aside)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _float_dtype(state: dict) -> Any:
