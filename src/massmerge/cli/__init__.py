@@ -14,6 +14,7 @@ from rich.console import Console
 
 from massmerge import progress
 from massmerge.errors import MassMergeError
+from massmerge.memory import tune_allocator_for_streaming
 
 app = typer.Typer(
     name="massmerge",
@@ -59,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``massmerge`` script."""
     args = expand_multi_value_options(sys.argv[1:] if argv is None else argv)
     progress.set_enabled(sys.stderr.isatty())
+    tune_allocator_for_streaming()  # flat peak memory while experts stream through (massmerge/memory.py)
     try:
         code = app(args=args, prog_name="massmerge", standalone_mode=False)
     except MassMergeError as exc:

@@ -13,6 +13,7 @@ import torch
 
 from massmerge.errors import CheckpointError, OptionError
 from massmerge.lowrank import LowRank, SVDMethod, rank_for, truncated_svd
+from massmerge.memory import release_freed_memory
 from massmerge.merging.common import tsv_merge_factors
 from massmerge.progress import track
 from massmerge.task_vectors import is_matrix, work_dtype
@@ -82,6 +83,8 @@ class ExpertFactors:
         count = 0
         for tv in track(task_vectors, "factorizing experts", total=len(names)):
             factors.add_task(tv, svd=svd, dtype=dtype)
+            del tv  # the expert's file handles go before the next one opens
+            release_freed_memory()
             count += 1
         if count != len(names):
             raise OptionError(f"--task-names: {len(names)} names for {count} experts")
