@@ -27,6 +27,7 @@ from massmerge.finetune import Backbone, FinetuneConfig, class_embeddings, featu
 from massmerge.finetune import tokenize
 from massmerge.heads import ZeroShotHead
 from massmerge.mass import ExpertFactors, MASSModel, make_config, mean_pool
+from massmerge.mass.budget import truncate
 from massmerge.mass import router
 from massmerge.merging import STATIC_MERGES, merge
 from massmerge.task_vectors import task_vector
@@ -56,6 +57,7 @@ class SuiteConfig(BaseModel):
     eta: float = 0.2
     top_k: int = 3
     alpha: float = 1.0
+    rank_scale: float = 1.0  # MASS factors cut as `build --max-size` cuts them (mass/budget.py); 1 = design ranks
     methods: tuple[str, ...] = STATIC_MERGES
     seed: int = 0
     eval_batch_size: int = 64
@@ -389,10 +391,16 @@ def _tsv_c_row(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cache: EvalCache) -
     return cache.get_or_run("tsv_c", run)["oracle"]
 
 
+def _rank_scale_key(cfg: SuiteConfig) -> dict[str, float]:
+    """The rank scale as a cache setting only when it cuts, so design-rank results keep their cache keys."""
+    return {} if cfg.rank_scale == 1.0 else {"rank_scale": cfg.rank_scale}
+
+
 def _mass_rows(zoo: Zoo, factors: ExpertFactors, cfg: SuiteConfig, cache: EvalCache, layer: str,
                expert: dict[str, float], storage: float) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:  # fmt: skip
     mass = _build_mass(zoo, factors, cfg, layer)
-    settings = {"layer": layer, "eps": cfg.eps, "eta": cfg.eta, "top_k": cfg.top_k, "alpha": cfg.alpha}
+    settings = {"layer": layer, "eps": cfg.eps, "eta": cfg.eta, "top_k": cfg.top_k, "alpha": cfg.alpha,
+                **_rank_scale_key(cfg)}
     hidden = cache.get_or_run("mass", lambda: score_mass(zoo, mass), **settings)
     given = cache.get_or_run("mass_task_given", lambda: score_mass_task_given(zoo, mass), **settings)
     suffix = "" if layer == cfg.routing_layer else f" @ {layer}"
@@ -426,6 +434,8 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
     rows.update(_static_rows(zoo, tvs, cfg, cache, expert))
     factor_start = time.perf_counter()
     factors = ExpertFactors.build(tvs, zoo.names, eps=cfg.eps)
+    if cfg.rank_scale < 1.0:
+        factors = truncate(factors, cfg.rank_scale)
     factor_seconds = time.perf_counter() - factor_start
     base_numel = sum(v.numel() for v in zoo.backbone.model.state_dict().values() if v.is_floating_point())
     storage = ev.storage_factor(base_numel + factors.numel(), base_numel)
@@ -437,7 +447,7 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
         mass_details.append(details)
     mass = _build_mass(zoo, factors, cfg, layer)
     sweep = cache.get_or_run("routing_sweep", lambda: {"rows": routing_sweep(zoo, mass, sweep_layers(zoo.backbone.model), cfg)},
-                             eta=cfg.eta, top_k=cfg.top_k, eps=cfg.eps)["rows"]  # fmt: skip
+                             eta=cfg.eta, top_k=cfg.top_k, eps=cfg.eps, **_rank_scale_key(cfg))["rows"]  # fmt: skip
     timing = {**zoo.timing, "evaluate_seconds": time.perf_counter() - start, "factorize_seconds": factor_seconds,
               "total_seconds": time.perf_counter() - wall}  # fmt: skip
     from massmerge.suite_report import write_report

@@ -14,6 +14,8 @@ pytest.importorskip("massmerge.suite")
     (["--eta", "1.5"], "--eta"),
     (["--eta", "-0.2"], "--eta"),
     (["--top-k", "0"], "--top-k"),
+    (["--rank-scale", "0"], "--rank-scale"),
+    (["--rank-scale", "1.5"], "--rank-scale"),
     (["--eps", "2"], "--eps"),
     (["--preset", "nope"], "--preset"),
     (["--tasks", "no_such_task"], "no_such_task"),

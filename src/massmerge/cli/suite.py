@@ -37,6 +37,8 @@ def suite_cmd(
     eta: Annotated[float, typer.Option(help="router probability threshold")] = 0.2,
     top_k: Annotated[int, typer.Option(help="at most K tasks per sample")] = 3,
     eps: Annotated[float, typer.Option(help="de-redundancy threshold (negative = off)")] = 0.3,
+    rank_scale: Annotated[float, typer.Option(help="keep this fraction of every task's MASS rank (as build "
+                                                   "--max-size cuts it)")] = 1.0,
     threads: Annotated[Optional[int], typer.Option(help="torch threads [default: all cores]")] = None,
     seed: Annotated[int, typer.Option(help="split and training seed")] = 0,
 ) -> None:
@@ -47,6 +49,8 @@ def suite_cmd(
         raise OptionError(f"--steps must be >= 1, got {steps}")
     if n_test is not None and n_test < 1:
         raise OptionError(f"--n-test must be >= 1, got {n_test}")
+    if not 0.0 < rank_scale <= 1.0:
+        raise OptionError(f"--rank-scale must be in (0, 1], got {rank_scale}")
     from massmerge.mass.config import make_config
 
     # fail before an hour of fine-tuning, not after it: the router options are checked up front
@@ -57,7 +61,7 @@ def suite_cmd(
     config = SuiteConfig(
         preset=preset, tasks=tuple(tasks.split(",")) if tasks else None, n_test=n_test, finetune=finetune,
         routing_layer=routing_layer, mass_layers=tuple(mass_layer or ()), eps=None if eps < 0 else eps, eta=eta,
-        top_k=top_k, seed=seed,
+        top_k=top_k, seed=seed, rank_scale=rank_scale,
     )  # fmt: skip
     out_dir = out or Path("massmerge-suite") / preset
     run_suite(config, data_root=data_dir, cache_dir=cache_dir, out_dir=out_dir)
