@@ -121,3 +121,40 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
 
 def mib(count: int | float) -> float:
     return float(count) / 2**20
+
+
+def routing_layer(model: nn.Module) -> str:
+    """First MLP linear of block round(0.75 * depth), found by the adapters' generic rule (HF names vary)."""
+    from massmerge.adapters import get_adapter
+
+    return get_adapter("text").routing_layer(model)
+
+
+def orthonormal(rows: int, cols: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols))[0]
+
+
+def shaped_factors(state: dict[str, torch.Tensor], tasks: int, *, eps: float | None = 0.3) -> Any:
+    """Factors with the exact shapes MASS keeps for ``tasks`` full-rank experts (rank 1/T per matrix),
+    orthonormal U/V and small descending spectra, as real task vectors give; sizes and speed depend only on
+    the shapes, so no SVD is run."""
+    from massmerge.lowrank import LowRank, rank_for
+    from massmerge.mass import ExpertFactors
+
+    names = [f"task{t}" for t in range(tasks)]
+    factors = ExpertFactors(task_names=names, rank_fraction=1.0 / tasks)
+    for key, value in state.items():
+        if not value.is_floating_point():
+            continue
+        if value.ndim == 2:
+            k = rank_for(value.shape, 1.0 / tasks)
+            factors.matrices[key] = [
+                LowRank(orthonormal(value.shape[0], k), 0.05 * torch.rand(k).sort(descending=True).values,
+                        orthonormal(value.shape[1], k))
+                for _ in names
+            ]
+        else:
+            factors.non_matrix[key] = [0.01 * torch.randn(value.shape) for _ in names]
+    factors.apply_deredundancy(eps)
+    return factors
+

@@ -2,8 +2,8 @@
 at the design ranks (``max_size`` 0) and cut to ``massmerge build``'s default budget (``--max-size 2.1``).
 
 Sizes depend only on tensor shapes, ranks and dtypes, so the factors here are random tensors of exactly the
-shapes a full-rank expert gives (``k = floor(min(m, n) / T)`` per matrix; real fine-tuning deltas are
-numerically full rank); this keeps the run to a minute instead of hours of SVDs. The artifact is the real one
+shapes a full-rank expert gives (``k = floor(min(m, n) / T)`` per matrix, ``_common.shaped_factors``; real
+fine-tuning deltas are numerically full rank); this keeps the run to a minute instead of hours of SVDs. The artifact is the real one
 ``save_artifact`` writes (base embedded, factors, non-matrix deltas, 10-class heads, manifest).
 
 Run by hand:  python bench/artifact_size.py [--models minilm vit_b] [--tasks 2 4 8 12 16 20]
@@ -21,40 +21,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MODELS, state_bytes, table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    MODELS,
+    routing_layer,
+    shaped_factors,
+    state_bytes,
+    table,
+    write_json,
+)
 
 from massmerge.artifact import artifact_bytes, parse_dtype, save_artifact, storage_dtype  # noqa: E402
 from massmerge.heads import ZeroShotHead  # noqa: E402
-from massmerge.lowrank import LowRank, rank_for  # noqa: E402
-from massmerge.mass import ExpertFactors, MASSModel, make_config  # noqa: E402
+from massmerge.mass import MASSModel, make_config  # noqa: E402
 from massmerge.mass.budget import fit_to_size, metadata_bytes  # noqa: E402
 
-
-def routing_layer(model: torch.nn.Module) -> str:
-    """First MLP linear of block round(0.75 * depth), found by the adapters' generic rule (HF names vary)."""
-    from massmerge.adapters import get_adapter
-
-    return get_adapter("text").routing_layer(model)
-
-
 CONFIGS = [("float32", None), ("float32", "float32"), ("float16", None)]  # (base dtype, factor dtype; None=auto)
-
-
-def shaped_factors(state: dict[str, torch.Tensor], tasks: int) -> ExpertFactors:
-    """Factors with the exact shapes MASS keeps for ``tasks`` full-rank experts (values are irrelevant here)."""
-    names = [f"task{t}" for t in range(tasks)]
-    factors = ExpertFactors(task_names=names, rank_fraction=1.0 / tasks)
-    for key, value in state.items():
-        if not value.is_floating_point():
-            continue
-        if value.ndim == 2:
-            k = rank_for(value.shape, 1.0 / tasks)
-            factors.matrices[key] = [LowRank(torch.randn(value.shape[0], k), torch.rand(k), torch.randn(value.shape[1], k))
-                                     for _ in names]
-        else:
-            factors.non_matrix[key] = [torch.randn(value.shape) for _ in names]
-    factors.apply_deredundancy(None)
-    return factors
 
 
 def measure(model_name: str, tasks: int, base_dtype: str, factor_dtype: str | None, max_size: float,
@@ -62,7 +43,7 @@ def measure(model_name: str, tasks: int, base_dtype: str, factor_dtype: str | No
     model = MODELS[model_name]().to(getattr(torch, base_dtype))
     state = model.state_dict()
     base = state_bytes(state)
-    factors = shaped_factors(state, tasks)
+    factors = shaped_factors(state, tasks, eps=None)
     heads = [ZeroShotHead(torch.randn(10, model.config.hidden_size)) for _ in range(tasks)]
     store = parse_dtype(factor_dtype) if factor_dtype else storage_dtype(getattr(torch, base_dtype))
     scale = 1.0

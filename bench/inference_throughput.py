@@ -23,42 +23,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MODELS, median_time, table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    MODELS,
+    median_time,
+    routing_layer,
+    shaped_factors,
+    table,
+    write_json,
+)
 
 from massmerge.adapters import get_adapter  # noqa: E402
 from massmerge.heads import ZeroShotHead  # noqa: E402
-from massmerge.lowrank import LowRank, rank_for  # noqa: E402
-from massmerge.mass import ExpertFactors, make_config  # noqa: E402
+from massmerge.mass import make_config  # noqa: E402
 from massmerge.mass.fast import FastMASSModel, num_groups  # noqa: E402
 from massmerge.mass.model import MASSModel  # noqa: E402
-
-
-
-def routing_layer(model: torch.nn.Module) -> str:
-    """First MLP linear of block round(0.75 * depth), found by the adapters' generic rule (HF names vary)."""
-    from massmerge.adapters import get_adapter
-
-    return get_adapter("text").routing_layer(model)
-
-
-def orthonormal(rows: int, cols: int) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(rows, cols))[0]
-
-
-def shaped_factors(state: dict[str, torch.Tensor], tasks: int) -> ExpertFactors:
-    names = [f"task{t}" for t in range(tasks)]
-    factors = ExpertFactors(task_names=names, rank_fraction=1.0 / tasks)
-    for key, value in state.items():
-        if not value.is_floating_point():
-            continue
-        if value.ndim == 2:
-            k = rank_for(value.shape, 1.0 / tasks)
-            factors.matrices[key] = [LowRank(orthonormal(value.shape[0], k), 0.05 * torch.rand(k).sort(descending=True).values,
-                                             orthonormal(value.shape[1], k)) for _ in names]
-        else:
-            factors.non_matrix[key] = [0.01 * torch.randn(value.shape) for _ in names]
-    factors.apply_deredundancy(0.3)
-    return factors
 
 
 def make_batch(model_name: str, size: int, seq_len: int) -> object:
