@@ -281,7 +281,7 @@ def save_artifact(
     factors = model.factors
     check_task_names(factors.task_names)
     base_state = model.model.state_dict()
-    base_dtype = _float_dtype(base_state)
+    base_dtype = float_dtype(base_state)
     store = parse_dtype(factor_dtype) if factor_dtype is not None else storage_dtype(base_dtype)
     entries, head_tensors = head_entries(list(model.heads), factors.task_names, class_names)
     architecture = _architecture(model, adapter, hf_config, pooling)
@@ -307,7 +307,8 @@ def save_artifact(
     return directory
 
 
-def _float_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
+def float_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of the first floating-point tensor: the base's own precision."""
     for value in state.values():
         if value.is_floating_point():
             return value.dtype

@@ -13,6 +13,7 @@ import typer
 
 from massmerge.artifact import (
     artifact_bytes,
+    float_dtype,
     parse_dtype,
     read_head_file,
     round_factors,
@@ -110,7 +111,7 @@ def build_cmd(
 
     factors = build_factors(encoder, experts, names, rank_fraction=config.rank_fraction, eps=config.eps,
                             svd=config.svd, open_expert=open_expert, key_filter=key_filter)
-    store = storage_dtype(_float_dtype(encoder)) if factor_dtype == "auto" else parse_dtype(factor_dtype)
+    store = storage_dtype(float_dtype(encoder)) if factor_dtype == "auto" else parse_dtype(factor_dtype)
     base_bytes = tensor_bytes(state.values())
     factors, scale = fit_size(factors, head_modules, base_bytes, store, max_size)
     factors = round_factors(factors, store)  # what is saved is exactly what a later load() serves
@@ -152,6 +153,3 @@ def tensor_bytes(tensors: Any) -> int:
     """Bytes of the tensors' elements (what safetensors stores, headers aside)."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
-
-def _float_dtype(state: dict) -> Any:
-    return next(v.dtype for v in state.values() if v.is_floating_point())

@@ -127,18 +127,6 @@ def align_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     raise Unbatchable(f"a patched module got input of shape {list(x.shape)}; the batch has {size} samples")
 
 
-def add_side(out: torch.Tensor, x: torch.Tensor, factors: MergedFactors, alpha: float) -> None:
-    """``out += alpha * ((x V) * s) U^T`` in place (out: a contiguous view of the rows of one group)."""
-    if factors.s.numel() == 0:
-        return
-    compute = factors.U.dtype
-    inner = (x.reshape(-1, x.shape[-1]).to(compute) @ factors.V) * (alpha * factors.s)
-    if compute == out.dtype and out.is_contiguous():
-        out.view(-1, out.shape[-1]).addmm_(inner, factors.U.T)
-    else:
-        out.add_((inner @ factors.U.T).to(out.dtype).view(out.shape))
-
-
 def runs(groups: Sequence[Group], key: str) -> list[list[Group]]:
     """Consecutive groups with the same sample count and merged rank of ``key``: one bmm each."""
     out: list[list[Group]] = []

@@ -83,8 +83,7 @@ class ExpertFactors:
         count = 0
         for tv in track(task_vectors, "factorizing experts", total=len(names)):
             factors.add_task(tv, svd=svd, dtype=dtype)
-            del tv  # the expert's file handles go before the next one opens
-            release_freed_memory()
+            release_freed_memory()  # temporaries of this expert go back to the OS (massmerge/memory.py)
             count += 1
         if count != len(names):
             raise OptionError(f"--task-names: {len(names)} names for {count} experts")
