@@ -110,6 +110,16 @@ class LazyTaskVector(Mapping[str, torch.Tensor]):
         return len(self._keys)
 
 
+def add_delta(base: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``base + alpha * delta`` computed in float32 (float64 for float64 deltas), cast back to the base dtype.
+
+    The one place where a merged delta is applied: static merges, MASS's first pass and its dense reference
+    second pass all go through it, so they round identically.
+    """
+    compute = torch.promote_types(delta.dtype, torch.float32)
+    return (base.to(compute) + alpha * delta.to(compute)).to(base.dtype)
+
+
 def split_matrix(keys: Sequence[str], base: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     """Partition keys into (matrix keys, non-matrix keys) by the base tensor's shape."""
     matrices = [k for k in keys if is_matrix(base[k])]
