@@ -84,63 +84,6 @@ def test_ci_preset_rerun_reuses_cached_experts(ci_report: tuple[dict, Path]) -> 
     assert again["methods"]["MASS"]["accuracy"] == report["methods"]["MASS"]["accuracy"]
 
 
-def _fake_report() -> dict:
-    """A report with the suite's structure and made-up numbers, to check the writers without training."""
-    from massmerge.suite import _row, targets
-
-    tasks = ["a", "b", "c"]
-    expert = {"a": 0.9, "b": 0.8, "c": 1.0}
-    methods = {"zero-shot": _row("oracle head", {"a": 0.3, "b": 0.4, "c": 0.5}, expert, storage_factor=1.0),
-               "experts": _row("oracle head", expert, expert, storage_factor=3.0)}  # fmt: skip
-    for name in ("task_arithmetic", "tsv_m"):
-        methods[name] = _row("oracle head", {"a": 0.6, "b": 0.6, "c": 0.7}, expert, merge_seconds=1.0)
-        methods[f"{name} max-logit"] = _row("task hidden", {"a": 0.5, "b": 0.5, "c": 0.6}, expert)
-    methods["MASS oracle-head"] = _row("oracle head", {"a": 0.85, "b": 0.75, "c": 0.95}, expert)
-    methods["MASS"] = _row("task hidden", {"a": 0.8, "b": 0.7, "c": 0.9}, expert)
-    routing = {"a": 0.9, "b": 0.8, "c": 1.0}
-    return {
-        "preset": "fake", "config": {"routing_layer": "encoder.layer.4.intermediate.dense", "eta": 0.2, "top_k": 3,
-                                     "eps": 0.3},
-        "finetune": {"steps": 1, "batch_size": 2, "lr": 1e-5, "max_length": 8, "logit_scale": 20.0},
-        "tasks": [{"name": t, "description": t, "classes": ["x", "y"], "sizes": {"train": 5, "val": 1, "test": 4}}
-                  for t in tasks],
-        "methods": methods,
-        "mass": {"layer": "encoder.layer.4.intermediate.dense", "routing_accuracy": routing,
-                 "confusion": [[4, 0, 0], [1, 3, 0], [0, 0, 4]], "selection_recall": routing, "mean_selected": 1.5},
-        "layer_sweep": [{"layer": "encoder.layer.4.intermediate.dense", "routing_accuracy": routing, "mean": 0.9,
-                         "selection_recall": 0.95}],
-        "dropped": {"encoder.layer.0.attention.self.query.weight": ["b"]},
-        "throughput": {"base_samples_per_s": 100.0, "mass_samples_per_s": 45.0, "ratio": 0.45},
-        "storage": {"base_numel": 10, "mass_numel": 19, "mass_factor": 1.9},
-        "timing": {"finetune_seconds": 1.0, "total_seconds": 2.0}, "threads": 2,
-        "targets": targets(methods),
-    }  # fmt: skip
-
-
-def test_report_files_from_a_fake_report(tmp_path: Path) -> None:
-    from rich.console import Console
-
-    from massmerge.suite_report import write_report
-
-    report = _fake_report()
-    console = Console(record=True, width=200)
-    write_report(report, tmp_path, console=console)
-    text = console.export_text()
-    assert "MASS" in text and "normalized" in text and "missed" in text
-    md = (tmp_path / "report.md").read_text()
-    assert "| **MASS** | task hidden | 80.0 | 70.0 | 90.0 | **80.0** |" in md
-    assert "| **MASS** | task hidden | 88.9 | 87.5 | 90.0 | **88.8** |" in md  # normalized by each expert
-    assert json.loads((tmp_path / "report.json").read_text())["targets"]["mass_normalized_ge_95"]["met"] is False
-    for name in ("per_task.png", "radar.png", "routing_confusion.png", "routing_accuracy.png", "layer_sweep.png"):
-        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-
-
-def test_targets_compare_mass_with_tsv_m_and_task_arithmetic() -> None:
-    got = _fake_report()["targets"]
-    assert got["mass_minus_tsv_m_max_logit_ge_5pt"]["met"] is True
-    assert got["tsv_m_gt_task_arithmetic_oracle"]["met"] is False  # equal numbers are not "greater"
-
-
 def test_eval_cache_keys_on_settings(tmp_path: Path) -> None:
     from massmerge.suite import EvalCache
 

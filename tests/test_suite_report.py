@@ -1,0 +1,300 @@
+"""The suite's report writers on synthetic reports of the suite's shape (no training, no data needed).
+
+Numbers are chosen so the checks can fail: task ``b`` has MASS below zero-shot, the MASS vs TSV-M targets
+land on both sides, TSV-M ties Task Arithmetic, and the Wilson figures are checked against hand computations.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from rich.console import Console
+
+from massmerge import suite_report as sr
+
+TASKS = {"a": 100, "b": 200, "c": 160}  # test items per task
+EXPERT = {"a": 0.9, "b": 0.8, "c": 0.95}
+DEFAULT_LAYER = "encoder.layer.4.intermediate.dense"
+BEST_LAYER = "encoder.layer.2.intermediate.dense"
+
+
+def _row(kind: str, accuracy: dict[str, float], **extra: Any) -> dict[str, Any]:
+    normalized = {t: accuracy[t] / EXPERT[t] for t in accuracy}
+    return {"kind": kind, "accuracy": accuracy, "normalized": normalized,
+            "avg_accuracy": sum(accuracy.values()) / len(accuracy),
+            "avg_normalized": sum(normalized.values()) / len(normalized), "storage_factor": 1.0, **extra}  # fmt: skip
+
+
+def _mass_details(layer: str) -> dict[str, Any]:
+    """From counts: items with the final task right and with task and class right, per task."""
+    task_right, both_right = {"a": 90, "b": 120, "c": 150}, {"a": 80, "b": 100, "c": 144}
+    return {"layer": layer, "routing_accuracy": {"a": 0.85, "b": 0.55, "c": 0.95},
+            "selection_recall": {"a": 0.95, "b": 0.7, "c": 0.975},
+            "task_choice": {t: task_right[t] / n for t, n in TASKS.items()},
+            "class_given_task": {t: both_right[t] / task_right[t] for t in TASKS},
+            "confusion": [[85, 10, 5], [40, 110, 50], [4, 4, 152]], "mean_selected": 1.6, "task_sets": 5}  # fmt: skip
+
+
+def fake_report(**extra: Any) -> dict[str, Any]:
+    """A report as the suite hands it over (contract of issue 12), with targets computed by suite_report."""
+    methods = {
+        "zero-shot": _row("oracle head", {"a": 0.5, "b": 0.6, "c": 0.6}),
+        "zero-shot max-logit": _row("task hidden", {"a": 0.3, "b": 0.55, "c": 0.4}),
+        "experts": _row("oracle head", dict(EXPERT), storage_factor=3.0),
+        "task_arithmetic": _row("oracle head", {"a": 0.85, "b": 0.75, "c": 0.92}, merge_seconds=1.0),
+        "task_arithmetic max-logit": _row("task hidden", {"a": 0.45, "b": 0.38, "c": 0.55}),
+        "tsv_m": _row("oracle head", {"a": 0.85, "b": 0.75, "c": 0.92}, merge_seconds=2.0),
+        "tsv_m max-logit": _row("task hidden", {"a": 0.5, "b": 0.4, "c": 0.6}),
+        "MASS (task given)": _row("oracle routing", {"a": 0.9, "b": 0.78, "c": 0.95}),
+        "MASS oracle-head": _row("oracle head", {"a": 0.85, "b": 0.7, "c": 0.93}),
+        "MASS": _row("task hidden", {"a": 0.8, "b": 0.5, "c": 0.9}),
+    }  # fmt: skip
+    sweep = [{"layer": DEFAULT_LAYER, "routing_accuracy": {"a": 0.85, "b": 0.55, "c": 0.95}, "mean": 0.78333,
+              "selection_recall": 0.87},
+             {"layer": BEST_LAYER, "routing_accuracy": {"a": 0.9, "b": 0.6, "c": 0.93}, "mean": 0.81,
+              "selection_recall": 0.9}]  # fmt: skip
+    report = {
+        "schema_version": 2, "preset": "fake",
+        "config": {"routing_layer": DEFAULT_LAYER, "eta": 0.2, "top_k": 3, "eps": 0.3, "seed": 0},
+        "finetune": {"steps": 1, "batch_size": 2, "lr": 1e-5, "max_length": 8, "logit_scale": 20.0},
+        "tasks": [{"name": t, "description": f"task {t} [demo]", "classes": ["x", "y"],
+                   "sizes": {"train": 5 * n, "val": n // 2, "test": n}} for t, n in TASKS.items()],
+        "methods": methods, "mass": _mass_details(DEFAULT_LAYER),
+        "mass_layers": [_mass_details(DEFAULT_LAYER), _mass_details(BEST_LAYER)],
+        "dropped": {"encoder.layer.0.attention.self.query.weight": ["b"]}, "layer_sweep": sweep,
+        "throughput": {"base_samples_per_s": 100.0, "mass_samples_per_s": 45.0, "ratio": 0.45, "path": "batched"},
+        "storage": {"base_numel": 22_713_216, "factor_numel": 28_383_105, "base_dtype": "float32",
+                    "factor_dtype": "float16", "bytes_ratio": 1 + 28_383_105 * 2 / (22_713_216 * 4)},
+        "timing": {"finetune_seconds": 1.0, "total_seconds": 2.0}, "threads": 2, **extra,
+    }  # fmt: skip
+    report["targets"] = sr.targets(report)
+    return report
+
+
+def _ablation() -> list[dict[str, Any]]:
+    return [{"name": name, "settings": {"top_k": k}, "split": "val", "avg_normalized": avg,
+             "normalized": {"a": avg, "b": avg, "c": avg}, "routing_accuracy": {"a": 0.8, "b": 0.6, "c": 0.9},
+             "seconds_per_input": 0.004} for name, k, avg in (("paper router", 1, 0.71), ("ours", 3, 0.82))]  # fmt: skip
+
+
+@pytest.fixture
+def written(tmp_path: Path) -> tuple[dict[str, Any], Path, str]:
+    console = Console(record=True, width=220)
+    full = sr.write_report(fake_report(), tmp_path, console=console)
+    return full, tmp_path, console.export_text()
+
+
+# ----- statistics --------------------------------------------------------------------------------------------
+
+
+def test_wilson_matches_hand_computed_intervals() -> None:
+    assert sr.wilson(0.5, 100) == pytest.approx((0.40383, 0.59617), abs=1e-5)
+    assert sr.wilson(0.0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)  # positive width at 0%
+    assert sr.wilson(0.8, 100) == pytest.approx((0.71118, 0.86664), abs=1e-5)
+    assert sr.wilson(0.3, 0) == (0.0, 1.0)
+
+
+def test_average_interval_adds_per_task_variances() -> None:
+    """Two tasks at 50% of 100 items: se 0.096168 / 1.96 each, mean's se sqrt(2) x that / 2 -> +- 0.0680."""
+    report = {"tasks": [{"name": t, "sizes": {"test": 100}} for t in "xy"],
+              "methods": {"experts": {"accuracy": {"x": 1.0, "y": 0.5}}}}  # fmt: skip
+    row = {"accuracy": {"x": 0.5, "y": 0.5}, "normalized": {"x": 0.5, "y": 1.0}, "avg_accuracy": 0.5,
+           "avg_normalized": 0.75}  # fmt: skip
+    got = sr.row_intervals(report, row)
+    assert got["avg_accuracy"] == pytest.approx((0.5 - 0.068001, 0.5 + 0.068001), abs=1e-5)
+    assert got["normalized"]["y"] == pytest.approx((0.40383 / 0.5, 0.59617 / 0.5), abs=1e-4)
+    half = 1.959964 * (0.049066**2 + (0.049066 / 0.5) ** 2) ** 0.5 / 2  # se of x over expert 1.0, of y over 0.5
+    assert got["avg_normalized"] == pytest.approx((0.75 - half, 0.75 + half), abs=1e-5)
+
+
+def test_status_uses_the_whole_interval() -> None:
+    assert sr.status((0.96, 0.99), 0.95) == "met"
+    assert sr.status((0.90, 0.94), 0.95) == "missed"
+    assert sr.status((0.93, 0.97), 0.95) == "not distinguishable from the target"
+    assert sr.status((0.0, 0.1), 0.0, strict=True) == "not distinguishable from the target"
+    assert sr.status((-0.1, 0.0), 0.0, strict=True) == "missed"
+    assert sr.status(None, 0.95) == "not measured"
+
+
+# ----- targets -----------------------------------------------------------------------------------------------
+
+
+def test_targets_compare_mass_with_tsv_m_and_task_arithmetic() -> None:
+    got = fake_report()["targets"]
+    assert got["mass_average"]["status"] == "missed"  # 82% of the experts, far from 95
+    assert got["mass_every_task"]["status"] == "missed" and "b" in got["mass_every_task"]["detail"]
+    assert got["mass_every_task"]["value"] == pytest.approx(0.5 / 0.8)
+    assert got["mass_vs_tsv_m_max_logit"]["status"] == "met"
+    assert got["mass_vs_tsv_m_oracle"]["status"] == "missed"
+    # equal numbers: TSV-M is not shown above Task Arithmetic, nor below it
+    assert got["tsv_m_vs_task_arithmetic_oracle"]["value"] == 0.0
+    assert got["tsv_m_vs_task_arithmetic_oracle"]["status"] == "not distinguishable from the target"
+    for target in got.values():
+        assert "_" not in target["description"].replace("max-logit", ""), target["description"]  # words, not keys
+
+
+def test_targets_close_to_the_goal_are_not_distinguishable() -> None:
+    report = fake_report()
+    mass = report["methods"]["MASS"]
+    mass["avg_normalized"] = 0.94  # within the interval (about +-4 points at these sizes) of 95%
+    assert sr.targets(report)["mass_average"]["status"] == "not distinguishable from the target"
+
+
+def test_targets_without_a_row_say_not_measured() -> None:
+    report = fake_report()
+    del report["methods"]["tsv_m"]
+    got = sr.targets(report)["mass_vs_tsv_m_oracle"]
+    assert got["status"] == "not measured" and got["value"] is None and "tsv_m" in got["detail"]
+
+
+# ----- derived sections and schema ---------------------------------------------------------------------------
+
+
+def test_mass_loss_splits_every_item_and_multiplies_out() -> None:
+    full = sr.complete(fake_report())
+    for task, row in full["mass_loss"].items():
+        assert row["task_choice"]["value"] * row["class_given_task"]["value"] == pytest.approx(row["task_hidden"]["value"])
+        assert row["task_hidden"]["value"] + sum(row["lost"].values()) == pytest.approx(1.0)
+        assert row["class_given_task"]["n"] == round(row["task_choice"]["value"] * TASKS[task])
+    assert full["mass_loss"]["b"]["lost"]["wrong_final_task"] == pytest.approx(0.7 - 0.6)
+
+
+def test_below_zero_shot_flags_the_right_tasks() -> None:
+    flagged = sr.complete(fake_report())["below_zero_shot"]
+    assert [f["task"] for f in flagged] == ["b"]
+    assert flagged[0]["difference"] == pytest.approx(-0.05)
+    assert flagged[0]["below_oracle_head"] is True
+    assert flagged[0]["clearly_below"] is False  # 5 points on 200 items is within noise
+
+
+def test_every_accuracy_has_an_interval() -> None:
+    full = sr.complete(fake_report(ablation=_ablation()))
+    for name, row in full["methods"].items():
+        bounds = full["intervals"]["methods"][name]
+        for task, value in row["accuracy"].items():
+            low, high = bounds["accuracy"][task]
+            assert low <= value <= high and high - low > 0, (name, task)
+        assert bounds["avg_normalized"][0] < row["avg_normalized"] < bounds["avg_normalized"][1]
+    assert set(full["intervals"]["layer_sweep"]) == {DEFAULT_LAYER, BEST_LAYER}
+    assert set(full["intervals"]["ablation"]) == {"paper router", "ours"}
+
+
+@pytest.mark.parametrize("path", [("mass", "task_choice"), ("storage", "bytes_ratio"), ("throughput", "path"),
+                                  ("schema_version",), ("methods", "MASS", "kind")])  # fmt: skip
+def test_schema_refuses_a_missing_field(tmp_path: Path, path: tuple[str, ...]) -> None:
+    report = fake_report()
+    parent = report
+    for key in path[:-1]:
+        parent = parent[key]
+    del parent[path[-1]]
+    with pytest.raises(ValidationError, match=path[-1]):
+        sr.write_report(report, tmp_path, show=False)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_schema_refuses_inconsistent_or_incomplete_reports() -> None:
+    report = fake_report()
+    report["mass"]["class_given_task"]["a"] = 0.5  # 0.9 x 0.5 != MASS's 0.8
+    with pytest.raises(ValidationError, match="task_choice x class_given_task"):
+        sr.complete(report)
+    report = fake_report()
+    del report["methods"]["zero-shot max-logit"]
+    with pytest.raises(ValidationError, match="zero-shot max-logit"):
+        sr.complete(report)
+    report = fake_report()
+    del report["mass"]["routing_accuracy"]["c"]
+    with pytest.raises(ValidationError, match="routing_accuracy"):
+        sr.complete(report)
+    report = fake_report(surprise=1)
+    with pytest.raises(ValidationError, match="surprise"):
+        sr.complete(report)
+    report = fake_report()
+    report["methods"]["MASS"]["accuracy"]["a"] = 80.0  # a percent where a fraction belongs
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        sr.complete(report)
+
+
+# ----- files -------------------------------------------------------------------------------------------------
+
+
+def test_report_json_is_versioned_with_units_and_fractions(written: tuple[dict, Path, str]) -> None:
+    full, out, _ = written
+    data = json.loads((out / "report.json").read_text())
+    assert data["schema_version"] == 2 and list(data)[:2] == ["schema_version", "units"]
+    assert "0-1" in data["units"]["accuracy"] and "bytes" in data["units"]["storage.bytes_ratio"]
+    assert data["methods"]["MASS"]["accuracy"]["a"] == pytest.approx(0.8)  # a fraction, not a percent
+    sr.WrittenReport.model_validate(data)  # what was written reads back under the schema
+    assert data == json.loads(json.dumps(full))
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left nothing behind
+
+
+def test_report_md_says_where_mass_loses(written: tuple[dict, Path, str]) -> None:
+    _, out, _ = written
+    md = (out / "report.md").read_text()
+    assert "percents" in md and "fractions 0-1" in md
+    assert "| **MASS** | task hidden | 80.0 ±8.9 |" in md  # Wilson(0.8, 100) = 71.1-86.7, wider side 8.9
+    assert "50.0 ±6.9 †" in md  # task b flagged in the accuracy table
+    assert "† b: MASS (task hidden) 50.0% is below zero-shot max-logit 55.0%" in md
+    assert "also below the zero-shot oracle head (60.0)" in md
+    assert "## Where MASS loses" in md and "| a | 85.0 ±" in md and "final task right" in md
+    assert "1.62x the base model's bytes" in md and "float16" in md and "float32" in md
+    assert "MASS (task hidden) keeps at least 95% of the experts' accuracy on average" in md
+    assert "mass_average" not in md and "_ge_" not in md  # targets in words
+    assert f"`{DEFAULT_LAYER}` (default)" in md and f"`{BEST_LAYER}` (best)" in md
+    assert "## MASS per routing layer" in md
+    assert "task a [demo]" in md
+    assert "Router ablation" not in md
+
+
+def test_ablation_table_when_present(tmp_path: Path) -> None:
+    sr.write_report(fake_report(ablation=_ablation()), tmp_path, show=False)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Router ablation" in md
+    assert "| paper router | top_k=1 | val | 71.0 ±" in md and "| 4.0 |" in md
+
+
+def test_terminal_shows_loss_flags_targets_and_storage(written: tuple[dict, Path, str]) -> None:
+    _, _, text = written
+    assert "where MASS loses" in text and "final task right" in text
+    assert "80.0 ±8.9" in text and "normalized accuracy" in text
+    assert "† b: MASS (task hidden)" in text
+    assert "missed" in text and "met" in text and "not distinguishable from the target" in text
+    assert "1.62x the base model's bytes" in text
+
+
+def test_plots_are_written_and_the_radar_is_gone(written: tuple[dict, Path, str]) -> None:
+    _, out, _ = written
+    for name in ("per_task.png", "oracle_gap.png", "mass_loss.png", "routing_accuracy.png", "routing_confusion.png",
+                 "layer_sweep.png"):  # fmt: skip
+        data = (out / name).read_bytes()
+        assert data[:4] == b"\x89PNG" and len(data) > 5000, name
+    assert not (out / "radar.png").exists()
+
+
+def test_plots_draw_percent_with_values_on_bars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-task bars' axis runs 0-100+ and each bar carries its value in %."""
+    import matplotlib.pyplot as plt
+
+    from massmerge import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    full = sr.complete(fake_report())
+    plots.per_task_bars(full, tmp_path / "x.png")
+    plots.layer_sweep(full, tmp_path / "y.png")
+    (bars,), (sweep,) = figures[0].axes, figures[1].axes
+    assert bars.get_ylim()[1] > 100 and "%" in bars.get_ylabel()
+    texts = {t.get_text() for t in bars.texts}
+    assert {"80", "50", "90"} <= texts  # MASS's per-task values
+    legend = bars.get_legend()
+    assert legend is not None and legend.get_bbox_to_anchor().x0 > bars.get_window_extent().x1 - 1  # right of axes
+    labels = [t.get_text() for t in sweep.get_legend().get_texts()]
+    assert any("default layer (L4 mlp)" in s for s in labels) and any("best layer (L2 mlp)" in s for s in labels)
+    assert "%" in sweep.get_ylabel()
+    for fig in figures:
+        plt.close(fig)
