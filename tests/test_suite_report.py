@@ -77,9 +77,10 @@ def fake_report(**extra: Any) -> dict[str, Any]:
 
 
 def _ablation() -> list[dict[str, Any]]:
+    variants = (("paper router", 1, 0.71), ("ours", 3, 0.82))
     return [{"name": name, "settings": {"top_k": k}, "split": "val", "avg_normalized": avg,
              "normalized": {"a": avg, "b": avg, "c": avg}, "routing_accuracy": {"a": 0.8, "b": 0.6, "c": 0.9},
-             "seconds_per_input": 0.004} for name, k, avg in (("paper router", 1, 0.71), ("ours", 3, 0.82))]  # fmt: skip
+             "seconds_per_input": 0.004} for name, k, avg in variants]  # fmt: skip
 
 
 @pytest.fixture
@@ -158,7 +159,8 @@ def test_targets_without_a_row_say_not_measured() -> None:
 def test_mass_loss_splits_every_item_and_multiplies_out() -> None:
     full = sr.complete(fake_report())
     for task, row in full["mass_loss"].items():
-        assert row["task_choice"]["value"] * row["class_given_task"]["value"] == pytest.approx(row["task_hidden"]["value"])
+        product = row["task_choice"]["value"] * row["class_given_task"]["value"]
+        assert product == pytest.approx(row["task_hidden"]["value"])
         assert row["task_hidden"]["value"] + sum(row["lost"].values()) == pytest.approx(1.0)
         assert row["class_given_task"]["n"] == round(row["task_choice"]["value"] * TASKS[task])
     assert full["mass_loss"]["b"]["lost"]["wrong_final_task"] == pytest.approx(0.7 - 0.6)

@@ -28,6 +28,8 @@ GAP_PAIRS = (("zero-shot", "zero-shot max-logit", "zero-shot"),
              ("tsv_m", "tsv_m max-logit", "TSV-M"),
              ("MASS oracle-head", "MASS", "MASS (true head on its routed features)"))  # fmt: skip
 DPI = 110
+#: Bar series: label -> (values in %, their 95% intervals in % or None).
+Series = Mapping[str, tuple[list[float], list[tuple[float, float]] | None]]
 VALUE_FONT = 6
 
 
@@ -49,8 +51,7 @@ def _label(ax: Any, x: float, y: float, value: float, fmt: str = "{:.0f}") -> No
     ax.text(x, y + 1, fmt.format(value), ha="center", va="bottom", rotation=90, fontsize=VALUE_FONT)
 
 
-def _grouped_bars(ax: Any, groups: Sequence[str], series: Mapping[str, tuple[list[float], list[tuple[float, float]] | None]],
-                  fmt: str = "{:.0f}") -> None:  # fmt: skip
+def _grouped_bars(ax: Any, groups: Sequence[str], series: Series, fmt: str = "{:.0f}") -> None:
     """Bars per group, one colour per series, values (in %) written on each bar; intervals as error bars."""
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))
@@ -123,13 +124,18 @@ OUTCOMES = (("task_hidden", "right", "#2ca02c"), ("wrong_class", "right task, wr
             ("not_selected", "true task not selected", "#7f7f7f"))  # fmt: skip
 
 
+def _stage_series(report: Mapping[str, Any], stages: Sequence[tuple[str, str]]) -> Series:
+    """Per-task values and intervals (in %) of the named mass_loss stages."""
+    tasks, loss = _tasks(report), report["mass_loss"]
+    return {label: (_pct([loss[t][key]["value"] for t in tasks]),
+                    _pct_bounds([loss[t][key]["interval"] for t in tasks])) for key, label in stages}  # fmt: skip
+
+
 def mass_loss(report: Mapping[str, Any], path: Path) -> None:
     """Top: MASS's stages per task with 95% intervals. Bottom: the share of items lost at each stage."""
     tasks, loss = _tasks(report), report["mass_loss"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 1.4 * len(tasks)), 8), sharex=True)
-    series = {label: (_pct([loss[t][key]["value"] for t in tasks]), _pct_bounds([loss[t][key]["interval"] for t in tasks]))
-              for key, label in STAGES}  # fmt: skip
-    _grouped_bars(top, tasks, series)
+    _grouped_bars(top, tasks, _stage_series(report, STAGES))
     top.set_ylim(0, 115)
     top.set_yticks(range(0, 101, 20))
     top.set_ylabel("% of the task's test items\n(class: of items with the task right)", fontsize=8)
@@ -137,7 +143,8 @@ def mass_loss(report: Mapping[str, Any], path: Path) -> None:
     _legend_outside(top)
     x, base = np.arange(len(tasks)), np.zeros(len(tasks))
     for key, label, colour in OUTCOMES:
-        shares = np.array([100 * (loss[t][key]["value"] if key == "task_hidden" else loss[t]["lost"][key]) for t in tasks])
+        shares = np.array([100 * (loss[t][key]["value"] if key == "task_hidden" else loss[t]["lost"][key])
+                           for t in tasks])  # fmt: skip
         bottom.bar(x, shares, 0.6, bottom=base, label=label, color=colour)
         for xi, b, s in zip(x, base, shares):
             if s >= 4:  # a label in a thinner segment would overflow it
@@ -174,11 +181,9 @@ def routing_confusion(report: Mapping[str, Any], path: Path) -> None:
 
 def routing_accuracy(report: Mapping[str, Any], path: Path) -> None:
     """Per task: top-1 routing accuracy and how often the true task is in the selected set, with 95% intervals."""
-    tasks, loss = _tasks(report), report["mass_loss"]
-    series = {label: (_pct([loss[t][key]["value"] for t in tasks]), _pct_bounds([loss[t][key]["interval"] for t in tasks]))
-              for key, label in STAGES[:2]}  # fmt: skip
+    tasks = _tasks(report)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(tasks)), 4))
-    _grouped_bars(ax, tasks, series)
+    _grouped_bars(ax, tasks, _stage_series(report, STAGES[:2]))
     ax.set_ylim(0, 115)
     ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("% of the task's test items")
@@ -216,7 +221,8 @@ def layer_sweep(report: Mapping[str, Any], path: Path) -> None:
                    label=f"default layer ({short_layer(default)})")  # fmt: skip
     if rows:
         best = int(np.argmax(means))
-        ax.plot(x[best], means[best], "*", color="#d62728", markersize=14, label=f"best layer ({short_layer(layers[best])})")
+        ax.plot(x[best], means[best], "*", color="#d62728", markersize=14,
+                label=f"best layer ({short_layer(layers[best])})")  # fmt: skip
     floor, ceiling = min([*(means - low), *recall, 100.0]), max([*(means + high), *recall, 0.0])
     ax.set_ylim(max(0.0, floor - 5), min(100.0, ceiling) + 6)
     ax.set_xticks(x, [short_layer(layer) for layer in layers], rotation=45, ha="right", fontsize=8)

@@ -24,6 +24,7 @@ report.json, ``schema_version`` 2 (fractions 0-1 throughout; ``units`` says what
     config: {routing_layer, eta, top_k, eps, ...every suite setting}
     finetune: {steps, batch_size, lr, max_length, logit_scale, ...}
     tasks: [{name, description, classes: [str], sizes: {train, val, test}}]
+    experts?: {task: the expert's cache metadata}
     methods: {row: {kind: "oracle head" | "task hidden" | "oracle routing", accuracy: {task: frac},
                     normalized: {task: frac}, avg_accuracy, avg_normalized, storage_factor, merge_seconds?}}
     intervals: {methods: {row: {accuracy: {task: [low, high]}, normalized: {task: [low, high]},
@@ -153,6 +154,11 @@ def _tasks(report: Mapping[str, Any]) -> list[str]:
     return [t["name"] for t in report["tasks"]]
 
 
+def _mean(per_task: Mapping[str, float]) -> float:
+    """Unweighted mean over tasks, as the suite averages."""
+    return sum(per_task.values()) / len(per_task)
+
+
 def row_intervals(report: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
     """95% intervals of one method row: per task and averaged, absolute and normalized."""
     n, expert = _sizes(report), report["methods"]["experts"]["accuracy"]
@@ -174,9 +180,10 @@ def _avg_normalized_se(report: Mapping[str, Any], name: str) -> float:
 
 
 def _target(description: str, unit: str, value: float | None, interval: tuple[float, float] | None, goal: float,
-            *, strict: bool = False, detail: str = "") -> dict[str, Any]:  # fmt: skip
+            *, strict: bool = False, detail: str = "", verdict: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """One target entry; ``verdict`` overrides the call made from ``interval`` alone."""
     return {"description": description, "unit": unit, "value": value, "interval": interval, "goal": goal,
-            "status": status(interval, goal, strict=strict), "detail": detail}  # fmt: skip
+            "status": verdict or status(interval, goal, strict=strict), "detail": detail}  # fmt: skip
 
 
 def _difference(report: Mapping[str, Any], a: str, b: str, description: str, goal: float, *,
@@ -201,10 +208,9 @@ def _every_task(report: Mapping[str, Any]) -> dict[str, Any]:
     verdict = MISSED if below else UNCLEAR if unclear else MET
     detail = f"worst task {worst}" + (f"; below {100 * TASK_GOAL:.0f}%: {', '.join(below)}" if below else "") + (
         f"; within noise of {100 * TASK_GOAL:.0f}%: {', '.join(unclear)}" if unclear else "")  # fmt: skip
-    out = _target(f"MASS (task hidden) keeps at least {100 * TASK_GOAL:.0f}% of its expert's accuracy on every "
-                  "task", "normalized", row["normalized"][worst], bounds[worst], TASK_GOAL, detail=detail)  # fmt: skip
-    out["status"] = verdict
-    return out
+    return _target(f"MASS (task hidden) keeps at least {100 * TASK_GOAL:.0f}% of its expert's accuracy on every "
+                   "task", "normalized", row["normalized"][worst], bounds[worst], TASK_GOAL, detail=detail,
+                   verdict=verdict)  # fmt: skip
 
 
 def targets(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -252,7 +258,8 @@ def mass_loss(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     mass, n = report["mass"], _sizes(report)
     out = {}
     for t in _tasks(report):
-        selected, choice, acc = mass["selection_recall"][t], mass["task_choice"][t], report["methods"]["MASS"]["accuracy"][t]
+        selected, choice = mass["selection_recall"][t], mass["task_choice"][t]
+        acc = report["methods"]["MASS"]["accuracy"][t]
         out[t] = {
             "routing_top1": _estimate(mass["routing_accuracy"][t], n[t]),
             "true_task_selected": _estimate(selected, n[t]),
@@ -295,13 +302,14 @@ def _ablation_interval(report: Mapping[str, Any], row: Mapping[str, Any]) -> tup
 
 def intervals(report: Mapping[str, Any]) -> dict[str, Any]:
     """Every accuracy's 95% interval: method rows, the layer sweep's means and the ablation rows."""
-    n = _sizes(report)
-    sweep = {r["layer"]: normal_interval(r["mean"], mean_se([_se(wilson(p, n[t])) for t, p in r["routing_accuracy"].items()]))
-             for r in report["layer_sweep"]}  # fmt: skip
-    ablation = report.get("ablation")
+    n, ablation = _sizes(report), report.get("ablation")
+    sweep = {}
+    for row in report["layer_sweep"]:
+        ses = [_se(wilson(p, n[t])) for t, p in row["routing_accuracy"].items()]
+        sweep[row["layer"]] = normal_interval(row["mean"], mean_se(ses))
     return {"methods": {name: row_intervals(report, row) for name, row in report["methods"].items()},
             "layer_sweep": sweep,
-            "ablation": None if ablation is None else {r["name"]: _ablation_interval(report, r) for r in ablation}}  # fmt: skip
+            "ablation": None if ablation is None else {r["name"]: _ablation_interval(report, r) for r in ablation}}
 
 
 def complete(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -463,7 +471,8 @@ class SuiteReport(_Closed):
         return self
 
     def _per_task_dicts(self) -> list[tuple[str, Mapping[str, float]]]:
-        out: list[tuple[str, Mapping[str, float]]] = [(f"methods[{n!r}].accuracy", r.accuracy) for n, r in self.methods.items()]
+        out: list[tuple[str, Mapping[str, float]]] = [
+            (f"methods[{name!r}].accuracy", row.accuracy) for name, row in self.methods.items()]
         for i, m in enumerate([self.mass, *self.mass_layers]):
             label = "mass" if i == 0 else f"mass_layers[{i - 1}]"
             out += [(f"{label}.{k}", getattr(m, k)) for k in ("routing_accuracy", "selection_recall", "task_choice",
@@ -644,8 +653,8 @@ def zero_shot_lines(report: Mapping[str, Any]) -> list[str]:
     lines = []
     for f in report["below_zero_shot"]:
         noise = "clearly below" if f["clearly_below"] else "within noise"
-        oracle = (f"; also below the zero-shot oracle head ({_pct(f['zero_shot_oracle_head'])})"
-                  if f["below_oracle_head"] else f"; above the zero-shot oracle head ({_pct(f['zero_shot_oracle_head'])})")  # fmt: skip
+        side = "also below" if f["below_oracle_head"] else "above"
+        oracle = f"; {side} the zero-shot oracle head ({_pct(f['zero_shot_oracle_head'])})"
         lines.append(f"† {f['task']}: MASS (task hidden) {_pct(f['mass'])}% is below zero-shot max-logit "
                      f"{_pct(f['zero_shot_max_logit'])}% ({100 * f['difference']:+.1f} points, 95% "
                      f"{_span(f['difference_interval'], True)}: {noise}){oracle}.")  # fmt: skip
@@ -696,11 +705,13 @@ def _md_setup(report: Mapping[str, Any]) -> list[str]:
 def _md_targets(report: Mapping[str, Any]) -> list[str]:
     lines = ["## Targets (design.md section 7)", "",
              "Met: the whole 95% interval clears the goal; missed: it lies wholly short; otherwise the run cannot "
-             "tell the figure from its goal.", "", *_md_head(["target", "value", "95% interval", "goal", "status"])]  # fmt: skip
+             "tell the figure from its goal.", "",
+             *_md_head(["target", "value", "95% interval", "goal", "status"])]  # fmt: skip
     for t in report["targets"].values():
         detail = f" ({t['detail']})" if t["detail"] else ""
-        lines.append(_md_row([t["description"] + detail, _target_value(t), _span(t["interval"], t["unit"] != "normalized"),
-                              _target_goal(t), f"**{t['status']}**"]))  # fmt: skip
+        span = _span(t["interval"], signed=t["unit"] != "normalized")
+        status_cell = f"**{t['status']}**"
+        lines.append(_md_row([t["description"] + detail, _target_value(t), span, _target_goal(t), status_cell]))
     return lines
 
 
@@ -729,11 +740,10 @@ def _md_layers(report: Mapping[str, Any]) -> list[str]:
     if len(report["mass_layers"]) < 2:
         return []
     lines = ["", "## MASS per routing layer (task averages, %)", "",
-             *_md_head(["layer", "routing top-1", "true task selected", "final task right", "class right given task right",
-                        "mean tasks selected"])]  # fmt: skip
+             *_md_head(["layer", *list(LOSS_COLUMNS.values())[:4], "mean tasks selected"])]
     for m in report["mass_layers"]:
-        avg = [sum(m[k].values()) / len(m[k]) for k in ("routing_accuracy", "selection_recall", "task_choice", "class_given_task")]
-        lines.append(_md_row([f"`{m['layer']}`", *map(_pct, avg), f"{m['mean_selected']:.2f}"]))
+        stages = ("routing_accuracy", "selection_recall", "task_choice", "class_given_task")
+        lines.append(_md_row([f"`{m['layer']}`", *(_pct(_mean(m[k])) for k in stages), f"{m['mean_selected']:.2f}"]))
     return lines
 
 
@@ -759,13 +769,12 @@ def _md_ablation(report: Mapping[str, Any]) -> list[str]:
     tasks = _tasks(report)
     lines = ["", "## Router ablation", "",
              "Normalized accuracy (% of each expert; 95% ±) and mean top-1 routing accuracy, per router variant.", "",
-             *_md_head(["variant", "settings", "split", "avg normalized", *tasks, "routing top-1", "ms / input"])]  # fmt: skip
+             *_md_head(["variant", "settings", "split", "avg normalized", *tasks, "routing top-1", "ms / input"])]
     for r in rows:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
-        routing = sum(r["routing_accuracy"].values()) / len(r["routing_accuracy"])
-        lines.append(_md_row([r["name"], settings, r["split"],
-                              _pm(r["avg_normalized"], report["intervals"]["ablation"][r["name"]]),
-                              *(_pct(r["normalized"].get(t)) for t in tasks), _pct(routing),
+        avg = _pm(r["avg_normalized"], report["intervals"]["ablation"][r["name"]])
+        per_task = [_pct(r["normalized"].get(t)) for t in tasks]
+        lines.append(_md_row([r["name"], settings, r["split"], avg, *per_task, _pct(_mean(r["routing_accuracy"])),
                               f"{1000 * r['seconds_per_input']:.1f}"]))  # fmt: skip
     return lines
 
@@ -781,7 +790,9 @@ def _md_tasks(report: Mapping[str, Any]) -> list[str]:
 
 def _md_footer(report: Mapping[str, Any]) -> list[str]:
     thr, tm = report["throughput"], report["timing"]
-    merges = ", ".join(f"{n} {r['merge_seconds']:.1f} s" for n, r in report["methods"].items() if r.get("merge_seconds") is not None)
+    timed = {name: row["merge_seconds"] for name, row in report["methods"].items()
+             if row.get("merge_seconds") is not None}  # fmt: skip
+    merges = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timed.items())
     dropped = "; ".join(f"`{k}`: {', '.join(v)}" for k, v in report["dropped"].items()) or "nothing"
     return ["## Storage, speed, time", "", f"- {storage_line(report)}",
             f"- Throughput ({thr['path']}): base {thr['base_samples_per_s']:.1f} samples/s, MASS "
@@ -795,12 +806,12 @@ def _md_footer(report: Mapping[str, Any]) -> list[str]:
 
 def markdown(report: Mapping[str, Any]) -> str:
     """report.md: setup and units, targets, where MASS loses, both accuracy tables, routing, ablation, costs."""
-    sections = [_md_setup(report), _md_targets(report), [""], _md_loss(report), [""], _md_tasks(report),
-                ["", "## Absolute accuracy (%)", "", *_md_methods(report, "accuracy"), "",
-                 "† MASS (task hidden) below zero-shot max-logit on this task.", "",
-                 "## Normalized accuracy (% of each expert on the same test split)", "",
-                 *_md_methods(report, "normalized")],
-                _md_layers(report), [""], _md_sweep(report), _md_ablation(report), [""], _md_footer(report)]  # fmt: skip
+    tables = ["", "## Absolute accuracy (%)", "", *_md_methods(report, "accuracy"), "",
+              "† MASS (task hidden) below zero-shot max-logit on this task.", "",
+              "## Normalized accuracy (% of each expert on the same test split)", "",
+              *_md_methods(report, "normalized")]
+    sections = [_md_setup(report), _md_targets(report), [""], _md_loss(report), [""], _md_tasks(report), tables,
+                _md_layers(report), [""], _md_sweep(report), _md_ablation(report), [""], _md_footer(report)]
     return "\n".join(line for section in sections for line in section)
 
 
