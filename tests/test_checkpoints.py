@@ -134,3 +134,38 @@ def test_half_precision_deltas_are_computed_in_float32():
     expert = {"w": torch.tensor([1001.0], dtype=torch.float16)}
     delta = task_vector(base, expert)["w"]
     assert delta.dtype == torch.float32 and float(delta) == 1.0
+
+
+def test_saved_files_follow_the_umask(tmp_path: Path):
+    """atomic_write/save_state_dict give 0666 less the umask (0644 under 022), not mkstemp's 0600."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        save_state_dict({"a": torch.ones(2)}, tmp_path / "m.safetensors")
+        assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
+        os.umask(0o077)
+        save_state_dict({"a": torch.ones(2)}, tmp_path / "private.safetensors")
+        assert stat.S_IMODE((tmp_path / "private.safetensors").stat().st_mode) == 0o600
+    finally:
+        os.umask(previous)
+
+
+def test_lazy_membership_and_validation_read_no_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    save_file({"a": torch.ones(3, 4), "b": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    lazy = open_checkpoint(tmp_path / "x.safetensors")
+    monkeypatch.setattr(type(lazy), "borrow", lambda self, key: pytest.fail(f"read {key}"))
+    assert "a" in lazy and "c" not in lazy
+    validate_compatible({"a": torch.zeros(3, 4), "b": torch.zeros(2)}, lazy, name="x")
+
+
+def test_lazy_reads_are_fresh_copies_and_borrow_is_zero_copy(tmp_path: Path):
+    save_file({"w": torch.arange(6.0).reshape(2, 3), "e": torch.zeros(0)}, str(tmp_path / "x.safetensors"))
+    lazy = open_checkpoint(tmp_path / "x.safetensors")
+    first = lazy["w"]
+    first += 100  # the caller owns what __getitem__ returns
+    assert torch.equal(lazy["w"], torch.arange(6.0).reshape(2, 3))
+    with lazy.borrow("w") as view:
+        assert torch.equal(view, torch.arange(6.0).reshape(2, 3))
+    assert lazy["e"].shape == (0,)

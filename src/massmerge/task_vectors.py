@@ -8,12 +8,14 @@ Keys the task does not use (e.g. a CLIP text tower) are dropped with :class:`Key
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from massmerge.errors import OptionError
+from massmerge.checkpoints import all_finite
+from massmerge.errors import CheckpointError, OptionError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -83,41 +85,120 @@ def _delta(base: torch.Tensor, expert: torch.Tensor, dtype: torch.dtype | None) 
     return expert.to(compute) - base.to(compute)
 
 
-class LazyTaskVector(Mapping[str, torch.Tensor]):
-    """``expert - base`` computed key by key on access, so a lazily opened expert stays on disk."""
+class CheckedTaskVector(Mapping[str, torch.Tensor]):
+    """A task vector read key by key, each tensor checked as it is read: the base's shape and finite values.
+
+    The one task-vector view that ``massmerge merge``, ``merging.merge`` and the MASS build stream all use:
+    - from an expert (default): ``expert - base`` computed on access, so a lazily opened expert stays on disk
+      and each tensor is read exactly once per access (from a :class:`~massmerge.checkpoints.LazyCheckpoint`
+      without a copy: the subtraction reads the file's pages directly);
+    - from a task vector already computed (``is_delta=True``: a user's dict, LoRA's ``B A``).
+    A wrong shape or a NaN/Inf raises :class:`CheckpointError` naming ``name`` (the file) and the key, so an
+    expert needs no separate validation pass over its data. Every tensor returned is the caller's to change.
+    """
 
     def __init__(
         self,
         base: Mapping[str, torch.Tensor],
-        expert: Mapping[str, torch.Tensor],
+        source: Mapping[str, torch.Tensor],
         *,
+        name: str | None = None,
         key_filter: KeyFilter = ALL_KEYS,
         dtype: torch.dtype | None = None,
+        is_delta: bool = False,
     ) -> None:
-        self._base, self._expert, self._dtype = base, expert, dtype
-        self._keys = mergeable_keys(base, key_filter)
+        self._base, self._source, self._dtype, self._is_delta = base, source, dtype, is_delta
+        self.name = name or _describe(source)
+        if is_delta:
+            self._keys = list(source)  # merging.merge checks them against the base
+        else:
+            self._keys = mergeable_keys(base, key_filter)
+            present = set(iter(source))  # iterating keys reads no tensor (``in`` on a Mapping would)
+            missing = [k for k in self._keys if k not in present]
+            if missing:
+                raise CheckpointError(f"{self.name}: key '{missing[0]}' of the base is missing "
+                                      f"({len(missing)} missing)")
         self._key_set = set(self._keys)
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        return self.read(key)
+
+    def read(self, key: str, rows: slice | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The checked delta of ``key`` (only the rows ``rows`` of it, if given), in the work dtype.
+
+        ``out``, a tensor of the delta's shape and dtype, receives the delta instead of new memory: a caller
+        that reads T deltas of one key reuses one buffer (fresh memory costs page faults on every read).
+        """
         if key not in self._key_set:
             raise KeyError(key)
-        return _delta(self._base[key], self._expert[key], self._dtype)
+        borrow = getattr(self._source, "borrow", None)
+        if borrow is None:
+            return self._delta(key, self._source[key], rows, out)
+        with borrow(key) as view:
+            return self._delta(key, view, rows, out)
 
-    def __iter__(self):  # noqa: ANN204
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of ``key``'s delta: the base's (every read is checked against it)."""
+        if key not in self._key_set:
+            raise KeyError(key)
+        return tuple(self._source[key].shape) if self._is_delta else tuple(self._base[key].shape)
+
+    def work_dtype(self, key: str) -> torch.dtype:
+        """The dtype :meth:`read` returns for ``key`` (without reading an expert tensor)."""
+        return work_dtype(self._source[key] if self._is_delta else self._base[key], self._dtype)
+
+    def _delta(self, key: str, value: torch.Tensor, rows: slice | None, out: torch.Tensor | None) -> torch.Tensor:
+        base = self._base[key]
+        if tuple(value.shape) != tuple(base.shape):
+            raise CheckpointError(f"{self.name}: key '{key}' has shape {list(value.shape)}, the base has "
+                                  f"{list(base.shape)}")
+        if rows is not None:
+            value, base = value[rows], base[rows]
+        compute = work_dtype(value if self._is_delta else base, self._dtype)
+        if out is not None and (out.shape != value.shape or out.dtype != compute):
+            out = None
+        if self._is_delta:
+            delta = value.to(compute) if out is None else out.copy_(value)
+            if delta is value:  # never hand out the caller's (or the file's) own tensor
+                delta = value.clone()
+        else:
+            delta = torch.sub(value.to(compute), base.to(compute), out=out)
+        if not all_finite(delta):
+            raise CheckpointError(f"{self.name}: key '{key}' contains NaN or Inf values")
+        return delta
+
+    def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
     def __len__(self) -> int:
         return len(self._keys)
 
 
-def add_delta(base: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def _describe(source: Mapping[str, torch.Tensor]) -> str:
+    """What an error names when the caller gave no name: the checkpoint's file, else 'expert'."""
+    for attribute in ("name", "source"):
+        value = getattr(source, attribute, None)
+        if isinstance(value, (str, os.PathLike)):
+            return str(value)
+    return "expert"
+
+
+LazyTaskVector = CheckedTaskVector  # the former name of the unchecked copy, kept for callers
+
+
+def add_delta(base: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0, *, inplace: bool = False) -> torch.Tensor:
     """``base + alpha * delta`` computed in float32 (float64 for float64 deltas), cast back to the base dtype.
 
     The one place where a merged delta is applied: static merges, MASS's first pass and its dense reference
-    second pass all go through it, so they round identically.
+    second pass all go through it, so they round identically. ``inplace`` lets a caller that owns ``delta``
+    reuse its memory for the sum (same operations, same rounding: ``alpha * delta`` then ``+ base``).
     """
     compute = torch.promote_types(delta.dtype, torch.float32)
-    return (base.to(compute) + alpha * delta.to(compute)).to(base.dtype)
+    if not (inplace and delta.dtype == compute):
+        return (base.to(compute) + alpha * delta.to(compute)).to(base.dtype)
+    if alpha != 1.0:
+        delta.mul_(alpha)
+    return delta.add_(base.to(compute)).to(base.dtype)
 
 
 def split_matrix(keys: Sequence[str], base: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:

@@ -14,6 +14,7 @@ tensor (design.md section 4). Every adapter states ``layout`` ("batch_first" ``[
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -277,6 +278,15 @@ class AlignedCheckpoint(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.source[self._map[key]]
+
+    def borrow(self, key: str) -> AbstractContextManager[torch.Tensor]:
+        """A read-only view of ``key`` for the duration of a ``with`` block: zero-copy when the source is a
+        :class:`~massmerge.checkpoints.LazyCheckpoint` (so a merge reads each expert tensor once, no copy)."""
+        borrow = getattr(self.source, "borrow", None)
+        return borrow(self._map[key]) if callable(borrow) else nullcontext(self.source[self._map[key]])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._map  # without reading the tensor (Mapping.__contains__ would)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._map)

@@ -14,15 +14,16 @@ from massmerge.checkpoints import check_finite, load_state_dict, open_checkpoint
 from massmerge.cli import app
 from massmerge.errors import OptionError
 from massmerge.sources import resolve_source
-from massmerge.task_vectors import KeyFilter, LazyTaskVector
+from massmerge.task_vectors import CheckedTaskVector, KeyFilter
 
 
 def open_expert(path: Path, base: dict, *, trust_pickle: bool) -> Any:
-    """Open an expert lazily (safetensors) or load it (trusted pickle) and check it against the base."""
+    """Open an expert lazily (safetensors) or load it (trusted pickle) and check its keys, shapes and dtypes
+    against the base from the header alone; its values are checked as the merge reads them (CheckedTaskVector),
+    so each tensor is read once, not once to validate and once to merge."""
     expert = load_state_dict(path, trust_pickle=True) if trust_pickle and is_pickle_source(path) \
         else open_checkpoint(path)
     validate_compatible(base, expert, name=str(path))
-    check_finite(expert, name=str(path))
     return expert
 
 
@@ -73,7 +74,8 @@ def merge_cmd(
     check_finite(base_state, name=str(base))
     key_filter = KeyFilter.from_patterns(include, exclude)
     opened = [open_expert(p, base_state, trust_pickle=trust_pickle) for p in experts]
-    task_vectors = [LazyTaskVector(base_state, expert, key_filter=key_filter) for expert in opened]
+    task_vectors = [CheckedTaskVector(base_state, expert, name=str(path), key_filter=key_filter)
+                    for path, expert in zip(experts, opened)]
     if not len(task_vectors[0]):
         raise OptionError("--include/--exclude: no floating-point key is left to merge")
     merged = merging.merge(method, base_state, task_vectors, **kwargs)

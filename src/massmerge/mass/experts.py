@@ -93,11 +93,13 @@ class ExpertFactors:
     def add_task(self, task_vector: Mapping[str, torch.Tensor], *, svd: SVDMethod = "auto",
                  dtype: torch.dtype | None = None) -> None:
         """Factorize one task vector (matrices -> rank-k SVD, the rest kept as deltas) and append it."""
+        from massmerge.checkpoints import all_finite  # the fast NaN/Inf check (a sum, exact only on failure)
+
         matrices: dict[str, LowRank] = {}
         others: dict[str, torch.Tensor] = {}
         for key in task_vector:
             delta = task_vector[key]
-            if delta.is_floating_point() and not bool(torch.isfinite(delta).all()):
+            if not all_finite(delta):  # CheckedTaskVector has checked it already; a plain mapping has not
                 raise CheckpointError(f"task {self._label(self._count())}: key '{key}' contains NaN or Inf values")
             if is_matrix(delta):
                 k = rank_for(delta.shape, self.rank_fraction)

@@ -2,8 +2,9 @@
 
 Why: peak memory of building a MASS model must grow with the factors, not with T checkpoints (design.md
 section 7). :func:`stream_task_vectors` opens each expert only when ``ExpertFactors.build`` asks for the next
-one and drops it before the following is opened; :class:`CheckedTaskVector` validates each tensor (shape,
-finiteness) as it is read, so an expert is read once, not once to check and once to factorize.
+one and drops it before the following is opened; :class:`~massmerge.task_vectors.CheckedTaskVector` (the same
+view ``massmerge merge`` uses) validates each tensor (shape, finiteness) as it is read, so an expert is read
+once, not once to check and once to factorize.
 """
 
 from __future__ import annotations
@@ -15,41 +16,11 @@ from typing import Any
 import torch
 
 from massmerge.checkpoints import open_checkpoint
-from massmerge.errors import CheckpointError
 from massmerge.lowrank import SVDMethod
 from massmerge.mass.experts import ExpertFactors
-from massmerge.task_vectors import ALL_KEYS, KeyFilter, mergeable_keys
+from massmerge.task_vectors import ALL_KEYS, CheckedTaskVector, KeyFilter
 
 OpenFn = Callable[[Path], Mapping[str, torch.Tensor]]
-
-
-class CheckedTaskVector(Mapping[str, torch.Tensor]):
-    """``expert - base`` per key on access, refusing a wrong shape or NaN/Inf with the file and key named."""
-
-    def __init__(self, base: Mapping[str, torch.Tensor], expert: Mapping[str, torch.Tensor], *, name: str,
-                 key_filter: KeyFilter = ALL_KEYS) -> None:
-        self._base, self._expert, self.name = base, expert, name
-        self._keys = mergeable_keys(base, key_filter)
-        present = set(iter(expert))  # iterating keys reads no tensor (``in`` on a Mapping would)
-        missing = [k for k in self._keys if k not in present]
-        if missing:
-            raise CheckpointError(f"{name}: key '{missing[0]}' of the base is missing ({len(missing)} missing)")
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        base, value = self._base[key], self._expert[key]
-        if value.shape != base.shape:
-            raise CheckpointError(f"{self.name}: key '{key}' has shape {list(value.shape)}, the base has "
-                                  f"{list(base.shape)}")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{self.name}: key '{key}' contains NaN or Inf values")
-        compute = torch.promote_types(base.dtype, torch.float32)
-        return value.to(compute) - base.to(compute)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
 
 def stream_task_vectors(base: Mapping[str, torch.Tensor], experts: Sequence[Any], *,

@@ -2,6 +2,8 @@
 
 Each method lives in its own module as a pure function over tensors; this registry maps the public method
 names (the CLI's ``--method``) to them and checks option names, so a typo is an error, not a silent default.
+Methods read each task's tensors key by key and may change what they read in place: :func:`merge` gives them
+:class:`~massmerge.task_vectors.CheckedTaskVector` views, whose every read is a fresh, checked tensor.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from massmerge.errors import CheckpointError, OptionError
 from massmerge.merging import iso_c, iso_cts, task_arithmetic, ties, tsv_c, tsv_m, weight_average
 from massmerge.merging.common import StateDict, TaskVectors
+from massmerge.task_vectors import CheckedTaskVector
 
 MergeFn = Callable[..., StateDict]
 
@@ -46,37 +49,12 @@ def method_options(name: str) -> list[str]:
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
-class CheckedTaskVector(Mapping[str, torch.Tensor]):
-    """A task vector whose tensors are checked as a method reads them: the base's shape and finite values.
-
-    Why: the methods are pure math; without this a NaN expert gives NaN weights (or a raw linalg error) and a
-    wrong shape a raw RuntimeError. The check costs one pass over each tensor read, small beside the SVDs.
-    """
-
-    def __init__(self, task_vector: Mapping[str, torch.Tensor], index: int, base: Mapping[str, torch.Tensor]) -> None:
-        self._tv, self._index, self._base = task_vector, index, base
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        tensor = self._tv[key]
-        expected = tuple(self._base[key].shape)
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(f"task vector {self._index}: key '{key}' has shape {list(tensor.shape)}, "
-                                  f"the base has {list(expected)}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"task vector {self._index}: key '{key}' contains NaN or Inf values")
-        return tensor
-
-    def __iter__(self):  # noqa: ANN204
-        return iter(self._tv)
-
-    def __len__(self) -> int:
-        return len(self._tv)
-
-
 def merge(name: str, base: Mapping[str, torch.Tensor], task_vectors: TaskVectors, **options: Any) -> StateDict:
     """Run the method ``name``; options it does not take are an error naming the option.
 
-    Task vectors must hold base keys only, with the base's shapes and finite values (checked as they are read).
+    Task vectors must hold base keys only, with the base's shapes and finite values: each is viewed through
+    :class:`~massmerge.task_vectors.CheckedTaskVector`, which checks every tensor as the method reads it and
+    hands the method a fresh tensor it may change in place (the user's own tensors are never modified).
     """
     fn = get_merge_method(name)
     accepted = set(method_options(name))
@@ -87,7 +65,9 @@ def merge(name: str, base: Mapping[str, torch.Tensor], task_vectors: TaskVectors
         stray = [key for key in tv if key not in base]
         if stray:
             raise CheckpointError(f"task vector {index}: key '{stray[0]}' is not in the base")
-    checked = [CheckedTaskVector(tv, index, base) for index, tv in enumerate(task_vectors)]
+    checked = [tv if isinstance(tv, CheckedTaskVector)
+               else CheckedTaskVector(base, tv, name=f"task vector {index}", is_delta=True)
+               for index, tv in enumerate(task_vectors)]
     return fn(base, checked, **options)
 
 

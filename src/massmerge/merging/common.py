@@ -1,4 +1,4 @@
-"""Pieces shared by the static merges: applying alpha, casting back, non-matrix means, TSV-M of factors."""
+"""Pieces shared by the static merges: applying alpha, casting back, sums and means of deltas, TSV-M of factors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from massmerge.errors import OptionError
 from massmerge.lowrank import LowRank, polar
-from massmerge.task_vectors import work_dtype
+from massmerge.task_vectors import add_delta, work_dtype
 
 StateDict = dict[str, torch.Tensor]
 TaskVectors = Sequence[Mapping[str, torch.Tensor]]
@@ -27,41 +27,71 @@ def check_task_vectors(task_vectors: TaskVectors, *, minimum: int = 2) -> list[s
 
 
 def finalize(
-    base: Mapping[str, torch.Tensor], merged_delta: Mapping[str, torch.Tensor], alpha: float
+    base: Mapping[str, torch.Tensor], merged_delta: StateDict, alpha: float
 ) -> StateDict:
-    """``base + alpha * merged_delta`` over every base key, computed in float32 and cast to the base dtype.
+    """``base + alpha * merged_delta`` over every base key (:func:`~massmerge.task_vectors.add_delta`), cast to
+    the base dtype; the merged deltas are the method's own, so their memory is reused for the result.
 
     Keys without a delta (integer buffers, filtered-out keys) are copied from the base unchanged.
     """
     out: StateDict = {}
     for key in base:
         tensor = base[key]
-        if key in merged_delta:
-            compute = torch.promote_types(merged_delta[key].dtype, torch.float32)
-            out[key] = (tensor.to(compute) + alpha * merged_delta[key].to(compute)).to(tensor.dtype)
-        else:
-            out[key] = tensor.clone()
+        out[key] = add_delta(tensor, merged_delta[key], alpha, inplace=True) if key in merged_delta \
+            else tensor.clone()
     return out
+
+
+def sum_delta(task_vectors: TaskVectors, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum of the tasks' deltas for one key, read one expert at a time and added in task order (as the
+    official Task Arithmetic code adds them, so the result rounds the same). Deltas after the first are read
+    into one reused buffer."""
+    total: torch.Tensor | None = None
+    scratch: torch.Tensor | None = None
+    for tv in task_vectors:
+        if total is None:
+            delta = tv[key]  # a fresh tensor (CheckedTaskVector), ours to accumulate into
+            total = delta.to(work_dtype(delta, dtype))
+            continue
+        scratch = read_delta(tv, key, out=scratch)
+        total += scratch.to(total.dtype)
+    assert total is not None  # check_task_vectors refuses an empty list
+    return total
+
+
+def read_delta(task_vector: Mapping[str, torch.Tensor], key: str, *, out: torch.Tensor | None = None,
+               rows: slice | None = None) -> torch.Tensor:
+    """``task_vector[key]`` (rows ``rows`` of it), into ``out`` where the mapping can (CheckedTaskVector.read)."""
+    read = getattr(task_vector, "read", None)
+    if callable(read):
+        return read(key, rows, out=out)
+    value = task_vector[key]
+    return value if rows is None else value[rows]
 
 
 def mean_delta(task_vectors: TaskVectors, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean of the tasks' deltas for one key, read one expert at a time."""
-    first = task_vectors[0][key]
-    dtype = work_dtype(first, dtype)
-    total = first.to(dtype).clone()
-    for tv in task_vectors[1:]:
-        total += tv[key].to(dtype)
-    return total / len(task_vectors)
+    return sum_delta(task_vectors, key, dtype).div_(len(task_vectors))
 
 
-def sum_delta(task_vectors: TaskVectors, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Sum of the tasks' deltas for one key, read one expert at a time."""
-    first = task_vectors[0][key]
-    dtype = work_dtype(first, dtype)
-    total = first.to(dtype).clone()
-    for tv in task_vectors[1:]:
-        total += tv[key].to(dtype)
-    return total
+class KeyDeltas(Sequence[torch.Tensor]):
+    """The T deltas of one key as a lazy sequence: each item is read (and checked) when indexed.
+
+    Why: Iso-CTS walks a key's deltas twice (their sum, then each residual); a list would hold T dense
+    matrices at once, this holds one.
+    """
+
+    def __init__(self, task_vectors: TaskVectors, key: str, dtype: torch.dtype | None = None) -> None:
+        self._tvs, self._key, self._dtype = task_vectors, key, dtype
+
+    def __getitem__(self, index):  # noqa: ANN001, ANN204 - Sequence protocol (int or slice)
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        delta = self._tvs[index][self._key]
+        return delta.to(work_dtype(delta, self._dtype))
+
+    def __len__(self) -> int:
+        return len(self._tvs)
 
 
 def tsv_merge_factors(factors: Sequence[LowRank]) -> torch.Tensor:

@@ -6,13 +6,14 @@ flatten the spectrum to its mean. Non-matrix keys take the mean of the deltas; a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from massmerge.errors import OptionError
 from massmerge.lowrank import polar
 from massmerge.merging.common import (
+    KeyDeltas,
     StateDict,
     TaskVectors,
     check_alpha,
@@ -21,7 +22,7 @@ from massmerge.merging.common import (
     mean_delta,
 )
 from massmerge.progress import track
-from massmerge.task_vectors import split_matrix, work_dtype
+from massmerge.task_vectors import split_matrix
 
 
 def iso_cts_sizes(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -32,25 +33,37 @@ def iso_cts_sizes(rank: int, num_tasks: int, common_fraction: float) -> tuple[in
     return common, (rank - common) // num_tasks
 
 
-def iso_cts_matrix(task_matrices: list[torch.Tensor], common_fraction: float) -> torch.Tensor:
-    """Iso-CTS for one matrix given every task's delta of it (float32 or float64)."""
-    summed = torch.stack(task_matrices).sum(dim=0)
+def iso_cts_matrix(task_matrices: Sequence[torch.Tensor], common_fraction: float) -> torch.Tensor:
+    """Iso-CTS for one matrix given every task's delta of it (float32 or float64).
+
+    ``task_matrices`` is walked twice (the sum, then each task's residual), one matrix at a time, so a lazy
+    sequence (:class:`~massmerge.merging.common.KeyDeltas`) keeps one dense task matrix alive, not T.
+    """
+    summed = _sum(task_matrices)
     U, s, Vh = torch.linalg.svd(summed, full_matrices=False)
     rank = s.shape[0]
     k_c, n_t = iso_cts_sizes(rank, len(task_matrices), common_fraction)
     u_common = U[:, :k_c]
     us, ss, vs = [], [], []
-    for delta in task_matrices:
+    for index in range(len(task_matrices)):
+        delta = task_matrices[index]
         residual = delta - u_common @ (u_common.T @ delta)
         u_t, s_t, vh_t = torch.linalg.svd(residual, full_matrices=False)
-        us.append(u_t[:, :n_t])
-        ss.append(s_t[:n_t])
-        vs.append(vh_t[:n_t])
+        us.append(u_t[:, :n_t].clone())  # copies: a view would keep the whole [m, r] factor alive per task
+        ss.append(s_t[:n_t].clone())
+        vs.append(vh_t[:n_t].clone())
     stacked_u = torch.cat([*us, u_common], dim=1)
     stacked_s = torch.cat([*ss, s[:k_c]])
     stacked_vh = torch.cat([*vs, Vh[:k_c]], dim=0)
     flat = stacked_s.mean()
     return flat * (polar(stacked_u) @ polar(stacked_vh.T).T)
+
+
+def _sum(task_matrices: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = task_matrices[0].clone()
+    for index in range(1, len(task_matrices)):
+        total += task_matrices[index]
+    return total
 
 
 def merge(
@@ -69,5 +82,5 @@ def merge(
     matrices, others = split_matrix(keys, base)
     merged: StateDict = {key: mean_delta(task_vectors, key, dtype) for key in others}
     for key in track(matrices, "iso_cts"):
-        merged[key] = iso_cts_matrix([tv[key].to(work_dtype(tv[key], dtype)) for tv in task_vectors], common_fraction)
+        merged[key] = iso_cts_matrix(KeyDeltas(task_vectors, key, dtype), common_fraction)
     return finalize(base, merged, alpha)
