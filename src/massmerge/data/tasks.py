@@ -128,7 +128,7 @@ TASKS: dict[str, TaskSpec] = {
                  debian.sections_langs, _LANG_PKG),
         TaskSpec("debian_uses", "Debian package description -> debtags use::", _APT, debian.uses, _USE),
         TaskSpec("word_language", "one word -> 8 languages (word lists)", "wordlists",
-                 _fixed(wordlists.word_language), _WORD_LANG),
+                 _fixed(wordlists.word_language), _WORD_LANG, disjoint_from=("word_pos",)),
         TaskSpec("place_country", "ISO 3166-2 subdivision name -> 10 countries", "iso-codes",
                  _fixed(isocodes.place_country), _PLACE, max_test=300, max_val=150),
         TaskSpec("emoji_group", "emoji name -> 8 emoji groups", "unicode-data", _fixed(emoji.emoji_group), _EMOJI,
