@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from massmerge.data import emoji, isocodes, poslex, wordlists
-from massmerge.data.common import visible_forms
+from massmerge.data.common import LabelledText, visible_forms
 from massmerge.errors import MassMergeError
 
 # --- word lists (/usr/share/dict) ---------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def _dict_dir(root: Path, extra: dict[str, list[str]] | None = None) -> Path:
     return root
 
 
-def _by_text(data) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def _by_text(data: LabelledText) -> dict[str, str]:
     return {t: data.classes[y] for t, y in zip(data.texts, data.labels)}
 
 
