@@ -8,6 +8,12 @@ measured before the first expert is read); "flat in T" means peak RSS varies by 
 Run by hand:  python bench/merge_memory.py [--models minilm vit_b] [--tasks 2 4 8 12 16 20] [--vit-depth 4]
 (default: ViT-B width with 1 of its 12 blocks, to stay near 10 minutes on 2 busy cores; add --models minilm
 and --vit-depth 12 for the full models: each expert then takes about a minute to factorize here).
+
+``--cli`` measures the commands users run instead: ``massmerge merge --method M`` and ``massmerge build`` on the
+seeded all-MiniLM-L6-v2 experts of ``bench/peers/zoo.py``, each T in its own child process, peak RSS from
+``os.wait4`` (``ru_maxrss``). The budget is the child's footprint before it reads any weight (a child that only
+imports the CLI) + base + 2 experts + result (+ the float32 factors of T tasks for tsv_m and build).
+  python bench/merge_memory.py --cli [--tasks 4 8 16] [--methods task_arithmetic ties tsv_m ...] [--no-build]
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -102,15 +110,93 @@ def run(model_name: str, task_counts: list[int], vit_depth: int) -> list[dict]:
     return rows
 
 
+def cli_factor_bytes(base: dict, tasks: int) -> int:
+    """Float32 bytes of T tasks' factors at rank 1/T (matrices) plus their non-matrix deltas."""
+    from massmerge.lowrank import rank_for
+
+    total = 0
+    for value in base.values():
+        if not value.is_floating_point():
+            continue
+        if value.ndim == 2:
+            m, n = value.shape
+            total += tasks * rank_for(value.shape, 1.0 / tasks) * (m + n + 1) * 4
+        else:
+            total += tasks * value.numel() * 4
+    return total
+
+
+def cli_rows(task_counts: list[int], methods: list[str], build: bool) -> list[dict]:
+    """Peak RSS of ``massmerge merge`` / ``massmerge build`` child processes over T (see the module docstring)."""
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+    import zoo  # noqa: PLC0415
+    from run import child_env, measure  # noqa: PLC0415
+
+    from massmerge.checkpoints import load_state_dict, save_state_dict
+
+    base_dir, experts = zoo.ready(Path(__file__).resolve().parent / "results" / "peers-zoo", max(task_counts))
+    base = load_state_dict(base_dir)
+    base_bytes = state_bytes(base)
+    env = child_env(2)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="massmerge-cli-mem-") as tmp:
+        work = Path(tmp)
+        heads = []
+        for t in range(max(task_counts)):
+            heads.append(work / f"head{t}.safetensors")
+            gen = torch.Generator().manual_seed(t)
+            save_state_dict({"weight": torch.randn(5, base["embeddings.word_embeddings.weight"].shape[1],
+                                                   generator=gen)}, heads[-1], metadata={"task": f"task{t}"})
+        idle = measure([sys.executable, "-c", "import torch, massmerge.cli"], cwd=work, env=env, log=work / "idle.log")
+        massmerge = shutil.which("massmerge") or "massmerge"
+        commands = [(m, lambda t, m=m: [massmerge, "merge", "--method", m, "--base", str(base_dir), "--experts",
+                                         *map(str, experts[:t]), "--output", str(work / "out.safetensors")])
+                    for m in methods]
+        if build:
+            commands.append(("build", lambda t: [massmerge, "build", "--base", str(base_dir), "--experts",
+                                                 *map(str, experts[:t]), "--heads", *map(str, heads[:t]),
+                                                 "--output", str(work / f"artifact{t}")]))
+        for name, command in commands:
+            for tasks in task_counts:
+                sample = measure(command(tasks), cwd=work, env=env, log=work / f"{name}{tasks}.log")
+                factors = cli_factor_bytes(base, tasks) if name in ("tsv_m", "build") else 0
+                result = base_bytes if name != "build" else 0
+                budget = idle.peak_rss_mib * 2**20 + base_bytes + 2 * base_bytes + result + factors
+                rows.append({"command": name, "T": tasks, "cpu_s": round(sample.cpu_s, 1),
+                             "wall_s": round(sample.wall_s, 1), "idle_MiB": round(idle.peak_rss_mib),
+                             "peak_MiB": round(sample.peak_rss_mib), "budget_MiB": round(mib(budget)),
+                             "within_budget": sample.peak_rss_mib * 2**20 <= budget})
+                print(f"  {name} T={tasks}: cpu {sample.cpu_s:.1f}s peak {sample.peak_rss_mib:.0f} MiB",
+                      file=sys.stderr, flush=True)
+            peaks = [r["peak_MiB"] for r in rows if r["command"] == name]
+            for row in rows:
+                if row["command"] == name:
+                    row["spread_over_T"] = round((max(peaks) - min(peaks)) / min(peaks), 3)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vit_b"], choices=sorted(MODELS))
     parser.add_argument("--tasks", nargs="+", type=int, default=[2, 4, 8, 12, 16, 20])
     parser.add_argument("--vit-depth", type=int, default=1, help="ViT-B blocks (12 = the whole model)")
     parser.add_argument("--child", nargs=2, metavar=("DIR", "T"), help=argparse.SUPPRESS)
+    parser.add_argument("--cli", action="store_true", help="measure `massmerge merge` and `massmerge build`")
+    parser.add_argument("--methods", nargs="+", default=["weight_average", "task_arithmetic", "ties", "tsv_m",
+                                                         "iso_c", "iso_cts"])
+    parser.add_argument("--no-build", action="store_true", help="with --cli: skip `massmerge build`")
     args = parser.parse_args()
     if args.child:
         child(Path(args.child[0]), int(args.child[1]))
+        return
+    if args.cli:
+        tasks = args.tasks if args.tasks != parser.get_default("tasks") else [4, 8, 16]
+        rows = cli_rows(tasks, args.methods, not args.no_build)
+        print(table(rows, ["command", "T", "cpu_s", "wall_s", "idle_MiB", "peak_MiB", "budget_MiB", "within_budget",
+                           "spread_over_T"]))
+        print(f"\nwrote {write_json('merge_memory_cli', {'rows': rows})}")
         return
     rows = [row for name in args.models for row in run(name, args.tasks, args.vit_depth)]
     columns = ["model", "T", "merge_s", "base_MiB", "baseline_MiB", "factors_MiB", "peak_MiB", "growth_MiB",

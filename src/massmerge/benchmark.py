@@ -29,7 +29,7 @@ from massmerge.benchmark_config import MERGES, BenchmarkConfig
 from massmerge.data.images import ImageDataset, Preprocess, check_label_space, load_image_dataset
 from massmerge.errors import OptionError
 from massmerge.sources import resolve_source
-from massmerge.task_vectors import LazyTaskVector
+from massmerge.task_vectors import LazyTaskVector, add_delta
 
 Log = Callable[[str], None]
 
@@ -173,8 +173,8 @@ def expert_vector(wb: Workbench, task: int) -> Mapping[str, torch.Tensor]:
 
 
 def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``base + delta`` over the delta's keys, cast back to the base dtype."""
-    return {k: (base[k].float() + delta[k].float()).to(base[k].dtype) for k in delta}
+    """``base + delta`` over the delta's keys, cast back to the base dtype (:func:`add_delta`, the one place)."""
+    return {k: add_delta(base[k], delta[k]) for k in delta}
 
 
 def score_static(wb: Workbench, params: Mapping[str, torch.Tensor] | None) -> dict[str, dict[str, float]]:
