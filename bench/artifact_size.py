@@ -32,7 +32,7 @@ from _common import (  # noqa: E402
 
 from massmerge.artifact import artifact_bytes, parse_dtype, save_artifact, storage_dtype  # noqa: E402
 from massmerge.heads import ZeroShotHead  # noqa: E402
-from massmerge.mass import MASSModel, make_config  # noqa: E402
+from massmerge.mass import MASSModel, make_serve_settings  # noqa: E402
 from massmerge.mass.budget import fit_to_size, metadata_bytes  # noqa: E402
 
 CONFIGS = [("float32", None), ("float32", "float32"), ("float16", None)]  # (base dtype, factor dtype; None=auto)
@@ -52,7 +52,7 @@ def measure(model_name: str, tasks: int, base_dtype: str, factor_dtype: str | No
                           extra_bytes=metadata_bytes(factors)
                           + sum(h.weight.numel() * h.weight.element_size() for h in heads))
         factors, scale = fit.factors, fit.rank_scale
-    mass = MASSModel(model, factors, heads, make_config(routing_layer=routing_layer(model)))
+    mass = MASSModel(model, factors, heads, make_serve_settings(routing_layers=(routing_layer(model),)))
     out = tmp / f"{model_name}-{tasks}"
     save_artifact(mass, out, factor_dtype=store, rank_scale=scale)
     size = artifact_bytes(out)

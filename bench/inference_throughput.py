@@ -1,13 +1,14 @@
 """Inference throughput (samples/s) at batch 1, 16, 64: plain base forward vs MASS, in one run, with ratios.
 
-Rows: ``base`` (one plain forward), ``mass_one_set`` (fast path, every sample served with the same task set),
-``mass_mixed`` (fast path, samples of T tasks mixed: sample i gets {i mod T} or {i mod T, i+1 mod T}, up to 2T
-distinct sets per batch, served in ONE batched second pass), ``mass_mixed_grouped`` (the same sets with one
-second-pass forward per set, ``batched=False``), ``mass_routed`` (fast path with the router's own sets on these random inputs) and
-``reference_mixed`` (the per-set dense rebuild of :class:`MASSModel`, same mixed sets). Every MASS row includes
-the first pass (to the routing layer) and routing. Per-set merged factors are cached across calls (warm, as in
-serving); no per-set model is cached. Factors have the exact shapes of T full-rank experts (values random:
-speed does not depend on them).
+Every MASS row is the one :class:`~massmerge.mass.MASSModel` that ``massmerge predict`` serves, with its
+first pass (to the routing layer) and routing included. Rows: ``base`` (one plain forward), ``mass_one_set``
+(every sample served with the same task set), ``mass_mixed`` (samples of T tasks mixed: sample i gets
+{i mod T} or {i mod T, i+1 mod T}, up to 2T distinct sets per batch, the ``batched`` strategy: ONE second
+forward), ``mass_mixed_grouped`` (the same sets, ``grouped``: one second forward per set), ``mass_routed``
+(the router's own sets on these random inputs) and ``reference_mixed`` (the dense per-set rebuild, the tests'
+reference). Merged sets are cached across calls (warm, as in serving). Factors have the exact shapes of T
+full-rank experts (values random: speed does not depend on them). For the real CLI on real texts see
+``bench/predict_throughput.py``.
 
 Run by hand:  python bench/inference_throughput.py [--model minilm|vit_b] [--tasks 8] [--seq-len 64] [--threads 2]
 """
@@ -34,9 +35,9 @@ from _common import (  # noqa: E402
 
 from massmerge.adapters import get_adapter  # noqa: E402
 from massmerge.heads import ZeroShotHead  # noqa: E402
-from massmerge.mass import make_config  # noqa: E402
-from massmerge.mass.fast import FastMASSModel, num_groups  # noqa: E402
+from massmerge.mass.config import make_serve_settings  # noqa: E402
 from massmerge.mass.model import MASSModel  # noqa: E402
+from massmerge.mass.model import group_by_task_set  # noqa: E402
 
 
 def make_batch(model_name: str, size: int, seq_len: int) -> object:
@@ -52,6 +53,17 @@ def mixed_sets(size: int, tasks: int) -> torch.Tensor:
         if (i // tasks) % 2:
             selected[i, (i + 1) % tasks] = True
     return selected
+
+
+def with_sets(model: MASSModel, batch: object, selected: torch.Tensor) -> object:
+    """A routed call whose second pass serves the given task sets (the first pass and router still run)."""
+    routing = model.route(batch)
+    feats = model.second_pass_features(batch, group_by_task_set(selected))
+    return model.choose(feats, selected, routing.probs)
+
+
+def num_groups(selected: torch.Tensor) -> int:
+    return len(group_by_task_set(selected))
 
 
 def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -84,10 +96,10 @@ def main() -> None:
     pool = adapter.pool if adapter else (lambda a, b: a[:, 0])
     factors = shaped_factors(model.state_dict(), args.tasks)
     heads = [ZeroShotHead(torch.randn(10, model.config.hidden_size)) for _ in range(args.tasks)]
-    config = make_config(routing_layer=routing_layer(model))
-    fast = FastMASSModel(model, factors, heads, config, pool=pool, features=features)
-    grouped = FastMASSModel(model, factors, heads, config, pool=pool, features=features, batched=False)
-    reference = MASSModel(model, factors, heads, config, pool=pool, features=features)
+    config = make_serve_settings(routing_layers=(routing_layer(model),))
+    fast = MASSModel(model, factors, heads, config, pool=pool, features=features)
+    grouped = fast.with_settings(strategy="grouped")
+    reference = fast.with_settings(strategy="reference")
     rows = []
     with torch.no_grad():
         for size in args.batches:
@@ -98,15 +110,15 @@ def main() -> None:
             repeats = args.repeats if size < 64 else max(3, args.repeats // 2)
             runs = {
                 "base": lambda: features(model, batch),
-                "mass_one_set": lambda: fast.forward_with_sets(batch, one),
-                "mass_mixed": lambda: fast.forward_with_sets(batch, mixed),
-                "mass_mixed_grouped": lambda: grouped.forward_with_sets(batch, mixed),
+                "mass_one_set": lambda: with_sets(fast, batch, one),
+                "mass_mixed": lambda: with_sets(fast, batch, mixed),
+                "mass_mixed_grouped": lambda: with_sets(grouped, batch, mixed),
                 "mass_routed": lambda: fast(batch),
-                "reference_mixed": lambda: reference._second_pass(batch, mixed) if reference.route(batch) else None,
+                "reference_mixed": lambda: with_sets(reference, batch, mixed),
             }
             groups = {"base": 0, "mass_one_set": 1, "mass_mixed": num_groups(mixed),
                       "mass_mixed_grouped": num_groups(mixed),
-                      "mass_routed": num_groups(fast.route(batch)[2]), "reference_mixed": num_groups(mixed)}
+                      "mass_routed": num_groups(fast.route(batch).selected), "reference_mixed": num_groups(mixed)}
             times = interleaved_medians(runs, repeats)
             for name, seconds in times.items():
                 rows.append({"model": args.model, "batch": size, "mode": name, "groups": groups[name],

@@ -14,22 +14,23 @@ from massmerge.artifact import load, read_head_file, round_factors, save_artifac
 from massmerge.checkpoints import save_state_dict
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.heads import LinearHead, ZeroShotHead
-from massmerge.mass import mean_pool
-from massmerge.mass.fast import FastMASSModel
+from massmerge.mass import MASSModel, mean_pool
 
 from toy_mass import ToyEncoder, make_batch, make_parts
 
 
-def built(num_tasks: int = 4, dtype: torch.dtype = torch.float16, seed: int = 0) -> FastMASSModel:
+def built(num_tasks: int = 4, dtype: torch.dtype = torch.float16, seed: int = 0) -> MASSModel:
     """A model as ``massmerge build`` makes it: factors rounded to their storage dtype."""
     base, factors, heads, cfg = make_parts(num_tasks, seed)
-    return FastMASSModel(base, round_factors(factors, dtype), heads, cfg, pool=mean_pool())
+    return MASSModel(base, round_factors(factors, dtype), heads, cfg, pool=mean_pool())
 
 
-def assert_same_outputs(a: FastMASSModel, b: FastMASSModel, batch: torch.Tensor) -> None:
+def assert_same_outputs(a: MASSModel, b: MASSModel, batch: torch.Tensor) -> None:
     out_a, out_b = a(batch), b(batch)
-    for field in ("task", "label", "probs", "selected", "residuals"):
+    for field in ("task", "label", "probs", "selected"):
         assert torch.equal(getattr(out_a, field), getattr(out_b, field)), field
+    for layer, residuals in out_a.residuals.items():
+        assert torch.equal(residuals, out_b.residuals[layer])
     for tasks in [(0,), (1, 2), (0, 1, 2)]:
         assert torch.equal(a.features_with(tasks, batch), b.features_with(tasks, batch))
 
@@ -45,22 +46,25 @@ def test_round_trip_is_bit_identical(tmp_path):
 
 def test_round_trip_exact_with_float32_factors(tmp_path):
     base, factors, heads, cfg = make_parts(3)
-    model = FastMASSModel(base, factors, heads, cfg, pool=mean_pool())
+    model = MASSModel(base, factors, heads, cfg, pool=mean_pool())
     save_artifact(model, tmp_path / "art", factor_dtype="float32")
     loaded = load(tmp_path / "art", base_model=ToyEncoder(), pool=mean_pool())
     assert_same_outputs(model, loaded, make_batch(10))
 
 
-def test_manifest_holds_every_hyper_parameter(tmp_path):
-    base, factors, heads, cfg = make_parts(3, eta=0.25, top_k=2, tau=0.5)
-    save_artifact(FastMASSModel(base, factors, heads, cfg, pool=mean_pool()), tmp_path / "a", pooling="mean")
+def test_manifest_holds_every_setting_once(tmp_path):
+    base, factors, heads, cfg = make_parts(3, eta=0.25, top_k=2, tau=0.5, max_length=40)
+    model = MASSModel(base, factors, heads, cfg, pool=mean_pool())
+    save_artifact(model, tmp_path / "a")
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["format_version"] == artifact.FORMAT_VERSION
     assert manifest["task_names"] == ["task0", "task1", "task2"]
-    assert manifest["config"]["routing_layer"] == "blocks.2.fc1"
-    assert (manifest["config"]["eta"], manifest["config"]["top_k"], manifest["config"]["tau"]) == (0.25, 2, 0.5)
-    assert manifest["rank_fraction"] == pytest.approx(1 / 3) and manifest["eps"] == 0.3
-    assert manifest["architecture"]["pooling"] == "mean"
+    serve = manifest["serve"]
+    assert serve["routing_layers"] == ["blocks.2.fc1"] and serve["max_length"] == 40
+    assert (serve["eta"], serve["top_k"], serve["tau"]) == (0.25, 2, 0.5)
+    assert manifest["rank_fraction"] == pytest.approx(1 / 3) and manifest["build"]["eps"] == 0.3
+    assert "rank_fraction" not in serve and "eta" not in manifest["build"]  # build and serve settings apart
+    assert manifest["ranks"] == {key: [f.rank for f in per_task] for key, per_task in model.factors.matrices.items()}
     assert set(manifest["files"]) == {"factors.safetensors", "heads.safetensors", "base.safetensors"}
     assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
 
@@ -82,7 +86,7 @@ def test_missing_file_refused_naming_file(tmp_path):
         load(tmp_path / "art", base_model=ToyEncoder(), pool=mean_pool())
 
 
-@pytest.mark.parametrize("version", [2, 0, None, "1"])
+@pytest.mark.parametrize("version", [3, 0, None, "1"])
 def test_unknown_format_version_refused(tmp_path, version):
     save_artifact(built(), tmp_path / "art")
     manifest_path = tmp_path / "art" / "manifest.json"
@@ -253,17 +257,18 @@ def test_cli_build_and_predict(hf_setup, tmp_path, capsys):
              "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--output", str(tmp_path / "art")])
     manifest = artifact.read_manifest(tmp_path / "art")
     assert manifest.architecture.adapter == "text" and manifest.task_names == ["t0", "t1", "t2"]
-    assert manifest.config["routing_layer"] == "encoder.layer.3.intermediate.dense"
+    assert manifest.serve.routing_layers == ("encoder.layer.3.intermediate.dense",)
+    assert manifest.serve.max_length == 32  # the model's positions when the experts' length is not given
     assert (tmp_path / "art" / "model" / "vocab.txt").is_file()
     capsys.readouterr()
     run_cli(["predict", str(tmp_path / "art"), str(root / "inputs.txt"), "--batch-size", "3"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["index"] for r in lines] == [0, 1, 2, 3]
+    assert [r["index"] for r in lines] == [1, 2, 4, 5]  # line numbers in the file (line 3 is blank)
     for r in lines:
         assert r["task"] in r["selected"] and r["class"].startswith(f"c{r['task'][1]}")
         assert sum(r["probs"].values()) == pytest.approx(1.0, abs=1e-4)
     # predictions equal the loaded model's reference path on the same batch
-    model = load(tmp_path / "art", fast=False)
+    model = load(tmp_path / "art", strategy="reference")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "art" / "model"))
@@ -303,7 +308,8 @@ def _size_factor(directory: Path) -> tuple[float, float]:
 
     manifest = artifact.read_manifest(directory)
     base = sum(t.numel() * t.element_size() for t in load_state_dict(directory / "model").values())
-    factors = artifact.load_factors(directory, manifest)
+    shapes = {k: list(v.shape) for k, v in load_state_dict(directory / "model").items()}
+    factors = artifact.load_factors(directory, manifest, shapes)
     store = getattr(torch, manifest.factor_dtype)
     return manifest.rank_scale, (base + factor_bytes(factors, store) + non_matrix_bytes(factors, store)) / base
 
@@ -315,11 +321,11 @@ def test_cli_build_fits_the_size_budget(hf_setup, tmp_path, capsys):
     run_cli([*common, "--output", str(tmp_path / "design"), "--max-size", "0"])
     scale, design = _size_factor(tmp_path / "design")
     assert scale == 1.0 and design > 2.5, "float32 factors at design ranks: about 2.7x this tiny base"
-    assert "design ranks" in capsys.readouterr().out
+    assert "design ranks (1/T)" in capsys.readouterr().out
     run_cli([*common, "--output", str(tmp_path / "fit"), "--max-size", "3.5"])  # headers are large for tiny models
     scale, fitted = _size_factor(tmp_path / "fit")
     assert 0.0 < scale < 1.0 and fitted < 3.5 - 0.1  # the budget also holds heads and headers
-    assert "ranks cut to" in capsys.readouterr().out
+    assert "rank cut to" in capsys.readouterr().out
     run_cli([*common, "--output", str(tmp_path / "default")])  # default 2.1x is out of reach here: a note
     assert _size_factor(tmp_path / "default")[0] == 1.0
     assert "note: design ranks kept; --max-size: 2.1x the base cannot hold" in capsys.readouterr().err

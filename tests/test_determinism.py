@@ -22,7 +22,7 @@ from massmerge import merging
 from massmerge.checkpoints import load_state_dict, open_checkpoint, save_state_dict
 from massmerge.heads import LinearHead
 from massmerge.lowrank import truncated_svd
-from massmerge.mass import ExpertFactors, MASSModel, make_config
+from massmerge.mass import ExpertFactors, MASSModel, make_serve_settings
 from massmerge.task_vectors import LazyTaskVector
 
 
@@ -124,16 +124,11 @@ def _mass_predictions(files: dict[str, Path], fast: bool = False) -> tuple[torch
     tvs = (LazyTaskVector(base, open_checkpoint(files[f"e{i}"])) for i in (1, 2, 3))
     factors = ExpertFactors.build(tvs, ["a", "b", "c"])
     heads = [LinearHead(torch.randn(4 + t, 10, generator=torch.Generator().manual_seed(t))) for t in range(3)]
-    config = make_config(routing_layer="out", eta=0.1)
-    if fast:
-        from massmerge.mass.fast import FastMASSModel
-
-        mass: MASSModel = FastMASSModel(model, factors, heads, config)
-    else:
-        mass = MASSModel(model, factors, heads, config)
+    config = make_serve_settings(routing_layers=("out",), eta=0.1)
+    mass = MASSModel(model, factors, heads, config, strategy="auto" if fast else "grouped")
     x = torch.randn(32, 16, generator=torch.Generator().manual_seed(42))
     out = mass(x)
-    return out.task, out.label, out.probs, out.selected, out.residuals
+    return out.task, out.label, out.probs, out.selected, out.residuals["out"]
 
 
 @pytest.mark.parametrize("fast", [False, True])

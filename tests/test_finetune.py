@@ -92,6 +92,8 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny: ft.Backbone, tmp
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_mean_pool_ignores_padding() -> None:
+def test_features_average_over_non_padding_tokens() -> None:
+    from massmerge.mass.pooling import masked_mean
+
     hidden = torch.tensor([[[1.0, 1.0], [3.0, 3.0], [100.0, 100.0]]])
-    assert ft.mean_pool(hidden, torch.tensor([[1, 1, 0]])).tolist() == [[2.0, 2.0]]
+    assert masked_mean(hidden, torch.tensor([[1, 1, 0]])).tolist() == [[2.0, 2.0]]

@@ -12,7 +12,7 @@ from torch import nn
 from massmerge.errors import OptionError
 from massmerge.heads import LinearHead
 from massmerge.lowrank import truncated_svd
-from massmerge.mass import ExpertFactors, MASSModel, make_config
+from massmerge.mass import ExpertFactors, MASSModel, make_build_settings, make_serve_settings
 from massmerge.mass import router
 from massmerge.mass.experts import deredundant_tasks, lowrank_cosine
 from massmerge.mass.model import group_by_task_set
@@ -166,7 +166,7 @@ def mass_setup(rng):
         tvs.append(tv)
     heads = [LinearHead(torch.from_numpy(rng.standard_normal((3 + t, D_OUT)))) for t in range(T)]
     factors = ExpertFactors.build(iter(tvs), [f"task{t}" for t in range(T)], rank_fraction=0.25, dtype=torch.float64)
-    config = make_config(routing_layer="block.2", eta=0.15, top_k=2)
+    config = make_serve_settings(routing_layers=("block.2",), eta=0.15, top_k=2)
     model = MASSModel(net, factors, heads, config)
     return net, base, tvs, heads, factors, model
 
@@ -203,17 +203,15 @@ def run_with(net, state, x):
 def test_first_pass_weights_are_tsv_m_of_accepted_tasks(mass_setup):
     net, base, tvs, _, factors, model = mass_setup
     expected = ref_merged_state(base, tvs, range(T), 1.0, 0.25, factors.accepted)
-    params = model.first_pass_params()
+    params = model.first_pass_state()
     for key in factors.matrices:
         assert rel(params[key], expected[key]) < 1e-8
 
 
-def test_early_exit_gives_the_same_routing_activation_as_a_full_pass(mass_setup, rng):
+def test_routing_activation_is_the_first_pass_input_of_the_routing_layer(mass_setup, rng):
     net, base, tvs, _, factors, model = mass_setup
     x = torch.from_numpy(rng.standard_normal((5, D_IN)))
-    early = model.routing_activation(x, early_exit=True)
-    full = model.routing_activation(x, early_exit=False)
-    assert torch.equal(early, full)
+    early = model.routing_activations(x)["block.2"]
     # independent: the input of block.2 in a model loaded with the reference first-pass weights
     state = ref_merged_state(base, tvs, range(T), 1.0, 0.25, factors.accepted)
     clone = copy.deepcopy(net)
@@ -226,7 +224,7 @@ def test_early_exit_stops_before_later_layers(mass_setup, rng):
     _, _, _, _, _, model = mass_setup
     calls = []
     handle = model.model.out.register_forward_hook(lambda *a: calls.append(1))
-    model.routing_activation(torch.from_numpy(rng.standard_normal((2, D_IN))))
+    model.routing_activations(torch.from_numpy(rng.standard_normal((2, D_IN))))
     handle.remove()
     assert calls == []
 
@@ -236,7 +234,7 @@ def test_prediction_matches_per_sample_reference(mass_setup, rng):
     net, base, tvs, heads, factors, model = mass_setup
     x = torch.from_numpy(rng.standard_normal((12, D_IN)))
     out = model(x)
-    z = model.routing_activation(x).numpy()
+    z = model.routing_activations(x)["block.2"].numpy()
     bases = [f.V.numpy() for f in factors.matrices["block.2.weight"]]
     _, probs = ref_probs(z, bases, 1.0)
     assert rel(out.probs, probs) < 1e-8
@@ -278,18 +276,25 @@ def test_group_by_task_set():
 def test_bad_routing_layer_is_named(mass_setup, layer, error):
     net, _, _, heads, factors, _ = mass_setup
     with pytest.raises(OptionError, match=f"--routing-layer '{layer}'.*{error}"):
-        MASSModel(net, factors, heads, make_config(routing_layer=layer))
+        MASSModel(net, factors, heads, make_serve_settings(routing_layers=(layer,)))
 
 
 def test_head_count_must_match_tasks(mass_setup):
     net, _, _, heads, factors, _ = mass_setup
     with pytest.raises(OptionError, match="--heads"):
-        MASSModel(net, factors, heads[:2], make_config(routing_layer="block.2"))
+        MASSModel(net, factors, heads[:2], make_serve_settings(routing_layers=("block.2",)))
 
 
 @pytest.mark.parametrize("option,value,flag", [("eta", 1.5, "--eta"), ("top_k", 0, "--top-k"),
-                                               ("rank_fraction", 0.0, "--rank-fraction"), ("tau", -1.0, "--tau"),
-                                               ("mode", "nope", "--mode"), ("eps", 2.0, "--eps")])
-def test_config_errors_name_the_option(option, value, flag):
+                                               ("tau", -1.0, "--tau"), ("mode", "nope", "--mode"),
+                                               ("head_rule", "vote", "--head-rule"), ("pooling", "max", "--pooling")])
+def test_serve_setting_errors_name_the_option(option, value, flag):
     with pytest.raises(OptionError, match=flag):
-        make_config(routing_layer="x", **{option: value})
+        make_serve_settings(routing_layers=("x",), **{option: value})
+
+
+@pytest.mark.parametrize("option,value,flag", [("rank_fraction", 0.0, "--rank-fraction"), ("eps", 2.0, "--eps"),
+                                               ("svd", "qr", "--svd"), ("max_size", -1.0, "--max-size")])
+def test_build_setting_errors_name_the_option(option, value, flag):
+    with pytest.raises(OptionError, match=flag):
+        make_build_settings(**{option: value})

@@ -1,4 +1,4 @@
-"""The offline suite end to end on the ``ci`` preset (slow: fine-tunes 4 experts), plus fast report checks.
+"""The offline suite end to end on the ``ci`` preset (slow: fine-tunes 4 experts), then suite -> predict.
 
 Asserts the pipeline's invariants, never fixed accuracy numbers: experts beat zero-shot on their own task,
 MASS with the oracle head is at least MASS, normalized figures divide by the expert, and every report file
@@ -38,16 +38,18 @@ def ci_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 
     torch.set_num_threads(os.cpu_count() or 1)
     root = tmp_path_factory.mktemp("suite")
-    report = run_suite(SuiteConfig(preset="ci"), cache_dir=root / "cache", out_dir=root / "out")
+    report = run_suite(SuiteConfig(preset="ci"), cache_dir=root / "cache", out_dir=root / "out",
+                       export_artifact=root / "artifact")
     return report, root
 
 
 @pytest.mark.slow
 def test_ci_preset_writes_every_report_file(ci_report: tuple[dict, Path]) -> None:
     report, root = ci_report
-    for name in ("report.json", "report.md", "per_task.png", "radar.png", "routing_confusion.png",
-                 "routing_accuracy.png", "layer_sweep.png"):  # fmt: skip
+    for name in ("report.json", "report.md", "per_task.png", "oracle_gap.png", "mass_loss.png",
+                 "routing_confusion.png", "routing_accuracy.png", "layer_sweep.png", "serve.json"):  # fmt: skip
         assert (root / "out" / name).stat().st_size > 0, name
+    assert len(list((root / "out" / "heads").glob("*.safetensors"))) == len(report["tasks"])
     assert json.loads((root / "out" / "report.json").read_text())["methods"].keys() == report["methods"].keys()
     assert "| **MASS** |" in (root / "out" / "report.md").read_text()
 
@@ -69,8 +71,15 @@ def test_ci_preset_invariants(ci_report: tuple[dict, Path]) -> None:
     confusion = report["mass"]["confusion"]
     sizes = [t["sizes"]["test"] for t in report["tasks"]]
     assert [sum(row) for row in confusion] == sizes
-    assert 1.0 < report["storage"]["mass_factor"] < 2.5
+    assert 1.0 < report["storage"]["bytes_ratio"] < 2.5
     assert {row["layer"] for row in report["layer_sweep"]} >= {report["mass"]["layer"]}
+    for task in tasks:  # the loss split multiplies out to the strict accuracy
+        parts = report["mass"]["task_choice"][task] * report["mass"]["class_given_task"][task]
+        assert parts == pytest.approx(methods["MASS"]["accuracy"][task])
+    ablation = report["ablation"]
+    assert {row["split"] for row in ablation} == {"val", "test"}
+    paper = next(r for r in ablation if r["name"] == "paper" and r["split"] == "test")
+    assert paper["settings"]["head_rule"] == "max_logit" and paper["seconds_per_input"] > 0
 
 
 @pytest.mark.slow
@@ -82,6 +91,37 @@ def test_ci_preset_rerun_reuses_cached_experts(ci_report: tuple[dict, Path]) -> 
     again = run_suite(SuiteConfig(preset="ci"), cache_dir=root / "cache", out_dir=root / "out2")
     assert again["timing"]["finetune_seconds"] < 30
     assert again["methods"]["MASS"]["accuracy"] == report["methods"]["MASS"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_suite_experts_serve_through_build_and_predict(ci_report: tuple[dict, Path], capsys) -> None:
+    """suite -> the exported artifact and `massmerge build` from serve.json -> `massmerge predict`: the served
+    predictions score what the suite reports for MASS (same engine, same factors, same settings)."""
+    from massmerge.cli import main
+    from massmerge.data.tasks import load_task, get_preset
+
+    report, root = ci_report
+    serve = json.loads((root / "out" / "serve.json").read_text())
+    main(["build", "--base", serve["base"], "--experts", *serve["experts"], "--heads", *serve["heads"],
+          "--max-length", str(serve["max_length"]), "--output", str(root / "built")])
+    preset = get_preset("ci")
+    tasks = [load_task(name, preset.n_train, preset.n_val, preset.n_test) for name in preset.tasks]
+    lines, truth = [], []
+    for t, task in enumerate(tasks):
+        for text, label in zip(task.test.texts, task.test.labels):
+            lines.append(json.dumps({"text": text}))
+            truth.append((task.name, label))
+    inputs = root / "mixed.jsonl"
+    inputs.write_text("\n".join(lines) + "\n")
+    for artifact in ("artifact", "built"):
+        capsys.readouterr()
+        main(["predict", str(root / artifact), str(inputs)])
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [r["index"] for r in rows] == list(range(1, len(truth) + 1))
+        for task in tasks:
+            mine = [(r, y) for r, (name, y) in zip(rows, truth) if name == task.name]
+            served = sum(r["task"] == task.name and r["label"] == y for r, y in mine) / len(mine)
+            assert abs(served - report["methods"]["MASS"]["accuracy"][task.name]) <= 2 / len(mine), (artifact, task.name)
 
 
 def test_eval_cache_keys_on_settings(tmp_path: Path) -> None:

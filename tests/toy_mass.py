@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from massmerge.heads import LinearHead, ZeroShotHead
-from massmerge.mass import ExpertFactors, MASSModel, make_config, mean_pool
+from massmerge.mass import ExpertFactors, MASSModel, make_serve_settings, mean_pool
 
 VOCAB, LENGTH, WIDTH, DEPTH, CLASSES = 40, 6, 16, 4, 5
 ROUTING_LAYER = "blocks.2.fc1"
@@ -69,13 +69,13 @@ def make_heads(num_tasks: int, seed: int = 1) -> list[nn.Module]:
     return heads
 
 
-def make_parts(num_tasks: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32, **config):
-    """(base model, factors, heads, config) of a toy MASS model."""
+def make_parts(num_tasks: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32, **settings):
+    """(base model, factors, heads, serve settings) of a toy MASS model."""
     torch.manual_seed(seed)
     base = ToyEncoder().to(dtype).eval()
     names = [f"task{t}" for t in range(num_tasks)]
     factors = ExpertFactors.build(iter(make_experts(base, num_tasks, seed)), names, eps=0.3)
-    cfg = make_config(routing_layer=ROUTING_LAYER, **config)
+    cfg = make_serve_settings(routing_layers=(ROUTING_LAYER,), **settings)
     return base, factors, make_heads(num_tasks), cfg
 
 

@@ -1,40 +1,53 @@
 """A deployable MASS model on disk: safetensors tensors plus a JSON manifest, saved once and served.
 
-Layout of an artifact directory::
+Layout of an artifact directory (format 2)::
 
-    manifest.json            format_version, tasks, every hyper-parameter, heads, base, sha256 of every file
+    manifest.json            format_version, tasks, build and serve settings, ranks, heads, base, every file
     factors.safetensors      factors/{task}/{key}/U|s|V per matrix, non_matrix/{task}/{key} per other key
     heads.safetensors        heads/{task}/weight (+ heads/{task}/bias)
     model/                   an HF model directory (config.json, model.safetensors, tokenizer files) when the
                              architecture comes from an adapter, so ``load`` can rebuild the module by itself
     base.safetensors         the base's tensors for a generic ``nn.Module`` (``load(dir, base_model=...)``)
 
-The base may instead be a *reference* (path + sha256 of a safetensors file) to avoid a second copy.
+The base may instead be a *reference*: an explicit outside safetensors file named in the manifest with its size
+and sha256, verified before it is read.
+
+The manifest separates ``build`` settings (fixed: rank fraction and scale, eps, SVD, factor dtype) from
+``serve`` settings (defaults that ``load(dir, eta=...)`` and ``massmerge predict --eta ...`` override without a
+rebuild, including the pooling and max length the experts were trained with). ``ranks`` is the one record of
+every task's rank per matrix; factor shapes are checked against it and against the model's parameters.
+
+The artifact is a trust boundary (an artifact may come from a stranger; it is data, never code):
+every file ``load`` reads is a plain relative name inside the directory (no absolute path, no ``..``, no
+symlink), listed in the manifest with its size and sha256, and checked before it is opened; a file in the
+directory that the manifest does not list is refused; an HF ``config.json`` asking for custom code
+(``auto_map``) is refused; every tensor is checked for shape and finite values before the first forward. Each
+failure is one :class:`~massmerge.errors.MassMergeError` line naming the file and the field.
 
 Why the factor dtype: a task keeps ``k (m + n + 1)`` numbers per matrix with ``k = min(m, n) / T``, so the T
-tasks together store ``(1 + min/max)`` times each matrix: up to 2x for square matrices. With an fp32 base and
-fp32 factors an artifact would be 2.2-2.6x the base; factors (orthonormal U, V with entries <= 1) lose nothing
-that matters in float16, so by default they are stored in float16 for 32/64-bit bases (about 1.6-1.8x) and in
-the base's own dtype for 16-bit bases. :func:`round_factors` applies the same rounding in memory, which is what
-``massmerge build`` does, so a saved artifact predicts bit-identically to the model that was built.
+tasks together store ``(1 + min/max)`` times each matrix: up to 2x for square matrices. By default factors are
+stored in float16 for 32/64-bit bases (about 1.6-1.8x the base) and in the base's own dtype for 16-bit bases;
+:func:`round_factors` applies the same rounding in memory, which is what ``massmerge build`` does, so a saved
+artifact predicts bit-identically to the model that was built.
 
-Writes are atomic (a temp directory next to the output, then renames); a manifest of an unknown version, a
-missing file or a checksum mismatch is refused with a :class:`~massmerge.errors.MassMergeError` naming the file.
+Writes are atomic (a temp directory next to the output, then renames); a stale temp directory left by a killed
+build is removed by the next build to the same output.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -42,13 +55,12 @@ from torch import nn
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.heads import LinearHead, ZeroShotHead
 from massmerge.lowrank import LowRank
-from massmerge.mass.config import make_config
+from massmerge.mass.config import BuildSettings, ServeSettings
 from massmerge.mass.experts import ExpertFactors
-from massmerge.mass.fast import FastMASSModel
-from massmerge.mass.model import MASSModel, default_features
+from massmerge.mass.model import MASSModel, Strategy, default_features
 from massmerge.mass.pooling import PoolFn, identity_pool
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 FACTORS_FILE = "factors.safetensors"
 HEADS_FILE = "heads.safetensors"
@@ -58,6 +70,8 @@ HF_WEIGHTS = "model.safetensors"
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.json", "*.model",
                       "preprocessor_config.json", "sentencepiece*", "added_tokens.json")
 HASH_CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_JSON_DEPTH = 32
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -71,26 +85,27 @@ class _Strict(BaseModel):
 
 
 class FileEntry(_Strict):
-    sha256: str
-    bytes: int
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
 
 
 class HeadEntry(_Strict):
     task: str
     kind: Literal["linear", "zero_shot"]
-    num_classes: int
+    num_classes: int = Field(ge=1)
     logit_scale: float | None = None
     class_names: list[str] | None = None
 
 
 class BaseEntry(_Strict):
-    """Where the base weights live: inside the artifact (``file``) or a referenced safetensors file."""
+    """Where the base weights live: inside the artifact (``file``) or an explicit outside reference."""
 
     mode: Literal["embedded", "reference"]
     dtype: str
     file: str | None = None
     path: str | None = None
-    sha256: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    bytes: int | None = Field(default=None, ge=0)
 
 
 class ArchitectureEntry(_Strict):
@@ -105,19 +120,23 @@ class ArchitectureEntry(_Strict):
 class Manifest(_Strict):
     format_version: int
     massmerge_version: str
-    task_names: list[str]
-    config: dict[str, Any]
-    rank_fraction: float
-    rank_scale: float = 1.0  # fraction of every task's rank kept to fit a size budget (mass/budget.py)
-    eps: float | None
+    task_names: list[str] = Field(min_length=2)
+    build: BuildSettings
+    rank_fraction: float = Field(gt=0.0, le=1.0)
+    rank_scale: float = Field(default=1.0, gt=0.0, le=1.0)
+    serve: ServeSettings
+    ranks: dict[str, list[int]]
     accepted: dict[str, list[int]]
-    matrix_keys: list[str]
     non_matrix_keys: list[str]
     factor_dtype: str
     base: BaseEntry
     architecture: ArchitectureEntry
     heads: list[HeadEntry]
     files: dict[str, FileEntry]
+
+    @property
+    def matrix_keys(self) -> list[str]:
+        return list(self.ranks)
 
 
 # ----- dtypes and rounding ------------------------------------------------------------------------------------
@@ -139,6 +158,11 @@ def storage_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype if base_dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
+def factor_storage(choice: str, base_dtype: torch.dtype) -> torch.dtype:
+    """``--factor-dtype``: ``auto`` (see :func:`storage_dtype`) or an explicit dtype name."""
+    return storage_dtype(base_dtype) if choice == "auto" else parse_dtype(choice)
+
+
 def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).to(t.dtype)
 
@@ -153,6 +177,14 @@ def round_factors(factors: ExpertFactors, dtype: torch.dtype) -> ExpertFactors:
     non_matrix = {key: [_round(t, dtype) for t in per_task] for key, per_task in factors.non_matrix.items()}
     return ExpertFactors(task_names=list(factors.task_names), rank_fraction=factors.rank_fraction,
                          matrices=matrices, non_matrix=non_matrix, accepted=dict(factors.accepted), eps=factors.eps)
+
+
+def float_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of the first floating-point tensor: the base's own precision."""
+    for value in state.values():
+        if value.is_floating_point():
+            return value.dtype
+    raise OptionError("base model: has no floating-point parameter")
 
 
 # ----- hashing and atomic directories -------------------------------------------------------------------------
@@ -170,6 +202,31 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(root: Path) -> None:
+    """Give a finished temp directory the modes a plain ``mkdir``/``open`` would (0755 / 0644 under umask 022):
+    an artifact is meant to be served by another account, not kept private like a ``mkdtemp`` directory."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _remove_stale_temps(directory: Path) -> None:
+    """Temp directories of an earlier build to the same output that was killed before it could clean up."""
+    for stale in directory.parent.glob(f".{directory.name}.*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    for stale in directory.parent.glob(f".{directory.name}.*.old"):
+        if stale.is_dir() and not stale.is_symlink() and not (stale / "artifact").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def write_directory_atomically(directory: Path, fill: Callable[[Path], None]) -> None:
     """Run ``fill(tmp_dir)`` in a temp dir next to ``directory`` and swap it into place.
 
@@ -181,10 +238,12 @@ def write_directory_atomically(directory: Path, fill: Callable[[Path], None]) ->
                                                           and not (directory / MANIFEST).is_file())):
         raise OptionError(f"--output '{directory}' exists and is not a massmerge artifact; refusing to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     old: Path | None = None
     try:
         fill(tmp)
+        _apply_umask(tmp)
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
             os.replace(directory, old / "artifact")
@@ -251,31 +310,35 @@ def head_entries(heads: Sequence[nn.Module], task_names: Sequence[str],
 
 
 def check_task_names(names: Sequence[str]) -> None:
+    """Task names are non-empty, unique and free of '/' (they are safetensors key parts)."""
     for name in names:
         if not name or "/" in name:
             raise OptionError(f"--task-names: '{name}' is not a valid task name (non-empty, no '/')")
+    duplicate = next((n for n in names if list(names).count(n) > 1), None)
+    if duplicate is not None:
+        raise OptionError(f"--task-names: '{duplicate}' is given twice")
 
 
 def save_artifact(
     model: MASSModel,
     directory: str | os.PathLike[str],
     *,
+    build: BuildSettings | None = None,
     adapter: Any | None = None,
     hf_config: Mapping[str, Any] | None = None,
     tokenizer_dir: str | os.PathLike[str] | None = None,
     base_reference: str | os.PathLike[str] | None = None,
     factor_dtype: str | torch.dtype | None = None,
     class_names: Sequence[Sequence[str] | None] | None = None,
-    pooling: str | None = None,
     rank_scale: float = 1.0,
 ) -> Path:
-    """Write ``model`` as an artifact directory (atomically) and return its path.
+    """Write ``model`` (with its serve settings as the artifact's defaults) as an artifact directory.
 
     With ``adapter`` (a bound :class:`~massmerge.adapters.BaseAdapter`) and the model's HF config (taken from
     ``model.model.config`` when not given) the base is written as an HF model directory ``model/`` that
     :func:`load` rebuilds by itself; otherwise the base's tensors are stored (or referenced by
     ``base_reference``, a safetensors file holding exactly them) and ``load`` needs ``base_model=``.
-    ``factor_dtype`` None picks :func:`storage_dtype` of the base.
+    ``factor_dtype`` None picks :func:`storage_dtype` of the base. Writes are atomic.
     """
     directory = Path(directory)
     factors = model.factors
@@ -284,9 +347,10 @@ def save_artifact(
     base_dtype = float_dtype(base_state)
     store = parse_dtype(factor_dtype) if factor_dtype is not None else storage_dtype(base_dtype)
     entries, head_tensors = head_entries(list(model.heads), factors.task_names, class_names)
-    architecture = _architecture(model, adapter, hf_config, pooling)
+    architecture = _architecture(model, adapter, hf_config)
     if architecture.kind == "adapter" and base_reference is not None:
         raise OptionError("base_reference: only a generic module's base can be referenced, not an adapter's model")
+    build = (build or BuildSettings()).model_copy(update={"eps": factors.eps, "factor_dtype": dtype_name(store)})
 
     def fill(tmp: Path) -> None:
         _save_tensors(factor_tensors(factors, store), tmp / FACTORS_FILE)
@@ -294,11 +358,10 @@ def save_artifact(
         base = _write_base(tmp, model, base_state, architecture, hf_config, tokenizer_dir, base_reference, base_dtype)
         manifest = Manifest(
             format_version=FORMAT_VERSION, massmerge_version=_version(), task_names=list(factors.task_names),
-            config=model.config.model_dump(), rank_fraction=factors.rank_fraction,
-            rank_scale=rank_scale, eps=factors.eps, accepted=factors.accepted, matrix_keys=list(factors.matrices),
-            non_matrix_keys=list(factors.non_matrix),
-            factor_dtype=dtype_name(store), base=base, architecture=architecture, heads=entries,
-            files=_file_entries(tmp),
+            build=build, rank_fraction=factors.rank_fraction, rank_scale=rank_scale, serve=model.settings,
+            ranks={key: [f.rank for f in per_task] for key, per_task in factors.matrices.items()},
+            accepted=factors.accepted, non_matrix_keys=list(factors.non_matrix), factor_dtype=dtype_name(store),
+            base=base, architecture=architecture, heads=entries, files=_file_entries(tmp),
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
         _fsync(tmp / MANIFEST)
@@ -307,23 +370,16 @@ def save_artifact(
     return directory
 
 
-def float_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
-    """The dtype of the first floating-point tensor: the base's own precision."""
-    for value in state.values():
-        if value.is_floating_point():
-            return value.dtype
-    raise OptionError("base model: has no floating-point parameter")
-
-
-def _architecture(model: MASSModel, adapter: Any | None, hf_config: Mapping[str, Any] | None,
-                  pooling: str | None) -> ArchitectureEntry:
+def _architecture(model: MASSModel, adapter: Any | None, hf_config: Mapping[str, Any] | None) -> ArchitectureEntry:
     if adapter is None:
-        return ArchitectureEntry(kind="module", pooling=pooling)
+        return ArchitectureEntry(kind="module")
     if hf_config is None and getattr(model.model, "config", None) is None:
         raise OptionError("adapter: the model has no HF config; pass hf_config=... or save it as a generic module")
-    options: dict[str, Any] = {"routing_layer": model.config.routing_layer, "pooling": adapter.pooling}
-    if hasattr(adapter, "feature_pooling"):
-        options["feature_pooling"] = adapter.feature_pooling
+    options: dict[str, Any] = {"pooling": adapter.pooling}
+    for name in ("feature_pooling", "special_ids", "arch"):
+        if getattr(adapter, name, None) is not None:
+            value = getattr(adapter, name)
+            options[name] = list(value) if isinstance(value, tuple) else value
     return ArchitectureEntry(kind="adapter", adapter=adapter.name, options=options, pooling=adapter.pooling)
 
 
@@ -334,7 +390,8 @@ def _write_base(tmp: Path, model: MASSModel, state: Mapping[str, torch.Tensor], 
     if base_reference is not None:
         ref = Path(base_reference).resolve()
         _check_reference_matches(ref, state)
-        return BaseEntry(mode="reference", dtype=dtype, path=str(ref), sha256=sha256_file(ref))
+        return BaseEntry(mode="reference", dtype=dtype, path=str(ref), sha256=sha256_file(ref),
+                         bytes=ref.stat().st_size)
     if architecture.kind == "module":
         _save_tensors(state, tmp / BASE_FILE)
         return BaseEntry(mode="embedded", dtype=dtype, file=BASE_FILE)
@@ -351,12 +408,12 @@ def _write_base(tmp: Path, model: MASSModel, state: Mapping[str, torch.Tensor], 
 def _copy_tokenizer(source: Path, target: Path) -> None:
     for pattern in TOKENIZER_PATTERNS:
         for file in source.glob(pattern):
-            if file.is_file() and file.suffix != ".safetensors":
+            if file.is_file() and not file.is_symlink() and file.suffix != ".safetensors":
                 shutil.copyfile(file, target / file.name)
 
 
 def _check_reference_matches(path: Path, state: Mapping[str, torch.Tensor]) -> None:
-    tensors = _read_safetensors(path)
+    tensors = _read_safetensors(path, "base_reference")
     for key, value in state.items():
         if key not in tensors or not torch.equal(tensors[key], value):
             raise OptionError(f"base_reference: '{path}' does not hold the model's tensor '{key}'")
@@ -381,7 +438,7 @@ def _version() -> str:
 def write_head_file(path: str | os.PathLike[str], head: nn.Module, *, task: str | None = None,
                     class_names: Sequence[str] | None = None) -> None:
     """Write a head as the ``--heads`` file format: safetensors ``weight`` [C, d] (+ ``bias``) and metadata
-    ``kind`` (zero_shot | linear), ``logit_scale``, ``class_names`` (JSON list) and ``task``."""
+    ``kind`` (zero_shot | linear), ``logit_scale`` (zero_shot), ``class_names`` (JSON list) and ``task``."""
     from massmerge.checkpoints import save_state_dict
 
     tensors = {"weight": head.weight}
@@ -398,7 +455,12 @@ def write_head_file(path: str | os.PathLike[str], head: nn.Module, *, task: str 
 
 
 def read_head_file(path: str | os.PathLike[str]) -> tuple[nn.Module, str | None, list[str] | None]:
-    """(head, task name or None, class names or None) from a ``--heads`` file; errors name the file."""
+    """(head, task name or None, class names or None) from a ``--heads`` file; errors name the file and field.
+
+    Checked before any expert is read: a float 2-D ``weight`` with at least one row and finite values, a bias
+    of one value per class, a finite positive ``logit_scale`` for zero-shot heads (required: a silent default
+    would make that head's logits incomparable with the others), class names matching the rows.
+    """
     path = Path(path)
     if not path.is_file():
         raise MassMergeError(f"{path}: no such heads file")
@@ -411,22 +473,36 @@ def read_head_file(path: str | os.PathLike[str]) -> tuple[nn.Module, str | None,
     weight = tensors.get("weight")
     if weight is None or weight.ndim != 2 or not weight.is_floating_point():
         raise MassMergeError(f"{path}: a heads file needs a floating 2-D tensor 'weight' [classes, dim]")
+    if weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise MassMergeError(f"{path}: 'weight' has shape {list(weight.shape)}; a head needs at least one class")
+    if not bool(torch.isfinite(weight).all()):
+        raise MassMergeError(f"{path}: 'weight' contains NaN or Inf values")
     kind = meta.get("kind", "linear")
     names = _class_names(meta, path, int(weight.shape[0]))
     if kind == "zero_shot":
-        try:
-            scale = float(meta.get("logit_scale", "100.0"))
-        except ValueError:
-            raise MassMergeError(f"{path}: metadata logit_scale is not a number") from None
-        head: nn.Module = ZeroShotHead(weight, scale)
+        if "logit_scale" not in meta:
+            raise MassMergeError(f"{path}: metadata logit_scale is missing (required for a zero_shot head)")
+        head: nn.Module = ZeroShotHead(weight, _logit_scale(meta["logit_scale"], f"{path}: metadata logit_scale"))
     elif kind == "linear":
         bias = tensors.get("bias")
         if bias is not None and bias.shape != (weight.shape[0],):
             raise MassMergeError(f"{path}: 'bias' has shape {list(bias.shape)}, expected [{weight.shape[0]}]")
+        if bias is not None and not bool(torch.isfinite(bias).all()):
+            raise MassMergeError(f"{path}: 'bias' contains NaN or Inf values")
         head = LinearHead(weight, bias)
     else:
         raise MassMergeError(f"{path}: metadata kind '{kind}' is not zero_shot or linear")
     return head, meta.get("task"), names
+
+
+def _logit_scale(raw: Any, where: str) -> float:
+    try:
+        scale = float(raw)
+    except (TypeError, ValueError):
+        raise MassMergeError(f"{where} is not a number (got {raw!r})") from None
+    if not math.isfinite(scale) or scale <= 0:
+        raise MassMergeError(f"{where} must be a finite positive number (got {raw!r})")
+    return scale
 
 
 def _class_names(meta: Mapping[str, str], path: Path, classes: int) -> list[str] | None:
@@ -434,99 +510,221 @@ def _class_names(meta: Mapping[str, str], path: Path, classes: int) -> list[str]
         return None
     try:
         names = json.loads(meta["class_names"])
-    except ValueError:
+    except (ValueError, RecursionError):
         names = None
     if not isinstance(names, list) or len(names) != classes or not all(isinstance(n, str) for n in names):
         raise MassMergeError(f"{path}: metadata class_names must be a JSON list of {classes} strings")
     return names
 
 
-# ----- load ---------------------------------------------------------------------------------------------------
+# ----- load: confinement, checksums, structure ------------------------------------------------------------------
+
+def parse_json_text(text: str, where: str) -> Any:
+    """JSON with a bounded nesting depth (a hostile file must not reach the interpreter's recursion limit)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+            continue
+        if char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                raise MassMergeError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        elif char in "]}":
+            depth -= 1
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise MassMergeError(f"{where}: not valid JSON ({str(exc).splitlines()[0][:160]})") from None
+
 
 def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
     """Parse and validate ``manifest.json``; refuse unknown format versions before anything else."""
-    path = Path(directory) / MANIFEST
-    if not Path(directory).is_dir():
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
         raise MassMergeError(f"{directory}: no such artifact directory")
-    if not path.is_file():
-        raise MassMergeError(f"{path}: missing; '{directory}' is not a massmerge artifact")
+    if path.is_symlink() or not path.is_file():
+        raise MassMergeError(f"{path}: missing (or not a plain file); '{directory}' is not a massmerge artifact")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise MassMergeError(f"{path}: {path.stat().st_size} bytes is too large for a manifest")
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise MassMergeError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MassMergeError(f"{path}: not readable UTF-8 text ({type(exc).__name__})") from None
+    raw = parse_json_text(text, str(path))
     version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version == 1:
+        raise MassMergeError(f"{path}: format_version 1 (massmerge 0.1) is no longer read; rebuild the artifact "
+                             "with `massmerge build` from the same base, experts and heads")
     if version != FORMAT_VERSION:
         raise MassMergeError(
-            f"{path}: format_version {version!r} is not supported (this massmerge reads version {FORMAT_VERSION})"
-        )
+            f"{path}: format_version {version!r} is not supported (this massmerge reads version {FORMAT_VERSION})")
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise MassMergeError(f"{path}: invalid manifest field '{where}' ({first['msg']})") from None
+    check_manifest(manifest, path)
+    return manifest
 
 
-def verify_files(directory: Path, manifest: Manifest) -> None:
-    """Every listed file exists with its size and sha256; the error names the first file that does not."""
+def check_manifest(manifest: Manifest, path: Path) -> None:
+    """Cross-field rules pydantic cannot state: unique task names, ranks and accepted indices per task."""
+    names = manifest.task_names
+    T = len(names)
+    for name in names:
+        if not name or "/" in name:
+            raise MassMergeError(f"{path}: field 'task_names' holds an invalid name {name!r}")
+    if len(set(names)) != T:
+        raise MassMergeError(f"{path}: field 'task_names' lists a task twice")
+    if [h.task for h in manifest.heads] != names:
+        raise MassMergeError(f"{path}: field 'heads' does not list one head per task, in task order")
+    for key, ranks in manifest.ranks.items():
+        if len(ranks) != T or any(r < 0 for r in ranks):
+            raise MassMergeError(f"{path}: field 'ranks.{key}' must hold {T} non-negative ranks")
+    for key, kept in manifest.accepted.items():
+        if key not in manifest.ranks:
+            raise MassMergeError(f"{path}: field 'accepted.{key}' names a key without factors")
+        if not kept or len(set(kept)) != len(kept) or any(not 0 <= t < T for t in kept):
+            raise MassMergeError(f"{path}: field 'accepted.{key}' must hold distinct task indices in [0, {T})")
+    for entry in manifest.heads:
+        if entry.kind == "zero_shot" and (entry.logit_scale is None or not math.isfinite(entry.logit_scale)
+                                          or entry.logit_scale <= 0):
+            raise MassMergeError(f"{path}: field 'heads.{entry.task}.logit_scale' must be finite and positive")
+        if entry.class_names is not None and len(entry.class_names) != entry.num_classes:
+            raise MassMergeError(f"{path}: field 'heads.{entry.task}.class_names' has {len(entry.class_names)} "
+                                 f"names for {entry.num_classes} classes")
+    for name in manifest.files:
+        _check_relative(name, path)
+    if manifest.base.mode == "embedded" and manifest.base.file not in manifest.files:
+        raise MassMergeError(f"{path}: field 'base.file' is not a listed file")
+    if manifest.base.mode == "reference" and (not manifest.base.path or not manifest.base.sha256
+                                              or manifest.base.bytes is None):
+        raise MassMergeError(f"{path}: field 'base' must name the referenced file's path, bytes and sha256")
+
+
+def _check_relative(name: str, manifest_path: Path) -> None:
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or "\\" in name or any(part in ("..", "") for part in pure.parts) \
+            or name.startswith("./") or name != pure.as_posix():
+        raise MassMergeError(f"{manifest_path}: field 'files' lists '{name}', which is not a plain relative name "
+                             "inside the artifact")
+
+
+def verify_files(directory: Path, manifest: Manifest, *, checksums: bool = True) -> None:
+    """Confinement and integrity: every listed file is a regular file (no symlink) inside ``directory`` with its
+    size and sha256, nothing unlisted lies beside them, and the required files are listed."""
+    directory = Path(directory)
+    root = directory.resolve()
+    listed = set(manifest.files)
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if path.is_symlink():
+            raise MassMergeError(f"{path}: a symlink inside the artifact is refused")
+        if path.is_file() and name != MANIFEST and name not in listed:
+            raise MassMergeError(f"{path}: not listed in {MANIFEST}; refusing an artifact with unlisted files")
+    required = [FACTORS_FILE, HEADS_FILE] + ([manifest.base.file] if manifest.base.file else [])
+    if manifest.architecture.kind == "adapter":
+        required.append(f"{MODEL_DIR}/config.json")
+    for name in required:
+        if name not in listed:
+            raise MassMergeError(f"{directory / name}: required but not listed in {MANIFEST}")
     for name, entry in manifest.files.items():
         path = directory / name
-        if not path.is_file():
-            raise MassMergeError(f"{path}: missing from the artifact")
-        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+        if path.is_symlink() or not path.is_file() or root not in path.resolve().parents:
+            raise MassMergeError(f"{path}: missing from the artifact (or not a plain file inside it)")
+        if path.stat().st_size != entry.bytes or (checksums and sha256_file(path) != entry.sha256):
             raise MassMergeError(f"{path}: checksum mismatch (the file is corrupt or was modified)")
     if manifest.base.mode == "reference":
         ref = Path(manifest.base.path or "")
         if not ref.is_file():
             raise MassMergeError(f"{ref}: referenced base checkpoint is missing")
-        if sha256_file(ref) != manifest.base.sha256:
+        if ref.stat().st_size != manifest.base.bytes or (checksums and sha256_file(ref) != manifest.base.sha256):
             raise MassMergeError(f"{ref}: checksum mismatch with the base the artifact was built from")
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, where: str | None = None) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise MassMergeError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+        raise MassMergeError(f"{where or path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
 
 
-def _need(tensors: Mapping[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
+def _need(tensors: Mapping[str, torch.Tensor], key: str, path: Path, shape: Sequence[int] | None = None
+          ) -> torch.Tensor:
     if key not in tensors:
         raise MassMergeError(f"{path}: tensor '{key}' is missing")
-    return tensors[key]
+    value = tensors[key]
+    if shape is not None and list(value.shape) != list(shape):
+        raise MassMergeError(f"{path}: tensor '{key}' has shape {list(value.shape)}, expected {list(shape)}")
+    if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+        raise MassMergeError(f"{path}: tensor '{key}' is not finite floating-point data")
+    return value.to(torch.promote_types(value.dtype, torch.float32))
 
 
-def load_factors(directory: Path, manifest: Manifest) -> ExpertFactors:
-    """Rebuild the :class:`ExpertFactors` (computed in float32, or float64 if stored so)."""
+def load_factors(directory: Path, manifest: Manifest, shapes: Mapping[str, Sequence[int]]) -> ExpertFactors:
+    """Rebuild the :class:`ExpertFactors` (float32, or float64 if stored so), every tensor's shape checked
+    against the model parameter it belongs to and the rank the manifest records."""
     path = directory / FACTORS_FILE
     tensors = _read_safetensors(path)
-
-    def get(key: str) -> torch.Tensor:
-        value = _need(tensors, key, path)
-        return value.to(torch.promote_types(value.dtype, torch.float32))
-
-    matrices = {key: [LowRank(get(f"factors/{task}/{key}/U"), get(f"factors/{task}/{key}/s"),
-                              get(f"factors/{task}/{key}/V")) for task in manifest.task_names]
-                for key in manifest.matrix_keys}
-    non_matrix = {key: [get(f"non_matrix/{task}/{key}") for task in manifest.task_names]
+    for key in [*manifest.ranks, *manifest.non_matrix_keys]:
+        if key not in shapes:
+            raise MassMergeError(f"{directory / MANIFEST}: factor key '{key}' is not a parameter of the base model")
+    for key in manifest.ranks:
+        if len(shapes[key]) != 2:
+            raise MassMergeError(f"{directory / MANIFEST}: field 'ranks.{key}' names a parameter of shape "
+                                 f"{list(shapes[key])}, not a matrix")
+    matrices: dict[str, list[LowRank]] = {}
+    for key, ranks in manifest.ranks.items():
+        m, n = shapes[key]
+        if any(k > min(m, n) for k in ranks):
+            raise MassMergeError(f"{directory / MANIFEST}: field 'ranks.{key}' exceeds min(m, n) = {min(m, n)}")
+        matrices[key] = [LowRank(_need(tensors, f"factors/{task}/{key}/U", path, (m, k)),
+                                 _need(tensors, f"factors/{task}/{key}/s", path, (k,)),
+                                 _need(tensors, f"factors/{task}/{key}/V", path, (n, k)))
+                         for task, k in zip(manifest.task_names, ranks)]
+    non_matrix = {key: [_need(tensors, f"non_matrix/{task}/{key}", path, shapes[key]) for task in manifest.task_names]
                   for key in manifest.non_matrix_keys}
+    accepted = {key: manifest.accepted.get(key, list(range(len(manifest.task_names)))) for key in manifest.ranks}
     return ExpertFactors(task_names=list(manifest.task_names), rank_fraction=manifest.rank_fraction,
-                         matrices=matrices, non_matrix=non_matrix, accepted=dict(manifest.accepted), eps=manifest.eps)
+                         matrices=matrices, non_matrix=non_matrix, accepted=accepted, eps=manifest.build.eps)
 
 
-def load_heads(directory: Path, manifest: Manifest) -> list[nn.Module]:
-    """The heads, with their stored weights exactly (a zero-shot head's weight is not re-normalized)."""
+def load_heads(directory: Path, manifest: Manifest, feature_dim: int | None) -> list[nn.Module]:
+    """The heads, with their stored weights exactly (a zero-shot head's weight is not re-normalized), each
+    checked: rows = num_classes, width = the model's feature size (or the other heads' width)."""
     path = directory / HEADS_FILE
     tensors = _read_safetensors(path)
     heads: list[nn.Module] = []
+    width = feature_dim
     for entry in manifest.heads:
         weight = _need(tensors, f"heads/{entry.task}/weight", path)
+        if weight.ndim != 2 or weight.shape[0] != entry.num_classes:
+            raise MassMergeError(f"{path}: tensor 'heads/{entry.task}/weight' has shape {list(weight.shape)}; "
+                                 f"the manifest says {entry.num_classes} classes")
+        width = width or int(weight.shape[1])
+        if weight.shape[1] != width:
+            raise MassMergeError(f"{path}: tensor 'heads/{entry.task}/weight' is {weight.shape[1]} wide; the "
+                                 f"model's features are {width} wide")
         if entry.kind == "zero_shot":
-            head = ZeroShotHead(weight, entry.logit_scale if entry.logit_scale is not None else 100.0)
+            head: nn.Module = ZeroShotHead(weight, float(entry.logit_scale))  # type: ignore[arg-type]
             head.weight.copy_(weight)
         else:
-            head = LinearHead(weight, tensors.get(f"heads/{entry.task}/bias"))
+            bias_key = f"heads/{entry.task}/bias"
+            bias = _need(tensors, bias_key, path, (entry.num_classes,)) if bias_key in tensors else None
+            head = LinearHead(weight, bias)
         heads.append(head)
     return heads
 
@@ -544,22 +742,24 @@ def load(
     pool: PoolFn | None = None,
     features: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     verify: bool = True,
-    **fast_options: Any,
-) -> FastMASSModel:
-    """Load an artifact as a :class:`FastMASSModel` (a MASSModel with the fast second pass).
+    strategy: Strategy = "auto",
+    router: str | None = None,
+    **serve: Any,
+) -> MASSModel:
+    """Load an artifact as a :class:`~massmerge.mass.MASSModel`; keyword arguments override serve settings.
 
-    Artifacts with an adapter rebuild their module from ``model/``; generic ones need ``base_model`` (its
-    weights are overwritten with the artifact's base) and the ``pool``/``features`` functions used at build.
-    ``verify`` checks every file's sha256 first (on by default).
+    ``serve`` keys are :class:`~massmerge.mass.config.ServeSettings` fields (``eta=0.1``, ``top_k=1``,
+    ``head_rule='posterior'``, ``routing_layers=(...)``, ``pooling='content'``, ...); ``router='paper'``
+    applies a named router rule first. Artifacts with an adapter rebuild their module from ``model/``; generic
+    ones need ``base_model`` (its weights are replaced by the artifact's base) and the ``pool``/``features``
+    functions used at build. ``verify`` checks every file's sha256 first (on by default; sizes, confinement and
+    tensor structure are always checked).
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    if verify:
-        verify_files(directory, manifest)
-    factors = load_factors(directory, manifest)
-    heads = load_heads(directory, manifest)
-    config = make_config(**manifest.config)
+    verify_files(directory, manifest, checksums=verify)
     arch = manifest.architecture
+    adapter = None
     if arch.kind == "adapter":
         adapter, module = _load_adapter_model(directory, manifest)
         pool = pool or adapter.pool
@@ -569,11 +769,46 @@ def load(
             raise OptionError(f"{directory}: a generic-module artifact needs load(..., base_model=<the nn.Module>)")
         module = base_model
         _load_base_into(module, _base_state(directory, manifest), directory)
-    model = FastMASSModel(module.eval(), factors, heads, config, pool=pool or identity_pool,
-                          features=features or default_features, **fast_options)
+    check_routing_layers(manifest, module, directory)
+    shapes = {key: list(value.shape) for key, value in module.state_dict().items()}
+    factors = load_factors(directory, manifest, shapes)
+    feature_dim = adapter.feature_dim(module) if adapter is not None else None
+    heads = load_heads(directory, manifest, feature_dim)
+    settings = serve_settings(manifest, router=router, adapter=adapter, **serve)
+    model = MASSModel(module.eval(), factors, heads, settings, pool=pool or identity_pool,
+                      features=features or default_features, strategy=strategy)
     model.manifest = manifest  # type: ignore[attr-defined]
-    model.adapter = adapter if arch.kind == "adapter" else None  # type: ignore[attr-defined]
+    model.adapter = adapter  # type: ignore[attr-defined]
     return model
+
+
+def check_routing_layers(manifest: Manifest, module: nn.Module, directory: Path) -> None:
+    """The manifest's routing layers are factored ``nn.Linear`` modules of the rebuilt model (so a bad one
+    is blamed on the manifest field, not on a flag the user never passed)."""
+    modules = dict(module.named_modules())
+    for layer in manifest.serve.routing_layers:
+        if not isinstance(modules.get(layer), nn.Linear) or f"{layer}.weight" not in manifest.ranks:
+            raise MassMergeError(f"{directory / MANIFEST}: field 'serve.routing_layers' names '{layer}', which is "
+                                 "not a factored nn.Linear of the model")
+    if not manifest.serve.routing_layers:
+        raise MassMergeError(f"{directory / MANIFEST}: field 'serve.routing_layers' is empty")
+
+
+def serve_settings(manifest: Manifest, *, router: str | None = None, adapter: Any | None = None,
+                   **overrides: Any) -> ServeSettings:
+    """The artifact's serve settings with a named router rule and explicit overrides applied (in that order)."""
+    from massmerge.mass.config import apply_profile
+
+    settings = manifest.serve
+    if router is not None:
+        family_pooling = getattr(adapter, "default_pooling", None) if adapter is not None else None
+        settings = apply_profile(settings, router, default_layer=settings.routing_layers[0],
+                                 family_pooling=family_pooling)
+    unknown = sorted(set(overrides) - set(ServeSettings.model_fields))
+    if unknown:
+        raise OptionError(f"load: '{unknown[0]}' is not a serve setting (choose from "
+                          f"{', '.join(ServeSettings.model_fields)})")
+    return settings.updated(**overrides)
 
 
 def _load_base_into(module: nn.Module, state: Mapping[str, torch.Tensor], directory: Path) -> None:
@@ -593,6 +828,12 @@ def _load_base_into(module: nn.Module, state: Mapping[str, torch.Tensor], direct
 def _load_adapter_model(directory: Path, manifest: Manifest) -> tuple[Any, nn.Module]:
     from massmerge.adapters import get_adapter
 
+    config_path = directory / MODEL_DIR / "config.json"
+    config = parse_json_text(config_path.read_text(encoding="utf-8"), str(config_path))
+    if not isinstance(config, dict):
+        raise MassMergeError(f"{config_path}: expected a JSON object")
+    if "auto_map" in config:
+        raise MassMergeError(f"{config_path}: field 'auto_map' asks for custom modelling code, which is refused")
     arch = manifest.architecture
     options = {k: v for k, v in arch.options.items() if v is not None}
     adapter = get_adapter(arch.adapter or "", **options)
@@ -612,6 +853,7 @@ def artifact_bytes(directory: str | os.PathLike[str], *, include_base: bool = Tr
 
 
 __all__ = [
-    "FORMAT_VERSION", "Manifest", "artifact_bytes", "load", "read_head_file", "read_manifest", "round_factors",
-    "save_artifact", "storage_dtype", "verify_files", "write_head_file",
+    "FORMAT_VERSION", "Manifest", "artifact_bytes", "factor_storage", "float_dtype", "load", "read_head_file",
+    "read_manifest", "round_factors", "save_artifact", "serve_settings", "storage_dtype", "verify_files",
+    "write_head_file",
 ]

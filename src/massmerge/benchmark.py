@@ -211,19 +211,21 @@ def score_merge(wb: Workbench, method: str) -> dict[str, Any]:
 
 def build_mass(wb: Workbench) -> Any:
     """The MASS model over the base, with factors streamed from the experts (or from LoRA without densifying)."""
-    from massmerge.mass import ExpertFactors, MASSModel, make_config
+    from massmerge.mass import ExpertFactors, MASSModel, make_serve_settings
+    from massmerge.merging.common import default_rank_fraction
 
     opts = wb.config.mass
     layer = wb.adapter.routing_layer(wb.model)
+    fraction = default_rank_fraction(len(wb.task_names), opts.rank_fraction)
     if wb.lora is not None:
         shapes = {k: tuple(v.shape) for k, v in wb.base_state.items()}
-        factors = build_lora_factors(wb.lora, wb.task_names, shapes, rank_fraction=opts.rank_fraction, eps=opts.eps)
+        factors = build_lora_factors(wb.lora, wb.task_names, shapes, rank_fraction=fraction, eps=opts.eps)
     else:
         stream = (expert_vector(wb, t) for t in range(len(wb.task_names)))
-        factors = ExpertFactors.build(stream, wb.task_names, rank_fraction=opts.rank_fraction, eps=opts.eps)
-    config = make_config(routing_layer=layer, rank_fraction=opts.rank_fraction, eps=opts.eps, alpha=opts.alpha,
-                         eta=opts.eta, top_k=opts.top_k, tau=opts.tau, mode=opts.mode)
-    return MASSModel(wb.model, factors, wb.heads, config, pool=wb.adapter.pool, features=wb.adapter.features)
+        factors = ExpertFactors.build(stream, wb.task_names, rank_fraction=fraction, eps=opts.eps)
+    settings = make_serve_settings(routing_layers=(layer,), alpha=opts.alpha, eta=opts.eta, top_k=opts.top_k,
+                                   tau=opts.tau, mode=opts.mode, head_rule=opts.head_rule, pooling=opts.pooling)
+    return MASSModel(wb.model, factors, wb.heads, settings, pool=wb.adapter.pool, features=wb.adapter.features)
 
 
 @torch.no_grad()

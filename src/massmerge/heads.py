@@ -1,7 +1,14 @@
-"""Classification heads and the max-logit rule that picks a task when the task is not given.
+"""Classification heads and the rules that pick a task when the task is not given.
 
 CLIP-style zero-shot heads use cosine logits times a shared logit scale, which is what makes the best logits
 of different tasks comparable; linear heads come from a model's own classifier.
+
+Head rules (:func:`choose`), applied among the tasks the router selected for each sample:
+
+- ``max_logit`` (the paper): the task whose best logit is largest wins, its argmax is the class.
+- ``posterior``: the joint argmax over (task, class) of ``log p(task | x) + log softmax(logits_task)[class]``,
+  with ``p(task | x)`` the router's probabilities. Why: max-logit compares raw logits of label spaces of
+  different sizes and class-name quality, and so can overrule a confident, correct router (issue 9).
 """
 
 from __future__ import annotations
@@ -43,6 +50,30 @@ class ZeroShotHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * F.normalize(features.float(), dim=-1) @ self.weight.T
+
+
+def choose(logits_per_task: Sequence[torch.Tensor], allowed: torch.Tensor, *, rule: str = "max_logit",
+           probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(task [B], class [B]) by ``rule`` among the tasks ``allowed`` [B, T] (bool; every row has one).
+
+    ``logits_per_task[t]``: task t's logits [B, C_t] for every sample; ``probs`` [B, T]: the router's
+    probabilities (needed by ``posterior``).
+    """
+    if rule == "max_logit":
+        scores = torch.stack([logits.max(dim=1).values for logits in logits_per_task], dim=1)
+        labels = torch.stack([logits.argmax(dim=1) for logits in logits_per_task], dim=1)
+    elif rule == "posterior":
+        if probs is None:
+            raise ValueError("the posterior head rule needs the router's probabilities")
+        best = [torch.log_softmax(logits.float(), dim=1).max(dim=1) for logits in logits_per_task]
+        scores = torch.log(probs.float().clamp_min(torch.finfo(torch.float32).tiny)) + torch.stack(
+            [b.values for b in best], dim=1)
+        labels = torch.stack([b.indices for b in best], dim=1)
+    else:
+        raise ValueError(f"unknown head rule {rule!r} (choose max_logit or posterior)")
+    scores = scores.float().masked_fill(~allowed, float("-inf"))
+    task = scores.argmax(dim=1)
+    return task, labels.gather(1, task[:, None]).squeeze(1)
 
 
 def select_by_max_logit(logits_per_task: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,10 @@
 
 Flow (one way): tasks -> frozen zero-shot heads -> cached experts -> task vectors -> static merges and MASS ->
 accuracy on each task's test split with the task hidden (max-logit heads) and given (oracle head) -> report.
+MASS is scored through the one :class:`~massmerge.mass.MASSModel` that ``massmerge predict`` serves, built from
+factors stored exactly as ``massmerge build`` stores them (:func:`~massmerge.mass.budget.stored_factors`) and
+with the text adapter's pooling and features. Router variants (the ablation) are serve-setting views of that
+one model, scored on the validation split (where settings are chosen) and on the test split (reported).
 Every evaluation result is cached under a key of everything that shapes it, so an interrupted run resumes.
 """
 
@@ -9,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,22 +25,30 @@ from torch import nn
 
 from massmerge import evaluate as ev
 from massmerge import progress
+from massmerge.adapters.text import TextEncoderAdapter
+from massmerge.checkpoints import atomic_write
 from massmerge.data.tasks import TaskData, get_preset, load_task
 from massmerge.finetune import Backbone, FinetuneConfig, class_embeddings, features, finetune_expert, load_backbone
 from massmerge.finetune import tokenize
 from massmerge.heads import ZeroShotHead
-from massmerge.mass import ExpertFactors, MASSModel, make_config, mean_pool
-from massmerge.mass.budget import truncate
 from massmerge.mass import router
+from massmerge.mass.budget import stored_factors, tensor_bytes
+from massmerge.mass.config import DEFAULT_EPS, ROUTER_PROFILES, default_routing_block, make_serve_settings
+from massmerge.mass.experts import ExpertFactors
+from massmerge.mass.model import MASSModel
 from massmerge.merging import STATIC_MERGES, merge
 from massmerge.task_vectors import task_vector
 
-#: Training budgets per preset; ``ci`` is cut so the whole pipeline fits 10 minutes on 2 cores.
-PRESET_FINETUNE = {
-    "ci": FinetuneConfig(steps=60, batch_size=16, max_length=32),
-    "default": FinetuneConfig(steps=100, batch_size=16, max_length=48),
-    "wide": FinetuneConfig(steps=100, batch_size=16, max_length=48),
-}
+#: Training budgets: ``ci`` is cut so the whole pipeline fits 10 minutes on 2 cores; every other preset trains
+#: 100 steps per expert (the 2-core budget: 40-210 s an expert).
+CI_FINETUNE = FinetuneConfig(steps=60, batch_size=16, max_length=32)
+FULL_FINETUNE = FinetuneConfig(steps=100, batch_size=16, max_length=48)
+
+
+def preset_finetune(preset: str) -> FinetuneConfig:
+    """The training budget of a preset."""
+    return CI_FINETUNE if preset == "ci" else FULL_FINETUNE
+REPORT_SCHEMA_VERSION = 2
 
 
 class SuiteConfig(BaseModel):
@@ -53,58 +64,58 @@ class SuiteConfig(BaseModel):
     finetune: FinetuneConfig | None = None
     routing_layer: str | None = None  # default: the first MLP matrix of block round(0.75 * depth)
     mass_layers: tuple[str, ...] = ()  # extra routing layers evaluated with the full MASS model
-    eps: float | None = 0.3
-    eta: float = 0.2
-    top_k: int = 3
-    alpha: float = 1.0
-    rank_scale: float = 1.0  # MASS factors cut as `build --max-size` cuts them (mass/budget.py); 1 = design ranks
+    eps: float | None = DEFAULT_EPS
+    max_size: float | None = None  # the artifact size budget, as `massmerge build --max-size`
+    serve: dict[str, Any] = {}  # serve-setting overrides of MASS (eta, top_k, pooling, head_rule, ...)
+    ablation: bool = True  # score the router variants on val and test
     methods: tuple[str, ...] = STATIC_MERGES
     seed: int = 0
     eval_batch_size: int = 64
 
     def finetune_config(self) -> FinetuneConfig:
-        return self.finetune or PRESET_FINETUNE.get(self.preset, PRESET_FINETUNE["default"])
+        return self.finetune or preset_finetune(self.preset)
 
 
 @dataclass
-class TestBatches:
-    """One task's test split, tokenized once into length-sorted batches reused by every method."""
+class SplitBatches:
+    """One task's split, tokenized once into length-sorted batches reused by every method."""
 
     batches: list[dict[str, torch.Tensor]]
     labels: torch.Tensor  # in batch order
 
+    @property
+    def size(self) -> int:
+        return int(self.labels.numel())
+
 
 @dataclass
 class Zoo:
-    """The run's fixed material: tasks, heads, experts and test batches."""
+    """The run's fixed material: tasks, heads, experts, tokenized splits and the text adapter."""
 
     tasks: list[TaskData]
     heads: list[ZeroShotHead]
     experts: list[Any]
-    tests: list[TestBatches]
+    splits: dict[str, list[SplitBatches]]
     backbone: Backbone
+    adapter: TextEncoderAdapter
     timing: dict[str, float] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
+    @property
+    def tests(self) -> list[SplitBatches]:
+        return self.splits["test"]
+
 
 def default_routing_layer(model: nn.Module) -> str:
     """``encoder.layer.{round(0.75 * depth)}.intermediate.dense`` (design.md section 2, step 5)."""
-    depth = int(model.config.num_hidden_layers)
-    return f"encoder.layer.{round(0.75 * depth)}.intermediate.dense"
+    return f"encoder.layer.{default_routing_block(int(model.config.num_hidden_layers))}.intermediate.dense"
 
 
 def _hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _atomic_write(path: Path, text: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
-    os.replace(tmp, path)
 
 
 class EvalCache:
@@ -118,7 +129,7 @@ class EvalCache:
         if path.exists():
             return json.loads(path.read_text())
         result = fn()
-        _atomic_write(path, json.dumps(result))
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result)))
         return result
 
 
@@ -137,14 +148,16 @@ def make_heads(backbone: Backbone, tasks: Sequence[TaskData], logit_scale: float
     return [ZeroShotHead(class_embeddings(backbone, t.classes, t.templates), logit_scale) for t in tasks]
 
 
-def tokenize_tests(tasks: Sequence[TaskData], tokenizer: Any, max_length: int, batch_size: int) -> list[TestBatches]:
-    """Tokenize every test split once, sorted by length so batches carry little padding."""
+def tokenize_split(tasks: Sequence[TaskData], split: str, tokenizer: Any, max_length: int,
+                   batch_size: int) -> list[SplitBatches]:
+    """Tokenize one split of every task once, sorted by length so batches carry little padding."""
     out = []
     for task in tasks:
-        order = sorted(range(len(task.test)), key=lambda i: len(task.test.texts[i]))
+        data = getattr(task, split)
+        order = sorted(range(len(data)), key=lambda i: len(data.texts[i]))
         chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-        batches = [tokenize(tokenizer, [task.test.texts[i] for i in c], max_length) for c in chunks]
-        out.append(TestBatches(batches, torch.tensor([task.test.labels[i] for i in order])))
+        batches = [tokenize(tokenizer, [data.texts[i] for i in c], max_length) for c in chunks]
+        out.append(SplitBatches(batches, torch.tensor([data.labels[i] for i in order], dtype=torch.long)))
     return out
 
 
@@ -159,15 +172,18 @@ def build_zoo(cfg: SuiteConfig, data_root: Path | None, cache_dir: Path) -> Zoo:
     start = time.perf_counter()
     experts = [finetune_expert(backbone, head, task, ft, cache_dir) for task, head in zip(tasks, heads)]
     timing["finetune_seconds"] = time.perf_counter() - start
-    tests = tokenize_tests(tasks, backbone.tokenizer, ft.max_length, cfg.eval_batch_size)
-    return Zoo(tasks, heads, experts, tests, backbone, timing)
+    splits = {split: tokenize_split(tasks, split, backbone.tokenizer, ft.max_length, cfg.eval_batch_size)
+              for split in ("test", "val")}
+    special = sorted(set(backbone.tokenizer.all_special_ids))
+    adapter = TextEncoderAdapter(special_ids=special).bind(backbone.model)
+    return Zoo(tasks, heads, experts, splits, backbone, adapter, timing)
 
 
-# ----- scoring ---------------------------------------------------------------------------------------------------
+# ----- scoring static models -------------------------------------------------------------------------------------
 
 
 @torch.inference_mode()
-def test_features(model: nn.Module, tests: Sequence[TestBatches], which: Sequence[int] | None = None,
+def test_features(model: nn.Module, tests: Sequence[SplitBatches], which: Sequence[int] | None = None,
                   label: str = "evaluate") -> dict[int, torch.Tensor]:  # fmt: skip
     """Final features of the test splits ``which`` (default all) under ``model``."""
     which = list(range(len(tests))) if which is None else list(which)
@@ -203,112 +219,107 @@ def score_state(zoo: Zoo, state: dict[str, torch.Tensor], label: str) -> dict[st
 
 
 def score_experts(zoo: Zoo) -> dict[str, Any]:
-    """Each expert on its own test split (the normalizer of every other method)."""
+    """Each expert on its own test and validation splits (the normalizers of every other method)."""
     oracle: dict[str, float] = {}
+    val: dict[str, float] = {}
     for t, expert in enumerate(zoo.experts):
-        feats = test_features(_with_state(zoo, expert.state_dict()), zoo.tests, [t], label=f"expert {zoo.names[t]}")
+        model = _with_state(zoo, expert.state_dict())
+        feats = test_features(model, zoo.tests, [t], label=f"expert {zoo.names[t]}")
         oracle.update(score_features(zoo, feats, max_logit=False)["oracle"])
-    return {"oracle": oracle}
+        val_feats = test_features(model, zoo.splits["val"], [t], label=f"expert {zoo.names[t]} (val)")
+        val[zoo.names[t]] = ev.oracle_head_accuracy(val_feats[t], zoo.heads[t], zoo.splits["val"][t].labels)
+    return {"oracle": oracle, "val": val}
 
 
-def _set_model(zoo: Zoo, mass: MASSModel, tasks: tuple[int, ...]) -> nn.Module:
-    """The plain model ``theta_0 + alpha * TSV-M(tasks)``, built once per task set and reused over batches."""
-    return _with_state(zoo, {**zoo.backbone.model.state_dict(), **mass.set_params(tasks)})
+# ----- scoring MASS ---------------------------------------------------------------------------------------------
 
 
 @torch.inference_mode()
-def score_mass(zoo: Zoo, mass: MASSModel) -> dict[str, Any]:
-    """MASS with the task hidden: routing, (task, class) accuracy, and the oracle head on the same features.
+def score_mass(zoo: Zoo, mass: MASSModel, split: str = "test", label: str = "MASS") -> dict[str, Any]:
+    """MASS with the task hidden, through the served model: strict (task, class) accuracy and where it loses.
 
-    Every test sample is routed first; then samples are grouped by their selected set S over the whole test
-    run, so each S's merged weights are formed once (MASS's second pass, grouped as the model does per batch).
+    Per task: routing top-1, the true task among the selected (``selection_recall``), the final task choice,
+    the class given the right task, the true task's head on the routed features (``oracle_head``), the routing
+    confusion, and the wall time per input of the whole two-pass call.
     """
-    from massmerge.mass.model import group_by_task_set
-
     names, T = zoo.names, len(zoo.names)
-    routed = []  # (task, batch index, probs, selected)
-    for t, batch, i in progress.track([(t, b, i) for t in range(T) for i, b in enumerate(zoo.tests[t].batches)],
-                                      "route MASS"):  # fmt: skip
-        _, probs, selected = mass.route(batch)
-        routed.append((t, i, probs, selected))
-    members: dict[tuple[int, ...], list[tuple[int, int, torch.Tensor]]] = {}
-    for t, i, _, selected in routed:
-        for tasks, index in group_by_task_set(selected):
-            members.setdefault(tasks, []).append((t, i, index))
-    correct, oracle_correct = torch.zeros(T), torch.zeros(T)
-    starts = {t: _batch_starts(zoo.tests[t]) for t in range(T)}
-    for tasks, rows in progress.track(sorted(members.items()), "evaluate MASS per task set"):
-        model = _set_model(zoo, mass, tasks)
-        for t, i, index in rows:
-            batch = {k: v[index] for k, v in zoo.tests[t].batches[i].items()}
-            labels = zoo.tests[t].labels[starts[t][i] + index]
-            feats = features(model, batch).float()
-            winner, pred = ev.max_logit_predictions(feats, [zoo.heads[s] for s in tasks])
-            correct[t] += float(((torch.tensor(tasks)[winner] == t) & (pred == labels)).sum())
-            oracle_correct[t] += float((zoo.heads[t](feats).argmax(-1) == labels).sum())
-    true = torch.cat([torch.full((len(p),), t) for t, _, p, _ in routed])
-    top1 = torch.cat([p.argmax(-1) for _, _, p, _ in routed])
-    sel = torch.cat([s for _, _, _, s in routed])
-    confusion = ev.routing_confusion(true, top1, T)
-    sizes = [len(zoo.tests[t].labels) for t in range(T)]
-    routing = ev.routing_accuracy_per_task(confusion)
+    splits = zoo.splits[split]
+    counts = {key: torch.zeros(T) for key in ("correct", "oracle", "top1", "selected", "choice")}
+    true_all, top1_all, sizes, sets, selected_total = [], [], torch.zeros(T), set(), 0.0
+    jobs = [(t, i) for t in range(T) for i in range(len(splits[t].batches))]
+    seconds = 0.0
+    for t, i in progress.track(jobs, f"{label} ({split})"):
+        batch = splits[t].batches[i]
+        labels = _batch_labels(splits[t], i)
+        start = time.perf_counter()
+        out = mass(batch, return_features=True)
+        seconds += time.perf_counter() - start
+        top1 = out.probs.argmax(-1)
+        right_task = out.task == t
+        counts["correct"][t] += float((right_task & (out.label == labels)).sum())
+        counts["choice"][t] += float(right_task.sum())
+        counts["oracle"][t] += float((zoo.heads[t](out.features).argmax(-1) == labels).sum())
+        counts["top1"][t] += float((top1 == t).sum())
+        counts["selected"][t] += float(out.selected[:, t].sum())
+        sizes[t] += len(labels)
+        true_all.append(torch.full((len(labels),), t))
+        top1_all.append(top1)
+        sets.update(tuple(row.nonzero().flatten().tolist()) for row in out.selected)
+        selected_total += float(out.selected.sum())
+    confusion = ev.routing_confusion(torch.cat(true_all), torch.cat(top1_all), T)
+
+    def per_task(key: str, over: torch.Tensor) -> dict[str, float]:
+        return {names[t]: float(counts[key][t] / over[t]) if over[t] > 0 else 0.0 for t in range(T)}
+
     return {
-        "max_logit": {names[t]: float(correct[t]) / sizes[t] for t in range(T)},
-        "oracle_head": {names[t]: float(oracle_correct[t]) / sizes[t] for t in range(T)},
-        "routing_accuracy": {names[t]: routing[t] for t in range(T)},
-        "confusion": confusion.tolist(),
-        "selection_recall": {names[t]: ev.selection_recall(true[true == t], sel[true == t]) for t in range(T)},
-        "mean_selected": float(sel.sum(1).float().mean()),
-        "task_sets": len(members),
+        "max_logit": per_task("correct", sizes), "oracle_head": per_task("oracle", sizes),
+        "routing_accuracy": per_task("top1", sizes), "selection_recall": per_task("selected", sizes),
+        "task_choice": per_task("choice", sizes), "class_given_task": per_task("correct", counts["choice"]),
+        "confusion": confusion.tolist(), "mean_selected": selected_total / float(sizes.sum()),
+        "task_sets": len(sets), "seconds_per_input": seconds / float(sizes.sum()),
     }
 
 
-def _batch_starts(tests: TestBatches) -> list[int]:
-    """Offset of each batch's first sample in the task's label vector."""
-    out, total = [], 0
-    for batch in tests.batches:
-        out.append(total)
-        total += int(batch["input_ids"].shape[0])
-    return out
+def _batch_labels(split: SplitBatches, index: int) -> torch.Tensor:
+    start = sum(int(b["input_ids"].shape[0]) for b in split.batches[:index])
+    return split.labels[start:start + int(split.batches[index]["input_ids"].shape[0])]
 
 
+@torch.inference_mode()
 def score_mass_task_given(zoo: Zoo, mass: MASSModel) -> dict[str, Any]:
     """MASS's second pass with the true task as the only selected task (routing made perfect)."""
     oracle = {}
-    for t in range(len(zoo.names)):
-        feats = test_features(_set_model(zoo, mass, (t,)), zoo.tests, [t], label=f"MASS task given {zoo.names[t]}")
-        oracle[zoo.names[t]] = ev.oracle_head_accuracy(feats[t], zoo.heads[t], zoo.tests[t].labels)
+    for t, name in enumerate(zoo.names):
+        split = zoo.tests[t]
+        correct = 0
+        for i, batch in enumerate(progress.track(split.batches, f"MASS task given {name}")):
+            correct += int((mass(batch, task=t).label == _batch_labels(split, i)).sum())
+        oracle[name] = correct / split.size
     return {"oracle": oracle}
 
 
 @torch.inference_mode()
-def routing_sweep(zoo: Zoo, mass: MASSModel, layers: Sequence[str], cfg: SuiteConfig) -> list[dict[str, Any]]:
+def routing_sweep(zoo: Zoo, mass: MASSModel, layers: Sequence[str]) -> list[dict[str, Any]]:
     """Top-1 routing accuracy and selection recall per candidate routing matrix, from one first pass.
 
-    Every candidate's input is captured by hooks during a single forward of the first-pass model (its
-    weights do not depend on the routing layer), mean-pooled over the attention mask, and routed against that
-    matrix's task subspaces.
+    Every candidate's input is captured in a single first pass (its weights do not depend on the routing
+    layer), pooled as the served model pools, and routed by the paper's rule against that matrix's subspaces.
     """
-    model = _with_state(zoo, {**zoo.backbone.model.state_dict(), **mass.first_pass_params()})
-    pool = mean_pool()
+    view = mass.with_settings(routing_layers=tuple(layers))
+    s = mass.settings
     captured: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
-    current: dict[str, Any] = {}
-    hooks = [model.get_submodule(layer).register_forward_pre_hook(
-        lambda _m, args, layer=layer: captured[layer].append(pool(args[0], current["batch"]).float()))
-        for layer in layers]  # fmt: skip
     true = []
-    for t, tests in enumerate(zoo.tests):
-        for batch in tests.batches:
-            current["batch"] = batch
-            model(**batch)
+    for t, split in enumerate(zoo.tests):
+        for batch in split.batches:
+            acts = view.routing_activations(batch)
+            for layer in layers:
+                captured[layer].append(view.pool(acts[layer], batch, s.pooling).float())
             true.append(torch.full((batch["input_ids"].shape[0],), t))
-    for hook in hooks:
-        hook.remove()
     true_t = torch.cat(true)
     rows = []
     for layer in layers:
         res = router.residuals(torch.cat(captured[layer]), mass.factors.routing_basis(f"{layer}.weight"))
-        probs, selected = router.select(res, mode="topk", eta=cfg.eta, top_k=cfg.top_k, tau=1.0)
+        probs, selected = router.select(res, mode="topk", eta=s.eta, top_k=s.top_k, tau=s.tau)
         conf = ev.routing_confusion(true_t, probs.argmax(-1), len(zoo.names))
         per_task = dict(zip(zoo.names, ev.routing_accuracy_per_task(conf)))
         rows.append({"layer": layer, "routing_accuracy": per_task, "mean": ev.mean(per_task),
@@ -322,6 +333,30 @@ def sweep_layers(model: nn.Module) -> list[str]:
     mlp = [f"encoder.layer.{i}.intermediate.dense" for i in range(depth)]
     query = [f"encoder.layer.{i}.attention.self.query" for i in range(depth)]
     return mlp + query
+
+
+def multi_layers(model: nn.Module) -> tuple[str, ...]:
+    """Multi-layer routing: the first MLP matrix of every block up to the default routing block, so the first
+    pass still stops where the paper's does (no extra cost), and the early blocks add their evidence."""
+    block = default_routing_block(int(model.config.num_hidden_layers))
+    return tuple(f"encoder.layer.{i}.intermediate.dense" for i in range(block + 1))
+
+
+def router_variants(model: nn.Module, layer: str) -> dict[str, dict[str, Any]]:
+    """Serve-setting variants of the ablation: the paper's rule, each data-free improvement alone, all."""
+    paper = {**ROUTER_PROFILES["paper"], "routing_layers": (layer,), "pooling": "mean"}
+    several = multi_layers(model)
+    return {
+        "paper": paper,
+        "content pooling": {**paper, "pooling": "content"},
+        "multi-layer (standardized)": {**paper, "routing_layers": several, "layer_combine": "standardized"},
+        "multi-layer (ppca)": {**paper, "routing_layers": several, "layer_combine": "ppca"},
+        "posterior head": {**paper, "head_rule": "posterior"},
+        "all (standardized)": {**paper, "pooling": "content", "routing_layers": several,
+                               "layer_combine": "standardized", "head_rule": "posterior"},
+        "all (ppca)": {**paper, "pooling": "content", "routing_layers": several, "layer_combine": "ppca",
+                       "head_rule": "posterior"},
+    }
 
 
 # ----- orchestration ---------------------------------------------------------------------------------------------
@@ -338,13 +373,8 @@ def _task_vectors(zoo: Zoo) -> list[dict[str, torch.Tensor]]:
     return [task_vector(base, expert.state_dict()) for expert in zoo.experts]
 
 
-def _build_mass(zoo: Zoo, factors: ExpertFactors, cfg: SuiteConfig, layer: str) -> MASSModel:
-    config = make_config(routing_layer=layer, eps=cfg.eps, eta=cfg.eta, top_k=cfg.top_k, alpha=cfg.alpha)
-    return MASSModel(zoo.backbone.model, factors, zoo.heads, config, pool=mean_pool(), features=features)
-
-
-def _throughput(zoo: Zoo, mass: MASSModel, max_length: int) -> dict[str, float]:
-    """Samples/s of MASS and of one plain base forward on one mixed-task batch (tasks interleaved)."""
+def _throughput(zoo: Zoo, mass: MASSModel, max_length: int) -> dict[str, Any]:
+    """Samples/s of the served MASS model and of one plain base forward on one mixed-task batch."""
     texts = [task.test.texts[i] for i in range(16) for task in zoo.tasks][:64]
     batch = tokenize(zoo.backbone.tokenizer, texts, max_length)
     model = zoo.backbone.model
@@ -355,7 +385,9 @@ def _throughput(zoo: Zoo, mass: MASSModel, max_length: int) -> dict[str, float]:
 
     plain = ev.throughput(base, len(texts))
     routed = ev.throughput(lambda: mass(batch), len(texts))
-    return {"base_samples_per_s": plain, "mass_samples_per_s": routed, "ratio": routed / plain}
+    return {"base_samples_per_s": plain, "mass_samples_per_s": routed, "ratio": routed / plain,
+            "path": f"MASSModel (what massmerge predict serves), one batch of {len(texts)} texts of mixed tasks, "
+                    "warm caches"}
 
 
 def _static_rows(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cfg: SuiteConfig, cache: EvalCache,
@@ -391,30 +423,85 @@ def _tsv_c_row(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cache: EvalCache) -
     return cache.get_or_run("tsv_c", run)["oracle"]
 
 
-def _rank_scale_key(cfg: SuiteConfig) -> dict[str, float]:
-    """The rank scale as a cache setting only when it cuts, so design-rank results keep their cache keys."""
-    return {} if cfg.rank_scale == 1.0 else {"rank_scale": cfg.rank_scale}
+@dataclass
+class Served:
+    """The MASS model the suite scores, and what its stored factors cost."""
+
+    mass: MASSModel
+    storage: dict[str, Any]
+    build_key: dict[str, Any]
+    factor_seconds: float
 
 
-def _mass_rows(zoo: Zoo, factors: ExpertFactors, cfg: SuiteConfig, cache: EvalCache, layer: str,
-               expert: dict[str, float], storage: float) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:  # fmt: skip
-    mass = _build_mass(zoo, factors, cfg, layer)
-    settings = {"layer": layer, "eps": cfg.eps, "eta": cfg.eta, "top_k": cfg.top_k, "alpha": cfg.alpha,
-                **_rank_scale_key(cfg)}
+def build_served(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cfg: SuiteConfig, layer: str) -> Served:
+    """Factors built and stored as ``massmerge build`` does, served by the one MASS model."""
+    start = time.perf_counter()
+    factors = ExpertFactors.build(tvs, zoo.names, eps=cfg.eps)
+    state = zoo.backbone.model.state_dict()
+    base_bytes = tensor_bytes(state.values())
+    base_dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    from massmerge.artifact import storage_dtype
+
+    stored = stored_factors(factors, zoo.heads, base_bytes, storage_dtype(base_dtype), cfg.max_size)
+    seconds = time.perf_counter() - start
+    settings = make_serve_settings(routing_layers=(layer,), max_length=cfg.finetune_config().max_length,
+                                   **cfg.serve)
+    mass = MASSModel(zoo.backbone.model, stored.factors, zoo.heads, settings, pool=zoo.adapter.pool,
+                     features=zoo.adapter.features)
+    base_numel = sum(v.numel() for v in state.values() if v.is_floating_point())
+    storage = {"base_numel": base_numel, "factor_numel": stored.factors.numel(), "base_dtype": str(base_dtype)
+               .removeprefix("torch."), "factor_dtype": str(stored.store).removeprefix("torch."),
+               "bytes_ratio": stored.size_factor, "rank_scale": stored.rank_scale}
+    build_key = {"eps": cfg.eps, "rank_scale": stored.rank_scale, "factor_dtype": storage["factor_dtype"]}
+    return Served(mass, storage, build_key, seconds)
+
+
+def _mass_rows(zoo: Zoo, served: Served, cache: EvalCache, layer: str, expert: dict[str, float]
+               ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    mass = served.mass.with_settings(routing_layers=(layer,)) if layer != served.mass.settings.routing_layers[0] \
+        else served.mass
+    settings = {**served.build_key, **mass.settings.model_dump(mode="json")}
     hidden = cache.get_or_run("mass", lambda: score_mass(zoo, mass), **settings)
-    given = cache.get_or_run("mass_task_given", lambda: score_mass_task_given(zoo, mass), **settings)
-    suffix = "" if layer == cfg.routing_layer else f" @ {layer}"
+    given = cache.get_or_run("mass_task_given", lambda: score_mass_task_given(zoo, mass), **served.build_key,
+                             alpha=mass.settings.alpha)
+    storage = served.storage["bytes_ratio"]
+    suffix = "" if mass is served.mass else f" @ {layer}"
     rows = {
         f"MASS (task given){suffix}": _row("oracle routing", given["oracle"], expert, storage_factor=storage),
         f"MASS oracle-head{suffix}": _row("oracle head", hidden["oracle_head"], expert, storage_factor=storage),
         f"MASS{suffix}": _row("task hidden", hidden["max_logit"], expert, storage_factor=storage),
     }
-    details = {k: hidden.get(k) for k in ("routing_accuracy", "confusion", "selection_recall", "mean_selected", "task_sets")}
-    return rows, {"layer": layer, **details}
+    keys = ("routing_accuracy", "selection_recall", "task_choice", "class_given_task", "confusion",
+            "mean_selected", "task_sets")
+    return rows, {"layer": layer, **{k: hidden[k] for k in keys}}
 
 
-def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Run the whole suite and write report.json, report.md and the plots into ``out_dir``; return the report."""
+def ablation_rows(zoo: Zoo, served: Served, cache: EvalCache, expert: dict[str, dict[str, float]]
+                  ) -> list[dict[str, Any]]:
+    """Every router variant on the validation split (where defaults are chosen) and the test split."""
+    layer = served.mass.settings.routing_layers[0]
+    rows = []
+    for name, overrides in router_variants(zoo.backbone.model, layer).items():
+        view = served.mass.with_settings(**overrides)
+        settings = {**served.build_key, **view.settings.model_dump(mode="json")}
+        for split in ("val", "test"):
+            result = cache.get_or_run(f"ablation-{split}", lambda v=view, s=split: score_mass(zoo, v, s, name),
+                                      **settings)
+            normalized = ev.normalized_accuracy(result["max_logit"], expert[split])
+            rows.append({"name": name, "settings": {k: overrides[k] for k in sorted(overrides)}, "split": split,
+                         "accuracy": result["max_logit"], "normalized": normalized,
+                         "avg_normalized": ev.mean(normalized), "routing_accuracy": result["routing_accuracy"],
+                         "seconds_per_input": result["seconds_per_input"]})
+    return rows
+
+
+def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Path, out_dir: Path,
+              export_artifact: Path | None = None) -> dict[str, Any]:
+    """Run the whole suite and write report.json, report.md and the plots into ``out_dir``; return the report.
+
+    ``export_artifact``: also write the served MASS model as an artifact there (what ``massmerge build``
+    would write from the same experts), ready for ``massmerge predict``.
+    """
     wall = time.perf_counter()
     zoo = build_zoo(cfg, data_root, cache_dir)
     layer = cfg.routing_layer or default_routing_layer(zoo.backbone.model)
@@ -423,7 +510,8 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
                                         [t.test.texts for t in zoo.tasks]]))  # fmt: skip
     start = time.perf_counter()
     zero = cache.get_or_run("zero_shot", lambda: score_state(zoo, zoo.backbone.model.state_dict(), "zero-shot"))
-    expert = cache.get_or_run("experts", lambda: score_experts(zoo))["oracle"]
+    experts = cache.get_or_run("experts-v2", lambda: score_experts(zoo))
+    expert = experts["oracle"]
     T = len(zoo.tasks)
     rows: dict[str, dict[str, Any]] = {
         "zero-shot": _row("oracle head", zero["oracle"], expert, storage_factor=1.0),
@@ -432,39 +520,62 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
     }
     tvs = _task_vectors(zoo)
     rows.update(_static_rows(zoo, tvs, cfg, cache, expert))
-    factor_start = time.perf_counter()
-    factors = ExpertFactors.build(tvs, zoo.names, eps=cfg.eps)
-    if cfg.rank_scale < 1.0:
-        factors = truncate(factors, cfg.rank_scale)
-    factor_seconds = time.perf_counter() - factor_start
-    base_numel = sum(v.numel() for v in zoo.backbone.model.state_dict().values() if v.is_floating_point())
-    storage = ev.storage_factor(base_numel + factors.numel(), base_numel)
-    rows["tsv_c (task given)"] = _row("oracle head", _tsv_c_row(zoo, tvs, cache), expert, storage_factor=storage)
+    served = build_served(zoo, tvs, cfg, layer)
+    rows["tsv_c (task given)"] = _row("oracle head", _tsv_c_row(zoo, tvs, cache), expert,
+                                      storage_factor=served.storage["bytes_ratio"])
     mass_details = []
     for candidate in dict.fromkeys([layer, *cfg.mass_layers]):
-        new_rows, details = _mass_rows(zoo, factors, cfg, cache, candidate, expert, storage)
+        new_rows, details = _mass_rows(zoo, served, cache, candidate, expert)
         rows.update(new_rows)
         mass_details.append(details)
-    mass = _build_mass(zoo, factors, cfg, layer)
-    sweep = cache.get_or_run("routing_sweep", lambda: {"rows": routing_sweep(zoo, mass, sweep_layers(zoo.backbone.model), cfg)},
-                             eta=cfg.eta, top_k=cfg.top_k, eps=cfg.eps, **_rank_scale_key(cfg))["rows"]  # fmt: skip
-    timing = {**zoo.timing, "evaluate_seconds": time.perf_counter() - start, "factorize_seconds": factor_seconds,
-              "total_seconds": time.perf_counter() - wall}  # fmt: skip
-    from massmerge.suite_report import write_report
-
+    sweep = cache.get_or_run("routing_sweep", lambda: {"rows": routing_sweep(zoo, served.mass, sweep_layers(
+        zoo.backbone.model))}, **served.build_key, **served.mass.settings.model_dump(mode="json"))["rows"]
+    ablation = ablation_rows(zoo, served, cache, {"test": expert, "val": experts["val"]}) if cfg.ablation else None
+    if export_artifact is not None:
+        export(zoo, served, export_artifact)
+    timing = {**zoo.timing, "evaluate_seconds": time.perf_counter() - start,
+              "factorize_seconds": served.factor_seconds, "total_seconds": time.perf_counter() - wall}
     report = {
-        "preset": cfg.preset, "config": json.loads(cfg.model_dump_json()), "finetune": cfg.finetune_config().model_dump(),
+        "schema_version": REPORT_SCHEMA_VERSION, "preset": cfg.preset,
+        "config": {**json.loads(cfg.model_dump_json()), "eta": served.mass.settings.eta,
+                   "top_k": served.mass.settings.top_k, "serve_settings": served.mass.settings.model_dump(mode="json")},
+        "finetune": cfg.finetune_config().model_dump(),
         "tasks": [{"name": t.name, "description": t.description, "classes": t.classes, "sizes": t.sizes}
                   for t in zoo.tasks],
         "experts": {t.name: e.meta for t, e in zip(zoo.tasks, zoo.experts)},
-        "methods": rows, "mass": mass_details[0], "mass_layers": mass_details,
-        "dropped": factors.dropped(), "layer_sweep": sweep, "throughput": _throughput(zoo, mass, cfg.finetune_config().max_length),
-        "storage": {"base_numel": base_numel, "mass_numel": base_numel + factors.numel(), "mass_factor": storage},
-        "timing": timing,
-        "threads": torch.get_num_threads(),
+        "methods": rows, "mass": mass_details[0], "mass_layers": mass_details, "dropped": served.mass.factors.dropped(),
+        "layer_sweep": sweep, "throughput": _throughput(zoo, served.mass, cfg.finetune_config().max_length),
+        "storage": {k: v for k, v in served.storage.items() if k != "rank_scale"}, "timing": timing,
+        "threads": torch.get_num_threads(), "ablation": ablation,
     }  # fmt: skip
-    from massmerge.suite_report import targets
+    from massmerge.suite_report import targets, write_report
 
     report["targets"] = targets(report)
-    write_report(report, out_dir)
-    return report
+    write_serving_files(zoo, out_dir)
+    return write_report(report, out_dir)
+
+
+def write_serving_files(zoo: Zoo, out_dir: Path) -> None:
+    """Beside the report: one heads file per task and ``serve.json`` (the base and expert paths), which is all
+    ``massmerge build`` needs to serve the suite's experts (docs/SUITE.md shows the commands)."""
+    from massmerge.artifact import write_head_file
+
+    heads_dir = Path(out_dir) / "heads"
+    heads_dir.mkdir(parents=True, exist_ok=True)
+    for task, head in zip(zoo.tasks, zoo.heads):
+        write_head_file(heads_dir / f"{task.name}.safetensors", head, task=task.name, class_names=task.classes)
+    serve = {"base": str(zoo.backbone.path), "experts": [str(e.path) for e in zoo.experts],
+             "heads": [str(heads_dir / f"{t.name}.safetensors") for t in zoo.tasks], "task_names": zoo.names,
+             "max_length": zoo.experts[0].meta["config"]["max_length"] if zoo.experts else None}
+    atomic_write(Path(out_dir) / "serve.json", lambda tmp: tmp.write_text(json.dumps(serve, indent=2) + "\n"))
+
+
+def export(zoo: Zoo, served: Served, directory: Path) -> Path:
+    """The served MASS model saved as an artifact (the same factors, heads, settings and tokenizer)."""
+    from massmerge.artifact import save_artifact
+    from massmerge.mass.config import BuildSettings
+
+    build = BuildSettings(eps=served.build_key["eps"], max_size=None)
+    return save_artifact(served.mass, directory, build=build, adapter=zoo.adapter, tokenizer_dir=zoo.backbone.path,
+                         factor_dtype=served.storage["factor_dtype"], class_names=[t.classes for t in zoo.tasks],
+                         rank_scale=served.storage["rank_scale"])

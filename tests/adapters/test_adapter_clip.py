@@ -11,7 +11,8 @@ import torch
 from tiny_models import DEPTH, clip_config, low_rank_deltas, perturbed, save_clip_vision, save_prefixed
 
 from massmerge.adapters import CLIPAdapter, adapter_for, detect_family, get_adapter
-from massmerge.adapters.base import capture_input, default_routing_block
+from massmerge.adapters.base import capture_input
+from massmerge.mass.config import default_routing_block
 from massmerge.errors import CheckpointError, OptionError
 
 
@@ -112,7 +113,7 @@ def test_unknown_family_and_pooling_are_clear_errors() -> None:
 def test_clip_experts_through_mass_reproduce_each_expert(tmp_path: Path) -> None:
     """End to end on real formats: with rank_fraction 1, MASS's single-task pass is exactly the expert."""
     from massmerge.heads import ZeroShotHead
-    from massmerge.mass import ExpertFactors, MASSModel, make_config
+    from massmerge.mass import ExpertFactors, MASSModel, make_serve_settings
     from massmerge.task_vectors import task_vector
 
     _, base_dir = save_clip_vision(tmp_path)
@@ -126,7 +127,7 @@ def test_clip_experts_through_mass_reproduce_each_expert(tmp_path: Path) -> None
     tvs = (task_vector(base, adapter.load_weights(str(d), model)) for d in expert_dirs)
     factors = ExpertFactors.build(tvs, ["a", "b"], rank_fraction=1.0, eps=None)
     heads = [ZeroShotHead(torch.randn(3, HIDDEN_OUT)) for _ in range(2)]
-    mass = MASSModel(model, factors, heads, make_config(routing_layer=adapter.routing_layer(model), rank_fraction=1.0),
+    mass = MASSModel(model, factors, heads, make_serve_settings(routing_layers=(adapter.routing_layer(model),)),
                      pool=adapter.pool, features=adapter.features)
     images = torch.randn(4, 3, 32, 32)
     expert = copy.deepcopy(model)

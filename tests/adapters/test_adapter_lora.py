@@ -15,7 +15,7 @@ from massmerge.adapters import TextEncoderAdapter
 from massmerge.adapters.lora import build_lora_factors, load_lora_expert, lora_scale, lowrank_from_lora
 from massmerge.errors import CheckpointError
 from massmerge.heads import LinearHead
-from massmerge.mass import MASSModel, make_config
+from massmerge.mass import MASSModel, make_serve_settings
 
 TARGETS = ["query", "value", "intermediate.dense"]
 
@@ -115,7 +115,7 @@ def test_lora_experts_feed_mass(tmp_path: Path) -> None:
     assert f"{layer}.weight" in factors.matrices
     assert factors.matrices[f"{layer}.weight"][0].rank == 4  # min(LoRA rank, floor(32 / 2))
     heads = [LinearHead(e.head_state["classifier.weight"], e.head_state["classifier.bias"]) for e in experts]
-    model = MASSModel(encoder, factors, heads, make_config(routing_layer=layer), pool=adapter.pool, features=adapter.features)
+    model = MASSModel(encoder, factors, heads, make_serve_settings(routing_layers=(layer,)), pool=adapter.pool, features=adapter.features)
     ids = torch.randint(2, 99, (5, 7))
     out = model({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert out.task.shape == (5,) and out.probs.shape == (5, 2)

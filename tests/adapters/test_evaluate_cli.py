@@ -92,6 +92,27 @@ def test_image_folder_follows_the_task_class_order(tmp_path: Path) -> None:
     assert pixels.shape == (3, 3, 16, 16) and y.tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("num_tasks", range(2, 21))
+def test_merge_and_evaluate_use_the_same_defaults(num_tasks: int) -> None:
+    """Task Arithmetic's alpha and TSV-M's rank fraction for every T: `evaluate` reads the defaults `merge` uses."""
+    import torch
+
+    from massmerge import merging
+    from massmerge.benchmark_config import parse_benchmark_config
+    from massmerge.merging.common import default_rank_fraction
+    from massmerge.merging.task_arithmetic import default_alpha
+
+    tasks = [{"name": f"t{t}", "expert": f"e{t}", "dataset": f"d{t}"} for t in range(num_tasks)]
+    config = parse_benchmark_config({"base": "b", "tasks": tasks})
+    alpha = config.merge_options("task_arithmetic")["alpha"]
+    assert alpha == default_alpha(num_tasks)
+    base = {"w": torch.zeros(2, 2)}
+    vectors = [{"w": torch.ones(2, 2)} for _ in range(num_tasks)]
+    merged = merging.merge("task_arithmetic", base, vectors)  # what `massmerge merge` runs without --alpha
+    assert torch.allclose(merged["w"], torch.full((2, 2), alpha * num_tasks))
+    assert default_rank_fraction(num_tasks, None) == pytest.approx(1 / num_tasks)
+
+
 def test_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "clip_vit_b32_8tasks.yaml"
     config = load_benchmark_config(example)

@@ -87,7 +87,9 @@ def text_zoo(tmp_path_factory) -> dict[str, Path]:
     for i in (1, 2, 3):
         paths[f"h{i}"] = root / f"h{i}.safetensors"
         save_file({"weight": torch.randn(3, 32, generator=torch.Generator().manual_seed(i))}, str(paths[f"h{i}"]),
-                  metadata={"task": f"t{i}", "kind": "zero_shot"})
+                  metadata={"task": f"t{i}", "kind": "zero_shot", "logit_scale": "50.0"})
+    paths["h_noscale"] = root / "h_noscale.safetensors"
+    save_file({"weight": torch.randn(3, 32)}, str(paths["h_noscale"]), metadata={"kind": "zero_shot"})
     paths["h_nodim"] = root / "h_nodim.safetensors"
     save_file({"bias": torch.randn(3)}, str(paths["h_nodim"]))
     paths["h_badkind"] = root / "h_badkind.safetensors"
@@ -134,6 +136,7 @@ BAD_BUILD = [
     ({"experts": ("e1",), "heads": ("h1",)}, ["--experts"]),
     ({"heads": ("h1",)}, ["--heads"]),
     ({"heads": ("h1", "h_nodim")}, ["h_nodim", "weight"]),
+    ({"heads": ("h1", "h_noscale")}, ["h_noscale", "logit_scale"]),
     ({"heads": ("h1", "h_badkind")}, ["h_badkind", "magic"]),
     ({"heads": ("h1", "h_evil")}, ["h_evil"]),
     ({"heads": ("h1", "nowhere.safetensors")}, ["nowhere"]),
@@ -257,9 +260,9 @@ MANIFEST_EDITS = [
     ("empty", lambda d, c: "", ["manifest.json"]),
     ("version", _set(("format_version",), 99), ["manifest.json", "format_version"]),
     ("extra_field", _set(("surprise",), 1), ["manifest.json", "surprise"]),
-    ("eta", _set(("config", "eta"), 7.0), ["eta"]),
-    ("top_k", _set(("config", "top_k"), 0), ["top"]),
-    ("routing_layer", _set(("config", "routing_layer"), "encoder.nope"), ["encoder.nope"]),
+    ("eta", _set(("serve", "eta"), 7.0), ["manifest.json", "serve.eta"]),
+    ("top_k", _set(("serve", "top_k"), 0), ["manifest.json", "serve.top_k"]),
+    ("routing_layer", _set(("serve", "routing_layers"), ["encoder.nope"]), ["manifest.json", "encoder.nope"]),
     ("task_names", lambda d, c: {**d, "task_names": d["task_names"][:1]}, []),
     ("hash", lambda d, c: {**d, "files": {k: {**v, "sha256": "0" * 64} for k, v in d["files"].items()}}, []),
     ("file_missing", lambda d, c: (c / _first_file(d)).unlink(), []),
@@ -283,7 +286,7 @@ def test_python_load_refuses_hand_edited_manifest(artifact, tmp_path) -> None:
     from massmerge.artifact import load
     from massmerge.errors import MassMergeError
 
-    edited = _edited(artifact, tmp_path, _set(("config", "tau"), -1))
+    edited = _edited(artifact, tmp_path, _set(("serve", "tau"), -1))
     with pytest.raises(MassMergeError, match="tau"):
         load(edited)
 
@@ -315,15 +318,29 @@ def test_predict_output_disk_full_keeps_previous(artifact, text_zoo, tmp_path, c
 
     out = tmp_path / "preds.jsonl"
     out.write_text("previous\n")
-    real_write_text = Path.write_text
+    real_open = Path.open
 
-    def full(self, *args, **kwargs):
-        if self.name.startswith(".preds.jsonl"):
-            real_write_text(self, "half")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
-        return real_write_text(self, *args, **kwargs)
+    class Full:
+        """A file that takes a few bytes, then reports the disk full."""
 
-    monkeypatch.setattr(Path, "write_text", full)
+        def __init__(self, handle) -> None:
+            self.handle = handle
+
+        def write(self, text: str) -> int:
+            self.handle.write(text[:4])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.handle.name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.handle.close()
+
+    def full(self, mode="r", *args, **kwargs):
+        handle = real_open(self, mode, *args, **kwargs)
+        return Full(handle) if self.name.startswith(".preds.jsonl") and "w" in mode else handle
+
+    monkeypatch.setattr(Path, "open", full)
     result = run_cli(["predict", artifact, text_zoo["inputs"], "--output", out], capsys)
     assert_cli_error(result, "No space left on device")
     assert out.read_text() == "previous\n"

@@ -10,7 +10,7 @@ from torch import nn
 from massmerge import merging
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.heads import LinearHead
-from massmerge.mass import ExpertFactors, MASSModel, make_config
+from massmerge.mass import ExpertFactors, MASSModel, make_build_settings, make_serve_settings
 from massmerge.task_vectors import task_vector
 
 BAD_MERGE_OPTIONS = [
@@ -68,14 +68,25 @@ def test_merge_output_suffix_refused(zoo: Zoo, tmp_path, capsys) -> None:
     ({"eta": -0.1}, "--eta"), ({"eta": 1.0}, "--eta"), ({"eta": float("nan")}, "--eta"),
     ({"top_k": 0}, "--top-k"), ({"top_k": -3}, "--top-k"),
     ({"tau": 0.0}, "--tau"), ({"tau": float("inf")}, "--tau"),
-    ({"rank_fraction": 0.0}, "--rank-fraction"), ({"rank_fraction": 1.5}, "--rank-fraction"),
-    ({"eps": -0.1}, "--eps"), ({"eps": 1.5}, "--eps"),
-    ({"alpha": float("nan")}, "--alpha"), ({"mode": "all"}, "--mode"), ({"svd": "fast"}, "--svd"),
-    ({"routing_layer": ""}, "--routing-layer"), ({"bogus": 1}, "--bogus"),
+    ({"alpha": float("nan")}, "--alpha"), ({"mode": "all"}, "--mode"), ({"head_rule": "vote"}, "--head-rule"),
+    ({"routing_layers": ("",)}, "--routing-layer"), ({"batch_size": 0}, "--batch-size"),
+    ({"max_length": 0}, "--max-length"), ({"bogus": 1}, "--bogus"),
 ])
-def test_make_config_out_of_range(values, option) -> None:
+def test_serve_settings_out_of_range(values, option) -> None:
     with pytest.raises(OptionError) as info:
-        make_config(**{"routing_layer": "fc1", **values})
+        make_serve_settings(**{"routing_layers": ("fc1",), **values})
+    message = str(info.value)
+    assert message.startswith(option) and "\n" not in message
+
+
+@pytest.mark.parametrize(("values", "option"), [
+    ({"rank_fraction": 0.0}, "--rank-fraction"), ({"rank_fraction": 1.5}, "--rank-fraction"),
+    ({"eps": -0.1}, "--eps"), ({"eps": 1.5}, "--eps"), ({"svd": "fast"}, "--svd"),
+    ({"max_size": -2.0}, "--max-size"), ({"factor_dtype": "int8"}, "--factor-dtype"), ({"bogus": 1}, "--bogus"),
+])
+def test_build_settings_out_of_range(values, option) -> None:
+    with pytest.raises(OptionError) as info:
+        make_build_settings(**values)
     message = str(info.value)
     assert message.startswith(option) and "\n" not in message
 
@@ -157,7 +168,7 @@ def test_mass_model_wrong_routing_layer(layer, words) -> None:
     model, _, tvs, heads = tiny_setup()
     factors = ExpertFactors.build(iter(tvs), ["a", "b", "c"])
     with pytest.raises(OptionError) as info:
-        MASSModel(model, factors, heads, make_config(routing_layer=layer))
+        MASSModel(model, factors, heads, make_serve_settings(routing_layers=(layer,)))
     for word in words:
         assert word in str(info.value)
 
@@ -168,14 +179,14 @@ def test_mass_model_routing_layer_without_factors() -> None:
     tvs = [{k: v for k, v in tv.items() if not k.startswith("fc1.")} for tv in tvs]
     factors = ExpertFactors.build(iter(tvs), ["a", "b", "c"])
     with pytest.raises(OptionError, match="fc1.weight"):
-        MASSModel(model, factors, heads, make_config(routing_layer="fc1"))
+        MASSModel(model, factors, heads, make_serve_settings(routing_layers=("fc1",)))
 
 
 def test_mass_model_head_count_mismatch() -> None:
     model, _, tvs, heads = tiny_setup()
     factors = ExpertFactors.build(iter(tvs), ["a", "b", "c"])
     with pytest.raises(OptionError, match="--heads"):
-        MASSModel(model, factors, heads[:2], make_config(routing_layer="fc2"))
+        MASSModel(model, factors, heads[:2], make_serve_settings(routing_layers=("fc2",)))
 
 
 def test_mass_model_factor_key_not_in_model() -> None:
@@ -183,7 +194,7 @@ def test_mass_model_factor_key_not_in_model() -> None:
     tvs = [{**tv, "ghost.weight": torch.ones(3, 3)} for tv in tvs]
     factors = ExpertFactors.build(iter(tvs), ["a", "b", "c"])
     with pytest.raises(OptionError, match="ghost.weight"):
-        MASSModel(model, factors, heads, make_config(routing_layer="fc2"))
+        MASSModel(model, factors, heads, make_serve_settings(routing_layers=("fc2",)))
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 50])
@@ -192,7 +203,7 @@ def test_mass_model_extreme_but_valid_options(top_k, mode) -> None:
     """K above T, K = 1, eta = 0 and every mode run and give valid (task, class) for every sample."""
     model, _, tvs, heads = tiny_setup()
     factors = ExpertFactors.build(iter(tvs), ["a", "b", "c"], rank_fraction=1.0, eps=None)
-    mass = MASSModel(model, factors, heads, make_config(routing_layer="fc2", top_k=top_k, eta=0.0, mode=mode))
+    mass = MASSModel(model, factors, heads, make_serve_settings(routing_layers=("fc2",), top_k=top_k, eta=0.0, mode=mode))
     out = mass(torch.randn(7, 6, generator=torch.Generator().manual_seed(1)))
     assert out.task.shape == (7,) and bool(((out.task >= 0) & (out.task < 3)).all())
     assert bool(out.selected.any(dim=1).all())

@@ -14,11 +14,19 @@ pytest.importorskip("massmerge.suite")
     (["--eta", "1.5"], "--eta"),
     (["--eta", "-0.2"], "--eta"),
     (["--top-k", "0"], "--top-k"),
-    (["--rank-scale", "0"], "--rank-scale"),
-    (["--rank-scale", "1.5"], "--rank-scale"),
+    (["--max-size", "0.5"], "--max-size"),
+    (["--max-size", "-1"], "--max-size"),
     (["--eps", "2"], "--eps"),
     (["--preset", "nope"], "--preset"),
     (["--tasks", "no_such_task"], "no_such_task"),
+    (["--routing-layer", "bogus"], "bogus"),
+    (["--routing-layer", "encoder.layer.1.attention"], "encoder.layer.1.attention"),
+    (["--mass-layer", "nope"], "nope"),
+    (["--threads", "-1"], "--threads"),
+    (["--threads", "0"], "--threads"),
+    (["--pooling", "max"], "--pooling"),
+    (["--head-rule", "vote"], "--head-rule"),
+    (["--router", "mine"], "--router"),
 ])
 def test_suite_bad_option_fails_fast(tmp_path, capsys, monkeypatch, options, culprit) -> None:
     from massmerge import finetune
@@ -28,7 +36,8 @@ def test_suite_bad_option_fails_fast(tmp_path, capsys, monkeypatch, options, cul
 
     monkeypatch.setattr(finetune, "finetune_expert", no_training)
     cache, out = tmp_path / "cache", tmp_path / "out"
-    result = run_cli(["suite", *options, "--cache-dir", cache, "--out", out, "--threads", "1"], capsys)
+    threads = [] if "--threads" in options else ["--threads", "1"]
+    result = run_cli(["suite", *options, "--cache-dir", cache, "--output", out, *threads], capsys)
     assert_user_error(result, culprit)
     assert not out.exists()
     assert not (cache / "experts").exists()

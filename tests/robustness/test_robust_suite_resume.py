@@ -22,12 +22,12 @@ pytestmark = pytest.mark.slow
 SCRIPT = """
 import json, sys, torch
 from pathlib import Path
-from massmerge.suite import PRESET_FINETUNE, SuiteConfig, run_suite
+from massmerge.suite import CI_FINETUNE, SuiteConfig, run_suite
 torch.set_num_threads(2)
 cache, out = Path(sys.argv[1]), Path(sys.argv[2])
 config = SuiteConfig(
     preset="ci", tasks=("wordnet_pos", "quote_language"), n_train=64, n_val=8, n_test=24,
-    finetune=PRESET_FINETUNE["ci"].model_copy(update={"steps": 12}),
+    finetune=CI_FINETUNE.model_copy(update={"steps": 12}),
     methods=("weight_average", "task_arithmetic"),
 )
 run_suite(config, cache_dir=cache, out_dir=out)

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from massmerge.adapters.base import Adapter, BaseAdapter, default_routing_block, pool_tokens
+from massmerge.adapters.base import Adapter, BaseAdapter
 from massmerge.adapters.clip import CLIPAdapter
 from massmerge.adapters.open_clip import OpenCLIPAdapter
 from massmerge.adapters.text import TextEncoderAdapter
@@ -33,7 +33,7 @@ TEXT_TYPES = (
 
 __all__ = [
     "ADAPTERS", "Adapter", "BaseAdapter", "CLIPAdapter", "OpenCLIPAdapter", "TextEncoderAdapter",
-    "adapter_for", "default_routing_block", "detect_family", "family_of_model", "get_adapter", "pool_tokens",
+    "adapter_for", "detect_family", "family_of_model", "get_adapter",
     "register_adapter",
 ]
 

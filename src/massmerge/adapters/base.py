@@ -8,7 +8,7 @@ questions, plus how to load a model and its weights from a user's files.
 
 Why the layout is explicit: taking ``x[0]`` as the CLS token silently takes the *first sample* of a batch-first
 tensor (design.md section 4). Every adapter states ``layout`` ("batch_first" ``[B, L, D]`` or "seq_first"
-``[L, B, D]``) and :func:`pool_tokens` checks the activation's shape against the batch size.
+``[L, B, D]``) and :func:`~massmerge.mass.pooling.pool_tokens` checks the activation's shape against the batch size.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from massmerge.errors import CheckpointError, OptionError
+from massmerge.mass.config import Pooling, default_routing_block
+from massmerge.mass.pooling import POOLINGS, Layout, pool_tokens
 
-Layout = Literal["batch_first", "seq_first"]
-Pooling = Literal["cls", "mean"]
 Batch = Mapping[str, Any] | torch.Tensor
 
 # Substrings that mark a module as part of a block's MLP in the families we know; used by the generic fallback.
@@ -41,8 +41,8 @@ class Adapter(Protocol):
         """Dotted module name of the routing ``nn.Linear`` (its input is MASS's ``z``)."""
         ...
 
-    def pool(self, activation: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Turn the routing layer's input activation into ``[B, d]``."""
+    def pool(self, activation: torch.Tensor, batch: Batch, pooling: str | None = None) -> torch.Tensor:
+        """Turn the routing layer's input activation into ``[B, d]`` (``pooling`` overrides the default)."""
         ...
 
     def features(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -52,63 +52,6 @@ class Adapter(Protocol):
     def load_model(self, source: str, *, revision: str | None = None, trust_pickle: bool = False) -> nn.Module:
         """Build the family's encoder from a local path or hub id (the architecture, with the base weights)."""
         ...
-
-
-def default_routing_block(depth: int) -> int:
-    """Index of the routing block: ``round(0.75 * depth)`` (9 of a 12-block ViT), clipped to the last block."""
-    if depth < 1:
-        raise OptionError(f"routing_layer: the model has no transformer blocks (depth {depth})")
-    return min(depth - 1, round(0.75 * depth))
-
-
-def batch_size_of(batch: Batch) -> int:
-    """Number of samples in a batch: a tensor's first dim, or that of its first tensor value."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    for value in batch.values():
-        if isinstance(value, torch.Tensor):
-            return int(value.shape[0])
-    raise OptionError("batch: holds no tensor, cannot tell its size")
-
-
-def attention_mask_of(batch: Batch) -> torch.Tensor | None:
-    """The batch's ``attention_mask`` ``[B, L]`` if it has one."""
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
-        return mask if isinstance(mask, torch.Tensor) else None
-    return None
-
-
-def pool_tokens(activation: torch.Tensor, batch: Batch, *, layout: Layout, pooling: Pooling) -> torch.Tensor:
-    """Select the CLS token or average the non-padding tokens of a ``[B, L, D]`` / ``[L, B, D]`` activation.
-
-    The token axis is taken from ``layout``, never guessed from the shape; the batch axis must match the batch
-    size, which catches a wrong layout whenever ``B != L``.
-    """
-    if activation.dim() == 2:  # already one vector per sample
-        return activation
-    if activation.dim() != 3:
-        raise OptionError(f"pooling: expected a [B, L, D] or [L, B, D] activation, got shape {list(activation.shape)}")
-    tokens = activation if layout == "batch_first" else activation.transpose(0, 1)
-    size = batch_size_of(batch)
-    if tokens.shape[0] != size:
-        raise OptionError(
-            f"pooling: activation {list(activation.shape)} does not have the batch size {size} on the {layout} "
-            "batch axis; the adapter's layout is wrong for this model"
-        )
-    if pooling == "cls":
-        return tokens[:, 0]
-    if pooling == "mean":
-        return masked_mean(tokens, attention_mask_of(batch))
-    raise OptionError(f"pooling: unknown pooling '{pooling}' (choose cls or mean)")
-
-
-def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``tokens [B, L, D]`` over positions where ``mask [B, L]`` is nonzero (all positions if None)."""
-    if mask is None:
-        return tokens.mean(dim=1)
-    weights = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 class BaseAdapter:
@@ -125,12 +68,14 @@ class BaseAdapter:
     mlp_names: ClassVar[tuple[str, ...]] = ()
     default_pooling: ClassVar[Pooling] = "cls"
 
-    def __init__(self, *, routing_layer: str | int | None = None, pooling: Pooling | None = None) -> None:
-        if pooling is not None and pooling not in ("cls", "mean"):
-            raise OptionError(f"pooling: unknown pooling '{pooling}' (choose cls or mean)")
+    def __init__(self, *, routing_layer: str | int | None = None, pooling: Pooling | None = None,
+                 special_ids: list[int] | tuple[int, ...] | None = None) -> None:
+        if pooling is not None and pooling not in POOLINGS:
+            raise OptionError(f"--pooling: unknown pooling '{pooling}' (choose {', '.join(POOLINGS)})")
         self.routing_override = routing_layer
         self.pooling: Pooling = pooling or self.default_pooling
         self.layout: Layout = "batch_first"
+        self.special_ids = None if special_ids is None else tuple(int(i) for i in special_ids)
 
     # -- blocks and routing layer ------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -181,9 +126,15 @@ class BaseAdapter:
         """Learn model-specific facts (e.g. the token layout) from the built model; returns ``self``."""
         return self
 
-    def pool(self, activation: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Routing vector ``z [B, d]`` from the routing layer's input, by this adapter's layout and pooling."""
-        return pool_tokens(activation, batch, layout=self.layout, pooling=self.pooling)
+    def pool(self, activation: torch.Tensor, batch: Batch, pooling: str | None = None) -> torch.Tensor:
+        """Routing vector ``z [B, d]`` from the routing layer's input, by this adapter's layout and pooling
+        (``pooling`` overrides the adapter's own, e.g. at serve time)."""
+        return pool_tokens(activation, batch, layout=self.layout, pooling=pooling or self.pooling,
+                           special_ids=self.special_ids)
+
+    def feature_dim(self, model: nn.Module) -> int | None:
+        """Width of the final features the heads read (None when the family cannot tell without a forward)."""
+        return None
 
     # -- weights -----------------------------------------------------------------------------------------
     def encoder_keys(self, model: nn.Module) -> list[str]:
@@ -293,6 +244,11 @@ class AlignedCheckpoint(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._map)
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        """Shape of ``key`` from the file's header when the source can tell without reading (else None)."""
+        shape_of = getattr(self.source, "shape", None)
+        return tuple(shape_of(self._map[key])) if callable(shape_of) else None
 
 
 def align_keys(file_keys: list[str], model_keys: list[str], *, name: str) -> dict[str, str]:

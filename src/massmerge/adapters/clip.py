@@ -55,6 +55,16 @@ class CLIPAdapter(BaseAdapter):
         vision = [k for k in keys if k.startswith("vision_model.")]
         return vision if hasattr(model, "text_model") and vision else keys
 
+    def feature_dim(self, model: nn.Module) -> int | None:
+        """The projection's width when there is one, else the vision tower's hidden size."""
+        config = getattr(model, "config", None)
+        if hasattr(model, "visual_projection"):
+            return int(model.visual_projection.out_features)
+        if self.projection is not None:
+            return int(self.projection.out_features)
+        vision = getattr(config, "vision_config", config)
+        return getattr(vision, "hidden_size", None)
+
     def features(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Projected image embedding ``[B, projection_dim]`` (or the pooled output when no projection exists)."""
         pixels = pixel_values_of(batch)

@@ -51,6 +51,11 @@ class OpenCLIPAdapter(BaseAdapter):
         self.layout = "batch_first" if is_batch_first(model) else "seq_first"
         return self
 
+    def feature_dim(self, model: nn.Module) -> int | None:
+        """The visual tower's output embedding width."""
+        width = getattr(visual_of(model), "output_dim", None)
+        return int(width) if width is not None else None
+
     def features(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The visual tower's output embedding ``[B, embed_dim]``."""
         return visual_of(model)(pixel_values_of(batch))

@@ -18,8 +18,9 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from massmerge.adapters.base import BaseAdapter, Batch, attention_mask_of, check_pickle_policy, masked_mean
+from massmerge.adapters.base import BaseAdapter, Batch, check_pickle_policy
 from massmerge.errors import MassMergeError, OptionError
+from massmerge.mass.pooling import masked_mean
 
 FeaturePooling = Literal["mean", "cls", "pooler"]
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -47,9 +48,10 @@ class TextEncoderAdapter(BaseAdapter):
     default_pooling = "mean"
 
     def __init__(
-        self, *, routing_layer: str | int | None = None, pooling=None, feature_pooling: FeaturePooling = "mean"  # noqa: ANN001
+        self, *, routing_layer: str | int | None = None, pooling=None, feature_pooling: FeaturePooling = "mean",  # noqa: ANN001
+        special_ids: list[int] | tuple[int, ...] | None = None,
     ) -> None:
-        super().__init__(routing_layer=routing_layer, pooling=pooling)
+        super().__init__(routing_layer=routing_layer, pooling=pooling, special_ids=special_ids)
         if feature_pooling not in ("mean", "cls", "pooler"):
             raise OptionError(f"feature_pooling: unknown value '{feature_pooling}' (choose mean, cls or pooler)")
         self.feature_pooling: FeaturePooling = feature_pooling
@@ -59,6 +61,11 @@ class TextEncoderAdapter(BaseAdapter):
         """T5 encoders take no ``token_type_ids``; remember whether this is one."""
         self.t5 = getattr(getattr(model, "config", None), "model_type", "") in T5_TYPES
         return self
+
+    def feature_dim(self, model: nn.Module) -> int | None:
+        """The hidden size (mean, cls and pooler features all have it)."""
+        config = getattr(model, "config", None)
+        return getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
 
     def features(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Sentence features ``[B, hidden]`` by ``feature_pooling``."""
@@ -71,7 +78,8 @@ class TextEncoderAdapter(BaseAdapter):
         hidden = out.last_hidden_state
         if self.feature_pooling == "cls":
             return hidden[:, 0]
-        return masked_mean(hidden, attention_mask_of(batch))
+        mask = None if isinstance(batch, torch.Tensor) else batch.get("attention_mask")
+        return masked_mean(hidden, mask)
 
     def load_model(self, source: str, *, revision: str | None = None, trust_pickle: bool = False) -> nn.Module:
         """``AutoModel`` (or ``T5EncoderModel`` for T5 configs) from a local directory or hub id."""

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from massmerge import progress
+from massmerge import __version__, progress
 from massmerge.errors import MassMergeError
-from massmerge.memory import tune_allocator_for_streaming
 
 app = typer.Typer(
     name="massmerge",
@@ -22,12 +21,26 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain text: "[default: ...]" must show, not be eaten as markup
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"massmerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Merge fine-tuned experts of one pretrained network: MASS and the static merging baselines."""
 
 # Options that take several values after one flag (``--experts a b c``); see expand_multi_value_options.
 MULTI_VALUE_OPTIONS = ("--experts", "--heads", "--task-names", "--include", "--exclude")
 
-_stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def expand_multi_value_options(argv: Sequence[str]) -> list[str]:
@@ -50,23 +63,29 @@ def expand_multi_value_options(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def fail(message: str) -> None:
-    """Print a one-line error and exit 2."""
-    _stderr.print(f"error: {message}", markup=False)
-    raise SystemExit(2)
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error and exit with ``code`` (2: a usage or input error)."""
+    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``massmerge`` script."""
+    from massmerge.memory import tune_allocator_for_streaming
+
     args = expand_multi_value_options(sys.argv[1:] if argv is None else argv)
-    progress.set_enabled(sys.stderr.isatty())
+    progress.set_enabled(True)  # a bar on a terminal, log lines in a file (massmerge/progress.py)
     tune_allocator_for_streaming()  # flat peak memory while experts stream through (massmerge/memory.py)
     try:
         code = app(args=args, prog_name="massmerge", standalone_mode=False)
     except MassMergeError as exc:
         fail(str(exc))
     except (KeyboardInterrupt, EOFError):
-        fail("interrupted; no output was written")
+        fail("interrupted; no output was written", INTERRUPTED)
     except OSError as exc:
         fail(f"{getattr(exc, 'filename', None) or ''}: {exc.strerror or exc}".lstrip(": "))
     except Exception as exc:  # noqa: BLE001 - click's exceptions live in typer's private vendored module
@@ -85,7 +104,7 @@ def _is_click_error(exc: BaseException) -> bool:
 def _report_click_error(exc: BaseException) -> None:
     """One line for a usage error (``error: Missing option '--output'.``); the help text for a bare command."""
     if type(exc).__name__ == "Abort":
-        fail("interrupted; no output was written")
+        fail("interrupted; no output was written", INTERRUPTED)
     if type(exc).__name__ == "NoArgsIsHelpError":
         exc.show()  # type: ignore[attr-defined]
         raise SystemExit(2)

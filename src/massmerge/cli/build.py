@@ -1,7 +1,9 @@
 """``massmerge build``: base + experts + heads -> a deployable MASS artifact directory.
 
-Experts are streamed (one open at a time, one tensor read at a time) and reduced to their factors as they
-arrive, so memory stays near base + factors whatever the number of experts.
+Everything a user can get wrong is checked before the first SVD: every option, the routing layer, every heads
+file (finite weights, one width, at least one class, a positive logit scale) and every expert (it opens, and
+its keys and shapes match the base). Experts are then streamed (one open at a time, one tensor read at a time)
+and reduced to their factors as they arrive, so memory stays near base + factors whatever the number of experts.
 """
 
 from __future__ import annotations
@@ -11,27 +13,22 @@ from typing import Annotated, Any
 
 import typer
 
-from massmerge.artifact import (
-    artifact_bytes,
-    float_dtype,
-    parse_dtype,
-    read_head_file,
-    round_factors,
-    save_artifact,
-    storage_dtype,
-)
 from massmerge.cli import app
+from massmerge.cli.options import (
+    DEREDUNDANCY_HELP,
+    EPS_HELP,
+    MAX_SIZE_HELP,
+    RANK_FRACTION_HELP,
+    check_positive,
+)
 from massmerge.errors import OptionError
-from massmerge.mass.budget import fit_to_size, metadata_bytes
-from massmerge.mass.config import make_config
-from massmerge.mass.experts import ExpertFactors
-from massmerge.mass.model import MASSModel
-from massmerge.mass.stream import build_factors
-from massmerge.task_vectors import KeyFilter
+from massmerge.mass.config import DEFAULT_EPS, DEFAULT_MAX_SIZE
 
 
 def load_heads(paths: list[Path], task_names: list[str] | None, experts: list[Path]) -> tuple[list, list[str], list]:
     """Heads, task names (``--task-names``, else each file's ``task`` metadata, else the expert's name), classes."""
+    from massmerge.artifact import check_task_names, read_head_file
+
     if len(paths) != len(experts):
         raise OptionError(f"--heads: {len(paths)} heads files for {len(experts)} experts")
     if task_names is not None and len(task_names) != len(experts):
@@ -42,114 +39,172 @@ def load_heads(paths: list[Path], task_names: list[str] | None, experts: list[Pa
         heads.append(head)
         classes.append(class_names)
         names.append(task_names[index] if task_names else task or experts[index].stem)
+    widths = {int(h.weight.shape[1]) for h in heads}
+    if len(widths) > 1:
+        raise OptionError(f"--heads: the heads files have different widths {sorted(widths)}")
+    check_task_names(names)
     return heads, names, classes
 
 
-def adapter_options(family: str, routing_layer: str | None, pooling: str | None,
-                    feature_pooling: str | None) -> dict[str, Any]:
+def adapter_options(family: str, pooling: str | None, feature_pooling: str | None, special_ids: Any) -> dict[str, Any]:
     options: dict[str, Any] = {}
-    if routing_layer is not None:
-        options["routing_layer"] = int(routing_layer) if routing_layer.lstrip("-").isdigit() else routing_layer
     if pooling is not None:
         options["pooling"] = pooling
     if feature_pooling is not None:
         if family != "text":
             raise OptionError(f"--feature-pooling applies to text models, not family '{family}'")
         options["feature_pooling"] = feature_pooling
+    if family == "text" and special_ids is not None:
+        options["special_ids"] = special_ids
     return options
+
+
+def routing_option(routing_layer: str | None) -> str | int | None:
+    """``--routing-layer``: a module name or a block index."""
+    if routing_layer is None:
+        return None
+    return int(routing_layer) if routing_layer.lstrip("-").isdigit() else routing_layer
+
+
+def check_experts(adapter: Any, model: Any, experts: list[Path], encoder: dict, trust_pickle: bool) -> None:
+    """Every expert opens and has the base's keys and shapes (headers only; no tensor is read)."""
+    from massmerge.errors import CheckpointError
+
+    for path in experts:
+        if not path.exists():
+            raise OptionError(f"--experts: {path}: no such file or directory")
+        checkpoint = adapter.load_weights(str(path), model, trust_pickle=trust_pickle)
+        for key, value in encoder.items():
+            shape = checkpoint.shape(key) if hasattr(checkpoint, "shape") else None
+            if shape is not None and shape != tuple(value.shape):
+                raise CheckpointError(f"{path}: key '{key}' has shape {list(shape)}, the base has {list(value.shape)}")
+
+
+def text_facts(base_path: Path, model: Any, max_length: int | None) -> tuple[list[int] | None, int | None]:
+    """(special token ids, max length) of a text base: the ids from its tokenizer (for ``content`` pooling),
+    the length checked against the model's positions (default: the positions)."""
+    from massmerge.cli.predict import model_positions
+
+    special = None
+    try:
+        from transformers import AutoTokenizer
+
+        special = sorted(set(AutoTokenizer.from_pretrained(str(base_path)).all_special_ids))
+    except (OSError, ValueError, TypeError):
+        special = None
+    positions = model_positions(model)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise OptionError(f"--max-length {max_length} is above the model's {positions} positions")
+    return special, max_length or positions
 
 
 @app.command("build")
 def build_cmd(
-    base: Annotated[Path, typer.Option(help="base model: HF model directory (or hub id)")],
-    experts: Annotated[list[Path], typer.Option(help="expert checkpoints (HF directories or .safetensors), >= 2")],
-    heads: Annotated[list[Path], typer.Option(help="one heads .safetensors file per expert (see README)")],
-    output: Annotated[Path, typer.Option(help="artifact directory to write (atomically)")],
-    task_names: Annotated[list[str] | None, typer.Option(help="task names (default: heads metadata or expert)")] = None,
-    family: Annotated[str | None, typer.Option(help="model family: text, clip, open_clip (auto-detected)")] = None,
-    routing_layer: Annotated[str | None, typer.Option(help="routing nn.Linear name or block index")] = None,
-    pooling: Annotated[str | None, typer.Option(help="routing pooling: cls or mean (family default)")] = None,
-    feature_pooling: Annotated[str | None, typer.Option(help="text features: mean, cls or pooler")] = None,
-    rank_fraction: Annotated[float | None, typer.Option(help="kept rank fraction (default 1/T)")] = None,
-    eps: Annotated[float, typer.Option(help="de-redundancy cosine threshold")] = 0.3,
-    no_deredundancy: Annotated[bool, typer.Option(help="merge every task in the first pass")] = False,
-    alpha: Annotated[float, typer.Option(help="scale of the merged delta")] = 1.0,
-    eta: Annotated[float, typer.Option(help="router probability threshold")] = 0.2,
-    top_k: Annotated[int, typer.Option(help="at most K tasks per sample")] = 3,
-    tau: Annotated[float, typer.Option(help="router softmax temperature")] = 1.0,
-    mode: Annotated[str, typer.Option(help="routing mode: topk, top1 or batch")] = "topk",
-    svd: Annotated[str, typer.Option(help="auto, exact or randomized")] = "auto",
-    factor_dtype: Annotated[str, typer.Option(help="auto (float16 for 32-bit bases), float32, float16, bfloat16")] = "auto",
-    max_size: Annotated[float | None, typer.Option(help="cut every task's rank by one fraction so the artifact is at "
-                                                        "most this many times the base's size (default 2.1 where "
-                                                        "reachable; 0: keep the design ranks)")] = None,
-    include: Annotated[list[str] | None, typer.Option(help="only merge keys matching these globs")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="leave keys matching these globs at the base")] = None,
+    base: Annotated[Path, typer.Option(metavar="PATH", help="base model: HF model directory (or hub id)")],
+    experts: Annotated[list[Path], typer.Option(metavar="PATH...", help="expert checkpoints (HF directories or "
+                                                                         ".safetensors), at least 2")],
+    heads: Annotated[list[Path], typer.Option(metavar="PATH...", help="one heads .safetensors file per expert "
+                                                                       "(see README)")],
+    output: Annotated[Path, typer.Option(metavar="PATH", help="artifact directory to write (atomically)")],
+    task_names: Annotated[list[str] | None, typer.Option(metavar="NAME...", help="task names [default: heads "
+                                                                                   "metadata, else the expert's]")] = None,
+    family: Annotated[str | None, typer.Option(metavar="NAME", help="model family: text, clip, open_clip "
+                                                                    "[default: detected]")] = None,
+    routing_layer: Annotated[str | None, typer.Option(metavar="NAME|INT", help="default routing nn.Linear (name or "
+                                                                               "block index) [default: block "
+                                                                               "round(0.75 depth)'s first MLP "
+                                                                               "matrix]")] = None,
+    pooling: Annotated[str | None, typer.Option(metavar="cls|mean|content", help="default routing pooling "
+                                                                                 "[default: the family's]")] = None,
+    feature_pooling: Annotated[str | None, typer.Option(metavar="mean|cls|pooler", help="text features the experts "
+                                                                                        "were trained with")] = None,
+    max_length: Annotated[int | None, typer.Option(metavar="INT", help="text: tokens per input the experts were "
+                                                                       "trained with [default: the model's "
+                                                                       "positions]")] = None,
+    rank_fraction: Annotated[float | None, typer.Option(metavar="FLOAT", help=RANK_FRACTION_HELP)] = None,
+    eps: Annotated[float, typer.Option(metavar="FLOAT", help=EPS_HELP)] = DEFAULT_EPS,
+    deredundancy: Annotated[bool, typer.Option("--deredundancy/--no-deredundancy", help=DEREDUNDANCY_HELP)] = True,
+    svd: Annotated[str, typer.Option(metavar="auto|exact|randomized", help="truncated SVD method")] = "auto",
+    factor_dtype: Annotated[str, typer.Option(metavar="DTYPE", help="auto (float16 for 32-bit bases), float32, "
+                                                                    "float16, bfloat16")] = "auto",
+    max_size: Annotated[float | None, typer.Option(metavar="FLOAT", help=MAX_SIZE_HELP)] = None,
+    include: Annotated[list[str] | None, typer.Option(metavar="GLOB...", help="only merge keys matching these globs")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(metavar="GLOB...", help="leave keys matching these globs at "
+                                                                              "the base")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="allow .bin/.pt files (weights-only load)")] = False,
 ) -> None:
     """Build a MASS artifact: the base, each expert's factors, non-matrix deltas, heads and a manifest."""
-    from massmerge.adapters import detect_family, get_adapter
-    from massmerge.sources import resolve_source
+    from massmerge.mass.config import make_build_settings
 
     if len(experts) < 2:
         raise OptionError(f"--experts: MASS needs at least 2 experts, got {len(experts)}")
+    check_positive("--max-length", max_length)
+    settings = make_build_settings(rank_fraction=rank_fraction, eps=eps if deredundancy else None, svd=svd,
+                                   factor_dtype=factor_dtype, max_size=max_size)
+    if pooling is not None and pooling not in ("cls", "mean", "content"):
+        raise OptionError(f"--pooling: unknown pooling '{pooling}' (choose cls, mean or content)")
     head_modules, names, classes = load_heads(heads, task_names, experts)
+    build_artifact(base, experts, head_modules, names, classes, output, settings, family=family,
+                   routing_layer=routing_layer, pooling=pooling, feature_pooling=feature_pooling,
+                   max_length=max_length, include=include, exclude=exclude, trust_pickle=trust_pickle)
+
+
+def build_artifact(base: Path, experts: list[Path], head_modules: list, names: list[str], classes: list,
+                   output: Path, settings: Any, *, family: str | None = None, routing_layer: str | None = None,
+                   pooling: str | None = None, feature_pooling: str | None = None, max_length: int | None = None,
+                   include: list[str] | None = None, exclude: list[str] | None = None,
+                   trust_pickle: bool = False, echo: Any = typer.echo) -> Path:
+    """The whole build (also used by ``massmerge suite --export-artifact``); checks come before any SVD."""
+    from massmerge.adapters import detect_family, get_adapter
+    from massmerge.artifact import artifact_bytes, factor_storage, float_dtype, save_artifact
+    from massmerge.mass.budget import stored_factors, tensor_bytes
+    from massmerge.mass.config import make_serve_settings
+    from massmerge.mass.model import MASSModel
+    from massmerge.mass.stream import build_factors
+    from massmerge.merging.common import default_rank_fraction
+    from massmerge.sources import resolve_source
+    from massmerge.task_vectors import KeyFilter
+
     base_path = resolve_source(str(base))
     fam = family or detect_family(base_path)
-    adapter = get_adapter(fam, **adapter_options(fam, routing_layer, pooling, feature_pooling))
-    model = adapter.load_model(str(base_path), trust_pickle=trust_pickle)
-    adapter.bind(model)
-    config = make_config(routing_layer=adapter.routing_layer(model), rank_fraction=rank_fraction,
-                         eps=None if no_deredundancy else eps, alpha=alpha, eta=eta, top_k=top_k, tau=tau,
-                         mode=mode, svd=svd)
+    loader = get_adapter(fam, routing_layer=routing_option(routing_layer))
+    model = loader.load_model(str(base_path), trust_pickle=trust_pickle)
+    special, length = text_facts(base_path, model, max_length) if fam == "text" else (None, None)
+    adapter = get_adapter(fam, routing_layer=routing_option(routing_layer),
+                          **adapter_options(fam, pooling, feature_pooling, special)).bind(model)
+    layer = adapter.routing_layer(model)
+    serve = make_serve_settings(routing_layers=(layer,), pooling=pooling, max_length=length)
     state = model.state_dict()
     encoder = {key: state[key] for key in adapter.encoder_keys(model)}
+    width = adapter.feature_dim(model)
+    if width is not None and int(head_modules[0].weight.shape[1]) != width:
+        raise OptionError(f"--heads: the heads are {int(head_modules[0].weight.shape[1])} wide; the model's "
+                          f"features are {width} wide")
+    check_experts(adapter, model, experts, encoder, trust_pickle)
     key_filter = KeyFilter.from_patterns(include, exclude)
+    fraction = default_rank_fraction(len(experts), settings.rank_fraction)
 
-    def open_expert(path: Path):
+    def open_expert(path: Path) -> Any:
         return adapter.load_weights(str(path), model, trust_pickle=trust_pickle)
 
-    factors = build_factors(encoder, experts, names, rank_fraction=config.rank_fraction, eps=config.eps,
-                            svd=config.svd, open_expert=open_expert, key_filter=key_filter)
-    store = storage_dtype(float_dtype(encoder)) if factor_dtype == "auto" else parse_dtype(factor_dtype)
+    factors = build_factors(encoder, experts, names, rank_fraction=fraction, eps=settings.eps, svd=settings.svd,
+                            open_expert=open_expert, key_filter=key_filter)
+    store = factor_storage(settings.factor_dtype, float_dtype(encoder))
     base_bytes = tensor_bytes(state.values())
-    factors, scale = fit_size(factors, head_modules, base_bytes, store, max_size)
-    factors = round_factors(factors, store)  # what is saved is exactly what a later load() serves
-    mass = MASSModel(model, factors, head_modules, config, pool=adapter.pool, features=adapter.features)
-    save_artifact(mass, output, adapter=adapter, tokenizer_dir=base_path if base_path.is_dir() else None,
-                  factor_dtype=store, class_names=classes, rank_scale=scale)
+    stored = stored_factors(factors, head_modules, base_bytes, store, settings.max_size)
+    if stored.note:
+        echo(f"note: {stored.note}", err=True)
+    factors, scale = stored.factors, stored.rank_scale  # exactly what a later load() serves
+    mass = MASSModel(model, factors, head_modules, serve, pool=adapter.pool, features=adapter.features)
+    save_artifact(mass, output, build=settings, adapter=adapter,
+                  tokenizer_dir=base_path if base_path.is_dir() else None, factor_dtype=store, class_names=classes,
+                  rank_scale=scale)
     dropped = factors.dropped()
-    budget = max_size or DEFAULT_MAX_SIZE
-    ranks = "design ranks" if scale == 1.0 else f"ranks cut to {scale:.0%} to fit --max-size {budget}"
-    typer.echo(f"wrote {output} ({len(names)} tasks: {', '.join(names)}; routing layer {config.routing_layer}; "
-               f"factors {str(store).removeprefix('torch.')}, {ranks}; "
-               f"{artifact_bytes(output) / base_bytes:.2f}x the base's tensors; "
-               f"de-redundancy dropped tasks in {len(dropped)} matrices)")
-
-
-DEFAULT_MAX_SIZE = 2.1  # issue 5's storage target: the artifact at most 2.1x the base
-
-
-def fit_size(factors: ExpertFactors, heads: list, base_bytes: int, store: Any,
-             max_size: float | None) -> tuple[ExpertFactors, float]:
-    """Factors cut to ``--max-size`` (an explicit budget that cannot be met is an error; the default budget is
-    best effort: a model too small for it keeps its design ranks, with a note) and the rank scale kept."""
-    if max_size == 0:
-        return factors, 1.0
-    extra = metadata_bytes(factors) + tensor_bytes(p for h in heads for p in h.state_dict().values())
-    try:
-        fit = fit_to_size(factors, base_bytes=base_bytes, max_size=max_size or DEFAULT_MAX_SIZE, store=store,
-                          extra_bytes=extra)
-    except OptionError as exc:
-        if max_size is not None:
-            raise
-        typer.echo(f"note: design ranks kept; {exc}".replace("; raise it or use --factor-dtype float16", ""),
-                   err=True)
-        return factors, 1.0
-    return fit.factors, fit.rank_scale
-
-
-def tensor_bytes(tensors: Any) -> int:
-    """Bytes of the tensors' elements (what safetensors stores, headers aside)."""
-    return sum(t.numel() * t.element_size() for t in tensors)
-
+    size = artifact_bytes(output) / base_bytes
+    ranks = "design ranks (1/T)" if scale == 1.0 else f"every task's rank cut to {scale:.0%}"
+    budget = settings.max_size if settings.max_size is not None else DEFAULT_MAX_SIZE
+    fits = "" if not budget or size <= budget else f" (above --max-size {budget}: the model is too small to cut)"
+    echo(f"wrote {output}: {len(names)} tasks ({', '.join(names)}); routing layer {layer}; factors "
+         f"{str(store).removeprefix('torch.')}, {ranks}; {size:.2f}x the base's bytes{fits}; de-redundancy left "
+         f"tasks out of the first pass in {len(dropped)} matrices")
+    return Path(output)

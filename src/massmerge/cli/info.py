@@ -1,16 +1,18 @@
-"""``massmerge info``: what a checkpoint holds (keys, shapes, dtypes, sizes), read without loading tensors."""
+"""``massmerge info``: what a checkpoint or a MASS artifact holds, read without loading tensors.
+
+For a checkpoint (safetensors file or HF directory): every key with its shape, dtype and size. For an artifact
+directory: a summary of its manifest (tasks, build and serve settings, heads, files) and the tensors of each
+of its safetensors files; the manifest is validated first, as ``load`` does, so a broken artifact is one error.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from massmerge.checkpoints import open_checkpoint
 from massmerge.cli import app
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -29,11 +31,25 @@ def human_bytes(count: int) -> str:
 
 @app.command("info")
 def info_cmd(
-    path: Annotated[Path, typer.Argument(help=".safetensors file or HF model directory")],
+    path: Annotated[Path, typer.Argument(metavar="PATH", help=".safetensors file, HF model directory or MASS "
+                                                              "artifact directory")],
 ) -> None:
-    """List every key of PATH with its shape, dtype and size, and the totals."""
-    checkpoint = open_checkpoint(path)
-    table = Table(title=str(path))
+    """List what PATH holds: every tensor with its shape, dtype and size (and an artifact's manifest)."""
+    from rich.console import Console
+
+    console = Console(soft_wrap=True)
+    if path.is_dir() and (path / "manifest.json").exists():
+        _artifact_info(path, console)
+        return
+    from massmerge.checkpoints import open_checkpoint
+
+    console.print(_tensor_table(str(path), open_checkpoint(path)))
+
+
+def _tensor_table(title: str, checkpoint: Any) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
     for column in ("key", "shape", "dtype", "params", "size"):
         table.add_column(column, justify="right" if column in ("params", "size") else "left")
     total_params = total_bytes = 0
@@ -46,4 +62,33 @@ def info_cmd(
         table.add_row(key, str(list(shape)), dtype, f"{params:,}", human_bytes(size))
     table.add_section()
     table.add_row(f"{len(checkpoint)} tensors", "", "", f"{total_params:,}", human_bytes(total_bytes))
-    Console(soft_wrap=True).print(table)
+    return table
+
+
+def _artifact_info(path: Path, console: Any) -> None:
+    """Manifest summary and the tensors of every safetensors file of a verified artifact."""
+    from massmerge.artifact import read_manifest, verify_files
+    from massmerge.checkpoints import open_checkpoint
+
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    serve = manifest.serve
+    lines = [
+        f"MASS artifact {path} (format {manifest.format_version}, massmerge {manifest.massmerge_version})",
+        f"tasks ({len(manifest.task_names)}): {', '.join(manifest.task_names)}",
+        f"architecture: {manifest.architecture.kind} {manifest.architecture.adapter or ''}".rstrip()
+        + f"; base {manifest.base.mode} ({manifest.base.dtype})",
+        f"build: rank fraction {manifest.rank_fraction:.4g} x scale {manifest.rank_scale:.3g}, eps "
+        f"{manifest.build.eps}, svd {manifest.build.svd}, factors {manifest.factor_dtype}; "
+        f"{len(manifest.ranks)} matrices, {len(manifest.non_matrix_keys)} other keys",
+        f"serve defaults: routing layers {', '.join(serve.routing_layers)}; pooling {serve.pooling or 'family'}; "
+        f"mode {serve.mode}, eta {serve.eta}, K {serve.top_k}, tau {serve.tau}, heads {serve.head_rule}, "
+        f"alpha {serve.alpha}, max length {serve.max_length}",
+        "heads: " + ", ".join(f"{h.task} ({h.kind}, {h.num_classes} classes)" for h in manifest.heads),
+        f"files: {len(manifest.files)}, {human_bytes(sum(e.bytes for e in manifest.files.values()))}",
+    ]
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
+    for name in manifest.files:
+        if name.endswith(".safetensors"):
+            console.print(_tensor_table(name, open_checkpoint(path / name)))

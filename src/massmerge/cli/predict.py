@@ -1,64 +1,119 @@
 """``massmerge predict DIR INPUTS``: serve a MASS artifact on text or images, one JSON line per input.
 
-Text artifacts: INPUTS is a text file (one input per line) or a ``.jsonl`` file (each line a JSON string or an
-object with a ``text`` field). Image artifacts (CLIP, open_clip): INPUTS is an image, a directory of images
-(recursively, in sorted order) or a text file of image paths (relative to that file), preprocessed as the
-base's ``preprocessor_config.json`` says (CLIP's eval transform otherwise). Each output line:
-``{"index", "task", "label", "class", "selected", "probs"}`` (plus ``"input"``, the path, for images);
-``class`` is the class name when the head has them. Batches mix inputs of different tasks: the artifact
-routes each sample.
+Text artifacts: INPUTS is a text file (one input per line; blank lines are skipped) or a ``.jsonl`` file (each
+line a JSON string or an object with a ``text`` field). Image artifacts (CLIP, open_clip): INPUTS is an image, a
+directory of images (recursively, in sorted order) or a text file of image paths (relative to that file),
+preprocessed as the base's ``preprocessor_config.json`` says (CLIP's eval transform otherwise).
+
+Each output line is ``{"index", "task", "label", "class", "selected", "probs"}`` (plus ``"input"``, the path,
+for images). ``index`` is the input's 1-based line number in the inputs file (for images: the 1-based position
+in the image list); ``class`` is the class name when the head has them. Batches mix inputs of different tasks:
+the artifact routes each sample. Results go to stdout (or ``--output``, written atomically) as they are made;
+progress goes to stderr. Serve settings (router, eta, K, tau, head rule, pooling, routing layers, alpha,
+max length) default to the artifact's and can be overridden by flags without a rebuild.
 """
 
 from __future__ import annotations
 
 import json
+import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 
-from massmerge.artifact import MODEL_DIR, load, read_manifest
-from massmerge.checkpoints import atomic_write
 from massmerge.cli import app
+from massmerge.cli.options import (
+    ALPHA_HELP,
+    ETA_HELP,
+    HEAD_RULE_HELP,
+    LAYER_COMBINE_HELP,
+    MODE_HELP,
+    POOLING_HELP,
+    ROUTER_HELP,
+    ROUTING_LAYER_HELP,
+    TAU_HELP,
+    TOP_K_HELP,
+    check_positive,
+)
 from massmerge.errors import MassMergeError, OptionError
-from massmerge.progress import track
+
+def describe(path: Path) -> str:
+    """What a path that is not a regular file is, for error messages."""
+    if not path.exists():
+        return "no such file or directory"
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (named pipe), not a file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a file"
+    return "is not a regular file"
 
 
-def read_inputs(path: Path) -> list[str]:
-    """Texts from a plain text file (one per non-empty line) or JSON lines (a string or {"text": ...})."""
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(1-based line number, text) of every line of a UTF-8 file; a bad byte names the file and line."""
     if not path.is_file():
-        raise MassMergeError(f"{path}: no such inputs file")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise MassMergeError(f"{path}: {describe(path)}")
+    out = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                out.append((number, raw.decode("utf-8").rstrip("\r\n")))
+            except UnicodeDecodeError as exc:
+                raise MassMergeError(f"{path}: line {number} is not valid UTF-8 (byte {exc.start + 1})") from None
+    return out
+
+
+def read_inputs(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) from a plain text file (non-blank lines) or JSON lines (a string or {"text": ...})."""
+    from massmerge.artifact import parse_json_text
+
+    lines = [(n, line) for n, line in _lines(path) if line.strip()]
     if path.suffix != ".jsonl":
         return lines
     texts = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            item = json.loads(line)
-        except ValueError:
-            raise MassMergeError(f"{path}: line {number} is not valid JSON") from None
+    for number, line in lines:
+        where = f"{path}: line {number}"
+        item = parse_json_text(line, where)  # nesting depth bounded: a hostile line cannot recurse deeply
         text = item.get("text") if isinstance(item, dict) else item
         if not isinstance(text, str):
-            raise MassMergeError(f"{path}: line {number} has no string 'text' field")
-        texts.append(text)
+            raise MassMergeError(f"{where} has no string 'text' field")
+        texts.append((number, text))
     return texts
 
 
-def batches(texts: list[str], size: int) -> Iterator[tuple[int, list[str]]]:
-    for start in range(0, len(texts), size):
-        yield start, texts[start:start + size]
+def model_positions(model: Any) -> int | None:
+    """How many token positions the model has (None for relative-position models such as T5)."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def result_rows(manifest: Any, out: Any, start: int, count: int) -> list[dict]:
-    """The JSON rows of one predicted batch (``out`` a MASS output), indices from ``start``."""
+def effective_max_length(requested: int | None, recorded: int | None, positions: int | None) -> int:
+    """``--max-length``, else the artifact's, clipped to the model's positions (with a note when clipped)."""
+    length = requested or recorded or positions or 512
+    if positions is not None and length > positions:
+        typer.echo(f"note: --max-length {length} is above the model's {positions} positions; using {positions}",
+                   err=True)
+        length = positions
+    return length
+
+
+def result_rows(manifest: Any, out: Any, numbers: list[int]) -> list[dict]:
+    """The JSON rows of one predicted batch (``out`` a MASS output); ``numbers`` are the inputs' indices."""
     names = manifest.task_names
     rows = []
-    for row in range(count):
+    for row, number in enumerate(numbers):
         task, label = int(out.task[row]), int(out.label[row])
         class_names = manifest.heads[task].class_names
         rows.append({
-            "index": start + row, "task": names[task], "label": label,
+            "index": number, "task": names[task], "label": label,
             "class": class_names[label] if class_names else label,
             "selected": [names[t] for t in out.selected[row].nonzero().flatten().tolist()],
             "probs": {names[t]: round(float(p), 6) for t, p in enumerate(out.probs[row])},
@@ -66,14 +121,20 @@ def result_rows(manifest: Any, out: Any, start: int, count: int) -> list[dict]:
     return rows
 
 
-def predict_texts(model: Any, tokenizer: Any, texts: list[str], *, batch_size: int, max_length: int) -> list[dict]:
-    """One result dict per text, in input order."""
-    results = []
-    chunks = list(batches(texts, batch_size))
-    for start, chunk in track(chunks, "predicting", total=len(chunks)):
-        batch = dict(tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
-        results += result_rows(model.manifest, model(batch), start, len(chunk))
-    return results
+def batches(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
+def predict_texts(model: Any, tokenizer: Any, texts: list[tuple[int, str]], *, batch_size: int,
+                  max_length: int) -> Iterator[dict]:
+    """One result dict per text, in input order, as each batch is done."""
+    from massmerge.progress import track
+
+    chunks = batches(texts, batch_size)
+    for chunk in track(chunks, "predicting", total=len(chunks)):
+        encoded = tokenizer([text for _, text in chunk], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+        yield from result_rows(model.manifest, model(dict(encoded)), [number for number, _ in chunk])
 
 
 def read_image_paths(path: Path) -> list[Path]:
@@ -86,10 +147,10 @@ def read_image_paths(path: Path) -> list[Path]:
             raise MassMergeError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this directory")
         return found
     if not path.is_file():
-        raise MassMergeError(f"{path}: no such inputs file or directory")
+        raise MassMergeError(f"{path}: {describe(path)}")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return [path]
-    listed = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    listed = [line.strip() for _, line in _lines(path) if line.strip()]
     paths = [(path.parent / line) if not Path(line).is_absolute() else Path(line) for line in listed]
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -97,19 +158,18 @@ def read_image_paths(path: Path) -> list[Path]:
     return paths
 
 
-def predict_images(model: Any, preprocess: Any, paths: list[Path], *, batch_size: int) -> list[dict]:
+def predict_images(model: Any, preprocess: Any, paths: list[Path], *, batch_size: int) -> Iterator[dict]:
     """One result dict per image, in input order, with its path as ``input``."""
     from massmerge.data.images import ImageDataset
+    from massmerge.progress import track
 
     images = ImageDataset("inputs", [], [(str(p), 0) for p in paths])
-    results = []
     total = (len(paths) + batch_size - 1) // batch_size
-    batches_ = track(images.batches(preprocess, batch_size), "predicting", total=total)
-    for number, (pixels, _) in enumerate(batches_):
+    for number, (pixels, _) in enumerate(track(images.batches(preprocess, batch_size), "predicting", total=total)):
         start = number * batch_size
-        rows = result_rows(model.manifest, model({"pixel_values": pixels}), start, len(pixels))
-        results += [{**row, "input": str(paths[row["index"]])} for row in rows]
-    return results
+        numbers = list(range(start + 1, start + 1 + len(pixels)))
+        for row in result_rows(model.manifest, model({"pixel_values": pixels}), numbers):
+            yield {**row, "input": str(paths[row["index"] - 1])}
 
 
 def image_preprocess(model: Any, model_dir: Path) -> Any:
@@ -124,43 +184,108 @@ def image_preprocess(model: Any, model_dir: Path) -> Any:
     return Preprocess.from_model_dir(model_dir, image_size=size)
 
 
+def write_rows(rows: Iterator[dict], output: Path | None) -> int:
+    """Stream JSON lines to stdout, or to ``output`` through a temp file renamed at the end; the row count."""
+    from massmerge.checkpoints import atomic_write
+
+    count = 0
+
+    def emit(handle: TextIO) -> None:
+        nonlocal count
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+            if handle is sys.stdout:
+                handle.flush()
+
+    if output is None:
+        emit(sys.stdout)
+    else:
+        def write(tmp: Path) -> None:
+            with tmp.open("w", encoding="utf-8") as handle:
+                emit(handle)
+
+        atomic_write(output, write)
+    return count
+
+
 @app.command("predict")
 def predict_cmd(
-    artifact: Annotated[Path, typer.Argument(help="artifact directory written by massmerge build")],
-    inputs: Annotated[Path, typer.Argument(help="text: a text file (one input per line) or .jsonl; images: an "
-                                                "image, a directory of images or a file listing image paths")],
-    output: Annotated[Path | None, typer.Option(help="write JSON lines here (atomically) instead of stdout")] = None,
-    batch_size: Annotated[int, typer.Option(help="inputs per batch (tasks may be mixed)")] = 32,
-    max_length: Annotated[int, typer.Option(help="truncate inputs to this many tokens")] = 128,
+    artifact: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="artifact directory written by massmerge build")],
+    inputs: Annotated[Path, typer.Argument(metavar="INPUTS", help="text: a text file (one input per line) or "
+                                                                  ".jsonl; images: an image, a directory of "
+                                                                  "images or a file listing image paths")],
+    output: Annotated[Path | None, typer.Option(metavar="PATH", help="write JSON lines here (atomically) "
+                                                                     "[default: stdout]")] = None,
+    batch_size: Annotated[int | None, typer.Option(metavar="INT", help="inputs per batch, tasks mixed "
+                                                                       "[default: the artifact's, 32]")] = None,
+    max_length: Annotated[int | None, typer.Option(metavar="INT", help="text: tokens per input, clipped to the "
+                                                                       "model's positions [default: what the "
+                                                                       "experts were trained with]")] = None,
+    router: Annotated[str | None, typer.Option(metavar="NAME", help=ROUTER_HELP)] = None,
+    routing_layer: Annotated[list[str] | None, typer.Option(metavar="NAME", help=ROUTING_LAYER_HELP)] = None,
+    pooling: Annotated[str | None, typer.Option(metavar="NAME", help=POOLING_HELP)] = None,
+    layer_combine: Annotated[str | None, typer.Option(metavar="NAME", help=LAYER_COMBINE_HELP)] = None,
+    mode: Annotated[str | None, typer.Option(metavar="NAME", help=MODE_HELP)] = None,
+    eta: Annotated[float | None, typer.Option(metavar="FLOAT", help=ETA_HELP)] = None,
+    top_k: Annotated[int | None, typer.Option(metavar="INT", help=TOP_K_HELP)] = None,
+    tau: Annotated[float | None, typer.Option(metavar="FLOAT", help=TAU_HELP)] = None,
+    head_rule: Annotated[str | None, typer.Option(metavar="NAME", help=HEAD_RULE_HELP)] = None,
+    alpha: Annotated[float | None, typer.Option(metavar="FLOAT", help=ALPHA_HELP)] = None,
+    strategy: Annotated[str, typer.Option(metavar="NAME", help="second pass: auto, batched, grouped or reference "
+                                                               "(slow, for checks)")] = "auto",
 ) -> None:
     """Predict (task, class) for every input with a MASS artifact."""
-    if batch_size < 1:
-        raise OptionError(f"--batch-size must be >= 1, got {batch_size}")
-    family = read_manifest(artifact).architecture.adapter  # inputs are checked before the model loads
+    from massmerge.artifact import MODEL_DIR, read_manifest, serve_settings
+
+    check_positive("--batch-size", batch_size)
+    check_positive("--max-length", max_length)
+    manifest = read_manifest(artifact)
+    overrides = {"routing_layers": tuple(routing_layer) if routing_layer else None, "pooling": pooling,
+                 "layer_combine": layer_combine, "mode": mode, "eta": eta, "top_k": top_k, "tau": tau,
+                 "head_rule": head_rule, "alpha": alpha, "batch_size": batch_size, "max_length": max_length}
+    serve_settings(manifest, router=None, **overrides)  # every flag is checked before the model loads
+    family = manifest.architecture.adapter
     if family == "text":
-        texts = read_inputs(inputs)
-        model = load(artifact)
-        tokenizer = _tokenizer(artifact / MODEL_DIR)
-        results = predict_texts(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+        items: list[Any] = read_inputs(inputs)
     elif family in ("clip", "open_clip"):
-        paths = read_image_paths(inputs)
-        model = load(artifact)
-        results = predict_images(model, image_preprocess(model, artifact / MODEL_DIR), paths, batch_size=batch_size)
+        items = read_image_paths(inputs)
     else:
         raise OptionError(f"{artifact}: predict serves text and image artifacts; this one's family is "
                           f"'{family}' (use the Python API load() for it)")
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
-    if output is None:
-        typer.echo(text, nl=False)
+    if not items:
+        typer.echo(f"note: {inputs} holds no inputs; nothing to predict", err=True)
+        write_rows(iter(()), output)
+        return
+    model = _load(artifact, router, strategy, overrides)
+    settings = model.settings
+    if family == "text":
+        tokenizer = _tokenizer(artifact / MODEL_DIR)
+        length = effective_max_length(max_length, manifest.serve.max_length, model_positions(model.model))
+        rows = predict_texts(model, tokenizer, items, batch_size=settings.batch_size, max_length=length)
     else:
-        atomic_write(output, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        preprocess = image_preprocess(model, artifact / MODEL_DIR)
+        rows = predict_images(model, preprocess, items, batch_size=settings.batch_size)
+    write_rows(rows, output)
+
+
+def _load(artifact: Path, router: str | None, strategy: str, overrides: dict[str, Any]) -> Any:
+    from massmerge.artifact import load
+    from massmerge.progress import quiet_third_party
+
+    with quiet_third_party():
+        return load(artifact, router=router, strategy=strategy,  # type: ignore[arg-type]
+                    **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
+    from massmerge.progress import quiet_third_party
+
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        with quiet_third_party():
+            return AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
         raise MassMergeError(f"{model_dir}: no usable tokenizer in the artifact ({str(exc).splitlines()[0][:160]}); "
                              "build it from an HF directory that has tokenizer files") from None

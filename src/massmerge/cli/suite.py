@@ -1,15 +1,32 @@
-"""``massmerge suite``: the offline benchmark (design.md section 6) on the embedded MiniLM expert zoo."""
+"""``massmerge suite``: the offline benchmark (design.md section 6) on the embedded MiniLM expert zoo.
+
+Every option is checked before the first fine-tuning step (a typo must not cost an hour): the numbers, the
+serve settings and the routing layers, which are looked up in the backbone itself.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
 from massmerge.cli import app
+from massmerge.cli.options import (
+    DEREDUNDANCY_HELP,
+    EPS_HELP,
+    ETA_HELP,
+    HEAD_RULE_HELP,
+    LAYER_COMBINE_HELP,
+    MAX_SIZE_HELP,
+    POOLING_HELP,
+    ROUTER_HELP,
+    TOP_K_HELP,
+    check_positive,
+)
 from massmerge.errors import OptionError
+from massmerge.mass.config import DEFAULT_EPS
 
 DEFAULT_CACHE = Path.home() / ".cache" / "massmerge" / "suite"
 
@@ -18,51 +35,102 @@ def _threads(threads: int | None) -> int:
     """All cores by default: the suite is CPU-bound and runs alone."""
     import torch
 
+    check_positive("--threads", threads)
     count = threads or os.cpu_count() or 1
     torch.set_num_threads(count)
     return count
 
 
+def check_routing_layers(layers: list[str]) -> None:
+    """Every named routing layer is an ``nn.Linear`` of the backbone (checked before any fine-tuning)."""
+    if not layers:
+        return
+    from massmerge.adapters.base import check_linear
+    from massmerge.finetune import load_backbone
+    from massmerge.progress import quiet_third_party
+
+    with quiet_third_party():
+        model = load_backbone().model
+    for layer in layers:
+        try:
+            check_linear(model, layer)
+        except OptionError as exc:
+            raise OptionError(f"--routing-layer: {str(exc).removeprefix('routing_layer: ')}") from None
+
+
 @app.command("suite")
 def suite_cmd(
-    preset: Annotated[str, typer.Option(help="ci (4 tasks, <10 min on 2 cores), default (8 tasks) or wide (12)")] = "default",
-    out: Annotated[Optional[Path], typer.Option(help="report folder [default: massmerge-suite/PRESET]")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="npm tarball + apt snapshot folder (scripts/setup_data.sh)")] = None,
-    cache_dir: Annotated[Path, typer.Option(help="cached experts and evaluation results")] = DEFAULT_CACHE,
-    tasks: Annotated[Optional[str], typer.Option(help="comma-separated task names instead of the preset's")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="fine-tuning steps per expert (preset's by default)")] = None,
-    n_test: Annotated[Optional[int], typer.Option(help="test items per task (preset's by default)")] = None,
-    routing_layer: Annotated[Optional[str], typer.Option(help="routing matrix [default: block round(0.75 depth) MLP]")] = None,
-    mass_layer: Annotated[Optional[list[str]], typer.Option(help="extra routing layers scored with full MASS")] = None,
-    eta: Annotated[float, typer.Option(help="router probability threshold")] = 0.2,
-    top_k: Annotated[int, typer.Option(help="at most K tasks per sample")] = 3,
-    eps: Annotated[float, typer.Option(help="de-redundancy threshold (negative = off)")] = 0.3,
-    rank_scale: Annotated[float, typer.Option(help="keep this fraction of every task's MASS rank (as build "
-                                                   "--max-size cuts it)")] = 1.0,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads [default: all cores]")] = None,
-    seed: Annotated[int, typer.Option(help="split and training seed")] = 0,
+    preset: Annotated[str, typer.Option(metavar="NAME", help="distinct (the paper's design: each task its own "
+                                                             "source), overlap (look-alike inputs), ci (4 "
+                                                             "tasks, minutes) or wide")] = "distinct",
+    output: Annotated[Path | None, typer.Option(metavar="PATH", help="report folder [default: "
+                                                                     "massmerge-suite/PRESET]")] = None,
+    export_artifact: Annotated[Path | None, typer.Option(metavar="PATH", help="also write the served MASS model "
+                                                                              "as an artifact here (for massmerge "
+                                                                              "predict)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(metavar="PATH", help="npm tarball + apt snapshot folder "
+                                                                       "(scripts/setup_data.sh)")] = None,
+    cache_dir: Annotated[Path, typer.Option(metavar="PATH", help="cached experts and evaluation results")] = DEFAULT_CACHE,
+    tasks: Annotated[str | None, typer.Option(metavar="A,B,...", help="comma-separated task names instead of "
+                                                                      "the preset's")] = None,
+    steps: Annotated[int | None, typer.Option(metavar="INT", help="fine-tuning steps per expert [default: the "
+                                                                  "preset's]")] = None,
+    n_test: Annotated[int | None, typer.Option(metavar="INT", help="test items per task [default: the "
+                                                                   "preset's]")] = None,
+    routing_layer: Annotated[list[str] | None, typer.Option(metavar="NAME", help="routing nn.Linear (repeat for "
+                                                                                 "multi-layer routing) [default: "
+                                                                                 "block round(0.75 depth)'s first "
+                                                                                 "MLP matrix]")] = None,
+    mass_layer: Annotated[list[str] | None, typer.Option(metavar="NAME", help="extra routing layers scored with "
+                                                                              "the full MASS model")] = None,
+    router: Annotated[str | None, typer.Option(metavar="NAME", help=ROUTER_HELP)] = None,
+    pooling: Annotated[str | None, typer.Option(metavar="NAME", help=POOLING_HELP)] = None,
+    layer_combine: Annotated[str | None, typer.Option(metavar="NAME", help=LAYER_COMBINE_HELP)] = None,
+    head_rule: Annotated[str | None, typer.Option(metavar="NAME", help=HEAD_RULE_HELP)] = None,
+    eta: Annotated[float | None, typer.Option(metavar="FLOAT", help=ETA_HELP)] = None,
+    top_k: Annotated[int | None, typer.Option(metavar="INT", help=TOP_K_HELP)] = None,
+    eps: Annotated[float, typer.Option(metavar="FLOAT", help=EPS_HELP)] = DEFAULT_EPS,
+    deredundancy: Annotated[bool, typer.Option("--deredundancy/--no-deredundancy", help=DEREDUNDANCY_HELP)] = True,
+    max_size: Annotated[float | None, typer.Option(metavar="FLOAT", help=MAX_SIZE_HELP)] = None,
+    ablation: Annotated[bool, typer.Option("--ablation/--no-ablation", help="score the router variants on the "
+                                                                            "validation and test splits")] = True,
+    threads: Annotated[int | None, typer.Option(metavar="INT", help="torch threads [default: all cores]")] = None,
+    seed: Annotated[int, typer.Option(metavar="INT", help="split and training seed")] = 0,
 ) -> None:
     """Build the expert zoo (cached), evaluate zero-shot, experts, every static merge and MASS; write the report."""
-    from massmerge.suite import PRESET_FINETUNE, SuiteConfig, run_suite
+    from massmerge.data.tasks import get_preset
+    from massmerge.mass.config import ROUTER_PROFILES, make_build_settings, make_serve_settings
+    from massmerge.data.tasks import TASKS
+    from massmerge.suite import SuiteConfig, preset_finetune, run_suite
 
-    if steps is not None and steps < 1:
-        raise OptionError(f"--steps must be >= 1, got {steps}")
-    if n_test is not None and n_test < 1:
-        raise OptionError(f"--n-test must be >= 1, got {n_test}")
-    if not 0.0 < rank_scale <= 1.0:
-        raise OptionError(f"--rank-scale must be in (0, 1], got {rank_scale}")
-    from massmerge.mass.config import make_config
-
-    # fail before an hour of fine-tuning, not after it: the router options are checked up front
-    make_config(routing_layer=routing_layer or "default", eta=eta, top_k=top_k, eps=None if eps < 0 else eps)
+    check_positive("--steps", steps)
+    check_positive("--n-test", n_test)
+    get_preset(preset)
+    unknown = [name for name in (tasks.split(",") if tasks else []) if name not in TASKS]
+    if unknown:
+        raise OptionError(f"--tasks: unknown task '{unknown[0]}' (choose from {', '.join(TASKS)})")
+    build = make_build_settings(eps=eps if deredundancy else None, max_size=max_size)
+    serve: dict[str, Any] = {}
+    if router is not None:
+        if router not in ROUTER_PROFILES:
+            raise OptionError(f"--router: unknown rule '{router}' (choose {', '.join(ROUTER_PROFILES)})")
+        serve.update({**ROUTER_PROFILES[router], "pooling": "mean"})
+    serve.update({k: v for k, v in {"pooling": pooling, "layer_combine": layer_combine, "head_rule": head_rule,
+                                    "eta": eta, "top_k": top_k}.items() if v is not None})
+    if routing_layer and len(routing_layer) > 1:
+        serve["routing_layers"] = tuple(routing_layer)
+    make_serve_settings(routing_layers=("checked below",), **serve)  # every serve flag checked up front
+    check_routing_layers([*(routing_layer or []), *(mass_layer or [])])
     _threads(threads)
-    finetune = PRESET_FINETUNE.get(preset, PRESET_FINETUNE["default"])
-    finetune = finetune.model_copy(update={"seed": seed, **({"steps": steps} if steps else {})})
+    finetune = preset_finetune(preset).model_copy(update={"seed": seed, **({"steps": steps} if steps else {})})
     config = SuiteConfig(
         preset=preset, tasks=tuple(tasks.split(",")) if tasks else None, n_test=n_test, finetune=finetune,
-        routing_layer=routing_layer, mass_layers=tuple(mass_layer or ()), eps=None if eps < 0 else eps, eta=eta,
-        top_k=top_k, seed=seed, rank_scale=rank_scale,
+        routing_layer=routing_layer[0] if routing_layer else None, mass_layers=tuple(mass_layer or ()),
+        eps=build.eps, max_size=build.max_size, serve=serve, ablation=ablation, seed=seed,
     )  # fmt: skip
-    out_dir = out or Path("massmerge-suite") / preset
-    run_suite(config, data_root=data_dir, cache_dir=cache_dir, out_dir=out_dir)
+    out_dir = output or Path("massmerge-suite") / preset
+    typer.echo(f"report will be written to {out_dir}/report.md", err=True)
+    run_suite(config, data_root=data_dir, cache_dir=cache_dir, out_dir=out_dir, export_artifact=export_artifact)
     typer.echo(f"report written to {out_dir}/report.md")
+    if export_artifact is not None:
+        typer.echo(f"artifact written to {export_artifact} (serve it: massmerge predict {export_artifact} INPUTS)")

@@ -11,6 +11,7 @@ the design sets them; every task keeps at least one direction per matrix.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,5 +110,47 @@ def fit_to_size(factors: ExpertFactors, *, base_bytes: int, max_size: float, sto
     return BudgetFit(truncate(factors, low), low, size(low))
 
 
-__all__ = ["BudgetFit", "factor_bytes", "fit_to_size", "metadata_bytes", "non_matrix_bytes", "scaled_rank",
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors' elements (what safetensors stores, headers aside)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class StoredFactors:
+    """Factors exactly as ``massmerge build`` saves them, the rank scale kept, the storage dtype and the
+    resulting artifact size in base sizes (``note`` says why design ranks were kept above the budget)."""
+
+    factors: ExpertFactors
+    rank_scale: float
+    store: torch.dtype
+    size_factor: float
+    note: str | None = None
+
+
+def stored_factors(factors: ExpertFactors, heads: Sequence[torch.nn.Module], base_bytes: int, store: torch.dtype,
+                   max_size: float | None) -> StoredFactors:
+    """Cut to ``max_size`` (None: the default budget, best effort; 0: design ranks), then rounded to the
+    storage dtype and back, so what is evaluated or served in memory is exactly what a saved artifact holds.
+
+    The one path from built factors to stored ones: ``massmerge build`` and ``massmerge suite`` both use it.
+    An explicit budget that cannot be met is an error; the default one keeps the design ranks with a note.
+    """
+    from massmerge.artifact import round_factors
+    from massmerge.mass.config import DEFAULT_MAX_SIZE
+
+    extra = metadata_bytes(factors) + tensor_bytes(p for h in heads for p in h.state_dict().values())
+    fit, note = BudgetFit(factors, 1.0, 0.0), None
+    if max_size != 0:
+        try:
+            fit = fit_to_size(factors, base_bytes=base_bytes, max_size=max_size or DEFAULT_MAX_SIZE, store=store,
+                              extra_bytes=extra)
+        except OptionError as exc:
+            if max_size is not None:
+                raise
+            note = f"design ranks kept; {exc}".replace("; raise it or use --factor-dtype float16", "")
+    size = (base_bytes + non_matrix_bytes(fit.factors, store) + extra + factor_bytes(fit.factors, store)) / base_bytes
+    return StoredFactors(round_factors(fit.factors, store), fit.rank_scale, store, size, note)
+
+
+__all__ = ["BudgetFit", "StoredFactors", "stored_factors", "tensor_bytes", "factor_bytes", "fit_to_size", "metadata_bytes", "non_matrix_bytes", "scaled_rank",
            "truncate"]

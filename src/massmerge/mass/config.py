@@ -1,37 +1,139 @@
-"""MASS hyper-parameters with the defaults of design.md, validated once with one-line errors."""
+"""MASS settings, split by when they are fixed, with every default defined here once (design.md section 2).
+
+- :class:`BuildSettings` shape the stored factors (rank fraction, de-redundancy eps, SVD method, factor dtype,
+  size budget): an artifact fixes them, and changing one means factorizing the experts again.
+- :class:`ServeSettings` only shape how inputs are routed and answered (routing layers and pooling, mode, eta,
+  K, tau, the head rule, alpha, batch size, max length): ``massmerge predict`` flags and ``load(...)`` keyword
+  arguments override them without a rebuild. An artifact records the values it was built with as defaults.
+
+``ROUTER_PROFILES['paper']`` is the paper's exact rule, kept reproducible whatever the defaults become.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from massmerge.errors import OptionError
 
 RoutingMode = Literal["topk", "top1", "batch"]
+HeadRule = Literal["max_logit", "posterior"]
+Pooling = Literal["cls", "mean", "content"]
+LayerCombine = Literal["standardized", "ppca"]
+SVDChoice = Literal["auto", "exact", "randomized"]
+
+DEFAULT_EPS = 0.3
+DEFAULT_ALPHA = 1.0
+DEFAULT_ETA = 0.2
+DEFAULT_TOP_K = 3
+DEFAULT_TAU = 1.0
+DEFAULT_MAX_SIZE = 2.1  # an artifact at most 2.1x the base's bytes (design.md section 7)
+DEFAULT_BATCH_SIZE = 32
+ROUTING_DEPTH_FRACTION = 0.75  # the routing block: round(0.75 * depth), block 9 of a 12-block ViT
 
 
-class MASSConfig(BaseModel):
-    """Every setting that shapes a MASS model (the artifact's manifest and cache keys hold all of them)."""
+def default_routing_block(depth: int) -> int:
+    """Index of the routing block: ``round(0.75 * depth)``, clipped to the last block."""
+    if depth < 1:
+        raise OptionError(f"--routing-layer: the model has no transformer blocks (depth {depth})")
+    return min(depth - 1, round(ROUTING_DEPTH_FRACTION * depth))
 
+
+class _Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    routing_layer: str = Field(min_length=1, description="dotted name of the nn.Linear whose input routes")
-    rank_fraction: float | None = Field(default=None, gt=0.0, le=1.0, description="k = floor(min(m,n)*f); None=1/T")
-    eps: float | None = Field(default=0.3, ge=0.0, le=1.0, description="de-redundancy cosine threshold; None=off")
-    alpha: float = Field(default=1.0, allow_inf_nan=False, description="scale of the merged delta")
-    eta: float = Field(default=0.2, ge=0.0, lt=1.0, description="probability threshold for selection")
-    top_k: int = Field(default=3, ge=1, description="at most K tasks per sample")
-    tau: float = Field(default=1.0, gt=0.0, allow_inf_nan=False, description="softmax temperature")
+
+class BuildSettings(_Settings):
+    """What the stored factors depend on (fixed in an artifact)."""
+
+    rank_fraction: float | None = Field(default=None, gt=0.0, le=1.0, description="k = floor(min(m,n) f); None = 1/T")
+    eps: float | None = Field(default=DEFAULT_EPS, ge=0.0, le=1.0, description="de-redundancy cosine; None = off")
+    svd: SVDChoice = "auto"
+    factor_dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "auto"
+    max_size: float | None = Field(default=None, ge=0.0, description="size budget x base; None = 2.1 where "
+                                                                      "reachable, 0 = design ranks")
+
+    @field_validator("max_size")
+    @classmethod
+    def _budget(cls, value: float | None) -> float | None:
+        if value is not None and 0.0 < value <= 1.0:
+            raise ValueError("must be 0 (design ranks) or above 1 (a multiple of the base's size)")
+        return value
+
+
+class ServeSettings(_Settings):
+    """How a MASS model routes and answers (overridable at serve time)."""
+
+    routing_layers: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        default=(), description="routing nn.Linear names (several: multi-layer routing)")
+    pooling: Pooling | None = Field(default=None, description="routing token pooling; None = the family's")
+    layer_combine: LayerCombine = "standardized"
     mode: RoutingMode = "topk"
-    svd: Literal["auto", "exact", "randomized"] = "auto"
+    eta: float = Field(default=DEFAULT_ETA, ge=0.0, lt=1.0)
+    top_k: int = Field(default=DEFAULT_TOP_K, ge=1)
+    tau: float = Field(default=DEFAULT_TAU, gt=0.0, allow_inf_nan=False)
+    head_rule: HeadRule = "max_logit"
+    alpha: float = Field(default=DEFAULT_ALPHA, allow_inf_nan=False)
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
+    max_length: int | None = Field(default=None, ge=1, description="text: tokens per input; None = the model's")
+
+    def updated(self, **overrides: Any) -> ServeSettings:
+        """A copy with the given fields replaced (None values are ignored), validated like the original."""
+        changes = {key: value for key, value in overrides.items() if value is not None}
+        return make_serve_settings(**{**self.model_dump(), **changes})
 
 
-def make_config(**values: Any) -> MASSConfig:
-    """Build a :class:`MASSConfig`, turning pydantic's report into a one-line error naming the option."""
+#: Named router rules. ``paper``: one routing layer, the family's own pooling (mean over non-padding tokens
+#: for text, the CLS token for vision), max-logit heads. ``routing_layers=None`` keeps the first given layer.
+ROUTER_PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {"pooling": None, "layer_combine": "standardized", "head_rule": "max_logit", "mode": "topk",
+              "eta": DEFAULT_ETA, "top_k": DEFAULT_TOP_K, "tau": DEFAULT_TAU},
+}
+
+
+def apply_profile(settings: ServeSettings, profile: str, *, default_layer: str, family_pooling: str | None
+                  ) -> ServeSettings:
+    """``settings`` under a named router rule (``--router NAME``): the paper's uses ``default_layer`` alone."""
+    if profile not in ROUTER_PROFILES:
+        raise OptionError(f"--router: unknown rule '{profile}' (choose {', '.join(ROUTER_PROFILES)})")
+    values = {**settings.model_dump(), **ROUTER_PROFILES[profile]}
+    values["routing_layers"] = (default_layer,)
+    values["pooling"] = family_pooling
+    return make_serve_settings(**values)
+
+
+FLAG_NAMES = {"routing_layers": "--routing-layer"}  # the CLI spells some list settings in the singular
+
+
+def _option_error(exc: ValidationError) -> OptionError:
+    first = exc.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "settings"
+    option = FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
+    return OptionError(f"{option}: {first['msg']} (got {first.get('input')!r})")
+
+
+def make_serve_settings(**values: Any) -> ServeSettings:
+    """Validated :class:`ServeSettings`; a bad value is a one-line error naming the option."""
+    if isinstance(values.get("routing_layers"), str):
+        values["routing_layers"] = (values["routing_layers"],)
     try:
-        return MASSConfig(**values)
+        return ServeSettings(**values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        option = "--" + "-".join(str(part) for part in first["loc"]).replace("_", "-")
-        raise OptionError(f"{option}: {first['msg']} (got {first.get('input')!r})") from None
+        raise _option_error(exc) from None
+
+
+def make_build_settings(**values: Any) -> BuildSettings:
+    """Validated :class:`BuildSettings`; a bad value is a one-line error naming the option."""
+    try:
+        return BuildSettings(**values)
+    except ValidationError as exc:
+        raise _option_error(exc) from None
+
+
+__all__ = [
+    "BuildSettings", "DEFAULT_ALPHA", "DEFAULT_BATCH_SIZE", "DEFAULT_EPS", "DEFAULT_ETA", "DEFAULT_MAX_SIZE",
+    "DEFAULT_TAU", "DEFAULT_TOP_K", "HeadRule", "LayerCombine", "Pooling", "ROUTER_PROFILES", "RoutingMode",
+    "ServeSettings", "apply_profile", "default_routing_block", "make_build_settings",
+    "make_serve_settings",
+]

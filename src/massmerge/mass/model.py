@@ -1,38 +1,66 @@
-"""The two-pass MASS model: route each input to a few task subspaces, then run the model merged from them.
+"""The MASS model: the one object that serves, evaluates and benchmarks MASS (design.md section 2).
 
-1. First pass: ``theta_0 + alpha * TSV-M(all tasks, de-redundant)`` up to the routing layer only (an
-   exception stops the forward once the layer's input is captured).
-2. Router: projection residuals of the pooled activation against each task's right singular vectors.
-3. Second pass: per group of samples sharing a selected set S, ``theta_0 + alpha * TSV-M(S)``.
-4. Heads: each selected task's head on the final features; the largest best logit picks (task, class).
+1. First pass: ``theta_0 + alpha * TSV-M(all tasks, de-redundant)`` up to the routing layers only; their inputs
+   are pooled into z and the forward stops there.
+2. Router: projection residuals of z against each task's right singular vectors, combined over the routing
+   layers, standardized and softmaxed; the eta / K rule picks each sample's task set S (:mod:`.router`).
+3. Second pass: every sample runs ``theta_0 + alpha * TSV-M(S)``, by one of three strategies:
 
-This module is the straightforward reference path: the second pass forms dense merged weights per group
-(from cached per-set merged factors) and runs the model through ``torch.func.functional_call``, so the
-base model itself is never modified.
+   - ``batched``: the whole batch in ONE forward, each set's low-rank side branch on its own rows;
+   - ``grouped``: one forward per task set (any token layout, any parameter kind);
+   - ``reference``: per set, every weight formed densely from the exact SVD polar factors and swapped in with
+     ``functional_call``; the slow, independent path the tests compare the others with.
+
+   ``auto`` (the default) runs ``batched`` and falls back to ``grouped`` when the model cannot (a
+   sequence-first module, or a routed module whose inputs do not carry the batch on dim 0); the reason is kept
+   in :attr:`MASSModel.batched_off_reason`. ``reference`` is never chosen automatically.
+4. Heads: every selected task's head on the final features; the head rule picks (task, class).
+
+Routed modules are installed into the base model once, in place (:mod:`.routed`); they compute the base model
+exactly when no MASS call is running, and each call's state lives in a per-thread context, so two threads may
+call one model at once. Task sets' merges come from the stored factors with no SVD (:mod:`.setmerge`) and are
+cached across calls, keyed by the set and alpha. Serve settings can change per view (:meth:`with_settings`)
+without repeating any of that work.
 """
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from massmerge.errors import OptionError
-from massmerge.heads import select_by_max_logit
-from massmerge.lowrank import LowRank, polar
+from massmerge.heads import choose
 from massmerge.mass import router
-from massmerge.mass.config import MASSConfig
+from massmerge.mass.config import ServeSettings, make_serve_settings
 from massmerge.mass.experts import ExpertFactors
-from massmerge.mass.pooling import PoolFn, identity_pool
+from massmerge.mass.pooling import PoolFn, batch_size_of, identity_pool
+from massmerge.mass.routed import (
+    FirstPass,
+    Group,
+    Plan,
+    SecondPass,
+    SetData,
+    StopForward,
+    Unbatchable,
+    active,
+    install,
+)
+from massmerge.mass.setmerge import SetMerger, TaskSet
+from massmerge.task_vectors import add_delta
 
 FeatureFn = Callable[[nn.Module, Any], torch.Tensor]
 Batch = Any
-MERGED_SET_CACHE_SIZE = 64
+Strategy = Literal["auto", "batched", "grouped", "reference"]
+STRATEGIES = ("auto", "batched", "grouped", "reference")
+SET_CACHE_SIZE = 256  # merged non-matrix values per (set, alpha); small tensors (biases, norms)
 
 
 def default_features(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -43,29 +71,21 @@ def default_features(model: nn.Module, batch: Batch) -> torch.Tensor:
     return out
 
 
-def batch_size(batch: Batch) -> int:
-    """Number of samples in a tensor batch or a dict of tensors."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    for value in batch.values():
-        if isinstance(value, torch.Tensor):
-            return int(value.shape[0])
-    raise ValueError("batch holds no tensor")
-
-
 def index_batch(batch: Batch, index: torch.Tensor) -> Batch:
     """The samples ``index`` of a tensor batch or of every per-sample tensor in a dict batch."""
     if isinstance(batch, torch.Tensor):
         return batch[index]
-    size = batch_size(batch)
-    return {
-        key: value[index] if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == size else value
-        for key, value in batch.items()
-    }
+    size = batch_size_of(batch)
+    return {key: value[index] if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == size else value
+            for key, value in batch.items()}
 
 
-class _StopForward(Exception):
-    """Raised by the routing-layer hook to end the first pass early."""
+def group_by_task_set(selected: torch.Tensor) -> list[tuple[TaskSet, torch.Tensor]]:
+    """Sample indices grouped by their selected task set (sets in sorted order)."""
+    groups: dict[TaskSet, list[int]] = {}
+    for row, mask in enumerate(selected.tolist()):
+        groups.setdefault(tuple(i for i, on in enumerate(mask) if on), []).append(row)
+    return [(tasks, torch.tensor(rows, dtype=torch.long)) for tasks, rows in sorted(groups.items())]
 
 
 @dataclass
@@ -74,35 +94,23 @@ class MASSOutput:
 
     task: torch.Tensor  # [B] long, index into task_names
     label: torch.Tensor  # [B] long, class index in that task's label space
-    probs: torch.Tensor  # [B, T] router probabilities (one-hot in oracle mode)
+    probs: torch.Tensor  # [B, T] router probabilities (one-hot when the task is given)
     selected: torch.Tensor  # [B, T] bool, the task set S of each sample
-    residuals: torch.Tensor | None  # [B, T] projection residuals (None in oracle mode)
+    residuals: dict[str, torch.Tensor] | None  # routing layer -> [B, T] residuals (None when the task is given)
+    features: torch.Tensor | None = None  # [B, d] second-pass features (when asked for)
 
 
 @dataclass
-class MergedFactors:
-    """TSV-M of a task set as factors: ``U diag(s) V^T`` with polar U, V (cached per set, not dense)."""
+class Routing:
+    """The router's view of a batch."""
 
-    U: torch.Tensor
-    s: torch.Tensor
-    V: torch.Tensor
-
-    @classmethod
-    def of(cls, factors: Sequence[LowRank]) -> "MergedFactors":
-        nonzero = [f for f in factors if f.rank > 0]
-        if not nonzero:  # no task changed this matrix: an empty (rank-0) delta
-            return cls(factors[0].U[:, :0], factors[0].s[:0], factors[0].V[:, :0])
-        factors = nonzero
-        U = torch.cat([f.U for f in factors], dim=1)
-        V = torch.cat([f.V for f in factors], dim=1)
-        return cls(polar(U), torch.cat([f.s for f in factors]), polar(V))
-
-    def dense(self) -> torch.Tensor:
-        return (self.U * self.s) @ self.V.T
+    residuals: dict[str, torch.Tensor]
+    probs: torch.Tensor
+    selected: torch.Tensor
 
 
 class _Runner(nn.Module):
-    """Wraps ``features(model, batch)`` as a module so functional_call can swap the model's parameters."""
+    """``features(model, batch)`` as a module, so the reference path can swap parameters with functional_call."""
 
     def __init__(self, model: nn.Module, features: FeatureFn) -> None:
         super().__init__()
@@ -113,168 +121,296 @@ class _Runner(nn.Module):
         return self.features(self.model, batch)
 
 
-class MASSModel(nn.Module):
-    """MASS over any model whose routing layer is an ``nn.Linear`` named in ``config.routing_layer``.
+class _Shared:
+    """Everything a MASS model's views share: the base, factors, set merges and the caches over them."""
 
-    ``factors`` keys must be names in ``base_model.state_dict()``; ``heads[t]`` maps final features to task
-    t's logits. ``pool(activation, batch)`` makes z from the routing layer's input; ``features(model, batch)``
-    runs the model to its final features.
+    def __init__(self, model: nn.Module, factors: ExpertFactors, features: FeatureFn) -> None:
+        self.runner = _Runner(model, features)
+        self.factors = factors
+        self.merger = SetMerger(factors)
+        self.base = {key: value.detach() for key, value in model.state_dict(keep_vars=True).items()}
+        self.matrix_keys = frozenset(factors.matrices)
+        self.non_matrix_keys = frozenset(factors.non_matrix)
+        self.installed = install(model, [*factors.matrices, *factors.non_matrix], [])
+        self.batched_off_reason = _seq_first_module(model)
+        self._first: dict[float, dict[str, torch.Tensor]] = {}
+        self._sets: OrderedDict[tuple[TaskSet, float], SetData] = OrderedDict()
+        self._lock = threading.RLock()
+        self._reference_lock = threading.Lock()
+
+    # -- first pass ----------------------------------------------------------------------------------------
+    def first_pass_value(self, alpha: float) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        """(key, base tensor) -> ``theta_0 + alpha * TSV-M(all, de-redundant)`` of that key, made once."""
+        with self._lock:
+            cache = self._first.setdefault(alpha, {})
+
+        def value(key: str, base: torch.Tensor) -> torch.Tensor:
+            if key not in self.matrix_keys and key not in self.non_matrix_keys:
+                return base
+            found = cache.get(key)
+            if found is not None:
+                return found
+            with self._lock:
+                if key not in cache:
+                    cache[key] = self._first_pass_tensor(key, alpha)
+                return cache[key]
+
+        return value
+
+    def _first_pass_tensor(self, key: str, alpha: float) -> torch.Tensor:
+        base = self.base[key]
+        if key in self.matrix_keys:
+            tasks = self.merger.first_pass_tasks(key)
+            core = self.merger._compute(tasks, {key: self.merger.stacked[key]})[key]
+            return add_delta(base, self.merger.dense_delta(key, tasks, core), alpha)
+        return add_delta(base, torch.stack(list(self.factors.non_matrix[key])).mean(dim=0), alpha)
+
+    # -- task sets -------------------------------------------------------------------------------------------
+    def set_data(self, tasks: TaskSet, alpha: float) -> SetData:
+        """The merged parameters of a task set (cores and rows per matrix, values per other key), cached."""
+        cache_key = (tasks, alpha)
+        with self._lock:
+            if cache_key in self._sets:
+                self._sets.move_to_end(cache_key)
+                return self._sets[cache_key]
+        cores = self.merger.cores(tasks)
+        rows = {key: st.rows(tasks) for key, st in self.merger.stacked.items()}
+        values = {key: add_delta(self.base[key], torch.stack([per_task[t] for t in tasks]).mean(dim=0), alpha)
+                  for key, per_task in self.factors.non_matrix.items()}
+        data = SetData(tasks, rows, cores, values)
+        with self._lock:
+            self._sets[cache_key] = data
+            while len(self._sets) > SET_CACHE_SIZE:
+                self._sets.popitem(last=False)
+        return data
+
+    def dense_value(self, alpha: float) -> Callable[[str, torch.Tensor, SetData], torch.Tensor]:
+        """(key, base, set) -> the set's dense parameter, for generic owners (formed per call, not cached)."""
+
+        def value(key: str, base: torch.Tensor, data: SetData) -> torch.Tensor:
+            if key in data.values:
+                return data.values[key]
+            if key in self.matrix_keys:
+                delta = self.merger.dense_delta(key, data.tasks, data.cores[key])
+                return add_delta(base, delta, alpha)
+            return base
+
+        return value
+
+
+def _seq_first_module(model: nn.Module) -> str | None:
+    """Why one forward cannot hold several task sets: a module that declares ``batch_first=False``."""
+    for name, module in model.named_modules():
+        if getattr(module, "batch_first", True) is False:
+            return f"module '{name or type(module).__name__}' is sequence-first (batch_first=False)"
+    return None
+
+
+class MASSModel(nn.Module):
+    """MASS over any model whose routing layers are ``nn.Linear`` modules named in ``settings.routing_layers``.
+
+    ``factors`` keys must be names in ``base_model.state_dict()``; ``heads[t]`` maps final features to task t's
+    logits. ``pool(activation, batch, pooling)`` makes z from a routing layer's input; ``features(model,
+    batch)`` runs the model to its final features. Serve settings come from ``settings`` and keyword
+    overrides (``routing_layers=``, ``eta=``, ...). ``strategy``: see the module docstring.
+
+    The base model is modified in place once: its factored modules become routed modules (same parameters,
+    same names, the same outputs outside MASS calls). The factors are re-stored once, stacked per matrix.
     """
 
-    def __init__(
-        self,
-        base_model: nn.Module,
-        factors: ExpertFactors,
-        heads: Sequence[nn.Module],
-        config: MASSConfig,
-        *,
-        pool: PoolFn = identity_pool,
-        features: FeatureFn = default_features,
-    ) -> None:
+    def __init__(self, base_model: nn.Module, factors: ExpertFactors, heads: Sequence[nn.Module],
+                 settings: ServeSettings | None = None, *, pool: PoolFn = identity_pool,
+                 features: FeatureFn = default_features, strategy: Strategy = "auto", **overrides: Any) -> None:
         super().__init__()
-        self.runner = _Runner(base_model.eval(), features)
-        self.factors = factors
+        if strategy not in STRATEGIES:
+            raise OptionError(f"strategy: unknown value '{strategy}' (choose {', '.join(STRATEGIES)})")
+        self.settings = (settings or make_serve_settings()).updated(**overrides)
         self.heads = nn.ModuleList(heads)
-        self.config = config
         self.pool = pool
-        self._check(base_model)
-        self.routing_module = base_model.get_submodule(config.routing_layer)
-        self.routing_basis = factors.routing_basis(f"{config.routing_layer}.weight")
-        self._base_state = {k: v.detach() for k, v in base_model.state_dict().items()}
-        self._first_pass_params: dict[str, torch.Tensor] | None = None
-        self._set_cache: OrderedDict[tuple[int, ...], dict[str, MergedFactors]] = OrderedDict()
+        self.strategy: Strategy = strategy
+        self._check(base_model, factors)
+        self._shared = _Shared(base_model.eval(), factors, features)
+        self._bases = {layer: self._routing_basis(layer) for layer in self.settings.routing_layers}
+        install(base_model, [], self.settings.routing_layers)
 
-    @property
-    def model(self) -> nn.Module:
-        return self.runner.model
-
-    @property
-    def task_names(self) -> list[str]:
-        return self.factors.task_names
-
-    def _check(self, base_model: nn.Module) -> None:
+    # -- construction checks ---------------------------------------------------------------------------------
+    def _check(self, base_model: nn.Module, factors: ExpertFactors) -> None:
+        layers = self.settings.routing_layers
+        if not layers:
+            raise OptionError("--routing-layer: no routing layer given (name the nn.Linear whose input routes)")
         names = dict(base_model.named_modules())
-        layer = self.config.routing_layer
-        if layer not in names:
-            linear = [n for n, m in names.items() if isinstance(m, nn.Linear)][:3]
-            raise OptionError(f"--routing-layer '{layer}' is not a module of the model (e.g. {linear})")
-        if not isinstance(names[layer], nn.Linear):
-            raise OptionError(f"--routing-layer '{layer}' is a {type(names[layer]).__name__}, not an nn.Linear")
-        if len(self.heads) != self.factors.num_tasks:
-            raise OptionError(f"--heads: {len(self.heads)} heads for {self.factors.num_tasks} tasks")
+        for layer in layers:
+            if layer not in names:
+                linear = [n for n, m in names.items() if isinstance(m, nn.Linear)][:3]
+                raise OptionError(f"--routing-layer '{layer}' is not a module of the model (e.g. {linear})")
+            if not isinstance(names[layer], nn.Linear):
+                raise OptionError(f"--routing-layer '{layer}' is a {type(names[layer]).__name__}, not an nn.Linear")
+        if len(self.heads) != factors.num_tasks:
+            raise OptionError(f"--heads: {len(self.heads)} heads for {factors.num_tasks} tasks")
         state_keys = set(base_model.state_dict())
-        missing = [k for k in [*self.factors.matrices, *self.factors.non_matrix] if k not in state_keys]
+        missing = [k for k in [*factors.matrices, *factors.non_matrix] if k not in state_keys]
         if missing:
             raise OptionError(f"task factor key '{missing[0]}' is not a parameter of the model")
 
-    # ----- parameters -----------------------------------------------------------------------------------
+    def _routing_basis(self, layer: str) -> list[torch.Tensor]:
+        return self._shared.factors.routing_basis(f"{layer}.weight")
 
-    def _params_from_delta(self, delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        alpha = self.config.alpha
-        out = {}
-        for key, value in delta.items():
-            base = self._base_state[key]
-            compute = torch.promote_types(value.dtype, torch.float32)
-            out[key] = (base.to(compute) + alpha * value.to(compute)).to(base.dtype)
-        return out
+    # -- views -------------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        return self._shared.runner.model
 
-    def first_pass_params(self) -> dict[str, torch.Tensor]:
-        """``theta_0 + alpha * TSV-M(all tasks)`` with de-redundancy, computed once."""
-        if self._first_pass_params is None:
-            every = range(self.factors.num_tasks)
-            self._first_pass_params = self._params_from_delta(self.factors.merged_delta(every, first_pass=True))
-        return self._first_pass_params
+    @property
+    def factors(self) -> ExpertFactors:
+        return self._shared.factors
 
-    def merged_set(self, tasks: tuple[int, ...]) -> dict[str, MergedFactors]:
-        """Per-matrix TSV-M factors of a task set, cached (LRU) by the set; factors, not dense weights."""
-        if tasks in self._set_cache:
-            self._set_cache.move_to_end(tasks)
-            return self._set_cache[tasks]
-        merged = {key: MergedFactors.of([per_task[t] for t in tasks]) for key, per_task in self.factors.matrices.items()}
-        self._set_cache[tasks] = merged
-        if len(self._set_cache) > MERGED_SET_CACHE_SIZE:
-            self._set_cache.popitem(last=False)
-        return merged
+    @property
+    def task_names(self) -> list[str]:
+        return self._shared.factors.task_names
 
-    def set_params(self, tasks: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        """Dense ``theta_0 + alpha * TSV-M(S)`` for the merged keys (the reference second pass)."""
-        delta: dict[str, torch.Tensor] = {key: mf.dense() for key, mf in self.merged_set(tasks).items()}
-        for key, per_task in self.factors.non_matrix.items():
-            delta[key] = torch.stack([per_task[t] for t in tasks]).mean(dim=0)
-        return self._params_from_delta(delta)
+    @property
+    def batched_off_reason(self) -> str | None:
+        """Why mixed batches run one forward per task set on this model (None: they run in one forward)."""
+        return self._shared.batched_off_reason
 
-    # ----- passes ---------------------------------------------------------------------------------------
+    def with_settings(self, settings: ServeSettings | None = None, *, strategy: Strategy | None = None,
+                      **overrides: Any) -> MASSModel:
+        """A view with other serve settings (e.g. ``eta=0.1``), sharing the base, factors and caches."""
+        view = copy.copy(self)
+        view.settings = (settings or self.settings).updated(**overrides)
+        if strategy is not None:
+            if strategy not in STRATEGIES:
+                raise OptionError(f"strategy: unknown value '{strategy}' (choose {', '.join(STRATEGIES)})")
+            view.strategy = strategy
+        view._check(self.model, self.factors)
+        view._bases = {layer: self._bases.get(layer) or self._routing_basis(layer)
+                       for layer in view.settings.routing_layers}
+        install(self.model, [], view.settings.routing_layers)
+        return view
 
-    def routing_activation(self, batch: Batch, *, early_exit: bool = True) -> torch.Tensor:
-        """Pooled input z [B, d] of the routing layer under the first-pass weights."""
-        captured: list[torch.Tensor] = []
+    # -- first pass and router -------------------------------------------------------------------------------
+    def first_pass_state(self) -> dict[str, torch.Tensor]:
+        """``theta_0 + alpha * TSV-M(all, de-redundant)`` of every factored key (a forward forms only the keys
+        it reaches; this forms them all, e.g. for a plain model of the first pass)."""
+        value = self._shared.first_pass_value(self.settings.alpha)
+        keys = [*self.factors.matrices, *self.factors.non_matrix]
+        return {key: value(key, self._shared.base[key]) for key in keys}
 
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            captured.append(args[0])
-            if early_exit:
-                raise _StopForward
-
-        handle = self.routing_module.register_forward_pre_hook(hook)
-        try:
-            self._call(self.first_pass_params(), batch)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise OptionError(f"--routing-layer '{self.config.routing_layer}' was never called in the forward pass")
-        return self.pool(captured[0], batch)
-
-    def route(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(residuals, probs, selected) for a batch, by the configured routing mode."""
-        z = self.routing_activation(batch)
-        res = router.residuals(z, self.routing_basis)
-        cfg = self.config
-        probs, selected = router.select(res, mode=cfg.mode, eta=cfg.eta, top_k=cfg.top_k, tau=cfg.tau)
-        return res, probs, selected
-
-    def features_with(self, tasks: tuple[int, ...], batch: Batch) -> torch.Tensor:
-        """Final features of ``batch`` under ``theta_0 + alpha * TSV-M(tasks)``."""
-        return self._call(self.set_params(tasks), batch)
-
-    def _call(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        """Run ``features(model, batch)`` with ``params`` (model state-dict names) swapped in, base untouched."""
-        swapped = {f"model.{key}": value for key, value in params.items()}
-        return functional_call(self.runner, swapped, (batch,), strict=False)
-
-    def _second_pass(self, batch: Batch, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        size = selected.shape[0]
-        task = torch.empty(size, dtype=torch.long)
-        label = torch.empty(size, dtype=torch.long)
-        for tasks, index in group_by_task_set(selected):
-            feats = self.features_with(tasks, index_batch(batch, index))
-            winner, labels = select_by_max_logit([self.heads[t](feats) for t in tasks])
-            task[index] = torch.tensor(tasks)[winner]
-            label[index] = labels
-        return task, label
+    def routing_activations(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Each routing layer's input [B, L, d] (or [B, d]) under the first-pass weights; stops at the last."""
+        layers = self.settings.routing_layers
+        first = FirstPass(self._shared.first_pass_value(self.settings.alpha), layers,
+                          self._shared.installed.generic_keys)
+        with active(first):
+            try:
+                self._shared.runner(batch)
+            except StopForward:
+                pass
+        missing = [layer for layer in layers if layer not in first.captured]
+        if missing:
+            raise OptionError(f"--routing-layer '{missing[0]}' was never called in the forward pass")
+        return first.captured
 
     @torch.no_grad()
-    def forward(self, batch: Batch, task: int | torch.Tensor | None = None) -> MASSOutput:
-        """Predict (task, class) per sample; with ``task`` given (oracle mode) the router is skipped."""
-        if task is not None:
-            return self._oracle(batch, task)
-        res, probs, selected = self.route(batch)
-        pred_task, label = self._second_pass(batch, selected)
-        return MASSOutput(pred_task, label, probs, selected, res)
+    def route(self, batch: Batch) -> Routing:
+        """Residuals per routing layer, probabilities and selected task sets of a batch."""
+        s = self.settings
+        captured = self.routing_activations(batch)
+        residuals = {layer: router.residuals(self.pool(captured[layer], batch, s.pooling), self._bases[layer])
+                     for layer in s.routing_layers}
+        free = [bases[0].shape[0] - sum(b.shape[1] for b in bases) / len(bases) for bases in
+                (self._bases[layer] for layer in s.routing_layers)]
+        probs, selected = router.route(list(residuals.values()), combine=s.layer_combine, free_dims=free,
+                                       mode=s.mode, eta=s.eta, top_k=s.top_k, tau=s.tau)
+        return Routing(residuals, probs, selected)
 
-    def _oracle(self, batch: Batch, task: int | torch.Tensor) -> MASSOutput:
-        size = batch_size(batch)
-        tasks = torch.as_tensor(task, dtype=torch.long).expand(size) if not torch.is_tensor(task) or task.ndim == 0 \
-            else task.long()
+    # -- second pass -----------------------------------------------------------------------------------------
+    def features_with(self, tasks: Sequence[int], batch: Batch) -> torch.Tensor:
+        """Final features of every sample of ``batch`` under ``theta_0 + alpha * TSV-M(tasks)``."""
+        index = torch.arange(batch_size_of(batch))
+        return self.second_pass_features(batch, [(tuple(sorted(tasks)), index)])
+
+    @torch.no_grad()
+    def second_pass_features(self, batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]]) -> torch.Tensor:
+        """Features [B, d]: sample i under its group's set, by this model's strategy (module doc)."""
+        if self.strategy == "reference":
+            return self._per_group(batch, groups, self._reference_features)
+        if len(groups) > 1 and self.strategy in ("auto", "batched") and not self._shared.batched_off_reason:
+            try:
+                return self._batched_features(batch, groups)
+            except Unbatchable as why:
+                self._shared.batched_off_reason = str(why)  # a model's layout does not change between batches
+        if self.strategy == "batched" and len(groups) > 1:
+            raise OptionError(f"strategy batched: this model cannot run mixed task sets in one forward "
+                              f"({self._shared.batched_off_reason})")
+        return self._per_group(batch, groups, self._group_features)
+
+    def _pass(self, spans: list[tuple[TaskSet, int, int]], size: int) -> SecondPass:
+        shared, alpha = self._shared, self.settings.alpha
+        groups = [Group(start, stop, shared.set_data(tasks, alpha)) for tasks, start, stop in spans]
+        return SecondPass(groups, size, shared.merger, alpha, shared.installed.generic_keys,
+                          shared.dense_value(alpha))
+
+    def _batched_features(self, batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]]) -> torch.Tensor:
+        plan = Plan.of(groups)
+        with active(self._pass(plan.spans, len(plan.order))):
+            return plan.unpermute(self._shared.runner(index_batch(batch, plan.order)))
+
+    def _group_features(self, tasks: TaskSet, batch: Batch) -> torch.Tensor:
+        size = batch_size_of(batch)
+        with active(self._pass([(tasks, 0, size)], size)):
+            return self._shared.runner(batch)
+
+    def _reference_features(self, tasks: TaskSet, batch: Batch) -> torch.Tensor:
+        """Every weight of ``theta_0 + alpha * TSV-M(tasks)`` formed densely from exact SVD polar factors."""
+        shared, alpha = self._shared, self.settings.alpha
+        delta = shared.factors.merged_delta(tasks)
+        params = {f"model.{key}": add_delta(shared.base[key], value, alpha) for key, value in delta.items()}
+        with shared._reference_lock:  # functional_call swaps parameters on the shared module
+            return functional_call(shared.runner, params, (batch,), strict=False)
+
+    @staticmethod
+    def _per_group(batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]],
+                   run: Callable[[TaskSet, Batch], torch.Tensor]) -> torch.Tensor:
+        if len(groups) == 1:
+            return run(groups[0][0], batch)
+        parts = [(index, run(tasks, index_batch(batch, index))) for tasks, index in groups]
+        out = parts[0][1].new_empty((sum(len(index) for index, _ in parts), *parts[0][1].shape[1:]))
+        for index, feats in parts:
+            out[index] = feats
+        return out
+
+    # -- heads and the whole call ------------------------------------------------------------------------------
+    def choose(self, features: torch.Tensor, selected: torch.Tensor, probs: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(task, class) per sample among its selected tasks, by the head rule."""
+        logits = [head(features) for head in self.heads]
+        return choose(logits, selected, rule=self.settings.head_rule, probs=probs)
+
+    @torch.no_grad()
+    def forward(self, batch: Batch, task: int | torch.Tensor | None = None, *,
+                return_features: bool = False) -> MASSOutput:
+        """Predict (task, class) per sample; with ``task`` given (the oracle) the router is skipped."""
+        if task is not None:
+            return self._given(batch, task, return_features)
+        routing = self.route(batch)
+        feats = self.second_pass_features(batch, group_by_task_set(routing.selected))
+        pred_task, label = self.choose(feats, routing.selected, routing.probs)
+        return MASSOutput(pred_task, label, routing.probs, routing.selected, routing.residuals,
+                          feats if return_features else None)
+
+    def _given(self, batch: Batch, task: int | torch.Tensor, return_features: bool) -> MASSOutput:
+        size = batch_size_of(batch)
+        tasks = torch.as_tensor(task, dtype=torch.long)
+        tasks = tasks.expand(size) if tasks.ndim == 0 else tasks
+        if tasks.shape != (size,) or bool(((tasks < 0) | (tasks >= self.factors.num_tasks)).any()):
+            raise OptionError(f"task: expected task indices in [0, {self.factors.num_tasks}) for {size} samples")
         selected = torch.zeros(size, self.factors.num_tasks, dtype=torch.bool)
         selected[torch.arange(size), tasks] = True
-        pred_task, label = self._second_pass(batch, selected)
-        return MASSOutput(pred_task, label, selected.float(), selected, None)
+        feats = self.second_pass_features(batch, group_by_task_set(selected))
+        pred_task, label = self.choose(feats, selected, selected.float())
+        return MASSOutput(pred_task, label, selected.float(), selected, None, feats if return_features else None)
 
 
-def group_by_task_set(selected: torch.Tensor) -> list[tuple[tuple[int, ...], torch.Tensor]]:
-    """Group sample indices by their selected task set, so samples sharing S share one second pass."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for row, mask in enumerate(selected.tolist()):
-        groups.setdefault(tuple(i for i, on in enumerate(mask) if on), []).append(row)
-    return [(tasks, torch.tensor(rows, dtype=torch.long)) for tasks, rows in sorted(groups.items())]
+__all__ = ["MASSModel", "MASSOutput", "Routing", "STRATEGIES", "Strategy", "default_features",
+           "group_by_task_set", "index_batch"]

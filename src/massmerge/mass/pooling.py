@@ -1,50 +1,131 @@
-"""How the routing layer's input becomes one vector z per sample.
+"""How the routing layer's input becomes one vector z per sample (design.md section 2.5).
 
-The token must be picked by the model's real layout (published code took ``x[0]`` and got the batch index on
-batch-first models); so the layout is an explicit argument, never guessed from the shape.
+The token must be picked by the model's real layout (published code took ``x[0]`` and got the first *sample* on
+batch-first models), so the layout is an explicit setting, never guessed from the shape; the batch axis is
+checked against the batch size. Poolings:
+
+- ``cls``: the token at ``token_index`` (0: the class token of a ViT); the paper's rule for vision.
+- ``mean``: the mean over the non-padding tokens (``attention_mask``); the paper's rule for text.
+- ``content``: the mean over the tokens that are neither padding nor special tokens ([CLS], [SEP], ...). Why
+  (issue 9): for a one-word input two of three tokens are [CLS] and [SEP], which look the same for every task,
+  so the mean is dominated by them. A text made only of special tokens falls back to ``mean``.
+
+A pooler is called as ``pool(activation, batch, pooling=None)``; ``pooling`` overrides its default at serve
+time (``massmerge predict --pooling``), which is why it is an argument and not fixed when the pooler is made.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
-PoolFn = Callable[[torch.Tensor, Any], torch.Tensor]
+from massmerge.errors import OptionError
+
+Layout = Literal["batch_first", "seq_first"]
+POOLINGS = ("cls", "mean", "content")
+PoolFn = Callable[..., torch.Tensor]  # (activation, batch, pooling=None) -> [B, d]
 
 
-def token_pool(token_index: int = 0, *, batch_first: bool = True) -> PoolFn:
-    """Pick one token (the CLS token at 0 for ViTs) from [B, L, d] (batch_first) or [L, B, d] activations."""
-
-    def pool(activation: torch.Tensor, batch: Any) -> torch.Tensor:
-        if activation.ndim == 2:
-            return activation
-        return activation[:, token_index] if batch_first else activation[token_index]
-
-    return pool
-
-
-def mean_pool(mask_key: str = "attention_mask", *, batch_first: bool = True) -> PoolFn:
-    """Mean over the non-padding tokens given by ``batch[mask_key]`` (all tokens if the batch has no mask)."""
-
-    def pool(activation: torch.Tensor, batch: Any) -> torch.Tensor:
-        if activation.ndim == 2:
-            return activation
-        tokens = activation if batch_first else activation.transpose(0, 1)
-        mask = batch.get(mask_key) if isinstance(batch, Mapping) else None
-        if mask is None:
-            return tokens.mean(dim=1)
-        weights = mask.to(tokens.dtype).unsqueeze(-1)
-        return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-
-    return pool
+def batch_size_of(batch: Any) -> int:
+    """Number of samples in a batch: a tensor's first dim, or that of its first tensor value."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        for value in batch.values():
+            if isinstance(value, torch.Tensor):
+                return int(value.shape[0])
+    raise OptionError("batch: holds no tensor, cannot tell its size")
 
 
-def identity_pool(activation: torch.Tensor, batch: Any) -> torch.Tensor:
+def _tensor(batch: Any, key: str) -> torch.Tensor | None:
+    value = batch.get(key) if isinstance(batch, Mapping) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``tokens [B, L, D]`` over positions where ``mask [B, L]`` is nonzero (all positions if None).
+
+    The one masked mean of the package: routing pooling, text features and the suite's fine-tuning use it.
+    """
+    if mask is None:
+        return tokens.mean(dim=1)
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def content_mask(batch: Any, special_ids: Iterable[int]) -> torch.Tensor | None:
+    """``attention_mask`` without special tokens; rows left empty keep their attention mask."""
+    mask = _tensor(batch, "attention_mask")
+    ids = _tensor(batch, "input_ids")
+    if ids is None:
+        return mask
+    special = torch.as_tensor(sorted(set(special_ids)), dtype=ids.dtype)
+    keep = ~torch.isin(ids, special)
+    base = torch.ones_like(keep) if mask is None else mask.bool()
+    content = keep & base
+    empty = ~content.any(dim=1, keepdim=True)
+    return torch.where(empty, base, content)
+
+
+def pool_tokens(activation: torch.Tensor, batch: Any, *, layout: Layout, pooling: str, token_index: int = 0,
+                special_ids: Iterable[int] | None = None) -> torch.Tensor:
+    """One vector per sample from a ``[B, L, D]`` (batch_first) or ``[L, B, D]`` (seq_first) activation."""
+    if activation.dim() == 2:  # already one vector per sample
+        return activation
+    if activation.dim() != 3:
+        raise OptionError(f"pooling: expected a [B, L, D] or [L, B, D] activation, got shape {list(activation.shape)}")
+    tokens = activation if layout == "batch_first" else activation.transpose(0, 1)
+    size = batch_size_of(batch)
+    if tokens.shape[0] != size:
+        raise OptionError(f"pooling: activation {list(activation.shape)} does not have the batch size {size} on "
+                          f"the {layout} batch axis; the layout is wrong for this model")
+    if pooling == "cls":
+        return tokens[:, token_index]
+    if pooling == "mean":
+        return masked_mean(tokens, _tensor(batch, "attention_mask"))
+    if pooling == "content":
+        if special_ids is None:
+            raise OptionError("--pooling content: the model's special token ids are unknown (build the artifact "
+                              "from a directory with tokenizer files)")
+        return masked_mean(tokens, content_mask(batch, special_ids))
+    raise OptionError(f"--pooling: unknown pooling '{pooling}' (choose {', '.join(POOLINGS)})")
+
+
+@dataclass(frozen=True)
+class TokenPooler:
+    """A pooler with a default pooling, the token layout and (for ``content``) the special token ids."""
+
+    pooling: str = "mean"
+    layout: Layout = "batch_first"
+    token_index: int = 0
+    special_ids: tuple[int, ...] | None = None
+
+    def __call__(self, activation: torch.Tensor, batch: Any, pooling: str | None = None) -> torch.Tensor:
+        return pool_tokens(activation, batch, layout=self.layout, pooling=pooling or self.pooling,
+                           token_index=self.token_index, special_ids=self.special_ids)
+
+
+def token_pool(token_index: int = 0, *, batch_first: bool = True) -> TokenPooler:
+    """Pick one token (the CLS token at 0 for ViTs) by the given layout."""
+    return TokenPooler("cls", "batch_first" if batch_first else "seq_first", token_index)
+
+
+def mean_pool(*, batch_first: bool = True, special_ids: Iterable[int] | None = None) -> TokenPooler:
+    """Mean over the non-padding tokens of ``batch['attention_mask']`` (all tokens if the batch has none)."""
+    ids = None if special_ids is None else tuple(special_ids)
+    return TokenPooler("mean", "batch_first" if batch_first else "seq_first", special_ids=ids)
+
+
+def identity_pool(activation: torch.Tensor, batch: Any, pooling: str | None = None) -> torch.Tensor:
     """For models whose routing layer already sees one vector per sample ([B, d])."""
     if activation.ndim != 2:
-        raise ValueError(
-            f"routing activation has shape {list(activation.shape)}; pass pool=token_pool(...) or mean_pool(...)"
-        )
+        raise OptionError(f"pooling: routing activation has shape {list(activation.shape)}; pass "
+                          "pool=token_pool(...) or mean_pool(...)")
     return activation
+
+
+__all__ = ["POOLINGS", "PoolFn", "TokenPooler", "batch_size_of", "content_mask", "identity_pool", "masked_mean",
+           "mean_pool", "pool_tokens", "token_pool"]

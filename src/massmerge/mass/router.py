@@ -1,7 +1,19 @@
 """The data-free router: how far an input's routing activation lies from each task's input subspace.
 
 ``r_t = ||z - V_t V_t^T z||``; scores ``-r`` are standardized across tasks, divided by tau and softmaxed;
-tasks with probability above eta are selected, at most K of them, at least the most likely one.
+tasks with probability above eta are selected, at most K of them, at least the most likely one
+(:func:`select`, the paper's rule).
+
+Several routing layers (beyond the paper, whose stated limitation is one fixed layer) combine into one score
+per task by :func:`combined_scores`:
+
+- ``standardized``: the mean of each layer's standardized scores, standardized again (one layer: the
+  paper's scores exactly);
+- ``ppca``: the sum of per-layer log-likelihoods in the probabilistic-PCA reading of the router. Task t
+  explains z_l by its subspace plus isotropic noise of variance sigma_l^2 in the other ``d_l - k_l``
+  dimensions, so ``log p(z_l | t) = -r_{t,l}^2 / (2 sigma_l^2) + const``; with the data-free estimate
+  ``sigma_l^2 = mean_t r_{t,l}^2 / (d_l - k_l)`` (per input) the layer's score is
+  ``-(d_l - k_l) / 2 * r_{t,l}^2 / mean_t r_{t,l}^2``, and independent layers add.
 """
 
 from __future__ import annotations
@@ -10,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from massmerge.mass.config import RoutingMode
+from massmerge.mass.config import LayerCombine, RoutingMode
 
 STD_FLOOR = 1e-6
 
@@ -21,11 +33,56 @@ def residuals(z: torch.Tensor, bases: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([(z - (z @ V) @ V.T).norm(dim=1) for V in bases], dim=1)
 
 
+def standardize(scores: torch.Tensor) -> torch.Tensor:
+    """Per row: subtract the mean over tasks, divide by the unbiased std + 1e-6."""
+    return (scores - scores.mean(dim=1, keepdim=True)) / (scores.std(dim=1, keepdim=True) + STD_FLOOR)
+
+
 def probabilities(res: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """Softmax over tasks of the standardized scores ``-r`` (unbiased std + 1e-6), divided by tau."""
-    scores = -res
-    standardized = (scores - scores.mean(dim=1, keepdim=True)) / (scores.std(dim=1, keepdim=True) + STD_FLOOR)
-    return torch.softmax(standardized / tau, dim=1)
+    return torch.softmax(standardize(-res) / tau, dim=1)
+
+
+def combined_scores(res_per_layer: Sequence[torch.Tensor], combine: LayerCombine = "standardized",
+                    free_dims: Sequence[float] | None = None) -> torch.Tensor:
+    """[B, T] routing scores (before ``/ tau`` and the softmax) from each layer's residuals [B, T].
+
+    ``free_dims[l]``: ``d_l - k_l`` of layer l, the dimensions its subspaces leave out (``ppca`` only).
+    """
+    if combine == "standardized":
+        if len(res_per_layer) == 1:
+            return standardize(-res_per_layer[0])
+        return standardize(torch.stack([standardize(-res) for res in res_per_layer]).mean(dim=0))
+    if combine == "ppca":
+        if free_dims is None or len(free_dims) != len(res_per_layer):
+            raise ValueError("ppca routing needs d - k of every routing layer")
+        total = torch.zeros_like(res_per_layer[0])
+        for res, free in zip(res_per_layer, free_dims):
+            energy = res.square()
+            total -= 0.5 * free * energy / energy.mean(dim=1, keepdim=True).clamp_min(torch.finfo(res.dtype).tiny)
+        return total
+    raise ValueError(f"unknown layer combination {combine!r}")
+
+
+def route(res_per_layer: Sequence[torch.Tensor], *, combine: LayerCombine = "standardized",
+          free_dims: Sequence[float] | None = None, mode: RoutingMode = "topk", eta: float = 0.2, top_k: int = 3,
+          tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs [B, T], selected [B, T]) from one or several layers' residuals; one layer with ``standardized``
+    is exactly :func:`select` (the paper's rule)."""
+    if len(res_per_layer) == 1 and combine == "standardized":
+        return select(res_per_layer[0], mode=mode, eta=eta, top_k=top_k, tau=tau)
+    size = res_per_layer[0].shape[0]
+    if mode == "batch":  # the batch is declared one task: average residuals, one set for all
+        res_per_layer = [res.mean(dim=0, keepdim=True) for res in res_per_layer]
+    probs = torch.softmax(combined_scores(res_per_layer, combine, free_dims) / tau, dim=1)
+    if mode == "top1":
+        return probs, topk_selection(probs, eta=-1.0, top_k=1)
+    if mode not in ("topk", "batch"):
+        raise ValueError(f"unknown routing mode {mode!r}")
+    selected = topk_selection(probs, eta, top_k)
+    if mode == "batch":
+        return probs.expand(size, -1), selected.expand(size, -1)
+    return probs, selected
 
 
 def topk_selection(probs: torch.Tensor, eta: float, top_k: int) -> torch.Tensor:

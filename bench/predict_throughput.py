@@ -1,0 +1,275 @@
+"""Throughput of the served path, ``massmerge predict``, against a plain HF forward + mean pool of the same texts.
+
+What it measures (issue 13), on real texts of the suite's tasks shuffled so batches mix task sets:
+
+- steady state, in one process: ``predict_texts`` (the function the CLI runs) on a loaded artifact after a
+  warm-up batch, against the base model's forward + mean pool with the same tokenization and batching; rounds
+  interleaved, each timed on fresh merged-set caches (a new ``load``) and repeated, medians reported;
+- end to end, whole processes: ``massmerge predict ARTIFACT inputs.jsonl`` against a process that loads the
+  base, tokenizes, runs forward + pool and writes JSON lines; interleaved, repeated;
+- the shares of one predict run: first pass (to the routing layers) + router, set merges (new task sets'
+  cores and values), second pass + heads.
+
+Wall and CPU seconds are both printed (the machine may be shared: compare the ratios of one run).
+
+The artifact: ``--artifact DIR`` (e.g. from ``massmerge suite --preset distinct --export-artifact DIR``, real
+experts, so the routing and the task-set mix are real); without it, one is built from 8 seeded low-rank
+experts of the real base and the suite's zero-shot heads (routing is then not meaningful, only its cost).
+
+    python bench/predict_throughput.py --artifact massmerge-suite/artifact [--inputs 1024] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import table, write_json  # noqa: E402
+
+BASE_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModel, AutoTokenizer
+from massmerge.mass.pooling import masked_mean
+model_dir, inputs, output, batch, length = sys.argv[1:6]
+tok = AutoTokenizer.from_pretrained(model_dir); model = AutoModel.from_pretrained(model_dir).eval()
+texts = [json.loads(line)["text"] for line in open(inputs, encoding="utf-8")]
+with torch.inference_mode(), open(output, "w") as out:
+    for start in range(0, len(texts), int(batch)):
+        enc = dict(tok(texts[start:start + int(batch)], padding=True, truncation=True, max_length=int(length),
+                       return_tensors="pt"))
+        feats = masked_mean(model(**enc).last_hidden_state, enc["attention_mask"])
+        for row in feats.argmax(-1).tolist():
+            out.write(json.dumps({"feature_argmax": row}) + "\\n")
+"""
+
+
+def suite_texts(count: int, seed: int) -> list[str]:
+    """Real texts from the distinct preset's test splits, shuffled so that batches mix tasks."""
+    from massmerge.data.tasks import get_preset, load_task
+
+    preset = get_preset("distinct")
+    texts: list[str] = []
+    for name in preset.tasks:
+        texts += load_task(name, preset.n_train, preset.n_val, preset.n_test).test.texts
+    random.Random(seed).shuffle(texts)
+    return (texts * (count // max(len(texts), 1) + 1))[:count]
+
+
+def synthetic_artifact(directory: Path, tasks: int = 8) -> Path:
+    """An artifact from seeded low-rank experts of the real MiniLM and the distinct preset's heads."""
+    from massmerge.adapters import get_adapter
+    from massmerge.artifact import round_factors, save_artifact, storage_dtype
+    from massmerge.data.tasks import get_preset, load_task
+    from massmerge.finetune import load_backbone
+    from massmerge.mass import ExpertFactors, MASSModel, make_serve_settings
+    from massmerge.suite import make_heads
+
+    backbone = load_backbone()
+    model = backbone.model
+    gen = torch.Generator().manual_seed(0)
+    vectors = []
+    for _ in range(tasks):
+        tv = {}
+        for key, value in model.state_dict().items():
+            if not value.is_floating_point():
+                continue
+            if value.ndim == 2:
+                m, n = value.shape
+                tv[key] = 0.02 * torch.randn(m, 16, generator=gen) @ torch.randn(16, n, generator=gen) / 4
+            else:
+                tv[key] = 0.002 * torch.randn(value.shape, generator=gen)
+        vectors.append(tv)
+    preset = get_preset("distinct")
+    task_data = [load_task(name, 10, 10, 10) for name in preset.tasks[:tasks]]
+    heads = make_heads(backbone, task_data, 20.0)
+    factors = round_factors(ExpertFactors.build(iter(vectors), [t.name for t in task_data]), storage_dtype(torch.float32))
+    adapter = get_adapter("text", special_ids=backbone.tokenizer.all_special_ids).bind(model)
+    settings = make_serve_settings(routing_layers=(adapter.routing_layer(model),), max_length=48)
+    mass = MASSModel(model, factors, heads, settings, pool=adapter.pool, features=adapter.features)
+    return save_artifact(mass, directory, adapter=adapter, tokenizer_dir=backbone.path,
+                         class_names=[t.classes for t in task_data])
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(fn) -> tuple[float, float]:  # noqa: ANN001
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    fn()
+    return time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def steady_state(artifact: Path, texts: list[str], batch: int, length: int, rounds: int) -> dict:
+    """Interleaved rounds of predict_texts (fresh caches: a new load each round) and base forward + pool."""
+    from massmerge.artifact import MODEL_DIR, load
+    from massmerge.cli.predict import predict_texts
+    from massmerge.mass.pooling import masked_mean
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(artifact / MODEL_DIR))
+    base = AutoModel.from_pretrained(str(artifact / MODEL_DIR)).eval()
+    numbered = list(enumerate(texts, start=1))
+
+    def plain() -> None:
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch):
+                enc = dict(tokenizer(texts[start:start + batch], padding=True, truncation=True, max_length=length,
+                                     return_tensors="pt"))
+                masked_mean(base(**enc).last_hidden_state, enc["attention_mask"])
+
+    samples: dict[str, list[tuple[float, float]]] = {"base": [], "mass": []}
+    shares: list[dict[str, float]] = []
+    for _ in range(rounds):
+        model = load(artifact)
+        list(predict_texts(model, tokenizer, numbered[:batch], batch_size=batch, max_length=length))  # warm-up
+        samples["base"].append(timed(plain))
+        with Shares(model) as share:
+            samples["mass"].append(timed(lambda: list(predict_texts(model, tokenizer, numbered, batch_size=batch,
+                                                                   max_length=length))))
+        shares.append(share.seconds)
+    return {"samples": samples, "shares": shares}
+
+
+class Shares:
+    """Wall seconds inside the first pass + router, the set merges (new sets only) and the rest of a call."""
+
+    def __init__(self, model) -> None:  # noqa: ANN001
+        self.model = model
+        self.seconds = {"first pass + router": 0.0, "set merges": 0.0, "second pass + heads": 0.0}
+
+    def __enter__(self) -> Shares:
+        from massmerge.mass import model as engine
+
+        shared = self.model._shared
+        self._originals = (engine.MASSModel.route, shared.set_data, engine.MASSModel.forward)
+        route, set_data, forward = self._originals
+        seconds = self.seconds
+
+        def timed_route(view, batch):  # noqa: ANN001, ANN202
+            start = time.perf_counter()
+            try:
+                return route(view, batch)
+            finally:
+                seconds["first pass + router"] += time.perf_counter() - start
+
+        def timed_set_data(tasks, alpha):  # noqa: ANN001, ANN202
+            cached = (tasks, alpha) in shared._sets
+            start = time.perf_counter()
+            try:
+                return set_data(tasks, alpha)
+            finally:
+                if not cached:
+                    seconds["set merges"] += time.perf_counter() - start
+
+        def timed_forward(view, *args, **kwargs):  # noqa: ANN001, ANN202
+            start = time.perf_counter()
+            try:
+                return forward(view, *args, **kwargs)
+            finally:
+                seconds["second pass + heads"] += time.perf_counter() - start
+
+        engine.MASSModel.route = timed_route
+        shared.set_data = timed_set_data
+        engine.MASSModel.forward = timed_forward
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from massmerge.mass import model as engine
+
+        engine.MASSModel.route, _, engine.MASSModel.forward = self._originals
+        del self.model._shared.set_data
+        total = self.seconds["second pass + heads"]  # forward includes the other two: keep the remainder
+        self.seconds["second pass + heads"] = total - self.seconds["first pass + router"] - self.seconds["set merges"]
+
+
+def run_process(command: list[str]) -> tuple[float, float]:
+    """(wall, CPU seconds of the child) of one whole process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def end_to_end(artifact: Path, texts: list[str], batch: int, length: int, rounds: int, tmp: Path) -> dict:
+    inputs = tmp / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    script = tmp / "plain_forward.py"
+    script.write_text(BASE_SCRIPT)
+    massmerge = [sys.executable, "-m", "massmerge", "predict", str(artifact), str(inputs), "--output",
+                 str(tmp / "mass.jsonl"), "--batch-size", str(batch), "--max-length", str(length)]
+    plain = [sys.executable, str(script), str(artifact / "model"), str(inputs), str(tmp / "base.jsonl"), str(batch),
+             str(length)]
+    samples: dict[str, list[tuple[float, float]]] = {"base": [], "mass": []}
+    for _ in range(rounds):
+        samples["base"].append(run_process(plain))
+        samples["mass"].append(run_process(massmerge))
+    return {"samples": samples}
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def summary(name: str, samples: dict[str, list[tuple[float, float]]], count: int) -> dict:
+    base_wall, mass_wall = median([w for w, _ in samples["base"]]), median([w for w, _ in samples["mass"]])
+    base_cpu, mass_cpu = median([c for _, c in samples["base"]]), median([c for _, c in samples["mass"]])
+    return {"measure": name, "inputs": count, "base_wall_s": base_wall, "mass_wall_s": mass_wall,
+            "base_cpu_s": base_cpu, "mass_cpu_s": mass_cpu, "ratio_wall": base_wall / mass_wall,
+            "ratio_cpu": base_cpu / mass_cpu, "mass_inputs_per_s": count / mass_wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifact", type=Path, default=None, help="artifact to serve [default: a synthetic one]")
+    parser.add_argument("--inputs", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    texts = suite_texts(args.inputs, args.seed)
+    with tempfile.TemporaryDirectory(prefix="massmerge-predict-") as tmp_name:
+        tmp = Path(tmp_name)
+        artifact = args.artifact or synthetic_artifact(tmp / "artifact")
+        steady = steady_state(artifact, texts, args.batch_size, args.max_length, args.rounds)
+        whole = end_to_end(artifact, texts, args.batch_size, args.max_length, args.rounds, tmp)
+    rows = [summary("steady state (one process, predict_texts)", steady["samples"], len(texts)),
+            summary("end to end (whole processes, massmerge predict)", whole["samples"], len(texts))]
+    print(table(rows, list(rows[0])))
+    shares = {key: median([s[key] for s in steady["shares"]]) for key in steady["shares"][0]}
+    total = sum(shares.values())
+    print("\nshares of one steady-state predict run (median over rounds): " +
+          ", ".join(f"{key} {value:.2f} s ({100 * value / total:.0f}%)" for key, value in shares.items()))
+    source = str(args.artifact) if args.artifact else "synthetic (seeded low-rank experts of the real base)"
+    print(f"\nartifact: {source}; {args.inputs} real suite texts, batch {args.batch_size}, max length "
+          f"{args.max_length}, {torch.get_num_threads()} torch threads")
+    path = write_json("predict_throughput", {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                             "shares": shares, "samples": {"steady": steady["samples"],
+                                                                           "end_to_end": whole["samples"]}})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
