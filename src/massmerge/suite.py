@@ -36,6 +36,7 @@ from massmerge.mass.budget import stored_factors, tensor_bytes
 from massmerge.mass.config import DEFAULT_EPS, ROUTER_PROFILES, default_routing_block, make_serve_settings
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.model import MASSModel
+from massmerge.mass.serving import serve
 from massmerge.merging import STATIC_MERGES, merge
 from massmerge.task_vectors import task_vector
 
@@ -78,10 +79,12 @@ class SuiteConfig(BaseModel):
 
 @dataclass
 class SplitBatches:
-    """One task's split, tokenized once into length-sorted batches reused by every method."""
+    """One task's split, tokenized once: length-sorted padded batches (static models) and per-sample encodings
+    in the same order (the served MASS model batches them itself)."""
 
     batches: list[dict[str, torch.Tensor]]
     labels: torch.Tensor  # in batch order
+    items: list[dict[str, list[int]]]  # one unpadded encoding per sample, in batch order
 
     @property
     def size(self) -> int:
@@ -157,7 +160,9 @@ def tokenize_split(tasks: Sequence[TaskData], split: str, tokenizer: Any, max_le
         order = sorted(range(len(data)), key=lambda i: len(data.texts[i]))
         chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
         batches = [tokenize(tokenizer, [data.texts[i] for i in c], max_length) for c in chunks]
-        out.append(SplitBatches(batches, torch.tensor([data.labels[i] for i in order], dtype=torch.long)))
+        encoded = tokenizer([data.texts[i] for i in order], truncation=True, max_length=max_length)
+        items = [{key: encoded[key][row] for key in encoded.keys()} for row in range(len(order))]
+        out.append(SplitBatches(batches, torch.tensor([data.labels[i] for i in order], dtype=torch.long), items))
     return out
 
 
@@ -236,47 +241,53 @@ def score_experts(zoo: Zoo) -> dict[str, Any]:
 
 @torch.inference_mode()
 def score_mass(zoo: Zoo, mass: MASSModel, split: str = "test", label: str = "MASS") -> dict[str, Any]:
-    """MASS with the task hidden, through the served model: strict (task, class) accuracy and where it loses.
+    """MASS with the task hidden, served as ``massmerge predict`` serves (:func:`massmerge.mass.serving.serve`
+    over every task's items): strict (task, class) accuracy and where it loses.
 
     Per task: routing top-1, the true task among the selected (``selection_recall``), the final task choice,
     the class given the right task, the true task's head on the routed features (``oracle_head``), the routing
-    confusion, and the wall time per input of the whole two-pass call.
+    confusion, and the wall time per input of the whole served call.
     """
     names, T = zoo.names, len(zoo.names)
     splits = zoo.splits[split]
-    counts = {key: torch.zeros(T) for key in ("correct", "oracle", "top1", "selected", "choice")}
-    true_all, top1_all, sizes, sets, selected_total = [], [], torch.zeros(T), set(), 0.0
-    jobs = [(t, i) for t in range(T) for i in range(len(splits[t].batches))]
-    seconds = 0.0
-    for t, i in progress.track(jobs, f"{label} ({split})"):
-        batch = splits[t].batches[i]
-        labels = _batch_labels(splits[t], i)
-        start = time.perf_counter()
-        out = mass(batch, return_features=True)
-        seconds += time.perf_counter() - start
-        top1 = out.probs.argmax(-1)
-        right_task = out.task == t
-        counts["correct"][t] += float((right_task & (out.label == labels)).sum())
-        counts["choice"][t] += float(right_task.sum())
-        counts["oracle"][t] += float((zoo.heads[t](out.features).argmax(-1) == labels).sum())
-        counts["top1"][t] += float((top1 == t).sum())
-        counts["selected"][t] += float(out.selected[:, t].sum())
-        sizes[t] += len(labels)
-        true_all.append(torch.full((len(labels),), t))
-        top1_all.append(top1)
-        sets.update(tuple(row.nonzero().flatten().tolist()) for row in out.selected)
-        selected_total += float(out.selected.sum())
-    confusion = ev.routing_confusion(torch.cat(true_all), torch.cat(top1_all), T)
+    items = [item for s in splits for item in s.items]
+    true = torch.cat([torch.full((s.size,), t) for t, s in enumerate(splits)])
+    labels = torch.cat([s.labels for s in splits])
+    tokenizer = zoo.backbone.tokenizer
 
-    def per_task(key: str, over: torch.Tensor) -> dict[str, float]:
-        return {names[t]: float(counts[key][t] / over[t]) if over[t] > 0 else 0.0 for t in range(T)}
+    def collate(rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        return dict(tokenizer.pad(list(rows), return_tensors="pt"))
 
+    start = time.perf_counter()
+    predictions = list(progress.track(serve(mass, items, collate, batch_size=mass.settings.batch_size,
+                                            size_of=lambda item: len(item["input_ids"]), return_features=True),
+                                      f"{label} ({split})", total=len(items)))
+    seconds = time.perf_counter() - start
+    task = torch.tensor([p.task for p in predictions])
+    label_pred = torch.tensor([p.label for p in predictions])
+    probs = torch.stack([p.probs for p in predictions])
+    selected = torch.stack([p.selected for p in predictions])
+    features = torch.stack([p.features for p in predictions])
+    oracle = torch.cat([zoo.heads[t](features[true == t]).argmax(-1) for t in range(T)])
+    right_task, top1 = task == true, probs.argmax(-1)
+    correct = right_task & (label_pred == labels)
+    chosen_true = selected[torch.arange(len(true)), true]
+
+    def per_task(values: torch.Tensor, over: torch.Tensor | None = None) -> dict[str, float]:
+        out = {}
+        for t in range(T):
+            mask = (true == t) if over is None else (true == t) & over
+            out[names[t]] = float(values[mask].float().mean()) if bool(mask.any()) else 0.0
+        return out
+
+    confusion = ev.routing_confusion(true, top1, T)
     return {
-        "max_logit": per_task("correct", sizes), "oracle_head": per_task("oracle", sizes),
-        "routing_accuracy": per_task("top1", sizes), "selection_recall": per_task("selected", sizes),
-        "task_choice": per_task("choice", sizes), "class_given_task": per_task("correct", counts["choice"]),
-        "confusion": confusion.tolist(), "mean_selected": selected_total / float(sizes.sum()),
-        "task_sets": len(sets), "seconds_per_input": seconds / float(sizes.sum()),
+        "max_logit": per_task(correct), "oracle_head": per_task(oracle == labels),
+        "routing_accuracy": per_task(top1 == true), "selection_recall": per_task(chosen_true),
+        "task_choice": per_task(right_task), "class_given_task": per_task(label_pred == labels, right_task),
+        "confusion": confusion.tolist(), "mean_selected": float(selected.sum(1).float().mean()),
+        "task_sets": len({tuple(row.nonzero().flatten().tolist()) for row in selected}),
+        "seconds_per_input": seconds / len(items),
     }
 
 
@@ -373,21 +384,32 @@ def _task_vectors(zoo: Zoo) -> list[dict[str, torch.Tensor]]:
     return [task_vector(base, expert.state_dict()) for expert in zoo.experts]
 
 
-def _throughput(zoo: Zoo, mass: MASSModel, max_length: int) -> dict[str, Any]:
-    """Samples/s of the served MASS model and of one plain base forward on one mixed-task batch."""
-    texts = [task.test.texts[i] for i in range(16) for task in zoo.tasks][:64]
-    batch = tokenize(zoo.backbone.tokenizer, texts, max_length)
-    model = zoo.backbone.model
+def _throughput(zoo: Zoo, mass: MASSModel, count: int = 512) -> dict[str, Any]:
+    """Inputs/s of the served MASS model (:func:`~massmerge.mass.serving.serve`, as ``massmerge predict``) and of
+    the plain base forward + mean pool, on the same ``count`` test texts of mixed tasks, same batch size."""
+    import random
+
+    items = [item for split in zoo.tests for item in split.items]
+    random.Random(0).shuffle(items)
+    items = items[:count]
+    tokenizer, size = zoo.backbone.tokenizer, mass.settings.batch_size
+
+    def collate(rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        return dict(tokenizer.pad(list(rows), return_tensors="pt"))
 
     def base() -> None:
         with torch.inference_mode():
-            features(model, batch)
+            for start in range(0, len(items), size):
+                features(zoo.backbone.model, collate(items[start:start + size]))
 
-    plain = ev.throughput(base, len(texts))
-    routed = ev.throughput(lambda: mass(batch), len(texts))
+    def served() -> None:
+        list(serve(mass, items, collate, batch_size=size, size_of=lambda item: len(item["input_ids"])))
+
+    plain = ev.throughput(base, len(items), repeats=1)
+    routed = ev.throughput(served, len(items), repeats=1)
     return {"base_samples_per_s": plain, "mass_samples_per_s": routed, "ratio": routed / plain,
-            "path": f"MASSModel (what massmerge predict serves), one batch of {len(texts)} texts of mixed tasks, "
-                    "warm caches"}
+            "path": f"massmerge.mass.serving.serve (what massmerge predict runs), {len(items)} test texts of mixed "
+                    f"tasks in input order, batch {size}, warm caches; base: forward + mean pool, same batches"}
 
 
 def _static_rows(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cfg: SuiteConfig, cache: EvalCache,
@@ -544,7 +566,7 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
                   for t in zoo.tasks],
         "experts": {t.name: e.meta for t, e in zip(zoo.tasks, zoo.experts)},
         "methods": rows, "mass": mass_details[0], "mass_layers": mass_details, "dropped": served.mass.factors.dropped(),
-        "layer_sweep": sweep, "throughput": _throughput(zoo, served.mass, cfg.finetune_config().max_length),
+        "layer_sweep": sweep, "throughput": _throughput(zoo, served.mass),
         "storage": {k: v for k, v in served.storage.items() if k != "rank_scale"}, "timing": timing,
         "threads": torch.get_num_threads(), "ablation": ablation,
     }  # fmt: skip

@@ -96,12 +96,13 @@ class ImageDataset:
         """(pixel_values [B, 3, H, W], labels [B]) in order."""
         for start in range(0, len(self.items), batch_size):
             chunk = self.items[start:start + batch_size]
-            load = self.loader or _open
+            load = self.loader or open_image
             pixels = torch.stack([preprocess(load(item)) for item, _ in chunk])
             yield pixels, torch.tensor([label for _, label in chunk], dtype=torch.long)
 
 
-def _open(item: Any) -> Any:
+def open_image(item: Any) -> Any:
+    """A PIL image from a path (a one-line error naming an unreadable file), or the item itself."""
     if isinstance(item, (str, Path)):
         from PIL import Image
 

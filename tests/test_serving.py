@@ -1,0 +1,57 @@
+"""Serving a stream: windows routed first, second passes per task set; the same answers as one call per batch."""
+
+from __future__ import annotations
+
+import torch
+
+from massmerge.mass import MASSModel, mean_pool
+from massmerge.mass.serving import FULL_GROUP_FRACTION, second_pass_batches, serve
+
+from toy_mass import make_batch, make_parts
+
+
+def toy() -> MASSModel:
+    base, factors, heads, cfg = make_parts(4)
+    return MASSModel(base, factors, heads, cfg, pool=mean_pool())
+
+
+def test_serve_gives_the_per_batch_answers_in_input_order():
+    model = toy()
+    ids = make_batch(40, seed=7)
+    expected = model(ids, return_features=True)
+    got = list(serve(model, list(ids), lambda rows: torch.stack(list(rows)), batch_size=8, window=24,
+                     return_features=True))
+    assert [p.index for p in got] == list(range(40))
+    assert [p.task for p in got] == expected.task.tolist()
+    assert [p.label for p in got] == expected.label.tolist()
+    assert torch.equal(torch.stack([p.selected for p in got]), expected.selected)
+    feats = torch.stack([p.features for p in got])
+    assert float((feats - expected.features).norm() / expected.features.norm()) < 1e-5
+
+
+def test_frequent_sets_get_batches_of_their_own_and_rare_ones_share():
+    selected = torch.zeros(12, 4, dtype=torch.bool)
+    selected[:7, 0] = True  # 7 samples of set (0,): a full group at batch size 8
+    selected[7:9, 1] = True  # 2 of (1,)
+    selected[9:, 2] = selected[9:, 3] = True  # 3 of (2, 3)
+    order = list(reversed(range(12)))  # e.g. sorted by size
+    batches = second_pass_batches(selected, order, batch_size=8)
+    assert 7 >= FULL_GROUP_FRACTION * 8
+    assert batches[0] == [6, 5, 4, 3, 2, 1, 0]  # the frequent set alone, in size order
+    assert sorted(batches[1]) == list(range(7, 12)) and len(batches) == 2  # the rare sets mixed
+    assert sorted(i for b in batches for i in b) == list(range(12))
+
+
+def test_serve_sorts_by_size_within_a_window():
+    model = toy()
+    ids = list(make_batch(10, seed=1))
+    seen: list[list[int]] = []
+
+    def collate(rows):
+        seen.append([int(r[0]) for r in rows])
+        return torch.stack(list(rows))
+
+    sizes = {int(r[0]): i for i, r in enumerate(ids)}
+    list(serve(model, ids, collate, batch_size=4, size_of=lambda r: -sizes[int(r[0])]))
+    first_batch = seen[0]  # the first pass batches follow the sizes (here: reversed input order)
+    assert first_batch == [int(r[0]) for r in reversed(ids)][:4]
