@@ -105,36 +105,39 @@ def effective_max_length(requested: int | None, recorded: int | None, positions:
     return length
 
 
-def result_rows(manifest: Any, out: Any, numbers: list[int]) -> list[dict]:
-    """The JSON rows of one predicted batch (``out`` a MASS output); ``numbers`` are the inputs' indices."""
+def prediction_row(manifest: Any, prediction: Any, number: int) -> dict:
+    """The JSON row of one input's prediction (a :class:`~massmerge.mass.serving.Prediction`)."""
     names = manifest.task_names
-    rows = []
-    for row, number in enumerate(numbers):
-        task, label = int(out.task[row]), int(out.label[row])
-        class_names = manifest.heads[task].class_names
-        rows.append({
-            "index": number, "task": names[task], "label": label,
+    task, label = prediction.task, prediction.label
+    class_names = manifest.heads[task].class_names
+    return {"index": number, "task": names[task], "label": label,
             "class": class_names[label] if class_names else label,
-            "selected": [names[t] for t in out.selected[row].nonzero().flatten().tolist()],
-            "probs": {names[t]: round(float(p), 6) for t, p in enumerate(out.probs[row])},
-        })
-    return rows
+            "selected": [names[t] for t in prediction.selected.nonzero().flatten().tolist()],
+            "probs": {names[t]: round(float(p), 6) for t, p in enumerate(prediction.probs)}}
 
 
-def batches(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[start:start + size] for start in range(0, len(items), size)]
+def text_items(tokenizer: Any, texts: list[tuple[int, str]], max_length: int, chunk: int = 1024) -> Iterator[dict]:
+    """Each text tokenized (truncated, not padded), a chunk at a time, so a long file is not held tokenized."""
+    for start in range(0, len(texts), chunk):
+        encoded = tokenizer([text for _, text in texts[start:start + chunk]], truncation=True, max_length=max_length)
+        keys = list(encoded.keys())
+        for row in range(len(encoded["input_ids"])):
+            yield {key: encoded[key][row] for key in keys}
 
 
 def predict_texts(model: Any, tokenizer: Any, texts: list[tuple[int, str]], *, batch_size: int,
                   max_length: int) -> Iterator[dict]:
-    """One result dict per text, in input order, as each batch is done."""
+    """One result dict per text, in input order, as each window of inputs is done (massmerge/mass/serving.py)."""
+    from massmerge.mass.serving import serve
     from massmerge.progress import track
 
-    chunks = batches(texts, batch_size)
-    for chunk in track(chunks, "predicting", total=len(chunks)):
-        encoded = tokenizer([text for _, text in chunk], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt")
-        yield from result_rows(model.manifest, model(dict(encoded)), [number for number, _ in chunk])
+    def collate(items: Any) -> dict:
+        return dict(tokenizer.pad(list(items), return_tensors="pt"))
+
+    predictions = serve(model, text_items(tokenizer, texts, max_length), collate, batch_size=batch_size,
+                        size_of=lambda item: len(item["input_ids"]))
+    for prediction in track(predictions, "predicting", total=len(texts)):
+        yield prediction_row(model.manifest, prediction, texts[prediction.index][0])
 
 
 def read_image_paths(path: Path) -> list[Path]:
@@ -160,16 +163,23 @@ def read_image_paths(path: Path) -> list[Path]:
 
 def predict_images(model: Any, preprocess: Any, paths: list[Path], *, batch_size: int) -> Iterator[dict]:
     """One result dict per image, in input order, with its path as ``input``."""
-    from massmerge.data.images import ImageDataset
+    import torch
+
+    from massmerge.data.images import open_image
+    from massmerge.mass.serving import serve
     from massmerge.progress import track
 
-    images = ImageDataset("inputs", [], [(str(p), 0) for p in paths])
-    total = (len(paths) + batch_size - 1) // batch_size
-    for number, (pixels, _) in enumerate(track(images.batches(preprocess, batch_size), "predicting", total=total)):
-        start = number * batch_size
-        numbers = list(range(start + 1, start + 1 + len(pixels)))
-        for row in result_rows(model.manifest, model({"pixel_values": pixels}), numbers):
-            yield {**row, "input": str(paths[row["index"] - 1])}
+    def collate(chunk: Any) -> dict:
+        return {"pixel_values": torch.stack(list(chunk))}
+
+    def images() -> Iterator[Any]:
+        for path in paths:
+            yield preprocess(open_image(path))
+
+    predictions = serve(model, images(), collate, batch_size=batch_size)
+    for prediction in track(predictions, "predicting", total=len(paths)):
+        row = prediction_row(model.manifest, prediction, prediction.index + 1)
+        yield {**row, "input": str(paths[prediction.index])}
 
 
 def image_preprocess(model: Any, model_dir: Path) -> Any:
