@@ -325,7 +325,8 @@ def test_cli_build_fits_the_size_budget(hf_setup, tmp_path, capsys):
     run_cli([*common, "--output", str(tmp_path / "fit"), "--max-size", "3.5"])  # headers are large for tiny models
     scale, fitted = _size_factor(tmp_path / "fit")
     assert 0.0 < scale < 1.0 and fitted < 3.5 - 0.1  # the budget also holds heads and headers
-    assert "rank cut to" in capsys.readouterr().out
+    line = capsys.readouterr().out
+    assert "ranks cut to" in line and "cut to 100%" not in line
     run_cli([*common, "--output", str(tmp_path / "default")])  # default 2.1x is out of reach here: a note
     assert _size_factor(tmp_path / "default")[0] == 1.0
     assert "note: design ranks kept; --max-size: 2.1x the base cannot hold" in capsys.readouterr().err

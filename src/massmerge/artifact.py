@@ -36,15 +36,19 @@ build is removed by the next build to the same output.
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -52,10 +56,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from massmerge.checkpoints import all_finite
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.heads import LinearHead, ZeroShotHead
 from massmerge.lowrank import LowRank
-from massmerge.mass.config import BuildSettings, ServeSettings
+from massmerge.mass.config import BuildSettings, Pooling, ServeSettings
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.model import MASSModel, Strategy, default_features
 from massmerge.mass.pooling import PoolFn, identity_pool
@@ -73,9 +78,8 @@ HASH_CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_JSON_DEPTH = 32
 
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-}
+DtypeName = Literal["float64", "float32", "float16", "bfloat16"]  # dtypes a manifest may name
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(DtypeName)}
 
 
 # ----- manifest ---------------------------------------------------------------------------------------------
@@ -101,11 +105,21 @@ class BaseEntry(_Strict):
     """Where the base weights live: inside the artifact (``file``) or an explicit outside reference."""
 
     mode: Literal["embedded", "reference"]
-    dtype: str
+    dtype: DtypeName
     file: str | None = None
     path: str | None = None
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     bytes: int | None = Field(default=None, ge=0)
+
+
+class AdapterOptions(_Strict):
+    """The adapter options an artifact may record (exactly what :func:`_architecture` writes): a closed set,
+    so a hostile manifest cannot pass arbitrary keyword arguments to an adapter's constructor."""
+
+    pooling: Pooling | None = None
+    feature_pooling: Literal["mean", "cls", "pooler"] | None = None
+    special_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    arch: str | None = None
 
 
 class ArchitectureEntry(_Strict):
@@ -113,8 +127,8 @@ class ArchitectureEntry(_Strict):
 
     kind: Literal["adapter", "module"]
     adapter: str | None = None
-    options: dict[str, Any] = {}
-    pooling: str | None = None
+    options: AdapterOptions = AdapterOptions()
+    pooling: Pooling | None = None
 
 
 class Manifest(_Strict):
@@ -128,7 +142,7 @@ class Manifest(_Strict):
     ranks: dict[str, list[int]]
     accepted: dict[str, list[int]]
     non_matrix_keys: list[str]
-    factor_dtype: str
+    factor_dtype: DtypeName
     base: BaseEntry
     architecture: ArchitectureEntry
     heads: list[HeadEntry]
@@ -217,35 +231,97 @@ def _apply_umask(root: Path) -> None:
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def _temps_of(directory: Path) -> list[tuple[Path, str, int | None]]:
+    """(path, "tmp" | "old", pid or None) of the temp directories a build to ``directory`` makes
+    (``.NAME.<pid>.<random>.tmp|old``; ``.NAME.<random>.tmp`` from massmerge before 0.2, without a pid)."""
+    pattern = re.compile(rf"\.{re.escape(directory.name)}\.(?:(\d+)\.)?[a-z0-9_]+\.(tmp|old)")
+    found = []
+    for path in sorted(directory.parent.glob(f".{glob.escape(directory.name)}.*")):
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not path.is_symlink():
+            found.append((path, match.group(2), int(match.group(1)) if match.group(1) else None))
+    return found
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether process ``pid`` still runs on this machine (None: a temp from before pids were recorded)."""
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
 def _remove_stale_temps(directory: Path) -> None:
-    """Temp directories of an earlier build to the same output that was killed before it could clean up."""
-    for stale in directory.parent.glob(f".{directory.name}.*.tmp"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-    for stale in directory.parent.glob(f".{directory.name}.*.old"):
-        if stale.is_dir() and not stale.is_symlink() and not (stale / "artifact").exists():
-            shutil.rmtree(stale, ignore_errors=True)
+    """Clean up after an earlier build to the same output that was killed (SIGKILL, power loss) mid-write.
+
+    Its ``.tmp`` directory is removed once that process is gone (a concurrent build's is left alone). An
+    ``.old`` directory still holding the previous artifact means the kill came between the two renames of the
+    swap: that artifact is put back first when nothing has taken its place.
+    """
+    for path, kind, pid in _temps_of(directory):
+        if _alive(pid):
+            continue
+        kept = path / "artifact"
+        if kind == "old" and kept.is_dir() and not kept.is_symlink() and not os.path.lexists(directory):
+            os.replace(kept, directory)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _temp_dir(directory: Path, suffix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.{os.getpid()}.", suffix=suffix, dir=directory.parent))
+
+
+def _write_failure(exc: BaseException, tmp: Path) -> str | None:
+    """The reason to report when ``exc`` is a failed write into ``tmp`` (a full disk, a quota, a read-only
+    file system), else None. safetensors reports these as ``SafetensorError``, Python as ``OSError``."""
+    if isinstance(exc, SafetensorError):
+        return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "write failed"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = str(exc.filename) if exc.filename is not None else None
+        if name is None or Path(name) == tmp or tmp in Path(name).parents:
+            return exc.strerror or str(exc)
+    return None
+
+
+def check_output_directory(directory: Path) -> None:
+    """An output path may be new, an empty directory or an earlier artifact (replaced); anything else may be
+    the user's data and is refused (``massmerge build`` checks this before its first SVD)."""
+    directory = Path(directory)
+    if directory.is_symlink() or (directory.exists() and (not directory.is_dir() or (
+            any(directory.iterdir()) and not (directory / MANIFEST).is_file()))):
+        raise OptionError(f"--output '{directory}' exists and is not a massmerge artifact; refusing to replace it")
 
 
 def write_directory_atomically(directory: Path, fill: Callable[[Path], None]) -> None:
     """Run ``fill(tmp_dir)`` in a temp dir next to ``directory`` and swap it into place.
 
     A failure leaves no half-written ``directory``; an existing artifact there is replaced only once the new
-    one is complete. A non-empty directory that is not an artifact is refused (it may be the user's data).
+    one is complete. A non-empty directory that is not an artifact is refused (it may be the user's data). A
+    failed write (disk full) is one :class:`MassMergeError` naming ``directory``.
     """
     directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir())
-                                                          and not (directory / MANIFEST).is_file())):
-        raise OptionError(f"--output '{directory}' exists and is not a massmerge artifact; refusing to replace it")
+    check_output_directory(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    tmp = _temp_dir(directory, ".tmp")
     old: Path | None = None
     try:
-        fill(tmp)
-        _apply_umask(tmp)
+        try:
+            fill(tmp)
+            _apply_umask(tmp)
+        except (OSError, SafetensorError) as exc:
+            reason = _write_failure(exc, tmp)
+            if reason is None:
+                raise
+            raise MassMergeError(f"{directory}: cannot write the artifact ({reason}); the previous contents are "
+                                 "unchanged") from None
         if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+            old = _temp_dir(directory, ".old")
             os.replace(directory, old / "artifact")
         os.replace(tmp, directory)
     except BaseException:
@@ -380,7 +456,8 @@ def _architecture(model: MASSModel, adapter: Any | None, hf_config: Mapping[str,
         if getattr(adapter, name, None) is not None:
             value = getattr(adapter, name)
             options[name] = list(value) if isinstance(value, tuple) else value
-    return ArchitectureEntry(kind="adapter", adapter=adapter.name, options=options, pooling=adapter.pooling)
+    return ArchitectureEntry(kind="adapter", adapter=adapter.name, options=AdapterOptions(**options),
+                             pooling=adapter.pooling)
 
 
 def _write_base(tmp: Path, model: MASSModel, state: Mapping[str, torch.Tensor], architecture: ArchitectureEntry,
@@ -406,10 +483,11 @@ def _write_base(tmp: Path, model: MASSModel, state: Mapping[str, torch.Tensor], 
 
 
 def _copy_tokenizer(source: Path, target: Path) -> None:
-    for pattern in TOKENIZER_PATTERNS:
-        for file in source.glob(pattern):
-            if file.is_file() and not file.is_symlink() and file.suffix != ".safetensors":
-                shutil.copyfile(file, target / file.name)
+    """The base directory's tokenizer/processor files that an artifact may hold (:func:`model_file_allowed`)."""
+    for file in sorted(source.iterdir()):
+        if file.name not in ("config.json", HF_WEIGHTS) and model_file_allowed(file.name) and file.is_file() \
+                and not file.is_symlink():
+            shutil.copyfile(file, target / file.name)
 
 
 def _check_reference_matches(path: Path, state: Mapping[str, torch.Tensor]) -> None:
@@ -605,59 +683,123 @@ def check_manifest(manifest: Manifest, path: Path) -> None:
         if entry.class_names is not None and len(entry.class_names) != entry.num_classes:
             raise MassMergeError(f"{path}: field 'heads.{entry.task}.class_names' has {len(entry.class_names)} "
                                  f"names for {entry.num_classes} classes")
+    check_file_names(manifest, path)
+    check_base_entry(manifest, path)
+
+
+def check_file_names(manifest: Manifest, path: Path) -> None:
+    """Every listed name is a plain relative name of a file an artifact may hold (see :func:`allowed_name`)."""
     for name in manifest.files:
-        _check_relative(name, path)
-    if manifest.base.mode == "embedded" and manifest.base.file not in manifest.files:
-        raise MassMergeError(f"{path}: field 'base.file' is not a listed file")
-    if manifest.base.mode == "reference" and (not manifest.base.path or not manifest.base.sha256
-                                              or manifest.base.bytes is None):
-        raise MassMergeError(f"{path}: field 'base' must name the referenced file's path, bytes and sha256")
+        pure = PurePosixPath(name)
+        if not name or pure.is_absolute() or "\\" in name or any(part in ("..", ".", "") for part in name.split("/")):
+            raise MassMergeError(f"{path}: field 'files' lists '{name}', which is not a plain relative name "
+                                 "inside the artifact")
+        if not allowed_name(name):
+            raise MassMergeError(f"{path}: field 'files' lists '{name}', a file an artifact may not hold (only "
+                                 f"{FACTORS_FILE}, {HEADS_FILE}, {BASE_FILE} and {MODEL_DIR}/ with config.json, "
+                                 f"{HF_WEIGHTS} and tokenizer files)")
 
 
-def _check_relative(name: str, manifest_path: Path) -> None:
-    pure = PurePosixPath(name)
-    if not name or pure.is_absolute() or "\\" in name or any(part in ("..", "") for part in pure.parts) \
-            or name.startswith("./") or name != pure.as_posix():
-        raise MassMergeError(f"{manifest_path}: field 'files' lists '{name}', which is not a plain relative name "
-                             "inside the artifact")
+def allowed_name(name: str) -> bool:
+    """Whether an artifact may hold a file of this relative name: the files :func:`save_artifact` writes.
+
+    Why a closed list: whatever sits in ``model/`` is handed to transformers, which would pick up a pickle
+    weights file or a modelling ``.py`` file on its own; an artifact holds data files only.
+    """
+    parts = name.split("/")
+    if len(parts) == 1:
+        return name in (FACTORS_FILE, HEADS_FILE, BASE_FILE)
+    if len(parts) != 2 or parts[0] != MODEL_DIR:
+        return False
+    return model_file_allowed(parts[1])
+
+
+def model_file_allowed(file_name: str) -> bool:
+    """A file ``model/`` may hold: the HF config, the safetensors weights, tokenizer/processor data files."""
+    from massmerge.checkpoints import PICKLE_SUFFIXES
+
+    if file_name in ("config.json", HF_WEIGHTS):
+        return True
+    suffix = PurePosixPath(file_name).suffix
+    if suffix in (".py", ".safetensors", *PICKLE_SUFFIXES):
+        return False
+    return any(fnmatch.fnmatchcase(file_name, pattern) for pattern in TOKENIZER_PATTERNS)
+
+
+def check_base_entry(manifest: Manifest, path: Path) -> None:
+    """An embedded base is a listed file (``model/model.safetensors`` for an adapter artifact, which transformers
+    reads from ``model/``); a reference is only for a generic module and names an absolute path, bytes, sha256."""
+    base = manifest.base
+    if base.mode == "embedded":
+        expected = f"{MODEL_DIR}/{HF_WEIGHTS}" if manifest.architecture.kind == "adapter" else BASE_FILE
+        if base.file != expected or base.file not in manifest.files:
+            raise MassMergeError(f"{path}: field 'base.file' must be '{expected}', a listed file")
+        return
+    if manifest.architecture.kind == "adapter":
+        raise MassMergeError(f"{path}: field 'base.mode' is 'reference', but an adapter artifact must embed its "
+                             f"base in {MODEL_DIR}/")
+    if not base.path or not PurePosixPath(base.path).is_absolute() or not base.sha256 or base.bytes is None:
+        raise MassMergeError(f"{path}: field 'base' must name the referenced file's absolute path, bytes and sha256")
 
 
 def verify_files(directory: Path, manifest: Manifest, *, checksums: bool = True) -> None:
-    """Confinement and integrity: every listed file is a regular file (no symlink) inside ``directory`` with its
-    size and sha256, nothing unlisted lies beside them, and the required files are listed."""
+    """Confinement and integrity, checked with ``lstat`` before any listed file is opened: nothing in
+    ``directory`` is a symlink, a FIFO, a device or an unlisted file or directory; every listed file is a
+    regular file with its size and (``checksums``) sha256; the required files are listed; a referenced base
+    matches its recorded size and sha256."""
     directory = Path(directory)
-    root = directory.resolve()
-    listed = set(manifest.files)
-    for path in sorted(directory.rglob("*")):
-        name = path.relative_to(directory).as_posix()
-        if path.is_symlink():
-            raise MassMergeError(f"{path}: a symlink inside the artifact is refused")
-        if path.is_file() and name != MANIFEST and name not in listed:
-            raise MassMergeError(f"{path}: not listed in {MANIFEST}; refusing an artifact with unlisted files")
+    _check_entries(directory, manifest)
     required = [FACTORS_FILE, HEADS_FILE] + ([manifest.base.file] if manifest.base.file else [])
     if manifest.architecture.kind == "adapter":
         required.append(f"{MODEL_DIR}/config.json")
     for name in required:
-        if name not in listed:
+        if name not in manifest.files:
             raise MassMergeError(f"{directory / name}: required but not listed in {MANIFEST}")
     for name, entry in manifest.files.items():
         path = directory / name
-        if path.is_symlink() or not path.is_file() or root not in path.resolve().parents:
-            raise MassMergeError(f"{path}: missing from the artifact (or not a plain file inside it)")
+        if not path.is_file() or path.is_symlink():
+            raise MassMergeError(f"{path}: missing from the artifact (it is listed in {MANIFEST})")
         if path.stat().st_size != entry.bytes or (checksums and sha256_file(path) != entry.sha256):
             raise MassMergeError(f"{path}: checksum mismatch (the file is corrupt or was modified)")
     if manifest.base.mode == "reference":
         ref = Path(manifest.base.path or "")
-        if not ref.is_file():
-            raise MassMergeError(f"{ref}: referenced base checkpoint is missing")
+        if ref.is_symlink() or not ref.is_file():
+            raise MassMergeError(f"{ref}: referenced base checkpoint is missing (or not a plain file)")
         if ref.stat().st_size != manifest.base.bytes or (checksums and sha256_file(ref) != manifest.base.sha256):
             raise MassMergeError(f"{ref}: checksum mismatch with the base the artifact was built from")
 
 
-def _read_safetensors(path: Path, where: str | None = None) -> dict[str, torch.Tensor]:
+def _check_entries(directory: Path, manifest: Manifest) -> None:
+    """Every entry under ``directory`` (by ``lstat``: nothing is followed or opened) is the manifest, a listed
+    regular file or a directory holding listed files."""
+    listed = set(manifest.files)
+    folders = {parent.as_posix() for name in listed for parent in PurePosixPath(name).parents} - {"."}
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            raise MassMergeError(f"{path}: a symlink inside the artifact is refused")
+        if stat.S_ISDIR(mode):
+            if name not in folders:
+                raise MassMergeError(f"{path}: a directory {MANIFEST} does not list; refusing the artifact")
+        elif not stat.S_ISREG(mode):
+            raise MassMergeError(f"{path}: not a regular file (a FIFO, socket or device); refusing the artifact")
+        elif name != MANIFEST and name not in listed:
+            raise MassMergeError(f"{path}: not listed in {MANIFEST}; refusing an artifact with unlisted files")
+
+
+def _read_safetensors(path: Path, where: str | None = None, expected: Collection[str] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; with ``expected``, a tensor the manifest does not describe is refused
+    from the header, before any tensor is read."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+            keys = list(handle.keys())
+            unexpected = sorted(set(keys) - set(expected)) if expected is not None else []
+            if unexpected:
+                raise MassMergeError(f"{where or path}: tensor '{unexpected[0]}' is not described by {MANIFEST} "
+                                     f"({len(unexpected)} such tensors)")
+            return {key: handle.get_tensor(key) for key in keys}
     except (SafetensorError, OSError, ValueError) as exc:
         raise MassMergeError(f"{where or path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
 
@@ -669,7 +811,7 @@ def _need(tensors: Mapping[str, torch.Tensor], key: str, path: Path, shape: Sequ
     value = tensors[key]
     if shape is not None and list(value.shape) != list(shape):
         raise MassMergeError(f"{path}: tensor '{key}' has shape {list(value.shape)}, expected {list(shape)}")
-    if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+    if not value.is_floating_point() or not all_finite(value):
         raise MassMergeError(f"{path}: tensor '{key}' is not finite floating-point data")
     return value.to(torch.promote_types(value.dtype, torch.float32))
 
@@ -678,7 +820,10 @@ def load_factors(directory: Path, manifest: Manifest, shapes: Mapping[str, Seque
     """Rebuild the :class:`ExpertFactors` (float32, or float64 if stored so), every tensor's shape checked
     against the model parameter it belongs to and the rank the manifest records."""
     path = directory / FACTORS_FILE
-    tensors = _read_safetensors(path)
+    expected = [f"factors/{task}/{key}/{part}" for task in manifest.task_names for key in manifest.ranks
+                for part in "UsV"]
+    expected += [f"non_matrix/{task}/{key}" for task in manifest.task_names for key in manifest.non_matrix_keys]
+    tensors = _read_safetensors(path, expected=expected)
     for key in [*manifest.ranks, *manifest.non_matrix_keys]:
         if key not in shapes:
             raise MassMergeError(f"{directory / MANIFEST}: factor key '{key}' is not a parameter of the base model")
@@ -706,7 +851,9 @@ def load_heads(directory: Path, manifest: Manifest, feature_dim: int | None) -> 
     """The heads, with their stored weights exactly (a zero-shot head's weight is not re-normalized), each
     checked: rows = num_classes, width = the model's feature size (or the other heads' width)."""
     path = directory / HEADS_FILE
-    tensors = _read_safetensors(path)
+    expected = [f"heads/{h.task}/{part}" for h in manifest.heads
+                for part in (("weight", "bias") if h.kind == "linear" else ("weight",))]
+    tensors = _read_safetensors(path, expected=expected)
     heads: list[nn.Module] = []
     width = feature_dim
     for entry in manifest.heads:
@@ -729,10 +876,14 @@ def load_heads(directory: Path, manifest: Manifest, feature_dim: int | None) -> 
     return heads
 
 
-def _base_state(directory: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
-    if manifest.base.mode == "reference":
-        return _read_safetensors(Path(manifest.base.path or ""))
-    return _read_safetensors(directory / (manifest.base.file or BASE_FILE))
+def _base_state(directory: Path, manifest: Manifest) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(file, tensors) of the base: the embedded file or the verified reference; every value finite."""
+    from massmerge.checkpoints import check_finite
+
+    path = Path(manifest.base.path or "") if manifest.base.mode == "reference" else directory / (manifest.base.file or BASE_FILE)
+    state = _read_safetensors(path)
+    check_finite(state, name=str(path))
+    return path, state
 
 
 def load(
@@ -768,7 +919,7 @@ def load(
         if base_model is None:
             raise OptionError(f"{directory}: a generic-module artifact needs load(..., base_model=<the nn.Module>)")
         module = base_model
-        _load_base_into(module, _base_state(directory, manifest), directory)
+        _load_base_into(module, _base_state(directory, manifest), "base_model")
     check_routing_layers(manifest, module, directory)
     shapes = {key: list(value.shape) for key, value in module.state_dict().items()}
     factors = load_factors(directory, manifest, shapes)
@@ -811,35 +962,51 @@ def serve_settings(manifest: Manifest, *, router: str | None = None, adapter: An
     return settings.updated(**overrides)
 
 
-def _load_base_into(module: nn.Module, state: Mapping[str, torch.Tensor], directory: Path) -> None:
+def _load_base_into(module: nn.Module, base: tuple[Path, Mapping[str, torch.Tensor]], what: str) -> None:
+    """Put the artifact's base tensors, exactly as stored, into ``module`` (``what`` names it in errors); keys
+    and shapes must match."""
+    path, state = base
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
     if missing or extra:
-        key = (missing or extra)[0]
-        raise MassMergeError(f"{directory}: base_model does not match the artifact's base (key '{key}')")
+        detail = (f"{what}'s tensor '{missing[0]}' is not in this file" if missing
+                  else f"tensor '{extra[0]}' is not a parameter of {what}")
+        raise MassMergeError(f"{path}: does not match {what}: {detail} ({len(missing) + len(extra)} keys differ)")
     for key, value in own.items():
         if value.shape != state[key].shape:
-            raise MassMergeError(f"{directory}: base_model key '{key}' has shape {list(value.shape)}, "
-                                 f"the artifact has {list(state[key].shape)}")
+            raise MassMergeError(f"{path}: tensor '{key}' has shape {list(state[key].shape)}, {what} has "
+                                 f"{list(value.shape)}")
     module.load_state_dict(dict(state), strict=True, assign=True)  # the stored tensors as they are: exact
 
 
 def _load_adapter_model(directory: Path, manifest: Manifest) -> tuple[Any, nn.Module]:
+    """Rebuild the adapter's module from ``model/`` (verified; no custom code) with the stored base tensors."""
     from massmerge.adapters import get_adapter
+    from massmerge.adapters.base import refuse_remote_code
+    from massmerge.progress import quiet_third_party
 
-    config_path = directory / MODEL_DIR / "config.json"
-    config = parse_json_text(config_path.read_text(encoding="utf-8"), str(config_path))
-    if not isinstance(config, dict):
-        raise MassMergeError(f"{config_path}: expected a JSON object")
-    if "auto_map" in config:
-        raise MassMergeError(f"{config_path}: field 'auto_map' asks for custom modelling code, which is refused")
+    refuse_remote_code(directory / MODEL_DIR)
     arch = manifest.architecture
-    options = {k: v for k, v in arch.options.items() if v is not None}
-    adapter = get_adapter(arch.adapter or "", **options)
-    module = adapter.load_model(str(directory / MODEL_DIR))
-    _load_base_into(module, _base_state(directory, manifest), directory)  # exact stored tensors, any dtype
+    try:
+        adapter = get_adapter(arch.adapter or "", **arch.options.model_dump(exclude_none=True))
+    except OptionError as exc:
+        raise MassMergeError(f"{directory / MANIFEST}: field 'architecture' is not usable ({exc})") from None
+    with quiet_third_party():  # a mismatch is reported by our own check below, in one line
+        module = adapter.load_model(str(directory / MODEL_DIR))
+    _load_base_into(module, _base_state(directory, manifest), f"the model {MODEL_DIR}/config.json describes")
     return adapter.bind(module), module
+
+
+def base_file_bytes(directory: str | os.PathLike[str]) -> int:
+    """Bytes of the base as the artifact holds it: the files of ``model/`` (weights, config, tokenizer) or the
+    base's safetensors file; for a referenced base, that file. The denominator of "N x the base"."""
+    manifest = read_manifest(directory)
+    if manifest.base.mode == "reference":
+        return int(manifest.base.bytes or 0)
+    if manifest.architecture.kind == "adapter":
+        return sum(e.bytes for name, e in manifest.files.items() if name.startswith(f"{MODEL_DIR}/"))
+    return manifest.files[manifest.base.file or BASE_FILE].bytes
 
 
 def artifact_bytes(directory: str | os.PathLike[str], *, include_base: bool = True) -> int:
@@ -853,7 +1020,7 @@ def artifact_bytes(directory: str | os.PathLike[str], *, include_base: bool = Tr
 
 
 __all__ = [
-    "FORMAT_VERSION", "Manifest", "artifact_bytes", "factor_storage", "float_dtype", "load", "read_head_file",
+    "FORMAT_VERSION", "Manifest", "artifact_bytes", "base_file_bytes", "check_output_directory", "factor_storage", "float_dtype", "load", "read_head_file",
     "read_manifest", "round_factors", "save_artifact", "serve_settings", "storage_dtype", "verify_files",
     "write_head_file",
 ]

@@ -356,7 +356,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp_path)`` then rename tmp onto ``path``; on any failure remove tmp and re-raise.
 
     The file gets the mode a plain ``open(path, "w")`` would give (0666 less the umask, so 0644 under umask
-    022), not the 0600 of ``tempfile.mkstemp``: a merged model is a file to share, not a secret.
+    022), not the 0600 of ``tempfile.mkstemp``: a merged model is a file to share, not a secret. A failed
+    write into the temp file (disk full, quota, read-only file system) is a :class:`CheckpointError` naming
+    ``path``, not the temp file the user never asked for.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -368,6 +370,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno is None or exc.filename not in (None, tmp_name):
+            raise  # not a write into the temp file (e.g. an input that failed to read): its own message
+        raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc}); the previous file, if any, is "
+                              "unchanged") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

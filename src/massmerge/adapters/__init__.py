@@ -7,7 +7,6 @@ LoRA adapters are an *expert format*, not a family: see :mod:`massmerge.adapters
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +72,14 @@ def adapter_for(model: nn.Module, family: str | None = None, **options: Any) -> 
 
 def detect_family(path: str | Path) -> str:
     """The family of a local checkpoint: HF ``config.json`` model_type, open_clip config, else the key layout."""
+    from massmerge.adapters.base import read_json_config, refuse_remote_code
+
     path = Path(path)
+    refuse_remote_code(path)
     config = path / "config.json" if path.is_dir() else None
     if config is not None and config.is_file():
-        model_type = json.loads(config.read_text()).get("model_type")
+        raw = read_json_config(config)
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
         if model_type in CLIP_TYPES:
             return "clip"
         if model_type:

@@ -185,6 +185,42 @@ def check_pickle_policy(path: Path, *, trust_pickle: bool) -> None:
             )
 
 
+def read_json_config(path: Path) -> Any:
+    """A JSON config file of a user's or a stranger's directory: bounded size and nesting, UTF-8, one-line errors."""
+    from massmerge.artifact import MAX_MANIFEST_BYTES, parse_json_text
+
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes is too large for a config file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not readable UTF-8 text ({type(exc).__name__})") from None
+    return parse_json_text(text, str(path))
+
+
+# HF files that may ask transformers for custom code through an ``auto_map`` field.
+CODE_CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+
+
+def refuse_remote_code(directory: Path) -> None:
+    """Refuse an HF directory whose config asks for custom modelling, tokenizer or processor code.
+
+    Why refuse rather than ignore: transformers would quietly build its own class for a known ``model_type``
+    (so the model is not the one its author meant) or ask to run the directory's ``.py`` files. massmerge never
+    passes ``trust_remote_code``, so such a directory is named in one line instead (README, "What is trusted").
+    """
+    if not directory.is_dir():
+        return
+    for name in CODE_CONFIGS:
+        path = directory / name
+        if not path.is_file():
+            continue
+        config = read_json_config(path)
+        if isinstance(config, dict) and "auto_map" in config:
+            raise CheckpointError(f"{path}: field 'auto_map' asks for custom code, which massmerge never runs "
+                                  "(no trust_remote_code); use a model whose architecture transformers ships")
+
+
 def check_linear(model: nn.Module, name: str) -> str:
     """Validate that ``name`` is an ``nn.Linear`` of ``model``; the error lists nearby candidates."""
     modules = dict(model.named_modules())

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from massmerge.adapters.base import BaseAdapter, Batch, check_pickle_policy
+from massmerge.adapters.base import BaseAdapter, Batch, check_pickle_policy, refuse_remote_code
 from massmerge.errors import MassMergeError, OptionError
 
 IMAGE_KEYS = ("pixel_values", "image", "images")
@@ -83,6 +83,7 @@ class CLIPAdapter(BaseAdapter):
 
         path = _resolve(source, revision)
         check_pickle_policy(path, trust_pickle=trust_pickle)
+        refuse_remote_code(path)
         try:
             model = CLIPVisionModel.from_pretrained(str(path))
         except (OSError, ValueError, RuntimeError, UnpicklingError, SafetensorError) as exc:

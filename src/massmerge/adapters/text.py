@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from massmerge.adapters.base import BaseAdapter, Batch, check_pickle_policy
+from massmerge.adapters.base import BaseAdapter, Batch, check_pickle_policy, refuse_remote_code
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.mass.pooling import masked_mean
 
@@ -89,6 +89,7 @@ class TextEncoderAdapter(BaseAdapter):
 
         path = resolve_source(source, revision)
         check_pickle_policy(path, trust_pickle=trust_pickle)
+        refuse_remote_code(path)
         try:
             config = AutoConfig.from_pretrained(str(path))
             cls = T5EncoderModel if config.model_type in T5_TYPES else AutoModel
