@@ -7,13 +7,49 @@ code 2, so users never see a traceback for a bad file or option.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from typing import Annotated
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from massmerge import __version__, progress
 from massmerge.errors import MassMergeError
+
+
+class Command(TyperCommand):
+    """A command whose help reads like other well-kept CLIs: ``Usage: massmerge predict [OPTIONS] ARTIFACT
+    INPUTS`` and one ``ARTIFACT  help`` line per argument (typer writes ``{ARTIFACT}`` and ``ARTIFACT <path>``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(_argument_name(param))
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        arguments = [(_argument_name(p).strip("[]"), p.help or "") for p in self.get_params(ctx)
+                     if p.param_type_name == "argument"]
+        options = [record for p in self.get_params(ctx) if p.param_type_name == "option"
+                   and (record := p.get_help_record(ctx)) is not None]
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _argument_name(param: Any) -> str:
+    """``NAME`` (required), ``[NAME]`` (optional), ``NAME...`` (several): the metavar, else the upper-cased name."""
+    name = param.metavar or (param.name or "ARG").upper()
+    name = name if param.required else f"[{name}]"
+    return f"{name}..." if param.nargs != 1 else name
+
+
+def command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a command on :data:`app` with the conventional help layout (:class:`Command`)."""
+    return app.command(name, cls=Command)
+
 
 app = typer.Typer(
     name="massmerge",
@@ -38,9 +74,9 @@ def _root(
 ) -> None:
     """Merge fine-tuned experts of one pretrained network: MASS and the static merging baselines."""
 
+
 # Options that take several values after one flag (``--experts a b c``); see expand_multi_value_options.
 MULTI_VALUE_OPTIONS = ("--experts", "--heads", "--task-names", "--include", "--exclude")
-
 
 
 def expand_multi_value_options(argv: Sequence[str]) -> list[str]:
@@ -71,6 +107,7 @@ def fail(message: str, code: int = 2) -> None:
 
 
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
+INTERRUPTED_MESSAGE = "interrupted; no output file was left half-written (temporary files were removed)"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -81,11 +118,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     progress.set_enabled(True)  # a bar on a terminal, log lines in a file (massmerge/progress.py)
     tune_allocator_for_streaming()  # flat peak memory while experts stream through (massmerge/memory.py)
     try:
-        code = app(args=args, prog_name="massmerge", standalone_mode=False)
+        with progress.quiet_third_party():  # our stderr: our progress lines, then at most one error line
+            code = app(args=args, prog_name="massmerge", standalone_mode=False)
     except MassMergeError as exc:
         fail(str(exc))
     except (KeyboardInterrupt, EOFError):
-        fail("interrupted; no output was written", INTERRUPTED)
+        fail(INTERRUPTED_MESSAGE, INTERRUPTED)
     except OSError as exc:
         fail(f"{getattr(exc, 'filename', None) or ''}: {exc.strerror or exc}".lstrip(": "))
     except Exception as exc:  # noqa: BLE001 - click's exceptions live in typer's private vendored module
@@ -104,7 +142,7 @@ def _is_click_error(exc: BaseException) -> bool:
 def _report_click_error(exc: BaseException) -> None:
     """One line for a usage error (``error: Missing option '--output'.``); the help text for a bare command."""
     if type(exc).__name__ == "Abort":
-        fail("interrupted; no output was written", INTERRUPTED)
+        fail(INTERRUPTED_MESSAGE, INTERRUPTED)
     if type(exc).__name__ == "NoArgsIsHelpError":
         exc.show()  # type: ignore[attr-defined]
         raise SystemExit(2)

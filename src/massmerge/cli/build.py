@@ -8,17 +8,19 @@ and reduced to their factors as they arrive, so memory stays near base + factors
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from massmerge.cli import app
+from massmerge.cli import command
 from massmerge.cli.options import (
     DEREDUNDANCY_HELP,
     EPS_HELP,
     MAX_SIZE_HELP,
     RANK_FRACTION_HELP,
+    TRUST_PICKLE_HELP,
     check_positive,
 )
 from massmerge.errors import OptionError
@@ -36,14 +38,19 @@ def load_heads(paths: list[Path], task_names: list[str] | None, experts: list[Pa
     heads, names, classes = [], [], []
     for index, path in enumerate(paths):
         head, task, class_names = read_head_file(path)
+        if heads and head_width(head) != head_width(heads[0]):
+            raise OptionError(f"{path}: 'weight' is {head_width(head)} wide, but {paths[0]} is "
+                              f"{head_width(heads[0])} wide (every head reads the same features)")
         heads.append(head)
         classes.append(class_names)
         names.append(task_names[index] if task_names else task or experts[index].stem)
-    widths = {int(h.weight.shape[1]) for h in heads}
-    if len(widths) > 1:
-        raise OptionError(f"--heads: the heads files have different widths {sorted(widths)}")
     check_task_names(names)
     return heads, names, classes
+
+
+def head_width(head: Any) -> int:
+    """The feature width a head reads (its weight is [classes, width])."""
+    return int(head.weight.shape[1])
 
 
 def adapter_options(family: str, pooling: str | None, feature_pooling: str | None, special_ids: Any) -> dict[str, Any]:
@@ -98,7 +105,7 @@ def text_facts(base_path: Path, model: Any, max_length: int | None) -> tuple[lis
     return special, max_length or positions
 
 
-@app.command("build")
+@command("build")
 def build_cmd(
     base: Annotated[Path, typer.Option(metavar="PATH", help="base model: HF model directory (or hub id)")],
     experts: Annotated[list[Path], typer.Option(metavar="PATH...", help="expert checkpoints (HF directories or "
@@ -131,7 +138,7 @@ def build_cmd(
     include: Annotated[list[str] | None, typer.Option(metavar="GLOB...", help="only merge keys matching these globs")] = None,
     exclude: Annotated[list[str] | None, typer.Option(metavar="GLOB...", help="leave keys matching these globs at "
                                                                               "the base")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="allow .bin/.pt files (weights-only load)")] = False,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_PICKLE_HELP)] = False,
 ) -> None:
     """Build a MASS artifact: the base, each expert's factors, non-matrix deltas, heads and a manifest."""
     from massmerge.mass.config import make_build_settings
@@ -156,7 +163,7 @@ def build_artifact(base: Path, experts: list[Path], head_modules: list, names: l
                    trust_pickle: bool = False, echo: Any = typer.echo) -> Path:
     """The whole build (also used by ``massmerge suite --export-artifact``); checks come before any SVD."""
     from massmerge.adapters import detect_family, get_adapter
-    from massmerge.artifact import artifact_bytes, factor_storage, float_dtype, save_artifact
+    from massmerge.artifact import check_output_directory, factor_storage, float_dtype, save_artifact
     from massmerge.mass.budget import stored_factors, tensor_bytes
     from massmerge.mass.config import make_serve_settings
     from massmerge.mass.model import MASSModel
@@ -165,6 +172,7 @@ def build_artifact(base: Path, experts: list[Path], head_modules: list, names: l
     from massmerge.sources import resolve_source
     from massmerge.task_vectors import KeyFilter
 
+    check_output_directory(output)  # before hours of work, not after
     base_path = resolve_source(str(base))
     fam = family or detect_family(base_path)
     loader = get_adapter(fam, routing_layer=routing_option(routing_layer))
@@ -177,8 +185,8 @@ def build_artifact(base: Path, experts: list[Path], head_modules: list, names: l
     state = model.state_dict()
     encoder = {key: state[key] for key in adapter.encoder_keys(model)}
     width = adapter.feature_dim(model)
-    if width is not None and int(head_modules[0].weight.shape[1]) != width:
-        raise OptionError(f"--heads: the heads are {int(head_modules[0].weight.shape[1])} wide; the model's "
+    if width is not None and head_width(head_modules[0]) != width:
+        raise OptionError(f"--heads: the heads read {head_width(head_modules[0])} features; the model's "
                           f"features are {width} wide")
     check_experts(adapter, model, experts, encoder, trust_pickle)
     key_filter = KeyFilter.from_patterns(include, exclude)
@@ -187,11 +195,13 @@ def build_artifact(base: Path, experts: list[Path], head_modules: list, names: l
     def open_expert(path: Path) -> Any:
         return adapter.load_weights(str(path), model, trust_pickle=trust_pickle)
 
-    factors = build_factors(encoder, experts, names, rank_fraction=fraction, eps=settings.eps, svd=settings.svd,
-                            open_expert=open_expert, key_filter=key_filter)
+    factors_before = build_factors(encoder, experts, names, rank_fraction=fraction, eps=settings.eps,
+                                   svd=settings.svd, open_expert=open_expert, key_filter=key_filter)
     store = factor_storage(settings.factor_dtype, float_dtype(encoder))
     base_bytes = tensor_bytes(state.values())
-    stored = stored_factors(factors, head_modules, base_bytes, store, settings.max_size)
+    stored = stored_factors(factors_before, head_modules, base_bytes, store, settings.max_size)
+    design_rank = total_rank(factors_before)
+    del factors_before  # only the stored (possibly cut) factors stay in memory
     if stored.note:
         echo(f"note: {stored.note}", err=True)
     factors, scale = stored.factors, stored.rank_scale  # exactly what a later load() serves
@@ -199,12 +209,37 @@ def build_artifact(base: Path, experts: list[Path], head_modules: list, names: l
     save_artifact(mass, output, build=settings, adapter=adapter,
                   tokenizer_dir=base_path if base_path.is_dir() else None, factor_dtype=store, class_names=classes,
                   rank_scale=scale)
-    dropped = factors.dropped()
-    size = artifact_bytes(output) / base_bytes
-    ranks = "design ranks (1/T)" if scale == 1.0 else f"every task's rank cut to {scale:.0%}"
-    budget = settings.max_size if settings.max_size is not None else DEFAULT_MAX_SIZE
-    fits = "" if not budget or size <= budget else f" (above --max-size {budget}: the model is too small to cut)"
-    echo(f"wrote {output}: {len(names)} tasks ({', '.join(names)}); routing layer {layer}; factors "
-         f"{str(store).removeprefix('torch.')}, {ranks}; {size:.2f}x the base's bytes{fits}; de-redundancy left "
-         f"tasks out of the first pass in {len(dropped)} matrices")
+    echo(summary(output, names, layer, store, settings, design_rank=design_rank, stored=factors,
+                 unreachable=stored.note is not None))
     return Path(output)
+
+
+def total_rank(factors: Any) -> int:
+    """The sum of every task's rank over every matrix (what the size budget cuts)."""
+    return sum(f.rank for per_task in factors.matrices.values() for f in per_task)
+
+
+def summary(output: Path, names: list[str], layer: str, store: Any, settings: Any, *, design_rank: int,
+            stored: Any, unreachable: bool) -> str:
+    """The one line ``build`` ends with. Why so careful: it must never contradict itself (a rank "cut to
+    100%", or a size above the budget it claims to fit), so the ranks are compared as stored and the size is
+    measured on disk against the same base files the artifact holds."""
+    from massmerge.artifact import artifact_bytes, base_file_bytes
+
+    size = artifact_bytes(output) / base_file_bytes(output)
+    budget = settings.max_size if settings.max_size is not None else DEFAULT_MAX_SIZE
+    named = f"--max-size {budget}" if settings.max_size is not None else f"the default {budget}x size budget"
+    rule = "1/T" if settings.rank_fraction is None else f"--rank-fraction {settings.rank_fraction}"
+    kept, full = total_rank(stored), design_rank
+    if not budget:
+        ranks = f"design ranks ({rule}), no size budget"
+    elif kept < full:
+        ranks = f"ranks cut to {math.floor(100 * kept / full)}% of the design ranks ({rule}) to fit {named}"
+    elif unreachable:
+        ranks = f"design ranks ({rule}) kept: {named} cannot hold one direction per task for this model"
+    else:
+        ranks = f"design ranks ({rule}) fit {named}"
+    over = f", above {budget}x" if budget and size > budget and not unreachable else ""
+    return (f"wrote {output}: {len(names)} tasks ({', '.join(names)}); routing layer {layer}; factors "
+            f"{str(store).removeprefix('torch.')}, {ranks}; {size:.2f}x the base's files{over}; de-redundancy "
+            f"left tasks out of the first pass in {len(stored.dropped())} matrices")

@@ -13,26 +13,40 @@ from typing import Annotated
 
 import typer
 
-from massmerge.cli import app
+from massmerge.cli import command
+from massmerge.cli.options import TRUST_PICKLE_HELP, check_positive, read_utf8_lines
+from massmerge.errors import OptionError
 
 
-@app.command("evaluate")
+@command("evaluate")
 def evaluate_cmd(
-    config: Annotated[Path, typer.Option(help="benchmark YAML (base, tasks: expert + dataset, methods)")],
-    output: Annotated[Path | None, typer.Option(help="report directory (default: the config's output)")] = None,
-    methods: Annotated[str | None, typer.Option(help="comma-separated subset, e.g. experts,tsv_m,mass")] = None,
-    max_samples: Annotated[int | None, typer.Option(min=1, help="per task, a seeded random subset of the test set")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="images per forward pass")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="allow .bin/.pt checkpoints (weights-only load)")] = False,
+    config: Annotated[Path, typer.Option(metavar="PATH", help="benchmark YAML (base, tasks: expert + dataset, "
+                                                              "methods)")],
+    output: Annotated[Path | None, typer.Option(metavar="PATH", help="report directory [default: the config's "
+                                                                      "output]")] = None,
+    methods: Annotated[str | None, typer.Option(metavar="A,B,...", help="comma-separated subset, e.g. "
+                                                                        "experts,tsv_m,mass [default: the "
+                                                                        "config's]")] = None,
+    max_samples: Annotated[int | None, typer.Option(metavar="INT", help="per task, a seeded random subset of the "
+                                                                        "test set [default: the config's]")] = None,
+    batch_size: Annotated[int | None, typer.Option(metavar="INT", help="images per forward pass [default: the "
+                                                                       "config's]")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_PICKLE_HELP)] = False,
 ) -> None:
     """Run the benchmark described by CONFIG and write report.json / report.md."""
     from massmerge.benchmark import markdown_report, run_benchmark, write_report
     from massmerge.benchmark_config import load_benchmark_config
 
+    check_positive("--max-samples", max_samples)
+    check_positive("--batch-size", batch_size)
+    read_utf8_lines(config)  # a non-UTF-8 byte names the file and line, before YAML sees it
     overrides: dict = {"output": str(output) if output else None, "trust_pickle": trust_pickle or None}
     if methods:
         overrides["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
-    bench = load_benchmark_config(config, **overrides)
+    try:
+        bench = load_benchmark_config(config, **overrides)
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise OptionError(f"--config: {config}: nested too deeply to be a benchmark config") from None
     if max_samples is not None or batch_size is not None:
         eval_opts = bench.eval.model_copy(update={k: v for k, v in
                                                   {"max_samples": max_samples, "batch_size": batch_size}.items() if v})

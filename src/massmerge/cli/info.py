@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from massmerge.cli import app
+from massmerge.cli import command
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}
@@ -29,7 +29,7 @@ def human_bytes(count: int) -> str:
     return f"{value:.1f} GiB"
 
 
-@app.command("info")
+@command("info")
 def info_cmd(
     path: Annotated[Path, typer.Argument(metavar="PATH", help=".safetensors file, HF model directory or MASS "
                                                               "artifact directory")],

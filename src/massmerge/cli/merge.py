@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +12,8 @@ import typer
 from massmerge import merging
 from massmerge.checkpoints import _is_pickle_source as is_pickle_source
 from massmerge.checkpoints import check_finite, load_state_dict, open_checkpoint, save_state_dict, validate_compatible
-from massmerge.cli import app
+from massmerge.cli import command
+from massmerge.cli.options import RANK_FRACTION_HELP, TRUST_PICKLE_HELP
 from massmerge.errors import OptionError
 from massmerge.sources import resolve_source
 from massmerge.task_vectors import CheckedTaskVector, KeyFilter
@@ -25,6 +27,11 @@ def open_expert(path: Path, base: dict, *, trust_pickle: bool) -> Any:
         else open_checkpoint(path)
     validate_compatible(base, expert, name=str(path))
     return expert
+
+
+def method_default(method: str, option: str) -> Any:
+    """A method's default for one option, read from its ``merge`` signature (defined there once)."""
+    return inspect.signature(merging.get_merge_method(method)).parameters[option].default
 
 
 def method_kwargs(method: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -41,20 +48,34 @@ def method_kwargs(method: str, given: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-@app.command("merge")
+@command("merge")
 def merge_cmd(
-    method: Annotated[str, typer.Option(help=f"one of {', '.join(merging.MERGE_METHODS)}")],
-    base: Annotated[Path, typer.Option(help="base checkpoint: .safetensors file, HF model directory or hub id org/name[@rev]")],
-    experts: Annotated[list[Path], typer.Option(help="expert checkpoints (files, directories or hub ids), one per task, at least 2")],
-    output: Annotated[Path, typer.Option(help="output .safetensors file (written atomically)")],
-    alpha: Annotated[float | None, typer.Option(help="scale of the merged delta (method default if unset)")] = None,
-    rank_fraction: Annotated[float | None, typer.Option(help="tsv_m/tsv_c: kept rank fraction (default 1/T)")] = None,
-    ties_density: Annotated[float | None, typer.Option(help="ties: kept fraction per task (default 0.2)")] = None,
-    common_fraction: Annotated[float | None, typer.Option(help="iso_cts: common subspace (default 0.8)")] = None,
-    task: Annotated[int | None, typer.Option(help="tsv_c: index of the task to reconstruct")] = None,
-    include: Annotated[list[str] | None, typer.Option(help="only merge keys matching these globs")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="leave keys matching these globs at the base")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="allow .bin/.pt files (weights-only load)")] = False,
+    method: Annotated[str, typer.Option(metavar="NAME", help=f"one of {', '.join(merging.MERGE_METHODS)}")],
+    base: Annotated[Path, typer.Option(metavar="PATH", help="base checkpoint: .safetensors file, HF model "
+                                                            "directory or hub id org/name[@rev]")],
+    experts: Annotated[list[Path], typer.Option(metavar="PATH...", help="expert checkpoints (files, directories "
+                                                                        "or hub ids), one per task, at least 2")],
+    output: Annotated[Path, typer.Option(metavar="PATH", help="output .safetensors file (written atomically)")],
+    alpha: Annotated[float | None, typer.Option(metavar="FLOAT", help="scale of the merged delta [default: "
+                                                                      f"{method_default('tsv_m', 'alpha')}; "
+                                                                      "task_arithmetic: by the number of tasks; "
+                                                                      "weight_average: unused]")] = None,
+    rank_fraction: Annotated[float | None, typer.Option(metavar="FLOAT", help="tsv_m/tsv_c: "
+                                                                              + RANK_FRACTION_HELP)] = None,
+    ties_density: Annotated[float | None, typer.Option(metavar="FLOAT", help="ties: kept fraction of each task "
+                                                                             "vector [default: "
+                                                                             f"{method_default('ties', 'density')}]")] = None,
+    common_fraction: Annotated[float | None, typer.Option(metavar="FLOAT", help="iso_cts: fraction of the "
+                                                                                "spectrum in the common subspace "
+                                                                                "[default: "
+                                                                                f"{method_default('iso_cts', 'common_fraction')}]")] = None,
+    task: Annotated[int | None, typer.Option(metavar="INT", help="tsv_c: index of the task to reconstruct "
+                                                                 "(required for tsv_c)")] = None,
+    include: Annotated[list[str] | None, typer.Option(metavar="GLOB...", help="only merge keys matching these "
+                                                                              "globs")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(metavar="GLOB...", help="leave keys matching these globs "
+                                                                              "at the base")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_PICKLE_HELP)] = False,
 ) -> None:
     """Merge EXPERTS into BASE with METHOD and write a safetensors state dict with the base's keys and dtypes."""
     merging.get_merge_method(method)

@@ -1,28 +1,57 @@
 """Help texts and checks shared by several commands, so one idea has one flag and one wording everywhere.
 
-Kept free of heavy imports: the CLI must start fast (``massmerge --help`` imports no torch).
+Every default a help text states is read from where it is defined (``mass/config.py``), never retyped. Kept
+free of heavy imports: the CLI must start fast (``massmerge --help`` imports no torch).
 """
 
 from __future__ import annotations
 
-from massmerge.errors import OptionError
-from massmerge.mass.config import DEFAULT_ALPHA, DEFAULT_ETA, DEFAULT_MAX_SIZE, DEFAULT_TAU, DEFAULT_TOP_K
+import stat
+from pathlib import Path
+from typing import Any
+
+from massmerge.errors import MassMergeError, OptionError
+from massmerge.mass.config import DEFAULT_MAX_SIZE, ServeSettings
 
 RANK_FRACTION_HELP = "kept rank per task and matrix: floor(min(m, n) x FLOAT) [default: 1/T]"
 EPS_HELP = "de-redundancy: leave a task out of the first pass where its cosine with a kept task exceeds FLOAT"
 DEREDUNDANCY_HELP = "drop redundant tasks from the first-pass merge (see --eps)"
 MAX_SIZE_HELP = ("cut every task's rank by one common fraction so the artifact is at most FLOAT x the base's "
                  f"bytes; 0 keeps the design ranks [default: {DEFAULT_MAX_SIZE} where reachable]")
-ROUTER_HELP = "a named router rule applied before the other router flags: paper (the paper's exact rule)"
-ROUTING_LAYER_HELP = "routing nn.Linear name (repeat for multi-layer routing) [default: the artifact's]"
-POOLING_HELP = "routing token pooling: cls, mean or content (mean without special tokens) [default: the artifact's]"
-LAYER_COMBINE_HELP = "how several routing layers combine: standardized or ppca [default: the artifact's]"
-MODE_HELP = "routing mode: topk, top1 or batch (the whole input is one task) [default: the artifact's]"
-ETA_HELP = f"select tasks whose router probability exceeds FLOAT [default: the artifact's, {DEFAULT_ETA}]"
-TOP_K_HELP = f"at most INT tasks per input [default: the artifact's, {DEFAULT_TOP_K}]"
-TAU_HELP = f"router softmax temperature [default: the artifact's, {DEFAULT_TAU}]"
-HEAD_RULE_HELP = "how the task is chosen among the selected: max_logit (paper) or posterior [default: the artifact's]"
-ALPHA_HELP = f"scale of the merged deltas [default: the artifact's, {DEFAULT_ALPHA}]"
+TRUST_PICKLE_HELP = "allow pickle checkpoints (.bin/.pt), loaded weights-only; only for files you trust"
+
+# Serve settings: what each flag does; the default is added per command (the artifact's, or the engine's).
+SERVE_HELP = {
+    "router": "a named router rule applied before the other router flags: paper (the paper's exact rule)",
+    "routing_layers": "routing nn.Linear name (repeat for multi-layer routing)",
+    "pooling": "routing token pooling: cls, mean or content (mean without special tokens)",
+    "layer_combine": "how several routing layers combine: standardized or ppca",
+    "mode": "routing mode: topk, top1 or batch (the whole input is one task)",
+    "eta": "select tasks whose router probability exceeds FLOAT",
+    "top_k": "at most INT tasks per input",
+    "tau": "router softmax temperature",
+    "head_rule": "how the task is chosen among the selected: max_logit (paper) or posterior",
+    "alpha": "scale of the merged deltas",
+    "batch_size": "inputs per batch, tasks mixed",
+}
+
+
+def serve_default(field: str) -> Any:
+    """The engine's default of a serve setting (``mass/config.py``)."""
+    return ServeSettings.model_fields[field].default
+
+
+def artifact_help(field: str) -> str:
+    """Help of a serve flag of ``predict``: unset means the artifact's value (shown with the engine default)."""
+    default = serve_default(field) if field in ServeSettings.model_fields else None
+    shown = f", {default}" if default is not None and not isinstance(default, tuple) else ""
+    return f"{SERVE_HELP[field]} [default: the artifact's{shown}]"
+
+
+def engine_help(field: str, default: Any = None) -> str:
+    """Help of a serve flag of ``suite``: unset means the engine's default (or ``default`` when given)."""
+    value = default if default is not None else serve_default(field)
+    return f"{SERVE_HELP[field]} [default: {value}]"
 
 
 def check_positive(option: str, value: int | float | None) -> None:
@@ -30,3 +59,38 @@ def check_positive(option: str, value: int | float | None) -> None:
     if value is not None and value <= 0:
         raise OptionError(f"{option} must be >= 1, got {value}" if isinstance(value, int)
                           else f"{option} must be > 0, got {value}")
+
+
+def describe(path: Path) -> str:
+    """What a path that is not a regular file is, for error messages."""
+    if not path.exists():
+        return "no such file or directory"
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (named pipe), not a file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a file"
+    return "is not a regular file"
+
+
+def read_utf8_lines(path: Path) -> list[tuple[int, str]]:
+    """(1-based line number, text) of every line of a UTF-8 file (a user's inputs or config); a path that is
+    not a regular file says what it is, and a bad byte names the file and the line.
+
+    Why not ``read_text``: its UnicodeDecodeError gives a byte offset in a traceback, not a line to fix.
+    """
+    if not path.is_file():
+        raise MassMergeError(f"{path}: {describe(path)}")
+    out = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                out.append((number, raw.decode("utf-8").rstrip("\r\n")))
+            except UnicodeDecodeError as exc:
+                raise MassMergeError(f"{path}: line {number} is not valid UTF-8 (byte {exc.start + 1} of the "
+                                     "line)") from None
+    return out

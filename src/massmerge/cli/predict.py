@@ -16,7 +16,6 @@ max length) default to the artifact's and can be overridden by flags without a r
 from __future__ import annotations
 
 import json
-import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,57 +23,16 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
-from massmerge.cli import app
-from massmerge.cli.options import (
-    ALPHA_HELP,
-    ETA_HELP,
-    HEAD_RULE_HELP,
-    LAYER_COMBINE_HELP,
-    MODE_HELP,
-    POOLING_HELP,
-    ROUTER_HELP,
-    ROUTING_LAYER_HELP,
-    TAU_HELP,
-    TOP_K_HELP,
-    check_positive,
-)
+from massmerge.cli import command
+from massmerge.cli.options import SERVE_HELP, artifact_help, check_positive, describe, read_utf8_lines
 from massmerge.errors import MassMergeError, OptionError
-
-def describe(path: Path) -> str:
-    """What a path that is not a regular file is, for error messages."""
-    if not path.exists():
-        return "no such file or directory"
-    mode = path.stat().st_mode
-    if stat.S_ISDIR(mode):
-        return "is a directory"
-    if stat.S_ISFIFO(mode):
-        return "is a FIFO (named pipe), not a file"
-    if stat.S_ISSOCK(mode):
-        return "is a socket, not a file"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "is a device, not a file"
-    return "is not a regular file"
-
-
-def _lines(path: Path) -> list[tuple[int, str]]:
-    """(1-based line number, text) of every line of a UTF-8 file; a bad byte names the file and line."""
-    if not path.is_file():
-        raise MassMergeError(f"{path}: {describe(path)}")
-    out = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                out.append((number, raw.decode("utf-8").rstrip("\r\n")))
-            except UnicodeDecodeError as exc:
-                raise MassMergeError(f"{path}: line {number} is not valid UTF-8 (byte {exc.start + 1})") from None
-    return out
 
 
 def read_inputs(path: Path) -> list[tuple[int, str]]:
     """(line number, text) from a plain text file (non-blank lines) or JSON lines (a string or {"text": ...})."""
     from massmerge.artifact import parse_json_text
 
-    lines = [(n, line) for n, line in _lines(path) if line.strip()]
+    lines = [(n, line) for n, line in read_utf8_lines(path) if line.strip()]
     if path.suffix != ".jsonl":
         return lines
     texts = []
@@ -95,12 +53,16 @@ def model_positions(model: Any) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def effective_max_length(requested: int | None, recorded: int | None, positions: int | None) -> int:
-    """``--max-length``, else the artifact's, clipped to the model's positions (with a note when clipped)."""
-    length = requested or recorded or positions or 512
+FALLBACK_MAX_LENGTH = 512  # tokens, for a model that records no positions (relative-position models)
+
+
+def effective_max_length(requested: int | None, recorded: int | None, positions: int | None,
+                         manifest_path: Path) -> int:
+    """``--max-length``, else the artifact's, clipped to the model's positions with a note naming the source."""
+    length = requested or recorded or positions or FALLBACK_MAX_LENGTH
     if positions is not None and length > positions:
-        typer.echo(f"note: --max-length {length} is above the model's {positions} positions; using {positions}",
-                   err=True)
+        source = f"--max-length {length}" if requested else f"{manifest_path}: field 'serve.max_length' ({length})"
+        typer.echo(f"note: {source} is above the model's {positions} positions; using {positions}", err=True)
         length = positions
     return length
 
@@ -153,7 +115,7 @@ def read_image_paths(path: Path) -> list[Path]:
         raise MassMergeError(f"{path}: {describe(path)}")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return [path]
-    listed = [line.strip() for _, line in _lines(path) if line.strip()]
+    listed = [line.strip() for _, line in read_utf8_lines(path) if line.strip()]
     paths = [(path.parent / line) if not Path(line).is_absolute() else Path(line) for line in listed]
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -219,7 +181,7 @@ def write_rows(rows: Iterator[dict], output: Path | None) -> int:
     return count
 
 
-@app.command("predict")
+@command("predict")
 def predict_cmd(
     artifact: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="artifact directory written by massmerge build")],
     inputs: Annotated[Path, typer.Argument(metavar="INPUTS", help="text: a text file (one input per line) or "
@@ -227,26 +189,26 @@ def predict_cmd(
                                                                   "images or a file listing image paths")],
     output: Annotated[Path | None, typer.Option(metavar="PATH", help="write JSON lines here (atomically) "
                                                                      "[default: stdout]")] = None,
-    batch_size: Annotated[int | None, typer.Option(metavar="INT", help="inputs per batch, tasks mixed "
-                                                                       "[default: the artifact's, 32]")] = None,
+    batch_size: Annotated[int | None, typer.Option(metavar="INT", help=artifact_help("batch_size"))] = None,
     max_length: Annotated[int | None, typer.Option(metavar="INT", help="text: tokens per input, clipped to the "
-                                                                       "model's positions [default: what the "
-                                                                       "experts were trained with]")] = None,
-    router: Annotated[str | None, typer.Option(metavar="NAME", help=ROUTER_HELP)] = None,
-    routing_layer: Annotated[list[str] | None, typer.Option(metavar="NAME", help=ROUTING_LAYER_HELP)] = None,
-    pooling: Annotated[str | None, typer.Option(metavar="NAME", help=POOLING_HELP)] = None,
-    layer_combine: Annotated[str | None, typer.Option(metavar="NAME", help=LAYER_COMBINE_HELP)] = None,
-    mode: Annotated[str | None, typer.Option(metavar="NAME", help=MODE_HELP)] = None,
-    eta: Annotated[float | None, typer.Option(metavar="FLOAT", help=ETA_HELP)] = None,
-    top_k: Annotated[int | None, typer.Option(metavar="INT", help=TOP_K_HELP)] = None,
-    tau: Annotated[float | None, typer.Option(metavar="FLOAT", help=TAU_HELP)] = None,
-    head_rule: Annotated[str | None, typer.Option(metavar="NAME", help=HEAD_RULE_HELP)] = None,
-    alpha: Annotated[float | None, typer.Option(metavar="FLOAT", help=ALPHA_HELP)] = None,
+                                                                       "model's positions [default: the "
+                                                                       "artifact's: what the experts were "
+                                                                       "trained with]")] = None,
+    router: Annotated[str | None, typer.Option(metavar="NAME", help=SERVE_HELP["router"])] = None,
+    routing_layer: Annotated[list[str] | None, typer.Option(metavar="NAME", help=artifact_help("routing_layers"))] = None,
+    pooling: Annotated[str | None, typer.Option(metavar="NAME", help=artifact_help("pooling"))] = None,
+    layer_combine: Annotated[str | None, typer.Option(metavar="NAME", help=artifact_help("layer_combine"))] = None,
+    mode: Annotated[str | None, typer.Option(metavar="NAME", help=artifact_help("mode"))] = None,
+    eta: Annotated[float | None, typer.Option(metavar="FLOAT", help=artifact_help("eta"))] = None,
+    top_k: Annotated[int | None, typer.Option(metavar="INT", help=artifact_help("top_k"))] = None,
+    tau: Annotated[float | None, typer.Option(metavar="FLOAT", help=artifact_help("tau"))] = None,
+    head_rule: Annotated[str | None, typer.Option(metavar="NAME", help=artifact_help("head_rule"))] = None,
+    alpha: Annotated[float | None, typer.Option(metavar="FLOAT", help=artifact_help("alpha"))] = None,
     strategy: Annotated[str, typer.Option(metavar="NAME", help="second pass: auto, batched, grouped or reference "
                                                                "(slow, for checks)")] = "auto",
 ) -> None:
     """Predict (task, class) for every input with a MASS artifact."""
-    from massmerge.artifact import MODEL_DIR, read_manifest, serve_settings
+    from massmerge.artifact import MANIFEST, MODEL_DIR, read_manifest, serve_settings
 
     check_positive("--batch-size", batch_size)
     check_positive("--max-length", max_length)
@@ -271,7 +233,8 @@ def predict_cmd(
     settings = model.settings
     if family == "text":
         tokenizer = _tokenizer(artifact / MODEL_DIR)
-        length = effective_max_length(max_length, manifest.serve.max_length, model_positions(model.model))
+        length = effective_max_length(max_length, manifest.serve.max_length, model_positions(model.model),
+                                      artifact / MANIFEST)
         rows = predict_texts(model, tokenizer, items, batch_size=settings.batch_size, max_length=length)
     else:
         preprocess = image_preprocess(model, artifact / MODEL_DIR)

@@ -12,18 +12,14 @@ from typing import Annotated, Any
 
 import typer
 
-from massmerge.cli import app
+from massmerge.cli import command
 from massmerge.cli.options import (
     DEREDUNDANCY_HELP,
     EPS_HELP,
-    ETA_HELP,
-    HEAD_RULE_HELP,
-    LAYER_COMBINE_HELP,
     MAX_SIZE_HELP,
-    POOLING_HELP,
-    ROUTER_HELP,
-    TOP_K_HELP,
+    SERVE_HELP,
     check_positive,
+    engine_help,
 )
 from massmerge.errors import OptionError
 from massmerge.mass.config import DEFAULT_EPS
@@ -58,7 +54,7 @@ def check_routing_layers(layers: list[str]) -> None:
             raise OptionError(f"--routing-layer: {str(exc).removeprefix('routing_layer: ')}") from None
 
 
-@app.command("suite")
+@command("suite")
 def suite_cmd(
     preset: Annotated[str, typer.Option(metavar="NAME", help="distinct (the paper's design: each task its own "
                                                              "source), overlap (look-alike inputs), ci (4 "
@@ -83,12 +79,12 @@ def suite_cmd(
                                                                                  "MLP matrix]")] = None,
     mass_layer: Annotated[list[str] | None, typer.Option(metavar="NAME", help="extra routing layers scored with "
                                                                               "the full MASS model")] = None,
-    router: Annotated[str | None, typer.Option(metavar="NAME", help=ROUTER_HELP)] = None,
-    pooling: Annotated[str | None, typer.Option(metavar="NAME", help=POOLING_HELP)] = None,
-    layer_combine: Annotated[str | None, typer.Option(metavar="NAME", help=LAYER_COMBINE_HELP)] = None,
-    head_rule: Annotated[str | None, typer.Option(metavar="NAME", help=HEAD_RULE_HELP)] = None,
-    eta: Annotated[float | None, typer.Option(metavar="FLOAT", help=ETA_HELP)] = None,
-    top_k: Annotated[int | None, typer.Option(metavar="INT", help=TOP_K_HELP)] = None,
+    router: Annotated[str | None, typer.Option(metavar="NAME", help=SERVE_HELP["router"])] = None,
+    pooling: Annotated[str | None, typer.Option(metavar="NAME", help=engine_help("pooling", "the text family's"))] = None,
+    layer_combine: Annotated[str | None, typer.Option(metavar="NAME", help=engine_help("layer_combine"))] = None,
+    head_rule: Annotated[str | None, typer.Option(metavar="NAME", help=engine_help("head_rule"))] = None,
+    eta: Annotated[float | None, typer.Option(metavar="FLOAT", help=engine_help("eta"))] = None,
+    top_k: Annotated[int | None, typer.Option(metavar="INT", help=engine_help("top_k"))] = None,
     eps: Annotated[float, typer.Option(metavar="FLOAT", help=EPS_HELP)] = DEFAULT_EPS,
     deredundancy: Annotated[bool, typer.Option("--deredundancy/--no-deredundancy", help=DEREDUNDANCY_HELP)] = True,
     max_size: Annotated[float | None, typer.Option(metavar="FLOAT", help=MAX_SIZE_HELP)] = None,
