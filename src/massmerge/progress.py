@@ -2,15 +2,17 @@
 
 Why a switch: library callers (tests, notebooks, servers) should not get terminal output by default, while a
 user running ``massmerge build`` on 20 experts wants to see it move. On a terminal a rich bar is drawn; when
-stderr is a file or a pipe (a log, CI), a plain line is written when a stage starts, then about every
-``LOG_EVERY_SECONDS`` with the step, elapsed time and an ETA, and when it ends, so a long run that is logged
-still shows its stage, step and ETA (a bar would be invisible there). Stages shorter than
-``FIRST_LINE_AFTER_SECONDS`` print nothing, so a command that fails fast still prints one error line only.
+stderr is a file or a pipe (a log, CI), plain lines are written instead: the first once a stage has run
+``FIRST_LINE_AFTER_SECONDS``, then about every ``LOG_EVERY_SECONDS`` (from a timer, so a single slow step
+still shows up) with the stage, step, elapsed time and an ETA, and one when it ends; a long run that is logged
+still shows where it is (a bar would be invisible there). Stages shorter than ``FIRST_LINE_AFTER_SECONDS``
+print nothing, so a command that fails fast still prints one error line only.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -52,20 +54,57 @@ def _log_line(stream: TextIO, description: str, done: int, total: int | None, st
     stream.flush()
 
 
+class _StageLog:
+    """Plain progress lines of one stage for a log file: the first after ``FIRST_LINE_AFTER_SECONDS``, then
+    about every ``LOG_EVERY_SECONDS``, from a timer thread as well as after each step, so one slow step (an
+    expert factorized for 10 minutes) still shows the stage is alive; a last line when the stage ends."""
+
+    def __init__(self, description: str, total: int | None, stream: TextIO) -> None:
+        self.description, self.total, self.stream = description, total, stream
+        self.start = time.perf_counter()
+        self.done = 0
+        self.printed = False
+        self.next_line = self.start + FIRST_LINE_AFTER_SECONDS
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self.thread.start()
+
+    def _heartbeat(self) -> None:
+        while not self.stop.wait(timeout=max(0.05, self.next_line - time.perf_counter())):
+            self.maybe_write()
+
+    def maybe_write(self) -> None:
+        with self.lock:
+            now = time.perf_counter()
+            if now >= self.next_line and self.done != self.total and not self.stop.is_set():
+                _log_line(self.stream, self.description, self.done, self.total, self.start)
+                self.printed, self.next_line = True, now + LOG_EVERY_SECONDS
+
+    def step(self) -> None:
+        with self.lock:
+            self.done += 1
+        self.maybe_write()
+
+    def close(self, *, finished: bool) -> None:
+        """Stop the timer; a finished stage gets its last line when any line was written or it took long
+        enough (a failed one gets none, so the error line comes right after the progress)."""
+        self.stop.set()
+        self.thread.join()
+        if finished and (self.printed or time.perf_counter() - self.start >= FIRST_LINE_AFTER_SECONDS):
+            _log_line(self.stream, self.description, self.done, self.total, self.start)
+
+
 def _logged(items: Iterable[T], description: str, total: int | None, stream: TextIO) -> Iterator[T]:
-    start = time.perf_counter()
-    next_line = start + FIRST_LINE_AFTER_SECONDS
-    printed = False
-    done = 0
-    for item in items:
-        yield item
-        done += 1
-        now = time.perf_counter()
-        if now >= next_line and done != total:
-            _log_line(stream, description, done, total, start)
-            printed, next_line = True, now + LOG_EVERY_SECONDS
-    if printed or time.perf_counter() - start >= FIRST_LINE_AFTER_SECONDS:
-        _log_line(stream, description, done, total, start)
+    log = _StageLog(description, total, stream)
+    finished = False
+    try:
+        for item in items:
+            yield item
+            log.step()
+        finished = True
+    finally:
+        log.close(finished=finished)
 
 
 def _bar(items: Iterable[T], description: str, total: int | None) -> Iterator[T]:
