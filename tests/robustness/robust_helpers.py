@@ -7,11 +7,13 @@ CLI in-process (fast, lets tests patch the writer) or in a real subprocess (prov
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,3 +178,161 @@ def leftovers(directory: Path, keep: Sequence[Path] = ()) -> list[Path]:
     """Files in ``directory`` other than ``keep`` (temp files of an aborted write would show up here)."""
     kept = {p.resolve() for p in keep}
     return sorted(p for p in directory.iterdir() if p.resolve() not in kept)
+
+
+# ----- the text zoo: a tiny BERT base, experts, heads and a built artifact -------------------------------------
+
+def assert_cli_error(result: Result, *culprits: str) -> str:
+    """Exit 2, no traceback, exactly one 'error:' line (the last one) naming every culprit."""
+    text = result.out + result.err
+    assert "Traceback" not in text, text
+    assert result.code == 2, f"exit code {result.code}:\n{text}"
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.err
+    for culprit in culprits:
+        assert culprit in errors[0], f"{culprit!r} not named in: {errors[0]}"
+    return errors[0]
+
+
+def build_text_zoo(root: Path) -> dict[str, Path]:
+    """A tiny random BERT (HF directory with a tokenizer, 32 positions), experts of it (valid and broken)
+    and heads files; built once per session (conftest.py)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = BertModel(config).eval()
+    base_dir = root / "base"
+    model.save_pretrained(str(base_dir), safe_serialization=True)
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(str(base_dir))
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    paths = {"base": base_dir, "marker": root / "PWNED"}
+
+    def expert(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return {k: (v + 0.02 * torch.randn(v.shape, generator=g)).contiguous() if v.is_floating_point() else v
+                for k, v in state.items()}
+
+    def save(name: str, tensors: dict) -> None:
+        paths[name] = root / f"{name}.safetensors"
+        save_file(tensors, str(paths[name]))
+
+    save("e1", expert(1))
+    save("e2", expert(2))
+    save("e3", expert(3))
+    s = expert(4)
+    del s["encoder.layer.0.output.dense.weight"]
+    save("missing_key", s)
+    s = expert(4)
+    s["encoder.layer.1.attention.self.query.weight"] = torch.zeros(32, 31)
+    save("bad_shape", s)
+    save("fp16", {k: v.half() if v.is_floating_point() else v for k, v in expert(4).items()})
+    s = expert(4)
+    s["encoder.layer.2.intermediate.dense.weight"][0, 0] = float("nan")
+    save("nan", s)
+    paths["empty"] = root / "empty.safetensors"
+    paths["empty"].write_bytes(b"")
+    data = paths["e1"].read_bytes()
+    paths["truncated"] = root / "truncated.safetensors"
+    paths["truncated"].write_bytes(data[: len(data) // 3])
+    paths["evil"] = root / "evil.pt"
+    torch.save({"x": Payload(paths["marker"])}, str(paths["evil"]))
+    paths["not_a_model"] = root / "not_a_model"
+    paths["not_a_model"].mkdir()
+    (paths["not_a_model"] / "notes.txt").write_text("hi")
+    for i in (1, 2, 3):
+        paths[f"h{i}"] = root / f"h{i}.safetensors"
+        save_file({"weight": torch.randn(3, 32, generator=torch.Generator().manual_seed(i))}, str(paths[f"h{i}"]),
+                  metadata={"task": f"t{i}", "kind": "zero_shot", "logit_scale": "50.0"})
+    paths["h_noscale"] = root / "h_noscale.safetensors"
+    save_file({"weight": torch.randn(3, 32)}, str(paths["h_noscale"]), metadata={"kind": "zero_shot"})
+    paths["h_nodim"] = root / "h_nodim.safetensors"
+    save_file({"bias": torch.randn(3)}, str(paths["h_nodim"]))
+    paths["h_badkind"] = root / "h_badkind.safetensors"
+    save_file({"weight": torch.randn(3, 32)}, str(paths["h_badkind"]), metadata={"kind": "magic"})
+    paths["h_evil"] = root / "h_evil.pt"
+    torch.save({"weight": Payload(paths["marker"])}, str(paths["h_evil"]))
+    paths["inputs"] = root / "inputs.txt"
+    paths["inputs"].write_text("w1 w2 w3\nw4 w5\nw9 w10 w11 w12\nw60 w61\n")
+    return paths
+
+
+def build_args(z: dict, output: Path, experts=("e1", "e2"), heads=("h1", "h2"), extra=()) -> list:
+    return ["build", "--base", z["base"], "--experts", *[z.get(e, e) for e in experts],
+            "--heads", *[z.get(h, h) for h in heads], "--output", output, *extra]
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """sha256 of every file under ``directory`` by relative path (an artifact left untouched compares equal)."""
+    return {str(p.relative_to(directory)): digest(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def build_artifact_once(text_zoo: dict[str, Path], out: Path) -> Path:
+    """``massmerge build`` of e1 + e2 with heads h1 + h2 (tasks t1, t2) into ``out``."""
+    code = 0
+    try:
+        main([str(a) for a in build_args(text_zoo, out)])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    assert code == 0 and (out / "manifest.json").is_file()
+    return out
+
+
+# ----- hand-edited artifacts: edit a copy, then fix the checksums up as an attacker would -----------------------
+
+def copy_artifact(artifact: Path, target: Path) -> Path:
+    """A private copy of the session's artifact (tests never modify the shared one)."""
+    shutil.copytree(artifact, target, symlinks=True)
+    return target
+
+
+def read_manifest_json(directory: Path) -> dict:
+    return json.loads((directory / "manifest.json").read_text())
+
+
+def write_manifest_json(directory: Path, data: dict) -> None:
+    (directory / "manifest.json").write_text(json.dumps(data, indent=1))
+
+
+def edit_manifest(directory: Path, edit: Callable[[dict], object]) -> None:
+    """Apply ``edit`` to the parsed manifest (in place) and write it back."""
+    data = read_manifest_json(directory)
+    edit(data)
+    write_manifest_json(directory, data)
+
+
+def edit_tensors(directory: Path, name: str, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
+    """Rewrite one safetensors file of the artifact after ``edit`` changed its tensors (in place)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / name))
+    edit(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / name))
+
+
+def rehash(directory: Path) -> None:
+    """Record every listed plain file's current size and sha256 in the manifest: the checksums match again, so
+    only the structural checks can catch an edit."""
+    data = read_manifest_json(directory)
+    for name in data["files"]:
+        path = directory / name
+        if path.is_file() and not path.is_symlink():
+            data["files"][name] = {"sha256": digest(path), "bytes": path.stat().st_size}
+    write_manifest_json(directory, data)
+
+
+def load_error(directory: Path) -> str:
+    """The one-line MassMergeError that ``massmerge.artifact.load`` raises for ``directory``."""
+    from massmerge.artifact import load
+    from massmerge.errors import MassMergeError
+
+    with pytest.raises(MassMergeError) as info:
+        load(directory)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
