@@ -970,8 +970,8 @@ def _load_base_into(module: nn.Module, base: tuple[Path, Mapping[str, torch.Tens
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
     if missing or extra:
-        detail = (f"{what}'s tensor '{missing[0]}' is not in this file" if missing
-                  else f"tensor '{extra[0]}' is not a parameter of {what}")
+        detail = (f"the model's tensor '{missing[0]}' is not in this file" if missing
+                  else f"tensor '{extra[0]}' is not a parameter of the model")
         raise MassMergeError(f"{path}: does not match {what}: {detail} ({len(missing) + len(extra)} keys differ)")
     for key, value in own.items():
         if value.shape != state[key].shape:
@@ -994,7 +994,7 @@ def _load_adapter_model(directory: Path, manifest: Manifest) -> tuple[Any, nn.Mo
         raise MassMergeError(f"{directory / MANIFEST}: field 'architecture' is not usable ({exc})") from None
     with quiet_third_party():  # a mismatch is reported by our own check below, in one line
         module = adapter.load_model(str(directory / MODEL_DIR))
-    _load_base_into(module, _base_state(directory, manifest), f"the model {MODEL_DIR}/config.json describes")
+    _load_base_into(module, _base_state(directory, manifest), f"the model built from {MODEL_DIR}/config.json")
     return adapter.bind(module), module
 
 
