@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--vit-depth", type=int, default=1, help="ViT-B blocks (12 = the whole model)")
     parser.add_argument("--child", nargs=2, metavar=("DIR", "T"), help=argparse.SUPPRESS)
     parser.add_argument("--cli", action="store_true", help="measure `massmerge merge` and `massmerge build`")
-    parser.add_argument("--methods", nargs="+", default=["weight_average", "task_arithmetic", "ties", "tsv_m",
+    parser.add_argument("--methods", nargs="*", default=["weight_average", "task_arithmetic", "ties", "tsv_m",
                                                          "iso_c", "iso_cts"])
     parser.add_argument("--no-build", action="store_true", help="with --cli: skip `massmerge build`")
     args = parser.parse_args()

@@ -94,7 +94,10 @@ def measure(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> Sam
 
 def child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+    # Passive waits: on a shared machine an OpenMP thread whose partner is descheduled would otherwise spin,
+    # and the spinning shows up as CPU seconds of whichever tool happened to run then.
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
+               TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
     return env
 
