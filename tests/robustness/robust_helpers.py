@@ -13,7 +13,8 @@ import pickle
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,3 +337,28 @@ def load_error(directory: Path) -> str:
     message = str(info.value)
     assert "\n" not in message, message
     return message
+
+
+# ----- a real small file system that fills up -------------------------------------------------------------------
+
+@contextmanager
+def small_tmpfs(mount_point: Path, size_bytes: int) -> Iterator[Path]:
+    """Mount a tmpfs of ``size_bytes`` (rounded up to pages) at ``mount_point`` for the block; skips the test
+    cleanly where mounting is not permitted (not root, no CAP_SYS_ADMIN)."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    size = max(4096, -(-size_bytes // 4096) * 4096)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                          check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
+
+
+def tree_bytes(directory: Path) -> int:
+    """Bytes of the files under ``directory``, each rounded up to whole 4 KiB pages (as a tmpfs charges them)."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in directory.rglob("*") if p.is_file())

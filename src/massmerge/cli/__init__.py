@@ -130,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not _is_click_error(exc):
             raise
         _report_click_error(exc)
+    if code == INTERRUPTED:  # typer turns Ctrl-C inside a command into a silent return code 130
+        fail(INTERRUPTED_MESSAGE, INTERRUPTED)
     if isinstance(code, int) and code:
         raise SystemExit(code)
 

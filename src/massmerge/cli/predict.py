@@ -16,6 +16,7 @@ max length) default to the artifact's and can be overridden by flags without a r
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +157,30 @@ def image_preprocess(model: Any, model_dir: Path) -> Any:
     return Preprocess.from_model_dir(model_dir, image_size=size)
 
 
+SIGPIPE_EXIT = 141  # what a shell reports for a writer whose reader went away (128 + SIGPIPE)
+
+
+def to_stdout(line: str) -> None:
+    """Write and flush one result line; a reader that went away (``| head``) ends the command quietly, a full
+    disk behind a redirect is one error line. Either way stdout is pointed at /dev/null first, so the
+    interpreter's own flush at exit cannot print a second message."""
+    try:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        raise SystemExit(SIGPIPE_EXIT) from None
+    except OSError as exc:
+        _silence_stdout()
+        raise MassMergeError(f"stdout: cannot write the predictions ({exc.strerror or exc})") from None
+
+
+def _silence_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def write_rows(rows: Iterator[dict], output: Path | None) -> int:
     """Stream JSON lines to stdout, or to ``output`` through a temp file renamed at the end; the row count."""
     from massmerge.checkpoints import atomic_write
@@ -165,10 +190,12 @@ def write_rows(rows: Iterator[dict], output: Path | None) -> int:
     def emit(handle: TextIO) -> None:
         nonlocal count
         for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
+            line = json.dumps(row, ensure_ascii=False) + "\n"
             if handle is sys.stdout:
-                handle.flush()
+                to_stdout(line)
+            else:
+                handle.write(line)
+            count += 1
 
     if output is None:
         emit(sys.stdout)
