@@ -333,3 +333,27 @@ def test_cli_build_fits_the_size_budget(hf_setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli([*common, "--output", str(tmp_path / "tiny"), "--max-size", "2.1"])
     assert exc.value.code == 2 and "--max-size: 2.1x" in capsys.readouterr().err and not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_cli_outputs_follow_the_umask(hf_setup, tmp_path, capsys, mask):
+    """Artifacts are served by another account: files 0666 and directories 0777 less the umask (0644 / 0755
+    under 022), not mkdtemp's private 0700; predict --output likewise."""
+    import os
+    import stat
+
+    root = hf_setup
+    old = os.umask(mask)
+    try:
+        run_cli(["build", "--base", str(root / "base"), "--experts", str(root / "expert0"), str(root / "expert1"),
+                 "--heads", str(root / "head0.safetensors"), str(root / "head1.safetensors"),
+                 "--output", str(tmp_path / "art")])
+        run_cli(["predict", str(tmp_path / "art"), str(root / "inputs.txt"), "--output", str(tmp_path / "p.jsonl")])
+    finally:
+        os.umask(old)
+    entries = [tmp_path / "art", *(tmp_path / "art").rglob("*")]
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in entries}
+    assert {name: mode for name, mode in modes.items() if (tmp_path / name).is_dir()} == {
+        "art": 0o777 & ~mask, "art/model": 0o777 & ~mask}
+    assert all(mode == 0o666 & ~mask for name, mode in modes.items() if (tmp_path / name).is_file()), modes
+    assert stat.S_IMODE((tmp_path / "p.jsonl").stat().st_mode) == 0o666 & ~mask

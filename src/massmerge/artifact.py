@@ -385,14 +385,15 @@ def head_entries(heads: Sequence[nn.Module], task_names: Sequence[str],
     return entries, tensors
 
 
-def check_task_names(names: Sequence[str]) -> None:
-    """Task names are non-empty, unique and free of '/' (they are safetensors key parts)."""
+def check_task_names(names: Sequence[str], source: str = "--task-names") -> None:
+    """Task names are non-empty, unique and free of '/' (they are safetensors key parts); ``source`` says
+    where they came from, for the error."""
     for name in names:
         if not name or "/" in name:
-            raise OptionError(f"--task-names: '{name}' is not a valid task name (non-empty, no '/')")
+            raise OptionError(f"{source}: '{name}' is not a valid task name (non-empty, no '/')")
     duplicate = next((n for n in names if list(names).count(n) > 1), None)
     if duplicate is not None:
-        raise OptionError(f"--task-names: '{duplicate}' is given twice")
+        raise OptionError(f"{source}: '{duplicate}' is given twice")
 
 
 def save_artifact(
@@ -418,7 +419,7 @@ def save_artifact(
     """
     directory = Path(directory)
     factors = model.factors
-    check_task_names(factors.task_names)
+    check_task_names(factors.task_names, "task_names")
     base_state = model.model.state_dict()
     base_dtype = float_dtype(base_state)
     store = parse_dtype(factor_dtype) if factor_dtype is not None else storage_dtype(base_dtype)

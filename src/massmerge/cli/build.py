@@ -44,7 +44,8 @@ def load_heads(paths: list[Path], task_names: list[str] | None, experts: list[Pa
         heads.append(head)
         classes.append(class_names)
         names.append(task_names[index] if task_names else task or experts[index].stem)
-    check_task_names(names)
+    check_task_names(names, "--task-names" if task_names else "task names (the heads files' 'task' metadata, "
+                     "else the experts' file names; set them with --task-names)")
     return heads, names, classes
 
 
@@ -124,7 +125,9 @@ def build_cmd(
     pooling: Annotated[str | None, typer.Option(metavar="cls|mean|content", help="default routing pooling "
                                                                                  "[default: the family's]")] = None,
     feature_pooling: Annotated[str | None, typer.Option(metavar="mean|cls|pooler", help="text features the experts "
-                                                                                        "were trained with")] = None,
+                                                                                        "were trained with "
+                                                                                        "[default: the text "
+                                                                                        "family's]")] = None,
     max_length: Annotated[int | None, typer.Option(metavar="INT", help="text: tokens per input the experts were "
                                                                        "trained with [default: the model's "
                                                                        "positions]")] = None,

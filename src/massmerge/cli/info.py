@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from massmerge.cli import command
+from massmerge.errors import MassMergeError
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}
@@ -78,7 +79,7 @@ def _artifact_info(path: Path, console: Any) -> None:
         f"tasks ({len(manifest.task_names)}): {', '.join(manifest.task_names)}",
         f"architecture: {manifest.architecture.kind} {manifest.architecture.adapter or ''}".rstrip()
         + f"; base {manifest.base.mode} ({manifest.base.dtype})",
-        f"build: rank fraction {manifest.rank_fraction:.4g} x scale {manifest.rank_scale:.3g}, eps "
+        f"build: rank fraction {manifest.rank_fraction:.4g} ({_kept_ranks(path, manifest)}), eps "
         f"{manifest.build.eps}, svd {manifest.build.svd}, factors {manifest.factor_dtype}; "
         f"{len(manifest.ranks)} matrices, {len(manifest.non_matrix_keys)} other keys",
         f"serve defaults: routing layers {', '.join(serve.routing_layers)}; pooling {serve.pooling or 'family'}; "
@@ -92,3 +93,27 @@ def _artifact_info(path: Path, console: Any) -> None:
     for name in manifest.files:
         if name.endswith(".safetensors"):
             console.print(_tensor_table(name, open_checkpoint(path / name)))
+
+
+def _kept_ranks(path: Path, manifest: Any) -> str:
+    """How much of the design rank (``rank_fraction`` of each matrix) the stored factors keep, from the factor
+    shapes in the header: the honest figure (a build's size budget cuts ranks by a bisected scale that may
+    read as 100% while every rank lost a direction)."""
+    from massmerge.artifact import FACTORS_FILE
+    from massmerge.checkpoints import open_checkpoint
+    from massmerge.lowrank import rank_for
+
+    factors = open_checkpoint(path / FACTORS_FILE)
+    task = manifest.task_names[0]
+    design = kept = 0
+    for key, ranks in manifest.ranks.items():
+        names = [f"factors/{task}/{key}/{part}" for part in "UV"]
+        missing = [name for name in names if name not in factors or len(factors.shape(name)) != 2]
+        if missing:
+            raise MassMergeError(f"{path / FACTORS_FILE}: tensor '{missing[0]}' is missing or not a matrix")
+        m, n = (factors.shape(name)[0] for name in names)
+        design += len(ranks) * rank_for((m, n), manifest.rank_fraction)
+        kept += sum(ranks)
+    if not design or kept >= design:
+        return "design ranks"
+    return f"stored ranks {math.floor(100 * kept / design)}% of the design ranks"
