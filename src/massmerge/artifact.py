@@ -56,7 +56,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from massmerge.checkpoints import all_finite
+from massmerge.checkpoints import WriteError, all_finite
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.heads import LinearHead, ZeroShotHead
 from massmerge.lowrank import LowRank
@@ -276,16 +276,15 @@ def _temp_dir(directory: Path, suffix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{directory.name}.{os.getpid()}.", suffix=suffix, dir=directory.parent))
 
 
-def _write_failure(exc: BaseException, tmp: Path) -> str | None:
-    """The reason to report when ``exc`` is a failed write into ``tmp`` (a full disk, a quota, a read-only
-    file system), else None. safetensors reports these as ``SafetensorError``, Python as ``OSError``."""
+def _is_write_failure(exc: BaseException, tmp: Path) -> bool:
+    """Whether ``exc`` is a failed write into ``tmp`` (a full disk, a quota, a read-only file system), not a
+    failed read of an input: safetensors reports these as ``SafetensorError``, Python as ``OSError``."""
     if isinstance(exc, SafetensorError):
-        return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "write failed"
+        return True
     if isinstance(exc, OSError) and exc.errno is not None:
         name = str(exc.filename) if exc.filename is not None else None
-        if name is None or Path(name) == tmp or tmp in Path(name).parents:
-            return exc.strerror or str(exc)
-    return None
+        return name is None or Path(name) == tmp or tmp in Path(name).parents
+    return False
 
 
 def check_output_directory(directory: Path) -> None:
@@ -315,11 +314,10 @@ def write_directory_atomically(directory: Path, fill: Callable[[Path], None]) ->
             fill(tmp)
             _apply_umask(tmp)
         except (OSError, SafetensorError) as exc:
-            reason = _write_failure(exc, tmp)
-            if reason is None:
+            if not _is_write_failure(exc, tmp):
                 raise
-            raise MassMergeError(f"{directory}: cannot write the artifact ({reason}); the previous contents are "
-                                 "unchanged") from None
+            raise WriteError.of(directory, exc, what="the artifact", tail="the previous contents are unchanged") \
+                from None
         if directory.exists():
             old = _temp_dir(directory, ".old")
             os.replace(directory, old / "artifact")

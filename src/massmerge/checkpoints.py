@@ -7,10 +7,12 @@ problem is reported as a :class:`CheckpointError` naming the file and the key. E
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
 import os
+import re
 import tempfile
 import threading
 import warnings
@@ -155,6 +157,36 @@ def _release(mapped: mmap.mmap, start: int, end: int) -> None:
 
 def _short(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+class WriteError(CheckpointError, OSError):
+    """A failed write (disk full, quota, read-only file system) as one line naming the user's output path.
+
+    Also an :class:`OSError` carrying the original ``errno``, so library callers that catch ``OSError`` (or
+    test ``errno == ENOSPC``) keep working; the CLI reports it as a :class:`MassMergeError` line.
+    """
+
+    @classmethod
+    def of(cls, path: Path | str, exc: BaseException, *, what: str = "",
+           tail: str = "the previous file, if any, is unchanged") -> WriteError:
+        """``PATH: cannot write [WHAT] (REASON); TAIL`` from the low-level error ``exc``."""
+        error = cls(f"{path}: cannot write{' ' + what if what else ''} ({write_error_reason(exc)}); {tail}")
+        error.errno = getattr(exc, "errno", None) or errno.EIO
+        error.strerror = write_error_reason(exc)
+        return error
+
+    def __str__(self) -> str:  # OSError would print "[Errno 28] ..." once errno is set
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+def write_error_reason(exc: BaseException) -> str:
+    """The reason of a failed write in the words of the OS: safetensors says ``Error while serializing: I/O
+    error: No space left on device (os error 28)``, Python ``[Errno 28] No space left on device``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = _short(exc)
+    match = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text)
+    return match.group(1) if match else text
 
 
 def _safetensors_files(path: Path) -> dict[str, Path]:
@@ -324,7 +356,7 @@ def save_state_dict(
         try:
             save_file(tensors, str(tmp), metadata=metadata)
         except SafetensorError as exc:  # a full disk surfaces as SafetensorError, not OSError
-            raise CheckpointError(f"{path}: cannot write ({_short(exc)})") from None
+            raise WriteError.of(path, exc) from None
         canonicalize_metadata_order(tmp)
 
     atomic_write(path, write)
@@ -372,10 +404,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno is None or exc.filename not in (None, tmp_name):
+        if isinstance(exc, WriteError) or exc.errno is None or exc.filename not in (None, tmp_name):
             raise  # not a write into the temp file (e.g. an input that failed to read): its own message
-        raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc}); the previous file, if any, is "
-                              "unchanged") from None
+        raise WriteError.of(path, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -73,6 +73,7 @@ def test_save_state_dict_disk_full_python(tmp_path, monkeypatch) -> None:
     with pytest.raises(CheckpointError, match="No space left on device") as info:
         save_state_dict({"a": torch.zeros(300)}, path)
     assert str(path) in str(info.value) and ".tmp" not in str(info.value)  # the user's path, not the temp file
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC  # library callers' contract
     assert digest(path) == before
     assert leftovers(tmp_path, keep=[path]) == []
 
