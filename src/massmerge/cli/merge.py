@@ -2,40 +2,35 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from massmerge import merging
-from massmerge.checkpoints import _is_pickle_source as is_pickle_source
-from massmerge.checkpoints import check_finite, load_state_dict, open_checkpoint, save_state_dict, validate_compatible
 from massmerge.cli import command
 from massmerge.cli.options import RANK_FRACTION_HELP, TRUST_PICKLE_HELP
 from massmerge.errors import OptionError
-from massmerge.sources import resolve_source
-from massmerge.task_vectors import CheckedTaskVector, KeyFilter
+from massmerge.merging.names import DEFAULT_ALPHA, ISO_CTS_COMMON_FRACTION, METHOD_NAMES, TIES_DENSITY
 
 
 def open_expert(path: Path, base: dict, *, trust_pickle: bool) -> Any:
     """Open an expert lazily (safetensors) or load it (trusted pickle) and check its keys, shapes and dtypes
     against the base from the header alone; its values are checked as the merge reads them (CheckedTaskVector),
     so each tensor is read once, not once to validate and once to merge."""
+    from massmerge.checkpoints import _is_pickle_source as is_pickle_source
+    from massmerge.checkpoints import load_state_dict, open_checkpoint, validate_compatible
+
     expert = load_state_dict(path, trust_pickle=True) if trust_pickle and is_pickle_source(path) \
         else open_checkpoint(path)
     validate_compatible(base, expert, name=str(path))
     return expert
 
 
-def method_default(method: str, option: str) -> Any:
-    """A method's default for one option, read from its ``merge`` signature (defined there once)."""
-    return inspect.signature(merging.get_merge_method(method)).parameters[option].default
-
-
 def method_kwargs(method: str, given: dict[str, Any]) -> dict[str, Any]:
     """Keep the options the user set; refuse any that the method does not take (named as the CLI flag)."""
+    from massmerge import merging
+
     accepted = set(merging.method_options(method))
     kwargs = {}
     for name, value in given.items():
@@ -50,25 +45,25 @@ def method_kwargs(method: str, given: dict[str, Any]) -> dict[str, Any]:
 
 @command("merge")
 def merge_cmd(
-    method: Annotated[str, typer.Option(metavar="NAME", help=f"one of {', '.join(merging.MERGE_METHODS)}")],
+    method: Annotated[str, typer.Option(metavar="NAME", help=f"one of {', '.join(METHOD_NAMES)}")],
     base: Annotated[Path, typer.Option(metavar="PATH", help="base checkpoint: .safetensors file, HF model "
                                                             "directory or hub id org/name[@rev]")],
     experts: Annotated[list[Path], typer.Option(metavar="PATH...", help="expert checkpoints (files, directories "
                                                                         "or hub ids), one per task, at least 2")],
     output: Annotated[Path, typer.Option(metavar="PATH", help="output .safetensors file (written atomically)")],
     alpha: Annotated[float | None, typer.Option(metavar="FLOAT", help="scale of the merged delta [default: "
-                                                                      f"{method_default('tsv_m', 'alpha')}; "
+                                                                      f"{DEFAULT_ALPHA}; "
                                                                       "task_arithmetic: by the number of tasks; "
                                                                       "weight_average: unused]")] = None,
     rank_fraction: Annotated[float | None, typer.Option(metavar="FLOAT", help="tsv_m/tsv_c: "
                                                                               + RANK_FRACTION_HELP)] = None,
     ties_density: Annotated[float | None, typer.Option(metavar="FLOAT", help="ties: kept fraction of each task "
                                                                              "vector [default: "
-                                                                             f"{method_default('ties', 'density')}]")] = None,
+                                                                             f"{TIES_DENSITY}]")] = None,
     common_fraction: Annotated[float | None, typer.Option(metavar="FLOAT", help="iso_cts: fraction of the "
                                                                                 "spectrum in the common subspace "
                                                                                 "[default: "
-                                                                                f"{method_default('iso_cts', 'common_fraction')}]")] = None,
+                                                                                f"{ISO_CTS_COMMON_FRACTION}]")] = None,
     task: Annotated[int | None, typer.Option(metavar="INT", help="tsv_c: index of the task to reconstruct "
                                                                  "(required for tsv_c)")] = None,
     include: Annotated[list[str] | None, typer.Option(metavar="GLOB...", help="only merge keys matching these "
@@ -78,6 +73,11 @@ def merge_cmd(
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_PICKLE_HELP)] = False,
 ) -> None:
     """Merge EXPERTS into BASE with METHOD and write a safetensors state dict with the base's keys and dtypes."""
+    from massmerge import merging
+    from massmerge.checkpoints import check_finite, load_state_dict, save_state_dict
+    from massmerge.sources import resolve_source
+    from massmerge.task_vectors import CheckedTaskVector, KeyFilter
+
     merging.get_merge_method(method)
     if output.suffix != ".safetensors":
         raise OptionError(f"--output '{output}' must end in .safetensors")

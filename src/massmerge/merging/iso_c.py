@@ -17,6 +17,7 @@ from massmerge.merging.common import (
     mean_delta,
     sum_delta,
 )
+from massmerge.merging.names import DEFAULT_ALPHA
 from massmerge.progress import track
 from massmerge.task_vectors import split_matrix
 
@@ -31,7 +32,7 @@ def merge(
     base: Mapping[str, torch.Tensor],
     task_vectors: TaskVectors,
     *,
-    alpha: float = 1.0,
+    alpha: float = DEFAULT_ALPHA,
     dtype: torch.dtype | None = None,
 ) -> StateDict:
     """Iso-C: ``theta_0 + alpha * iso(sum_t delta_t)`` for matrices, mean of non-matrix deltas."""

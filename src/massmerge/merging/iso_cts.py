@@ -21,6 +21,7 @@ from massmerge.merging.common import (
     finalize,
     mean_delta,
 )
+from massmerge.merging.names import DEFAULT_ALPHA, ISO_CTS_COMMON_FRACTION
 from massmerge.progress import track
 from massmerge.task_vectors import split_matrix
 
@@ -70,8 +71,8 @@ def merge(
     base: Mapping[str, torch.Tensor],
     task_vectors: TaskVectors,
     *,
-    alpha: float = 1.0,
-    common_fraction: float = 0.8,
+    alpha: float = DEFAULT_ALPHA,
+    common_fraction: float = ISO_CTS_COMMON_FRACTION,
     dtype: torch.dtype | None = None,
 ) -> StateDict:
     """Iso-CTS with a common subspace of ``common_fraction`` of the spectrum (``--common-fraction``)."""

@@ -28,6 +28,7 @@ from massmerge.merging.common import (
     finalize,
     read_delta,
 )
+from massmerge.merging.names import DEFAULT_ALPHA, TIES_DENSITY
 from massmerge.progress import track
 from massmerge.task_vectors import work_dtype
 
@@ -192,8 +193,8 @@ def merge(
     base: Mapping[str, torch.Tensor],
     task_vectors: TaskVectors,
     *,
-    alpha: float = 1.0,
-    density: float = 0.2,
+    alpha: float = DEFAULT_ALPHA,
+    density: float = TIES_DENSITY,
 ) -> StateDict:
     """TIES over every key; ``density`` is the kept fraction per task (``--ties-density``)."""
     keys = check_task_vectors(task_vectors)

@@ -18,6 +18,7 @@ from massmerge.merging.common import (
     default_rank_fraction,
     finalize,
 )
+from massmerge.merging.names import DEFAULT_ALPHA
 from massmerge.progress import track
 from massmerge.task_vectors import split_matrix, work_dtype
 
@@ -27,7 +28,7 @@ def merge(
     task_vectors: TaskVectors,
     *,
     task: int,
-    alpha: float = 1.0,
+    alpha: float = DEFAULT_ALPHA,
     rank_fraction: float | None = None,
     svd: SVDMethod = "auto",
     dtype: torch.dtype | None = None,

@@ -22,6 +22,7 @@ from massmerge.merging.common import (
     mean_delta,
     tsv_merge_factors,
 )
+from massmerge.merging.names import DEFAULT_ALPHA
 from massmerge.progress import track
 from massmerge.task_vectors import split_matrix, work_dtype
 
@@ -35,7 +36,7 @@ def merge(
     base: Mapping[str, torch.Tensor],
     task_vectors: TaskVectors,
     *,
-    alpha: float = 1.0,
+    alpha: float = DEFAULT_ALPHA,
     rank_fraction: float | None = None,
     svd: SVDMethod = "auto",
     dtype: torch.dtype | None = None,
