@@ -8,7 +8,11 @@ Head rules (:func:`choose`), applied among the tasks the router selected for eac
 - ``max_logit`` (the paper): the task whose best logit is largest wins, its argmax is the class.
 - ``posterior``: the joint argmax over (task, class) of ``log p(task | x) + log softmax(logits_task)[class]``,
   with ``p(task | x)`` the router's probabilities. Why: max-logit compares raw logits of label spaces of
-  different sizes and class-name quality, and so can overrule a confident, correct router (issue 9).
+  different sizes and class-name quality, and so can overrule a confident, correct router (issue 9). The
+  per-task softmax, though, favours tasks with few classes (a 2-class head's best class has p >= 0.5).
+- ``joint``: the joint argmax of ``log p(task | x) + logits_task[class]``: the head's logits read as
+  unnormalized log-likelihoods of (task, class), the router's probability as the task prior; no per-task
+  normalization, so no bias by the number of classes.
 """
 
 from __future__ import annotations
@@ -62,6 +66,13 @@ def choose(logits_per_task: Sequence[torch.Tensor], allowed: torch.Tensor, *, ru
     if rule == "max_logit":
         scores = torch.stack([logits.max(dim=1).values for logits in logits_per_task], dim=1)
         labels = torch.stack([logits.argmax(dim=1) for logits in logits_per_task], dim=1)
+    elif rule == "joint":
+        if probs is None:
+            raise ValueError("the joint head rule needs the router's probabilities")
+        best = [logits.float().max(dim=1) for logits in logits_per_task]
+        scores = torch.log(probs.float().clamp_min(torch.finfo(torch.float32).tiny)) + torch.stack(
+            [b.values for b in best], dim=1)
+        labels = torch.stack([b.indices for b in best], dim=1)
     elif rule == "posterior":
         if probs is None:
             raise ValueError("the posterior head rule needs the router's probabilities")
@@ -70,7 +81,7 @@ def choose(logits_per_task: Sequence[torch.Tensor], allowed: torch.Tensor, *, ru
             [b.values for b in best], dim=1)
         labels = torch.stack([b.indices for b in best], dim=1)
     else:
-        raise ValueError(f"unknown head rule {rule!r} (choose max_logit or posterior)")
+        raise ValueError(f"unknown head rule {rule!r} (choose max_logit, posterior or joint)")
     scores = scores.float().masked_fill(~allowed, float("-inf"))
     task = scores.argmax(dim=1)
     return task, labels.gather(1, task[:, None]).squeeze(1)

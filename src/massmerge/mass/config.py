@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from massmerge.errors import OptionError
 
 RoutingMode = Literal["topk", "top1", "batch"]
-HeadRule = Literal["max_logit", "posterior"]
+HeadRule = Literal["max_logit", "posterior", "joint"]
 Pooling = Literal["cls", "mean", "content"]
 LayerCombine = Literal["standardized", "ppca"]
 SVDChoice = Literal["auto", "exact", "randomized"]
