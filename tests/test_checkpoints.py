@@ -18,7 +18,7 @@ from massmerge.checkpoints import (
     validate_compatible,
 )
 from massmerge.errors import CheckpointError
-from massmerge.task_vectors import KeyFilter, LazyTaskVector, task_vector
+from massmerge.task_vectors import CheckedTaskVector, KeyFilter, task_vector
 
 
 def tiny_bert() -> BertModel:
@@ -124,7 +124,7 @@ def test_task_vectors_and_key_filter():
     assert set(full) == {"vision.w", "text.w"}  # integer buffers are not task vectors
     assert torch.equal(full["vision.w"], 2 * torch.ones(2, 2))
     only_vision = KeyFilter.from_patterns(exclude=["text.*"])
-    lazy = LazyTaskVector(base, expert, key_filter=only_vision)
+    lazy = CheckedTaskVector(base, expert, key_filter=only_vision)
     assert list(lazy) == ["vision.w"] and torch.equal(lazy["vision.w"], full["vision.w"])
     assert list(task_vector(base, expert, key_filter=KeyFilter.from_patterns(include=["text.*"]))) == ["text.w"]
 

@@ -23,7 +23,7 @@ from massmerge.checkpoints import load_state_dict, open_checkpoint, save_state_d
 from massmerge.heads import LinearHead
 from massmerge.lowrank import truncated_svd
 from massmerge.mass import ExpertFactors, MASSModel, make_serve_settings
-from massmerge.task_vectors import LazyTaskVector
+from massmerge.task_vectors import CheckedTaskVector
 
 
 def _state(seed: int, base: dict | None = None) -> dict[str, torch.Tensor]:
@@ -61,7 +61,7 @@ def test_in_process_merge_is_bit_identical(files, tmp_path, method) -> None:
     outputs = []
     for run in range(2):
         base = load_state_dict(files["base"])
-        tvs = [LazyTaskVector(base, open_checkpoint(files[f"e{i}"])) for i in (1, 2, 3)]
+        tvs = [CheckedTaskVector(base, open_checkpoint(files[f"e{i}"])) for i in (1, 2, 3)]
         merged = merging.merge(method, base, tvs, **_opts(method))
         path = tmp_path / f"run{run}.safetensors"
         save_state_dict(merged, path, metadata={"method": method})
@@ -121,7 +121,7 @@ def _mass_predictions(files: dict[str, Path], fast: bool = False) -> tuple[torch
     base = load_state_dict(files["base"])
     model.load_state_dict(base, strict=False)
     model.eval()
-    tvs = (LazyTaskVector(base, open_checkpoint(files[f"e{i}"])) for i in (1, 2, 3))
+    tvs = (CheckedTaskVector(base, open_checkpoint(files[f"e{i}"])) for i in (1, 2, 3))
     factors = ExpertFactors.build(tvs, ["a", "b", "c"])
     heads = [LinearHead(torch.randn(4 + t, 10, generator=torch.Generator().manual_seed(t))) for t in range(3)]
     config = make_serve_settings(routing_layers=("out",), eta=0.1)

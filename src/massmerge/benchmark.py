@@ -29,7 +29,7 @@ from massmerge.benchmark_config import MERGES, BenchmarkConfig
 from massmerge.data.images import ImageDataset, Preprocess, check_label_space, load_image_dataset
 from massmerge.errors import OptionError
 from massmerge.sources import resolve_source
-from massmerge.task_vectors import LazyTaskVector, add_delta
+from massmerge.task_vectors import CheckedTaskVector, add_delta
 
 Log = Callable[[str], None]
 
@@ -169,7 +169,7 @@ def expert_vector(wb: Workbench, task: int) -> Mapping[str, torch.Tensor]:
         return wb.lora[task].task_vector(wb.base_state)
     spec = wb.config.tasks[task]
     expert = wb.adapter.load_weights(spec.expert, wb.model, revision=spec.expert_revision, trust_pickle=wb.config.trust_pickle)
-    return LazyTaskVector(wb.base_state, expert)
+    return CheckedTaskVector(wb.base_state, expert)
 
 
 def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

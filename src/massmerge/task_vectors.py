@@ -183,7 +183,6 @@ def _describe(source: Mapping[str, torch.Tensor]) -> str:
     return "expert"
 
 
-LazyTaskVector = CheckedTaskVector  # the former name of the unchecked copy, kept for callers
 
 
 def add_delta(base: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0, *, inplace: bool = False) -> torch.Tensor:

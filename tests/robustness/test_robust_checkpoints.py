@@ -16,7 +16,7 @@ from massmerge.checkpoints import (
 )
 from massmerge.errors import MassMergeError
 from massmerge.mass import ExpertFactors
-from massmerge.task_vectors import LazyTaskVector, task_vector
+from massmerge.task_vectors import CheckedTaskVector, task_vector
 
 # (zoo attribute, words the error line must contain besides the file name)
 BAD_EXPERTS = [
@@ -151,7 +151,7 @@ def _tvs(zoo: Zoo, bad: str | None = None, *, lazy: bool = False) -> tuple[dict,
     base = load_state_dict(zoo.base)
     paths = [zoo.e1, getattr(zoo, bad) if bad else zoo.e2]
     if lazy:
-        return base, [LazyTaskVector(base, open_checkpoint(p)) for p in paths]
+        return base, [CheckedTaskVector(base, open_checkpoint(p)) for p in paths]
     return base, [task_vector(base, load_state_dict(p)) for p in paths]
 
 
