@@ -257,7 +257,9 @@ def test_cli_build_and_predict(hf_setup, tmp_path, capsys):
              "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--output", str(tmp_path / "art")])
     manifest = artifact.read_manifest(tmp_path / "art")
     assert manifest.architecture.adapter == "text" and manifest.task_names == ["t0", "t1", "t2"]
-    assert manifest.serve.routing_layers == ("encoder.layer.3.intermediate.dense",)
+    layers = manifest.serve.routing_layers  # text default: every linear layer before the routing layer, then it
+    assert layers[-1] == "encoder.layer.3.intermediate.dense" and layers[0] == "encoder.layer.0.attention.self.query"
+    assert len(layers) == 6 * 3 + 5 and manifest.serve.layer_combine == "ppca" and manifest.serve.pooling == "content"
     assert manifest.serve.max_length == 32  # the model's positions when the experts' length is not given
     assert (tmp_path / "art" / "model" / "vocab.txt").is_file()
     capsys.readouterr()
@@ -357,3 +359,32 @@ def test_cli_outputs_follow_the_umask(hf_setup, tmp_path, capsys, mask):
         "art": 0o777 & ~mask, "art/model": 0o777 & ~mask}
     assert all(mode == 0o666 & ~mask for name, mode in modes.items() if (tmp_path / name).is_file()), modes
     assert stat.S_IMODE((tmp_path / "p.jsonl").stat().st_mode) == 0o666 & ~mask
+
+
+def test_router_paper_restores_the_papers_rule(hf_setup, tmp_path):
+    """Text artifacts route on every layer before the routing layer with content pooling and PPCA scores by
+    default; `--router paper` / load(router='paper') gives back the paper's rule exactly: the routing layer
+    alone, the mean over non-padding tokens, standardized scores, the eta / K rule, max-logit heads."""
+    from transformers import AutoTokenizer
+
+    from massmerge.mass import router
+    from massmerge.mass.pooling import masked_mean
+
+    root = hf_setup
+    run_cli(["build", "--base", str(root / "base"), "--experts", *[str(root / f"expert{t}") for t in range(3)],
+             "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--output", str(tmp_path / "art")])
+    paper = load(tmp_path / "art", router="paper")
+    s = paper.settings
+    layer = "encoder.layer.3.intermediate.dense"
+    assert s.routing_layers == (layer,) and s.pooling == "mean" and s.layer_combine == "standardized"
+    assert (s.eta, s.top_k, s.tau, s.mode, s.head_rule) == (0.2, 3, 1.0, "topk", "max_logit")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "art" / "model"))
+    texts = [t for t in (root / "inputs.txt").read_text().splitlines() if t.strip()]
+    batch = dict(tok(texts, padding=True, return_tensors="pt"))
+    out = paper(batch)
+    z = masked_mean(paper.routing_activations(batch)[layer], batch["attention_mask"])  # independent of pool()
+    probs, selected = router.select(router.residuals(z, paper.factors.routing_basis(f"{layer}.weight")))
+    assert torch.allclose(out.probs, probs) and torch.equal(out.selected, selected)
+    default = load(tmp_path / "art")
+    assert default.settings.routing_layers[-1] == layer and len(default.settings.routing_layers) > 1
+    assert (default.settings.pooling, default.settings.layer_combine) == ("content", "ppca")

@@ -951,8 +951,8 @@ def serve_settings(manifest: Manifest, *, router: str | None = None, adapter: An
 
     settings = manifest.serve
     if router is not None:
-        family_pooling = getattr(adapter, "default_pooling", None) if adapter is not None else None
-        settings = apply_profile(settings, router, default_layer=settings.routing_layers[0],
+        family_pooling = getattr(adapter, "paper_pooling", None) if adapter is not None else None
+        settings = apply_profile(settings, router, default_layer=settings.routing_layers[-1],
                                  family_pooling=family_pooling)
     unknown = sorted(set(overrides) - set(ServeSettings.model_fields))
     if unknown:

@@ -67,6 +67,7 @@ class SuiteConfig(BaseModel):
     mass_layers: tuple[str, ...] = ()  # extra routing layers evaluated with the full MASS model
     eps: float | None = DEFAULT_EPS
     max_size: float | None = None  # the artifact size budget, as `massmerge build --max-size`
+    router: str | None = None  # a named router rule applied first (mass.config.ROUTER_PROFILES, e.g. "paper")
     serve: dict[str, Any] = {}  # serve-setting overrides of MASS (eta, top_k, pooling, head_rule, ...)
     ablation: bool = True  # score the router variants on val and test
     methods: tuple[str, ...] = STATIC_MERGES
@@ -346,27 +347,27 @@ def sweep_layers(model: nn.Module) -> list[str]:
     return mlp + query
 
 
-def multi_layers(model: nn.Module) -> tuple[str, ...]:
-    """Multi-layer routing: the first MLP matrix of every block up to the default routing block, so the first
-    pass still stops where the paper's does (no extra cost), and the early blocks add their evidence."""
-    block = default_routing_block(int(model.config.num_hidden_layers))
-    return tuple(f"encoder.layer.{i}.intermediate.dense" for i in range(block + 1))
+def router_variants(zoo: Zoo, layer: str) -> dict[str, dict[str, Any]]:
+    """Serve-setting variants of the ablation (issue 9): the paper's rule, each data-free change alone, and all
+    of them together (the text family's default router, ``TextEncoderAdapter.default_router``).
 
-
-def router_variants(model: nn.Module, layer: str) -> dict[str, dict[str, Any]]:
-    """Serve-setting variants of the ablation: the paper's rule, each data-free improvement alone, all."""
-    paper = {**ROUTER_PROFILES["paper"], "routing_layers": (layer,), "pooling": "mean"}
-    several = multi_layers(model)
+    Multi-layer routing uses every linear layer the first pass computes before it stops at ``layer``
+    (``evidence_layers``), so it costs no extra forward; ``ppca`` adds the layers' log-likelihoods and, being
+    sharp, selects one task almost always.
+    """
+    model = zoo.backbone.model
+    paper = {**ROUTER_PROFILES["paper"], "routing_layers": (layer,), "pooling": zoo.adapter.paper_pooling}
+    several = zoo.adapter.evidence_layers(model, layer)
     return {
         "paper": paper,
         "content pooling": {**paper, "pooling": "content"},
-        "multi-layer (standardized)": {**paper, "routing_layers": several, "layer_combine": "standardized"},
+        "multi-layer (standardized)": {**paper, "routing_layers": several},
+        "ppca, one layer": {**paper, "layer_combine": "ppca"},
         "multi-layer (ppca)": {**paper, "routing_layers": several, "layer_combine": "ppca"},
         "posterior head": {**paper, "head_rule": "posterior"},
-        "all (standardized)": {**paper, "pooling": "content", "routing_layers": several,
-                               "layer_combine": "standardized", "head_rule": "posterior"},
-        "all (ppca)": {**paper, "pooling": "content", "routing_layers": several, "layer_combine": "ppca",
-                       "head_rule": "posterior"},
+        "joint head": {**paper, "head_rule": "joint"},
+        "all: content + multi-layer ppca": {**paper, "pooling": "content", "routing_layers": several,
+                                            "layer_combine": "ppca"},
     }
 
 
@@ -445,6 +446,19 @@ def _tsv_c_row(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cache: EvalCache) -
     return cache.get_or_run("tsv_c", run)["oracle"]
 
 
+def served_settings(zoo: Zoo, cfg: SuiteConfig, layer: str) -> Any:
+    """The serve settings ``massmerge build`` records for these experts (the text family's default router,
+    exiting at ``layer``), with the suite's named router rule and overrides applied."""
+    from massmerge.mass.config import apply_profile
+
+    model = zoo.backbone.model
+    router = {**zoo.adapter.default_router(model), "routing_layers": zoo.adapter.evidence_layers(model, layer)}
+    settings = make_serve_settings(**router, max_length=cfg.finetune_config().max_length)
+    if cfg.router is not None:
+        settings = apply_profile(settings, cfg.router, default_layer=layer, family_pooling=zoo.adapter.paper_pooling)
+    return settings.updated(**cfg.serve)
+
+
 @dataclass
 class Served:
     """The MASS model the suite scores, and what its stored factors cost."""
@@ -466,8 +480,7 @@ def build_served(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cfg: SuiteConfig,
 
     stored = stored_factors(factors, zoo.heads, base_bytes, storage_dtype(base_dtype), cfg.max_size)
     seconds = time.perf_counter() - start
-    settings = make_serve_settings(routing_layers=(layer,), max_length=cfg.finetune_config().max_length,
-                                   **cfg.serve)
+    settings = served_settings(zoo, cfg, layer)
     mass = MASSModel(zoo.backbone.model, stored.factors, zoo.heads, settings, pool=zoo.adapter.pool,
                      features=zoo.adapter.features)
     base_numel = sum(v.numel() for v in state.values() if v.is_floating_point())
@@ -480,8 +493,9 @@ def build_served(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cfg: SuiteConfig,
 
 def _mass_rows(zoo: Zoo, served: Served, cache: EvalCache, layer: str, expert: dict[str, float]
                ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    mass = served.mass.with_settings(routing_layers=(layer,)) if layer != served.mass.settings.routing_layers[0] \
-        else served.mass
+    routing = served.mass.settings.routing_layers
+    mass = served.mass if layer == routing[-1] else served.mass.with_settings(
+        routing_layers=zoo.adapter.evidence_layers(zoo.backbone.model, layer) if len(routing) > 1 else (layer,))
     settings = {**served.build_key, **mass.settings.model_dump(mode="json")}
     hidden = cache.get_or_run("mass", lambda: score_mass(zoo, mass), **settings)
     given = cache.get_or_run("mass_task_given", lambda: score_mass_task_given(zoo, mass), **served.build_key,
@@ -501,9 +515,9 @@ def _mass_rows(zoo: Zoo, served: Served, cache: EvalCache, layer: str, expert: d
 def ablation_rows(zoo: Zoo, served: Served, cache: EvalCache, expert: dict[str, dict[str, float]]
                   ) -> list[dict[str, Any]]:
     """Every router variant on the validation split (where defaults are chosen) and the test split."""
-    layer = served.mass.settings.routing_layers[0]
+    layer = served.mass.settings.routing_layers[-1]
     rows = []
-    for name, overrides in router_variants(zoo.backbone.model, layer).items():
+    for name, overrides in router_variants(zoo, layer).items():
         view = served.mass.with_settings(**overrides)
         settings = {**served.build_key, **view.settings.model_dump(mode="json")}
         for split in ("val", "test"):

@@ -84,3 +84,35 @@ def test_auto_detection_of_text_models() -> None:
     from transformers import BertModel
 
     assert adapter_for(BertModel(bert_config())).name == "text"
+
+
+def test_default_router_uses_every_linear_layer_before_the_routing_layer() -> None:
+    from massmerge.adapters import get_adapter
+    from tiny_models import bert_config
+    from transformers import BertModel
+
+    model = BertModel(bert_config())
+    adapter = get_adapter("text", special_ids=[0, 1]).bind(model)
+    router = adapter.default_router(model)
+    layers = router["routing_layers"]
+    assert layers[-1] == adapter.routing_layer(model) == "encoder.layer.3.intermediate.dense"
+    assert layers[:6] == tuple(f"encoder.layer.0.{n}" for n in ("attention.self.query", "attention.self.key",
+                                                                "attention.self.value", "attention.output.dense",
+                                                                "intermediate.dense", "output.dense"))
+    assert "encoder.layer.3.output.dense" not in layers  # runs after the routing layer: the pass has stopped
+    assert (router["pooling"], router["layer_combine"]) == ("content", "ppca")
+    assert get_adapter("text").pooling == "mean"  # content pooling needs the tokenizer's special ids
+
+
+def test_vision_keeps_the_papers_router_by_default() -> None:
+    """No image experts exist offline to ablate on, so vision families keep the paper's rule as default."""
+    from transformers import CLIPVisionModel
+
+    from massmerge.adapters import get_adapter
+    from tiny_models import clip_vision_config
+
+    model = CLIPVisionModel(clip_vision_config())
+    adapter = get_adapter("clip").bind(model)
+    router = adapter.default_router(model)
+    assert router == {"routing_layers": (adapter.routing_layer(model),), "pooling": "cls",
+                      "layer_combine": "standardized"}

@@ -60,6 +60,13 @@ class BaseAdapter:
     Subclasses set ``block_suffixes`` (names of the ``nn.ModuleList`` of transformer blocks, e.g.
     ``encoder.layers``), ``mlp_names`` (the first MLP linear inside a block, in order of preference),
     ``default_pooling`` and ``layout``.
+
+    The default router of a family (:meth:`default_router`) is the paper's rule (one routing layer, the
+    family's ``paper_pooling``) unless the family sets ``multi_layer_default``: then it routes on every layer
+    the first pass computes before it stops (:meth:`evidence_layers`), their log-likelihoods added
+    (``layer_combine='ppca'``), with ``default_pooling``. Text sets it: the router ablation on the offline
+    suite's validation splits chose it (docs/SUITE.md); vision keeps the paper's rule until an ablation on
+    image experts earns the change.
     """
 
     name: ClassVar[str] = "base"
@@ -67,6 +74,8 @@ class BaseAdapter:
     block_exclude: ClassVar[tuple[str, ...]] = ()
     mlp_names: ClassVar[tuple[str, ...]] = ()
     default_pooling: ClassVar[Pooling] = "cls"
+    paper_pooling: ClassVar[Pooling] = "cls"
+    multi_layer_default: ClassVar[bool] = False
 
     def __init__(self, *, routing_layer: str | int | None = None, pooling: Pooling | None = None,
                  special_ids: list[int] | tuple[int, ...] | None = None) -> None:
@@ -116,6 +125,38 @@ class BaseAdapter:
             raise OptionError(f"routing_layer: block {index} out of range, the model has {len(blocks)} blocks")
         index %= len(blocks)
         return f"{prefix}.{index}.{self.mlp_linear(blocks[index])}"
+
+    def evidence_layers(self, model: nn.Module, layer: str) -> tuple[str, ...]:
+        """Every plain ``nn.Linear`` of the blocks up to the routing layer's block that is registered before it,
+        then the routing layer itself: the inputs the first pass computes anyway before it stops there.
+
+        Registration order is the order the layers run in (HF BERT, CLIP, T5 and ViT blocks alike); the tuple
+        ends with ``layer``, the paper's routing layer (the one ``--router paper`` keeps). A layer outside the
+        blocks routes alone.
+        """
+        from massmerge.mass.routed import plain_class
+
+        prefix, blocks = self.blocks(model)
+        inside = layer.startswith(prefix + ".") and layer[len(prefix) + 1:].split(".")[0].isdigit()
+        if not inside:
+            return (layer,)
+        last = int(layer[len(prefix) + 1:].split(".")[0])
+        found: list[str] = []
+        for index in range(last + 1):
+            for name, module in blocks[index].named_modules():
+                full = f"{prefix}.{index}.{name}"
+                if full == layer:
+                    return (*found, layer)
+                if name and plain_class(module) is nn.Linear:
+                    found.append(full)
+        return (*found, layer)
+
+    def default_router(self, model: nn.Module) -> dict[str, Any]:
+        """The serve settings this family routes with by default (see the class docstring)."""
+        layer = self.routing_layer(model)
+        if not self.multi_layer_default:
+            return {"routing_layers": (layer,), "pooling": self.pooling, "layer_combine": "standardized"}
+        return {"routing_layers": self.evidence_layers(model, layer), "pooling": self.pooling, "layer_combine": "ppca"}
 
     def depth(self, model: nn.Module) -> int:
         """Number of transformer blocks of the encoder."""

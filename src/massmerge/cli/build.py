@@ -184,7 +184,7 @@ def build_artifact(base: Path, experts: list[Path], head_modules: list, names: l
     adapter = get_adapter(fam, routing_layer=routing_option(routing_layer),
                           **adapter_options(fam, pooling, feature_pooling, special)).bind(model)
     layer = adapter.routing_layer(model)
-    serve = make_serve_settings(routing_layers=(layer,), pooling=pooling, max_length=length)
+    router = adapter.default_router(model)
     state = model.state_dict()
     encoder = {key: state[key] for key in adapter.encoder_keys(model)}
     width = adapter.feature_dim(model)
@@ -208,6 +208,8 @@ def build_artifact(base: Path, experts: list[Path], head_modules: list, names: l
     if stored.note:
         echo(f"note: {stored.note}", err=True)
     factors, scale = stored.factors, stored.rank_scale  # exactly what a later load() serves
+    evidence = tuple(name for name in router["routing_layers"] if f"{name}.weight" in factors.matrices)
+    serve = make_serve_settings(**{**router, "routing_layers": evidence or (layer,)}, max_length=length)
     mass = MASSModel(model, factors, head_modules, serve, pool=adapter.pool, features=adapter.features)
     save_artifact(mass, output, build=settings, adapter=adapter,
                   tokenizer_dir=base_path if base_path.is_dir() else None, factor_dtype=store, class_names=classes,

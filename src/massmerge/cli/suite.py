@@ -106,14 +106,12 @@ def suite_cmd(
     if unknown:
         raise OptionError(f"--tasks: unknown task '{unknown[0]}' (choose from {', '.join(TASKS)})")
     build = make_build_settings(eps=eps if deredundancy else None, max_size=max_size)
-    serve: dict[str, Any] = {}
-    if router is not None:
-        if router not in ROUTER_PROFILES:
-            raise OptionError(f"--router: unknown rule '{router}' (choose {', '.join(ROUTER_PROFILES)})")
-        serve.update({**ROUTER_PROFILES[router], "pooling": "mean"})
-    serve.update({k: v for k, v in {"pooling": pooling, "layer_combine": layer_combine, "head_rule": head_rule,
-                                    "eta": eta, "top_k": top_k}.items() if v is not None})
-    if routing_layer and len(routing_layer) > 1:
+    if router is not None and router not in ROUTER_PROFILES:
+        raise OptionError(f"--router: unknown rule '{router}' (choose {', '.join(ROUTER_PROFILES)})")
+    serve: dict[str, Any] = {k: v for k, v in {"pooling": pooling, "layer_combine": layer_combine,
+                                               "head_rule": head_rule, "eta": eta, "top_k": top_k}.items()
+                             if v is not None}
+    if routing_layer and len(routing_layer) > 1:  # several: exactly these; one: the exit layer of the default
         serve["routing_layers"] = tuple(routing_layer)
     make_serve_settings(routing_layers=("checked below",), **serve)  # every serve flag checked up front
     check_routing_layers([*(routing_layer or []), *(mass_layer or [])])
@@ -121,8 +119,8 @@ def suite_cmd(
     finetune = preset_finetune(preset).model_copy(update={"seed": seed, **({"steps": steps} if steps else {})})
     config = SuiteConfig(
         preset=preset, tasks=tuple(tasks.split(",")) if tasks else None, n_test=n_test, finetune=finetune,
-        routing_layer=routing_layer[0] if routing_layer else None, mass_layers=tuple(mass_layer or ()),
-        eps=build.eps, max_size=build.max_size, serve=serve, ablation=ablation, seed=seed,
+        routing_layer=routing_layer[-1] if routing_layer else None, mass_layers=tuple(mass_layer or ()),
+        eps=build.eps, max_size=build.max_size, router=router, serve=serve, ablation=ablation, seed=seed,
     )  # fmt: skip
     out_dir = output or Path("massmerge-suite") / preset
     typer.echo(f"report will be written to {out_dir}/report.md", err=True)

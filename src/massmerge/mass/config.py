@@ -84,8 +84,9 @@ class ServeSettings(_Settings):
         return make_serve_settings(**{**self.model_dump(), **changes})
 
 
-#: Named router rules. ``paper``: one routing layer, the family's own pooling (mean over non-padding tokens
-#: for text, the CLS token for vision), max-logit heads. ``routing_layers=None`` keeps the first given layer.
+#: Named router rules. ``paper``: one routing layer (the last of ``routing_layers``: the deepest, where the first
+#: pass stops), the family's paper pooling (the mean over non-padding tokens for text, the CLS token for vision),
+#: standardized scores, the eta / K rule, max-logit heads.
 ROUTER_PROFILES: dict[str, dict[str, Any]] = {
     "paper": {"pooling": None, "layer_combine": "standardized", "head_rule": "max_logit", "mode": "topk",
               "eta": DEFAULT_ETA, "top_k": DEFAULT_TOP_K, "tau": DEFAULT_TAU},
@@ -94,7 +95,8 @@ ROUTER_PROFILES: dict[str, dict[str, Any]] = {
 
 def apply_profile(settings: ServeSettings, profile: str, *, default_layer: str, family_pooling: str | None
                   ) -> ServeSettings:
-    """``settings`` under a named router rule (``--router NAME``): the paper's uses ``default_layer`` alone."""
+    """``settings`` under a named router rule (``--router NAME``): the paper's routes on ``default_layer`` alone
+    with ``family_pooling``."""
     if profile not in ROUTER_PROFILES:
         raise OptionError(f"--router: unknown rule '{profile}' (choose {', '.join(ROUTER_PROFILES)})")
     values = {**settings.model_dump(), **ROUTER_PROFILES[profile]}
