@@ -145,7 +145,8 @@ def steady_state(artifact: Path, texts: list[str], batch: int, length: int, roun
 
 
 class Shares:
-    """Wall seconds inside the first pass + router, the set merges (new sets only) and the rest of a call."""
+    """Wall seconds inside the first pass + router, the set merges (new sets only) and the second pass + heads
+    of one serving run (the engine's methods timed in place for the run, then restored)."""
 
     def __init__(self, model) -> None:  # noqa: ANN001
         self.model = model
@@ -155,45 +156,41 @@ class Shares:
         from massmerge.mass import model as engine
 
         shared = self.model._shared
-        self._originals = (engine.MASSModel.route, shared.set_data, engine.MASSModel.forward)
-        route, set_data, forward = self._originals
-        seconds = self.seconds
+        self._originals = (engine.MASSModel.route, engine.MASSModel.second_pass_features, engine.MASSModel.choose)
+        route, second, choose = self._originals
+        set_data, seconds = shared.set_data, self.seconds
 
-        def timed_route(view, batch):  # noqa: ANN001, ANN202
-            start = time.perf_counter()
-            try:
-                return route(view, batch)
-            finally:
-                seconds["first pass + router"] += time.perf_counter() - start
+        def timed(fn, key):  # noqa: ANN001, ANN202
+            def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                start = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    seconds[key] += time.perf_counter() - start
+            return wrapper
 
         def timed_set_data(tasks, alpha):  # noqa: ANN001, ANN202
-            cached = (tasks, alpha) in shared._sets
+            if (tasks, alpha) in shared._sets:
+                return set_data(tasks, alpha)
             start = time.perf_counter()
             try:
                 return set_data(tasks, alpha)
             finally:
-                if not cached:
-                    seconds["set merges"] += time.perf_counter() - start
+                spent = time.perf_counter() - start
+                seconds["set merges"] += spent
+                seconds["second pass + heads"] -= spent  # counted inside second_pass_features too
 
-        def timed_forward(view, *args, **kwargs):  # noqa: ANN001, ANN202
-            start = time.perf_counter()
-            try:
-                return forward(view, *args, **kwargs)
-            finally:
-                seconds["second pass + heads"] += time.perf_counter() - start
-
-        engine.MASSModel.route = timed_route
+        engine.MASSModel.route = timed(route, "first pass + router")
+        engine.MASSModel.second_pass_features = timed(second, "second pass + heads")
+        engine.MASSModel.choose = timed(choose, "second pass + heads")
         shared.set_data = timed_set_data
-        engine.MASSModel.forward = timed_forward
         return self
 
     def __exit__(self, *exc: object) -> None:
         from massmerge.mass import model as engine
 
-        engine.MASSModel.route, _, engine.MASSModel.forward = self._originals
+        engine.MASSModel.route, engine.MASSModel.second_pass_features, engine.MASSModel.choose = self._originals
         del self.model._shared.set_data
-        total = self.seconds["second pass + heads"]  # forward includes the other two: keep the remainder
-        self.seconds["second pass + heads"] = total - self.seconds["first pass + router"] - self.seconds["set merges"]
 
 
 def run_process(command: list[str]) -> tuple[float, float]:

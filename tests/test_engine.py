@@ -230,13 +230,22 @@ def test_bert_mixed_sets_with_padding_match_reference(bert, strategy):
     assert_mixed_match(model, bert_batch(len(MIXED_ROWS)), mixed_selection(MIXED_ROWS))
 
 
-@pytest.mark.parametrize("pooling", ["mean", "content"])
+@pytest.mark.parametrize("pooling", ["mean", "content", "tokens"])
 def test_bert_routed_predictions_match_reference(bert, pooling):
     batch = bert_batch(12, seed=1)
     view = bert.with_settings(pooling=pooling)
     expected, got = view.with_settings(strategy="reference")(batch), view(batch)
     assert torch.equal(got.task, expected.task) and torch.equal(got.label, expected.label)
     assert bert.batched_off_reason is None
+
+
+def test_token_residuals_of_one_word_inputs_equal_content_pooling(bert):
+    """[CLS] word [SEP] + padding: one content token, so its residual is the content mean's residual."""
+    batch = {"input_ids": torch.tensor([[1, 7, 2, 0], [1, 9, 2, 0], [1, 30, 2, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 0]] * 3)}
+    tokens, content = (bert.with_settings(pooling=p).route(batch).residuals for p in ("tokens", "content"))
+    for layer in content:
+        assert torch.allclose(tokens[layer], content[layer], atol=1e-5)
 
 
 def test_bert_multi_layer_routing_stops_at_the_deepest_layer(bert):

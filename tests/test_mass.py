@@ -298,3 +298,18 @@ def test_serve_setting_errors_name_the_option(option, value, flag):
 def test_build_setting_errors_name_the_option(option, value, flag):
     with pytest.raises(OptionError, match=flag):
         make_build_settings(**{option: value})
+
+
+def test_token_residuals_are_the_rms_of_each_tokens_residual(rng):
+    """Against a loop over tokens with the explicit projection; one token equals router.residuals."""
+    tokens = torch.from_numpy(rng.standard_normal((3, 5, 12)))
+    weights = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float64)
+    bases = [torch.from_numpy(b) for b in random_bases(rng, 12, 4, 3)]
+    bases[1] = bases[1] * 1.01  # not exactly orthonormal: the closed form must not assume it
+    got = router.token_residuals(tokens, weights, bases)
+    for b in range(3):
+        for t, V in enumerate(bases):
+            r2 = [float((tokens[b, j] - V @ (V.T @ tokens[b, j])).square().sum()) for j in range(5) if weights[b, j]]
+            assert abs(float(got[b, t]) - np.sqrt(np.mean(r2))) < 1e-10
+    one = router.token_residuals(tokens[:, :1], torch.ones(3, 1, dtype=torch.float64), bases)
+    assert torch.allclose(one, router.residuals(tokens[:, 0], bases), atol=1e-10)

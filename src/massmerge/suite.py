@@ -361,6 +361,7 @@ def router_variants(zoo: Zoo, layer: str) -> dict[str, dict[str, Any]]:
     return {
         "paper": paper,
         "content pooling": {**paper, "pooling": "content"},
+        "token residuals": {**paper, "pooling": "tokens"},
         "multi-layer (standardized)": {**paper, "routing_layers": several},
         "ppca, one layer": {**paper, "layer_combine": "ppca"},
         "multi-layer (ppca)": {**paper, "routing_layers": several, "layer_combine": "ppca"},
@@ -368,6 +369,7 @@ def router_variants(zoo: Zoo, layer: str) -> dict[str, dict[str, Any]]:
         "joint head": {**paper, "head_rule": "joint"},
         "all: content + multi-layer ppca": {**paper, "pooling": "content", "routing_layers": several,
                                             "layer_combine": "ppca"},
+        "all, token residuals": {**paper, "pooling": "tokens", "routing_layers": several, "layer_combine": "ppca"},
     }
 
 

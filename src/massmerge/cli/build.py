@@ -145,14 +145,15 @@ def build_cmd(
 ) -> None:
     """Build a MASS artifact: the base, each expert's factors, non-matrix deltas, heads and a manifest."""
     from massmerge.mass.config import make_build_settings
+    from massmerge.mass.pooling import POOLINGS
 
     if len(experts) < 2:
         raise OptionError(f"--experts: MASS needs at least 2 experts, got {len(experts)}")
     check_positive("--max-length", max_length)
     settings = make_build_settings(rank_fraction=rank_fraction, eps=eps if deredundancy else None, svd=svd,
                                    factor_dtype=factor_dtype, max_size=max_size)
-    if pooling is not None and pooling not in ("cls", "mean", "content"):
-        raise OptionError(f"--pooling: unknown pooling '{pooling}' (choose cls, mean or content)")
+    if pooling is not None and pooling not in POOLINGS:
+        raise OptionError(f"--pooling: unknown pooling '{pooling}' (choose {', '.join(POOLINGS)})")
     head_modules, names, classes = load_heads(heads, task_names, experts)
     build_artifact(base, experts, head_modules, names, classes, output, settings, family=family,
                    routing_layer=routing_layer, pooling=pooling, feature_pooling=feature_pooling,

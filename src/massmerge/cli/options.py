@@ -24,7 +24,8 @@ TRUST_PICKLE_HELP = "allow pickle checkpoints (.bin/.pt), loaded weights-only; o
 SERVE_HELP = {
     "router": "a named router rule applied before the other router flags: paper (the paper's exact rule)",
     "routing_layers": "routing nn.Linear name (repeat for multi-layer routing)",
-    "pooling": "routing token pooling: cls, mean or content (mean without special tokens)",
+    "pooling": ("routing token pooling: cls, mean, content (mean without special tokens) or tokens (RMS of each "
+                "content token's residual)"),
     "layer_combine": "how several routing layers combine: standardized or ppca",
     "mode": "routing mode: topk, top1 or batch (the whole input is one task)",
     "eta": "select tasks whose router probability exceeds FLOAT",

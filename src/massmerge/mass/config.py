@@ -19,7 +19,7 @@ from massmerge.errors import OptionError
 
 RoutingMode = Literal["topk", "top1", "batch"]
 HeadRule = Literal["max_logit", "posterior", "joint"]
-Pooling = Literal["cls", "mean", "content"]
+Pooling = Literal["cls", "mean", "content", "tokens"]
 LayerCombine = Literal["standardized", "ppca"]
 SVDChoice = Literal["auto", "exact", "randomized"]
 

@@ -316,8 +316,11 @@ class MASSModel(nn.Module):
         """Residuals per routing layer, probabilities and selected task sets of a batch."""
         s = self.settings
         captured = self.routing_activations(batch)
-        residuals = {layer: router.residuals(self.pool(captured[layer], batch, s.pooling), self._bases[layer])
-                     for layer in s.routing_layers}
+        residuals = {}
+        for layer in s.routing_layers:
+            pooled = self.pool(captured[layer], batch, s.pooling)
+            residuals[layer] = router.token_residuals(*pooled, self._bases[layer]) if isinstance(pooled, tuple) \
+                else router.residuals(pooled, self._bases[layer])
         free = [bases[0].shape[0] - sum(b.shape[1] for b in bases) / len(bases) for bases in
                 (self._bases[layer] for layer in s.routing_layers)]
         probs, selected = router.route(list(residuals.values()), combine=s.layer_combine, free_dims=free,

@@ -9,6 +9,8 @@ checked against the batch size. Poolings:
 - ``content``: the mean over the tokens that are neither padding nor special tokens ([CLS], [SEP], ...). Why
   (issue 9): for a one-word input two of three tokens are [CLS] and [SEP], which look the same for every task,
   so the mean is dominated by them. A text made only of special tokens falls back to ``mean``.
+- ``tokens``: no pooling: the content tokens and their weights ``([B, L, d], [B, L])`` go to the router, which
+  takes the root mean square of each token's residual (:func:`massmerge.mass.router.token_residuals`).
 
 A pooler is called as ``pool(activation, batch, pooling=None)``; ``pooling`` overrides its default at serve
 time (``massmerge predict --pooling``), which is why it is an argument and not fixed when the pooler is made.
@@ -25,8 +27,8 @@ import torch
 from massmerge.errors import OptionError
 
 Layout = Literal["batch_first", "seq_first"]
-POOLINGS = ("cls", "mean", "content")
-PoolFn = Callable[..., torch.Tensor]  # (activation, batch, pooling=None) -> [B, d]
+POOLINGS = ("cls", "mean", "content", "tokens")
+PoolFn = Callable[..., Any]  # (activation, batch, pooling=None) -> [B, d] (or ([B, L, d], [B, L]) for tokens)
 
 
 def batch_size_of(batch: Any) -> int:
@@ -71,8 +73,9 @@ def content_mask(batch: Any, special_ids: Iterable[int]) -> torch.Tensor | None:
 
 
 def pool_tokens(activation: torch.Tensor, batch: Any, *, layout: Layout, pooling: str, token_index: int = 0,
-                special_ids: Iterable[int] | None = None) -> torch.Tensor:
-    """One vector per sample from a ``[B, L, D]`` (batch_first) or ``[L, B, D]`` (seq_first) activation."""
+                special_ids: Iterable[int] | None = None) -> Any:
+    """One vector per sample from a ``[B, L, D]`` (batch_first) or ``[L, B, D]`` (seq_first) activation (for
+    ``tokens``: the batch-first tokens and their weights)."""
     if activation.dim() == 2:  # already one vector per sample
         return activation
     if activation.dim() != 3:
@@ -86,11 +89,15 @@ def pool_tokens(activation: torch.Tensor, batch: Any, *, layout: Layout, pooling
         return tokens[:, token_index]
     if pooling == "mean":
         return masked_mean(tokens, _tensor(batch, "attention_mask"))
-    if pooling == "content":
+    if pooling in ("content", "tokens"):
         if special_ids is None:
-            raise OptionError("--pooling content: the model's special token ids are unknown (build the artifact "
+            raise OptionError(f"--pooling {pooling}: the model's special token ids are unknown (build the artifact "
                               "from a directory with tokenizer files)")
-        return masked_mean(tokens, content_mask(batch, special_ids))
+        mask = content_mask(batch, special_ids)
+        if pooling == "tokens":
+            weights = torch.ones(tokens.shape[:2], dtype=tokens.dtype) if mask is None else mask.to(tokens.dtype)
+            return tokens, weights
+        return masked_mean(tokens, mask)
     raise OptionError(f"--pooling: unknown pooling '{pooling}' (choose {', '.join(POOLINGS)})")
 
 
@@ -103,7 +110,7 @@ class TokenPooler:
     token_index: int = 0
     special_ids: tuple[int, ...] | None = None
 
-    def __call__(self, activation: torch.Tensor, batch: Any, pooling: str | None = None) -> torch.Tensor:
+    def __call__(self, activation: torch.Tensor, batch: Any, pooling: str | None = None) -> Any:
         return pool_tokens(activation, batch, layout=self.layout, pooling=pooling or self.pooling,
                            token_index=self.token_index, special_ids=self.special_ids)
 

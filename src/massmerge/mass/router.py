@@ -33,6 +33,26 @@ def residuals(z: torch.Tensor, bases: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([(z - (z @ V) @ V.T).norm(dim=1) for V in bases], dim=1)
 
 
+def token_residuals(tokens: torch.Tensor, weights: torch.Tensor, bases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[B, T] root mean square, over each sample's tokens (``weights`` [B, L]: 1 for the tokens that count),
+    of every token's projection residual ``||x - V_t V_t^T x||`` (``tokens`` [B, L, d]).
+
+    Why (issue 9, beyond the paper): the mean of a short input's few tokens is a point between them that may lie
+    near no task's subspace; the residual of each token keeps how well the subspace explains each of them. One
+    token: exactly :func:`residuals` of that token. Computed for all tasks with one matmul per layer:
+    ``||x - V V^T x||^2 = ||x||^2 - 2 ||V^T x||^2 + (V^T x)^T (V^T V) (V^T x)``, exact for any V.
+    """
+    dtype = bases[0].dtype
+    x = tokens.to(dtype)
+    projected = x @ torch.cat(list(bases), dim=1)  # [B, L, sum k]
+    energy = x.square().sum(-1)
+    parts = projected.split([V.shape[1] for V in bases], dim=-1)
+    squared = torch.stack([energy - 2 * p.square().sum(-1) + ((p @ (V.T @ V)) * p).sum(-1)
+                           for p, V in zip(parts, bases)], dim=-1)  # [B, L, T]
+    w = weights.to(dtype).unsqueeze(-1)
+    return ((squared.clamp_min(0) * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)).sqrt()
+
+
 def standardize(scores: torch.Tensor) -> torch.Tensor:
     """Per row: subtract the mean over tasks, divide by the unbiased std + 1e-6."""
     return (scores - scores.mean(dim=1, keepdim=True)) / (scores.std(dim=1, keepdim=True) + STD_FLOOR)
