@@ -31,7 +31,8 @@ SERVE_HELP = {
     "eta": "select tasks whose router probability exceeds FLOAT",
     "top_k": "at most INT tasks per input",
     "tau": "router softmax temperature",
-    "head_rule": "how the task is chosen among the selected: max_logit (paper) or posterior",
+    "head_rule": ("how the task is chosen among the selected: max_logit (paper), posterior (router probability x "
+                  "head softmax) or joint (log router probability + logits)"),
     "alpha": "scale of the merged deltas",
     "batch_size": "inputs per batch, tasks mixed",
 }

@@ -81,7 +81,8 @@ def suite_cmd(
                                                                               "the full MASS model")] = None,
     router: Annotated[str | None, typer.Option(metavar="NAME", help=SERVE_HELP["router"])] = None,
     pooling: Annotated[str | None, typer.Option(metavar="NAME", help=engine_help("pooling", "the text family's"))] = None,
-    layer_combine: Annotated[str | None, typer.Option(metavar="NAME", help=engine_help("layer_combine"))] = None,
+    layer_combine: Annotated[str | None, typer.Option(metavar="NAME", help=engine_help(
+        "layer_combine", "the family's: ppca for text, one layer for vision"))] = None,
     head_rule: Annotated[str | None, typer.Option(metavar="NAME", help=engine_help("head_rule"))] = None,
     eta: Annotated[float | None, typer.Option(metavar="FLOAT", help=engine_help("eta"))] = None,
     top_k: Annotated[int | None, typer.Option(metavar="INT", help=engine_help("top_k"))] = None,
