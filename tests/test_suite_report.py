@@ -6,7 +6,6 @@ land on both sides, TSV-M ties Task Arithmetic, and the Wilson figures are check
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any

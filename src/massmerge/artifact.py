@@ -624,6 +624,18 @@ def parse_json_text(text: str, where: str) -> Any:
         raise MassMergeError(f"{where}: not valid JSON ({str(exc).splitlines()[0][:160]})") from None
 
 
+def read_json_file(path: Path, what: str, error: type[MassMergeError] = MassMergeError) -> Any:
+    """A JSON file from a user or a stranger: at most MAX_MANIFEST_BYTES of UTF-8, bounded nesting; every failure
+    is one ``error`` line naming the file (``what`` says what it should have been)."""
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise error(f"{path}: {path.stat().st_size} bytes is too large for {what}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not readable UTF-8 text ({type(exc).__name__})") from None
+    return parse_json_text(text, str(path))
+
+
 def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
     """Parse and validate ``manifest.json``; refuse unknown format versions before anything else."""
     directory = Path(directory)
@@ -632,13 +644,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         raise MassMergeError(f"{directory}: no such artifact directory")
     if path.is_symlink() or not path.is_file():
         raise MassMergeError(f"{path}: missing (or not a plain file); '{directory}' is not a massmerge artifact")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise MassMergeError(f"{path}: {path.stat().st_size} bytes is too large for a manifest")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MassMergeError(f"{path}: not readable UTF-8 text ({type(exc).__name__})") from None
-    raw = parse_json_text(text, str(path))
+    raw = read_json_file(path, "a manifest")
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version == 1:
         raise MassMergeError(f"{path}: format_version 1 (massmerge 0.1) is no longer read; rebuild the artifact "

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from robust_helpers import Payload, assert_cli_error, build_args, digest, leftovers, run_cli, tree_digest
-from safetensors.torch import save_file
+from robust_helpers import Payload, assert_cli_error, build_args, leftovers, run_cli, tree_digest
 
 pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
 from robust_helpers import Zoo, assert_user_error, digest, leftovers, run_cli
+from robust_helpers import small_tmpfs as mount_small_tmpfs
 from safetensors.torch import save_file
 
 from massmerge import checkpoints
@@ -81,18 +81,8 @@ def test_save_state_dict_disk_full_python(tmp_path, monkeypatch) -> None:
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A real 64 KiB tmpfs (needs root and mount permission; skipped cleanly otherwise)."""
-    mount_point = tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                          check=False, capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with mount_small_tmpfs(tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}", 64 * 1024) as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -228,15 +228,9 @@ def check_pickle_policy(path: Path, *, trust_pickle: bool) -> None:
 
 def read_json_config(path: Path) -> Any:
     """A JSON config file of a user's or a stranger's directory: bounded size and nesting, UTF-8, one-line errors."""
-    from massmerge.artifact import MAX_MANIFEST_BYTES, parse_json_text
+    from massmerge.artifact import read_json_file
 
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise CheckpointError(f"{path}: {path.stat().st_size} bytes is too large for a config file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not readable UTF-8 text ({type(exc).__name__})") from None
-    return parse_json_text(text, str(path))
+    return read_json_file(path, "a config file", CheckpointError)
 
 
 # HF files that may ask transformers for custom code through an ``auto_map`` field.

@@ -6,8 +6,7 @@ command line reads its defaults from there and must start fast.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from massmerge.lazy import lazy_getattr
 
 _EXPORTS = {
     "BuildSettings": "massmerge.mass.config",
@@ -25,7 +24,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'massmerge.mass' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

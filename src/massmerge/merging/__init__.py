@@ -7,8 +7,7 @@ torch (the command line must start fast).
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from massmerge.lazy import lazy_getattr
 
 _EXPORTS = {
     "MERGE_METHODS": "massmerge.merging.registry",
@@ -22,7 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'massmerge.merging' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
