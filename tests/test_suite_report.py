@@ -182,7 +182,7 @@ def test_every_accuracy_has_an_interval() -> None:
             assert low <= value <= high and high - low > 0, (name, task)
         assert bounds["avg_normalized"][0] < row["avg_normalized"] < bounds["avg_normalized"][1]
     assert set(full["intervals"]["layer_sweep"]) == {DEFAULT_LAYER, BEST_LAYER}
-    assert set(full["intervals"]["ablation"]) == {"paper router", "ours"}
+    assert set(full["intervals"]["ablation"]) == {"paper router (val)", "ours (val)"}
 
 
 @pytest.mark.parametrize("path", [("mass", "task_choice"), ("storage", "bytes_ratio"), ("throughput", "path"),
@@ -257,6 +257,20 @@ def test_ablation_table_when_present(tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert "## Router ablation" in md
     assert "| paper router | top_k=1 | val | 71.0 ±" in md and "| 4.0 |" in md
+    assert "| paper router | val | 80.0 | 60.0 | 90.0 | 76.7 |" in md  # routing top-1 per task
+
+
+def test_ablation_val_and_test_rows_have_their_own_intervals_and_short_settings(tmp_path: Path) -> None:
+    """One variant on two splits of different sizes: two intervals; a long layer list is shown in brief, and a
+    variant shows only what differs from the first row."""
+    layers = [f"layer.{i}" for i in range(29)]
+    rows = _ablation() + [{**_ablation()[1], "split": "test", "settings": {"top_k": 3, "routing_layers": layers}}]
+    full = sr.write_report(fake_report(ablation=rows), tmp_path, show=False)
+    val, test = full["intervals"]["ablation"]["ours (val)"], full["intervals"]["ablation"]["ours (test)"]
+    assert val != test
+    md = (tmp_path / "report.md").read_text()
+    assert "routing_layers=29 layers (layer.0 ... layer.28)" in md and "layer.5" not in md
+    assert "| ours | top_k=3 | val |" in md
 
 
 def test_terminal_shows_loss_flags_targets_and_storage(written: tuple[dict, Path, str]) -> None:

@@ -30,7 +30,7 @@ report.json, ``schema_version`` 2 (fractions 0-1 throughout; ``units`` says what
     intervals: {methods: {row: {accuracy: {task: [low, high]}, normalized: {task: [low, high]},
                                 avg_accuracy: [low, high], avg_normalized: [low, high]}},
                 layer_sweep: {layer: [low, high]},          # of the mean top-1 routing accuracy
-                ablation: {name: [low, high]} | null}       # of avg_normalized
+                ablation: {"name (split)": [low, high]} | null}  # of avg_normalized
     mass: {layer, routing_accuracy, selection_recall, task_choice, class_given_task: {task: frac},
            confusion: [[int]], mean_selected, task_sets}
     mass_layers: [same as mass, one per routing layer evaluated with the full model]
@@ -309,7 +309,12 @@ def intervals(report: Mapping[str, Any]) -> dict[str, Any]:
         sweep[row["layer"]] = normal_interval(row["mean"], mean_se(ses))
     return {"methods": {name: row_intervals(report, row) for name, row in report["methods"].items()},
             "layer_sweep": sweep,
-            "ablation": None if ablation is None else {r["name"]: _ablation_interval(report, r) for r in ablation}}
+            "ablation": None if ablation is None else {ablation_key(r): _ablation_interval(report, r) for r in ablation}}
+
+
+def ablation_key(row: Mapping[str, Any]) -> str:
+    """An ablation row's key in ``intervals.ablation``: one variant has a validation and a test row."""
+    return f"{row['name']} ({row['split']})"
 
 
 def complete(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -762,20 +767,41 @@ def _md_sweep(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _setting_text(key: str, value: Any) -> str:
+    if isinstance(value, (list, tuple)) and len(value) > 2:  # multi-layer routing: dozens of names
+        return f"{key}={len(value)} layers ({value[0]} ... {value[-1]})"
+    return f"{key}={value}"
+
+
+def _settings_column(row: Mapping[str, Any], reference: Mapping[str, Any]) -> str:
+    """The first variant's settings in full, every other variant's as its differences from the first."""
+    if row is reference:
+        items = row["settings"].items()
+    else:
+        items = [(k, v) for k, v in row["settings"].items() if reference["settings"].get(k) != v]
+    return ", ".join(_setting_text(k, v) for k, v in items) or "as the first row"
+
+
 def _md_ablation(report: Mapping[str, Any]) -> list[str]:
     rows = report.get("ablation")
     if not rows:
         return []
-    tasks = _tasks(report)
+    tasks, reference = _tasks(report), rows[0]
     lines = ["", "## Router ablation", "",
-             "Normalized accuracy (% of each expert; 95% ±) and mean top-1 routing accuracy, per router variant.", "",
+             "Normalized accuracy (% of each expert; 95% ±) and mean top-1 routing accuracy, per router variant "
+             "(settings: the first row's in full, the others' as their differences from it). Defaults are chosen "
+             "on the val rows.", "",
              *_md_head(["variant", "settings", "split", "avg normalized", *tasks, "routing top-1", "ms / input"])]
     for r in rows:
-        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
-        avg = _pm(r["avg_normalized"], report["intervals"]["ablation"][r["name"]])
+        avg = _pm(r["avg_normalized"], report["intervals"]["ablation"][ablation_key(r)])
         per_task = [_pct(r["normalized"].get(t)) for t in tasks]
-        lines.append(_md_row([r["name"], settings, r["split"], avg, *per_task, _pct(_mean(r["routing_accuracy"])),
-                              f"{1000 * r['seconds_per_input']:.1f}"]))  # fmt: skip
+        lines.append(_md_row([r["name"], _settings_column(r, reference), r["split"], avg, *per_task,
+                              _pct(_mean(r["routing_accuracy"])), f"{1000 * r['seconds_per_input']:.1f}"]))
+    lines += ["", "Top-1 routing accuracy per task (%), per router variant:", "",
+              *_md_head(["variant", "split", *tasks, "mean"])]
+    for r in rows:
+        lines.append(_md_row([r["name"], r["split"], *[_pct(r["routing_accuracy"].get(t)) for t in tasks],
+                              _pct(_mean(r["routing_accuracy"]))]))
     return lines
 
 
