@@ -695,12 +695,23 @@ def _md_methods(report: Mapping[str, Any], metric: str) -> list[str]:
     return lines
 
 
+def _router_text(cfg: Mapping[str, Any]) -> str:
+    """The served router in words: pooling, routing layers and how they combine (when the report records them)."""
+    serve = cfg.get("serve_settings") or {}
+    layers = serve.get("routing_layers") or [cfg["routing_layer"]]
+    if len(layers) == 1:
+        where = f"routing layer `{layers[0]}`"
+    else:
+        where = f"{len(layers)} routing layers up to `{layers[-1]}` ({serve.get('layer_combine')})"
+    return f"{where}, {serve['pooling']} pooling" if "pooling" in serve else where
+
+
 def _md_setup(report: Mapping[str, Any]) -> list[str]:
     ft, cfg = report["finetune"], report["config"]
     return [f"# massmerge offline suite: preset `{report['preset']}`", "",
             f"Backbone all-MiniLM-L6-v2; {len(report['tasks'])} tasks; experts fine-tune the whole encoder against "
             f"frozen zero-shot heads ({ft['steps']} steps, batch {ft['batch_size']}, lr {ft['lr']}, max length "
-            f"{ft['max_length']}, logit scale {ft['logit_scale']}). MASS: routing layer `{cfg['routing_layer']}`, "
+            f"{ft['max_length']}, logit scale {ft['logit_scale']}). MASS: {_router_text(cfg)}, "
             f"eta {cfg['eta']}, K {cfg['top_k']}, eps {cfg['eps']}.", "",
             "**Units.** Accuracies are percents of a task's test items (report.json holds the same figures as "
             "fractions 0-1); normalized accuracy is a percent of the expert's accuracy on the same test split; "
