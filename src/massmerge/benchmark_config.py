@@ -131,6 +131,10 @@ def load_benchmark_config(path: str | Path, **overrides: Any) -> BenchmarkConfig
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise OptionError(f"--config: {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError as exc:
+        raise OptionError(f"--config: {path}: not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise OptionError(f"--config: {path}: nested too deeply to be a benchmark config") from None
     if not isinstance(raw, dict):
         raise OptionError(f"--config: {path}: expected a mapping at the top level")
     raw.update({k: v for k, v in overrides.items() if v is not None})

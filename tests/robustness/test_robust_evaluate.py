@@ -73,3 +73,17 @@ def test_evaluate_pickle_expert_never_runs(zoo: Zoo, tmp_path, capsys) -> None:
         assert [line for line in result.err.splitlines() if line.startswith("error: ")]
         assert not zoo.marker.exists()
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("content", [b"base: caf\xe9\n", b"x: " + b"[" * 5000 + b"]" * 5000 + b"\n"],
+                         ids=["non_utf8", "nested"])
+def test_library_config_reader_fails_in_one_line(tmp_path, content) -> None:
+    """load_benchmark_config itself (not only the CLI) turns bad bytes and deep nesting into one line."""
+    from massmerge.benchmark_config import load_benchmark_config
+    from massmerge.errors import OptionError
+
+    path = tmp_path / "bench.yaml"
+    path.write_bytes(content)
+    with pytest.raises(OptionError, match="bench.yaml") as info:
+        load_benchmark_config(path)
+    assert "\n" not in str(info.value)

@@ -15,7 +15,6 @@ import typer
 
 from massmerge.cli import command
 from massmerge.cli.options import TRUST_PICKLE_HELP, check_positive, read_utf8_lines
-from massmerge.errors import OptionError
 
 
 @command("evaluate")
@@ -43,10 +42,7 @@ def evaluate_cmd(
     overrides: dict = {"output": str(output) if output else None, "trust_pickle": trust_pickle or None}
     if methods:
         overrides["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
-    try:
-        bench = load_benchmark_config(config, **overrides)
-    except RecursionError:  # PyYAML's composer recurses once per nesting level
-        raise OptionError(f"--config: {config}: nested too deeply to be a benchmark config") from None
+    bench = load_benchmark_config(config, **overrides)
     if max_samples is not None or batch_size is not None:
         eval_opts = bench.eval.model_copy(update={k: v for k, v in
                                                   {"max_samples": max_samples, "batch_size": batch_size}.items() if v})
