@@ -1,9 +1,11 @@
 """HF text encoders: encoder-only models (BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa, MPNet...) and T5 encoders.
 
-Routing vector: a mean over tokens of each routing layer's input, because text encoders have no token that
-summarizes the sequence before the last layer: over the content tokens (neither padding nor special tokens)
-when the tokenizer's special ids are known, which the ablation on the suite's validation splits chose (one-word
-inputs are mostly [CLS] and [SEP] otherwise), else over the non-padding tokens (the paper's rule). Routing
+Routing evidence: text encoders have no token that summarizes the sequence before the last layer, so the router
+reads every content token (neither padding nor special) of each routing layer's input and takes the root mean
+square of each token's projection residual (``tokens`` pooling) when the tokenizer's special ids are known, which
+the router ablation on the suite's validation splits chose (docs/SUITE.md: one-word inputs are mostly [CLS] and
+[SEP] otherwise, and the mean of a few tokens may lie near no task's subspace); else the mean over the
+non-padding tokens (the paper's rule). Routing
 matrix: the first MLP linear of block ``round(0.75 * depth)`` (``intermediate.dense`` in BERT-likes,
 ``ffn.lin1`` in DistilBERT, ``DenseReluDense.wi`` / ``wi_0`` (gated, Flan-T5) in T5); by default every linear
 layer before it adds its evidence (:meth:`~massmerge.adapters.base.BaseAdapter.default_router`). Layout:
@@ -49,7 +51,7 @@ class TextEncoderAdapter(BaseAdapter):
     block_suffixes = ("encoder.layer", "encoder.block", "transformer.layer", "encoder.layers", "layers")
     block_exclude = ("decoder",)
     mlp_names = ("intermediate.dense", "ffn.lin1", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi", "mlp.fc1")
-    default_pooling = "content"  # chosen on validation (docs/SUITE.md); the paper's rule pools the mean
+    default_pooling = "tokens"  # chosen on validation (docs/SUITE.md); the paper's rule pools the mean
     paper_pooling = "mean"
     multi_layer_default = True
 
@@ -59,7 +61,7 @@ class TextEncoderAdapter(BaseAdapter):
     ) -> None:
         super().__init__(routing_layer=routing_layer, pooling=pooling, special_ids=special_ids)
         if pooling is None and special_ids is None:
-            self.pooling = self.paper_pooling  # content pooling needs the special ids
+            self.pooling = self.paper_pooling  # content and token pooling need the special ids
         if feature_pooling not in ("mean", "cls", "pooler"):
             raise OptionError(f"feature_pooling: unknown value '{feature_pooling}' (choose mean, cls or pooler)")
         self.feature_pooling: FeaturePooling = feature_pooling
