@@ -315,23 +315,22 @@ def routing_sweep(zoo: Zoo, mass: MASSModel, layers: Sequence[str]) -> list[dict
     """Top-1 routing accuracy and selection recall per candidate routing matrix, from one first pass.
 
     Every candidate's input is captured in a single first pass (its weights do not depend on the routing
-    layer), pooled as the served model pools, and routed by the paper's rule against that matrix's subspaces.
+    layer), pooled as the served model pools (the engine's own residuals), and routed by the paper's rule
+    against that matrix's subspaces.
     """
     view = mass.with_settings(routing_layers=tuple(layers))
     s = mass.settings
-    captured: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    residuals: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
     true = []
     for t, split in enumerate(zoo.tests):
         for batch in split.batches:
-            acts = view.routing_activations(batch)
-            for layer in layers:
-                captured[layer].append(view.pool(acts[layer], batch, s.pooling).float())
+            for layer, res in view.layer_residuals(batch).items():
+                residuals[layer].append(res)
             true.append(torch.full((batch["input_ids"].shape[0],), t))
     true_t = torch.cat(true)
     rows = []
     for layer in layers:
-        res = router.residuals(torch.cat(captured[layer]), mass.factors.routing_basis(f"{layer}.weight"))
-        probs, selected = router.select(res, mode="topk", eta=s.eta, top_k=s.top_k, tau=s.tau)
+        probs, selected = router.select(torch.cat(residuals[layer]), mode="topk", eta=s.eta, top_k=s.top_k, tau=s.tau)
         conf = ev.routing_confusion(true_t, probs.argmax(-1), len(zoo.names))
         per_task = dict(zip(zoo.names, ev.routing_accuracy_per_task(conf)))
         rows.append({"layer": layer, "routing_accuracy": per_task, "mean": ev.mean(per_task),

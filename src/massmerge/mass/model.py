@@ -312,15 +312,22 @@ class MASSModel(nn.Module):
         return first.captured
 
     @torch.no_grad()
-    def route(self, batch: Batch) -> Routing:
-        """Residuals per routing layer, probabilities and selected task sets of a batch."""
-        s = self.settings
-        captured = self.routing_activations(batch)
+    def layer_residuals(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """[B, T] projection residuals of every routing layer, pooled as the settings say (``tokens``: the RMS of
+        each content token's residual), from one first pass."""
+        s, captured = self.settings, self.routing_activations(batch)
         residuals = {}
         for layer in s.routing_layers:
             pooled = self.pool(captured[layer], batch, s.pooling)
             residuals[layer] = router.token_residuals(*pooled, self._bases[layer]) if isinstance(pooled, tuple) \
                 else router.residuals(pooled, self._bases[layer])
+        return residuals
+
+    @torch.no_grad()
+    def route(self, batch: Batch) -> Routing:
+        """Residuals per routing layer, probabilities and selected task sets of a batch."""
+        s = self.settings
+        residuals = self.layer_residuals(batch)
         free = [bases[0].shape[0] - sum(b.shape[1] for b in bases) / len(bases) for bases in
                 (self._bases[layer] for layer in s.routing_layers)]
         probs, selected = router.route(list(residuals.values()), combine=s.layer_combine, free_dims=free,
