@@ -120,3 +120,30 @@ def test_metadata_estimate_covers_the_real_headers(tmp_path) -> None:
     save_file(tensors, tmp_path / "f.safetensors")
     headers = (tmp_path / "f.safetensors").stat().st_size - saved_factor_bytes(factors, torch.float32)
     assert 0 < headers <= metadata_bytes(factors)
+
+
+@pytest.mark.parametrize("max_size", [0, 1.5])
+def test_stored_factors_round_without_a_second_copy(max_size: float) -> None:
+    """The stored factors equal round_factors of the input (float16 and back), built in place: at the design
+    ranks the very same tensors come back; after a cut the input is emptied (its full-rank copy released)."""
+    import copy
+
+    from massmerge.artifact import round_factors
+    from massmerge.mass.budget import stored_factors, tensor_bytes
+
+    factors = make_factors(shape=(40, 40), tasks=4, bias=40)
+    expected = round_factors(copy.deepcopy(factors), torch.float16)
+    original_u = factors.matrices["w"][0].U
+    base = tensor_bytes([torch.zeros(40, 40, dtype=torch.float64), torch.zeros(40, dtype=torch.float64)])
+    stored = stored_factors(factors, [], base, torch.float16, max_size)
+    got = stored.factors.matrices["w"]
+    if max_size == 0:
+        assert got[0].U is original_u and stored.rank_scale == 1.0
+        ranks = [f.rank for f in expected.matrices["w"]]
+    else:
+        assert stored.rank_scale < 1.0 and factors.matrices == {}
+        ranks = [f.rank for f in got]
+    for f, e, k in zip(got, expected.matrices["w"], ranks):
+        assert torch.equal(f.U, e.U[:, :k]) and torch.equal(f.V, e.V[:, :k]) and torch.equal(f.s, e.s[:k])
+        assert torch.equal(f.U, f.U.to(torch.float16).to(f.U.dtype))  # exactly representable in storage
+    assert torch.equal(stored.factors.non_matrix["b"][0], expected.non_matrix["b"][0])

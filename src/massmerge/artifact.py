@@ -181,11 +181,22 @@ def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).to(t.dtype)
 
 
-def round_factors(factors: ExpertFactors, dtype: torch.dtype) -> ExpertFactors:
+def round_factors(factors: ExpertFactors, dtype: torch.dtype, *, in_place: bool = False) -> ExpertFactors:
     """Factors rounded to ``dtype`` (storage) and back (compute): saving them in ``dtype`` is then lossless.
 
-    Singular values stay in full precision (they are stored as float32 at least).
+    Singular values stay in full precision (they are stored as float32 at least). ``in_place``: round the given
+    tensors themselves and return ``factors`` (why: a second full copy of every factor was the peak of
+    ``massmerge build``; in place, the peak is one tensor's storage-dtype copy).
     """
+    if in_place:
+        for per_task in factors.matrices.values():
+            for f in per_task:
+                f.U.copy_(f.U.to(dtype))
+                f.V.copy_(f.V.to(dtype))
+        for per_task in factors.non_matrix.values():
+            for t in per_task:
+                t.copy_(t.to(dtype))
+        return factors
     matrices = {key: [LowRank(_round(f.U, dtype), f.s, _round(f.V, dtype)) for f in per_task]
                 for key, per_task in factors.matrices.items()}
     non_matrix = {key: [_round(t, dtype) for t in per_task] for key, per_task in factors.non_matrix.items()}

@@ -203,9 +203,9 @@ def build_artifact(base: Path, experts: list[Path], head_modules: list, names: l
                                    svd=settings.svd, open_expert=open_expert, key_filter=key_filter)
     store = factor_storage(settings.factor_dtype, float_dtype(encoder))
     base_bytes = tensor_bytes(state.values())
-    stored = stored_factors(factors_before, head_modules, base_bytes, store, settings.max_size)
     design_rank = total_rank(factors_before)
-    del factors_before  # only the stored (possibly cut) factors stay in memory
+    stored = stored_factors(factors_before, head_modules, base_bytes, store, settings.max_size)  # consumes them
+    del factors_before
     if stored.note:
         echo(f"note: {stored.note}", err=True)
     factors, scale = stored.factors, stored.rank_scale  # exactly what a later load() serves

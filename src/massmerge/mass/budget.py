@@ -134,6 +134,8 @@ def stored_factors(factors: ExpertFactors, heads: Sequence[torch.nn.Module], bas
 
     The one path from built factors to stored ones: ``massmerge build`` and ``massmerge suite`` both use it.
     An explicit budget that cannot be met is an error; the default one keeps the design ranks with a note.
+    ``factors`` is consumed: rounded in place, or emptied when a cut copied what it keeps (why: two full sets
+    of factors at once were the peak memory of ``massmerge build``).
     """
     from massmerge.artifact import round_factors
     from massmerge.mass.config import DEFAULT_MAX_SIZE
@@ -149,7 +151,9 @@ def stored_factors(factors: ExpertFactors, heads: Sequence[torch.nn.Module], bas
                 raise
             note = f"design ranks kept; {exc}".replace("; raise it or use --factor-dtype float16", "")
     size = (base_bytes + non_matrix_bytes(fit.factors, store) + extra + factor_bytes(fit.factors, store)) / base_bytes
-    return StoredFactors(round_factors(fit.factors, store), fit.rank_scale, store, size, note)
+    if fit.factors is not factors:  # a cut: the design-rank factors are no longer needed
+        factors.matrices.clear()
+    return StoredFactors(round_factors(fit.factors, store, in_place=True), fit.rank_scale, store, size, note)
 
 
 __all__ = ["BudgetFit", "StoredFactors", "stored_factors", "tensor_bytes", "factor_bytes", "fit_to_size", "metadata_bytes", "non_matrix_bytes", "scaled_rank",

@@ -94,10 +94,12 @@ class SetMerger:
 
     def __init__(self, factors: ExpertFactors) -> None:
         self.factors = factors
-        self.stacked: dict[str, Stacked] = {key: Stacked.of(per_task) for key, per_task in factors.matrices.items()}
-        # the per-task factors become views of the stacked tensors, so they are stored once
-        for key, stacked in self.stacked.items():
-            factors.matrices[key] = stacked.views()
+        # the per-task factors become views of the stacked tensors, so they are stored once; matrix by matrix,
+        # so that stacking holds at most one matrix's factors twice (all at once was build's peak memory)
+        self.stacked: dict[str, Stacked] = {}
+        for key in list(factors.matrices):
+            self.stacked[key] = Stacked.of(factors.matrices[key])
+            factors.matrices[key] = self.stacked[key].views()
         self._cores: OrderedDict[TaskSet, dict[str, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
 
