@@ -3,7 +3,8 @@
 What it measures (issue 13), on real texts of the suite's tasks shuffled so batches mix task sets:
 
 - steady state, in one process: ``predict_texts`` (the function the CLI runs) on a loaded artifact after a
-  warm-up batch, against the base model's forward + mean pool with the same tokenization and batching; rounds
+  warm-up batch, against the base model's forward + mean pool with the same tokenization and batching (the
+  base's batches are formed as predict forms its own: by length within windows, so both pay the same padding); rounds
   interleaved, each timed on fresh merged-set caches (a new ``load``) and repeated, medians reported;
 - end to end, whole processes: ``massmerge predict ARTIFACT inputs.jsonl`` against a process that loads the
   base, tokenizes, runs forward + pool and writes JSON lines; interleaved, repeated;
@@ -42,17 +43,33 @@ BASE_SCRIPT = """
 import json, sys, torch
 from transformers import AutoModel, AutoTokenizer
 from massmerge.mass.pooling import masked_mean
-model_dir, inputs, output, batch, length = sys.argv[1:6]
+bench_dir, model_dir, inputs, output, batch, length = sys.argv[1:7]
+sys.path.insert(0, bench_dir)
+from predict_throughput import length_sorted_batches
 tok = AutoTokenizer.from_pretrained(model_dir); model = AutoModel.from_pretrained(model_dir).eval()
 texts = [json.loads(line)["text"] for line in open(inputs, encoding="utf-8")]
 with torch.inference_mode(), open(output, "w") as out:
-    for start in range(0, len(texts), int(batch)):
-        enc = dict(tok(texts[start:start + int(batch)], padding=True, truncation=True, max_length=int(length),
-                       return_tensors="pt"))
+    for part in length_sorted_batches(texts, tok, int(batch), int(length)):
+        enc = dict(tok(part, padding=True, truncation=True, max_length=int(length), return_tensors="pt"))
         feats = masked_mean(model(**enc).last_hidden_state, enc["attention_mask"])
         for row in feats.argmax(-1).tolist():
             out.write(json.dumps({"feature_argmax": row}) + "\\n")
 """
+
+
+def length_sorted_batches(texts: list[str], tokenizer, batch: int, length: int) -> list[list[str]]:  # noqa: ANN001
+    """The base's batches as ``predict`` forms its own: windows of WINDOW_BATCHES batches, sorted by token count
+    within each window, so both sides pay the same padding (a fair base, not an input-order one)."""
+    from massmerge.mass.serving import WINDOW_BATCHES
+
+    window, batches = WINDOW_BATCHES * batch, []
+    for w in range(0, len(texts), window):
+        part = texts[w:w + window]
+        sizes = [len(ids) for ids in tokenizer(part, truncation=True, max_length=length)["input_ids"]]
+        part = [part[i] for i in sorted(range(len(part)), key=lambda i: (sizes[i], i))]
+        batches += [part[start:start + batch] for start in range(0, len(part), batch)]
+    return batches
+
 
 
 def suite_texts(count: int, seed: int) -> list[str]:
@@ -126,9 +143,8 @@ def steady_state(artifact: Path, texts: list[str], batch: int, length: int, roun
 
     def plain() -> None:
         with torch.inference_mode():
-            for start in range(0, len(texts), batch):
-                enc = dict(tokenizer(texts[start:start + batch], padding=True, truncation=True, max_length=length,
-                                     return_tensors="pt"))
+            for part in length_sorted_batches(texts, tokenizer, batch, length):
+                enc = dict(tokenizer(part, padding=True, truncation=True, max_length=length, return_tensors="pt"))
                 masked_mean(base(**enc).last_hidden_state, enc["attention_mask"])
 
     samples: dict[str, list[tuple[float, float]]] = {"base": [], "mass": []}
@@ -211,8 +227,8 @@ def end_to_end(artifact: Path, texts: list[str], batch: int, length: int, rounds
     script.write_text(BASE_SCRIPT)
     massmerge = [sys.executable, "-m", "massmerge", "predict", str(artifact), str(inputs), "--output",
                  str(tmp / "mass.jsonl"), "--batch-size", str(batch), "--max-length", str(length)]
-    plain = [sys.executable, str(script), str(artifact / "model"), str(inputs), str(tmp / "base.jsonl"), str(batch),
-             str(length)]
+    plain = [sys.executable, str(script), str(Path(__file__).resolve().parent), str(artifact / "model"), str(inputs),
+             str(tmp / "base.jsonl"), str(batch), str(length)]
     samples: dict[str, list[tuple[float, float]]] = {"base": [], "mass": []}
     for _ in range(rounds):
         samples["base"].append(run_process(plain))

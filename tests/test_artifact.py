@@ -259,7 +259,7 @@ def test_cli_build_and_predict(hf_setup, tmp_path, capsys):
     assert manifest.architecture.adapter == "text" and manifest.task_names == ["t0", "t1", "t2"]
     layers = manifest.serve.routing_layers  # text default: every linear layer before the routing layer, then it
     assert layers[-1] == "encoder.layer.3.intermediate.dense" and layers[0] == "encoder.layer.0.attention.self.query"
-    assert len(layers) == 6 * 3 + 5 and manifest.serve.layer_combine == "ppca" and manifest.serve.pooling == "tokens"
+    assert len(layers) == 6 * 3 + 5 and manifest.serve.layer_combine == "ppca" and manifest.serve.pooling == "content"
     assert manifest.serve.max_length == 32  # the model's positions when the experts' length is not given
     assert (tmp_path / "art" / "model" / "vocab.txt").is_file()
     capsys.readouterr()
@@ -387,4 +387,4 @@ def test_router_paper_restores_the_papers_rule(hf_setup, tmp_path):
     assert torch.allclose(out.probs, probs) and torch.equal(out.selected, selected)
     default = load(tmp_path / "art")
     assert default.settings.routing_layers[-1] == layer and len(default.settings.routing_layers) > 1
-    assert (default.settings.pooling, default.settings.layer_combine) == ("tokens", "ppca")
+    assert (default.settings.pooling, default.settings.layer_combine) == ("content", "ppca")

@@ -366,10 +366,10 @@ def router_variants(zoo: Zoo, layer: str) -> dict[str, dict[str, Any]]:
         "multi-layer (ppca)": {**paper, "routing_layers": several, "layer_combine": "ppca"},
         "posterior head": {**paper, "head_rule": "posterior"},
         "joint head": {**paper, "head_rule": "joint"},
-        "content + multi-layer ppca": {**paper, "pooling": "content", "routing_layers": several,
-                                       "layer_combine": "ppca"},
-        "all: token residuals + multi-layer ppca": {**paper, "pooling": "tokens", "routing_layers": several,
-                                                    "layer_combine": "ppca"},
+        "all: content + multi-layer ppca": {**paper, "pooling": "content", "routing_layers": several,
+                                            "layer_combine": "ppca"},
+        "token residuals + multi-layer ppca": {**paper, "pooling": "tokens", "routing_layers": several,
+                                               "layer_combine": "ppca"},
     }
 
 

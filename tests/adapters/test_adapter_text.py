@@ -100,7 +100,7 @@ def test_default_router_uses_every_linear_layer_before_the_routing_layer() -> No
                                                                 "attention.self.value", "attention.output.dense",
                                                                 "intermediate.dense", "output.dense"))
     assert "encoder.layer.3.output.dense" not in layers  # runs after the routing layer: the pass has stopped
-    assert (router["pooling"], router["layer_combine"]) == ("tokens", "ppca")
+    assert (router["pooling"], router["layer_combine"]) == ("content", "ppca")
     assert get_adapter("text").pooling == "mean"  # content pooling needs the tokenizer's special ids
 
 

@@ -1,11 +1,10 @@
 """HF text encoders: encoder-only models (BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa, MPNet...) and T5 encoders.
 
-Routing evidence: text encoders have no token that summarizes the sequence before the last layer, so the router
-reads every content token (neither padding nor special) of each routing layer's input and takes the root mean
-square of each token's projection residual (``tokens`` pooling) when the tokenizer's special ids are known, which
-the router ablation on the suite's validation splits chose (docs/SUITE.md: one-word inputs are mostly [CLS] and
-[SEP] otherwise, and the mean of a few tokens may lie near no task's subspace); else the mean over the
-non-padding tokens (the paper's rule). Routing
+Routing vector: text encoders have no token that summarizes the sequence before the last layer, so the router
+pools each routing layer's input over the content tokens (neither padding nor special) when the tokenizer's
+special ids are known, which the router ablation on the suite's validation splits chose (docs/SUITE.md: one-word
+inputs are mostly [CLS] and [SEP] otherwise; ``tokens``, the RMS of each token's own residual, scored the same
+within noise at 1.25x the serving cost); else the mean over the non-padding tokens (the paper's rule). Routing
 matrix: the first MLP linear of block ``round(0.75 * depth)`` (``intermediate.dense`` in BERT-likes,
 ``ffn.lin1`` in DistilBERT, ``DenseReluDense.wi`` / ``wi_0`` (gated, Flan-T5) in T5); by default every linear
 layer before it adds its evidence (:meth:`~massmerge.adapters.base.BaseAdapter.default_router`). Layout:
@@ -51,7 +50,7 @@ class TextEncoderAdapter(BaseAdapter):
     block_suffixes = ("encoder.layer", "encoder.block", "transformer.layer", "encoder.layers", "layers")
     block_exclude = ("decoder",)
     mlp_names = ("intermediate.dense", "ffn.lin1", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi", "mlp.fc1")
-    default_pooling = "tokens"  # chosen on validation (docs/SUITE.md); the paper's rule pools the mean
+    default_pooling = "content"  # chosen on validation (docs/SUITE.md); the paper's rule pools the mean
     paper_pooling = "mean"
     multi_layer_default = True
 
