@@ -43,13 +43,13 @@ BASE_SCRIPT = """
 import json, sys, torch
 from transformers import AutoModel, AutoTokenizer
 from massmerge.mass.pooling import masked_mean
-bench_dir, model_dir, inputs, output, batch, length = sys.argv[1:7]
+bench_dir, model_dir, inputs, output, batch, length, tasks = sys.argv[1:8]
 sys.path.insert(0, bench_dir)
 from predict_throughput import length_sorted_batches
 tok = AutoTokenizer.from_pretrained(model_dir); model = AutoModel.from_pretrained(model_dir).eval()
 texts = [json.loads(line)["text"] for line in open(inputs, encoding="utf-8")]
 with torch.inference_mode(), open(output, "w") as out:
-    for part in length_sorted_batches(texts, tok, int(batch), int(length)):
+    for part in length_sorted_batches(texts, tok, int(batch), int(length), int(tasks)):
         enc = dict(tok(part, padding=True, truncation=True, max_length=int(length), return_tensors="pt"))
         feats = masked_mean(model(**enc).last_hidden_state, enc["attention_mask"])
         for row in feats.argmax(-1).tolist():
@@ -57,18 +57,25 @@ with torch.inference_mode(), open(output, "w") as out:
 """
 
 
-def length_sorted_batches(texts: list[str], tokenizer, batch: int, length: int) -> list[list[str]]:  # noqa: ANN001
-    """The base's batches as ``predict`` forms its own: windows of WINDOW_BATCHES batches, sorted by token count
-    within each window, so both sides pay the same padding (a fair base, not an input-order one)."""
-    from massmerge.mass.serving import WINDOW_BATCHES
+def length_sorted_batches(texts: list[str], tokenizer, batch: int, length: int, tasks: int) -> list[list[str]]:  # noqa: ANN001
+    """The base's batches as ``predict`` forms its own for ``tasks`` tasks: windows of ``window_batches(tasks)``
+    batches, sorted by token count within each window, so both sides pay the same padding (a fair base, not an
+    input-order one)."""
+    from massmerge.mass.serving import window_batches
 
-    window, batches = WINDOW_BATCHES * batch, []
+    window, batches = window_batches(tasks) * batch, []
     for w in range(0, len(texts), window):
         part = texts[w:w + window]
         sizes = [len(ids) for ids in tokenizer(part, truncation=True, max_length=length)["input_ids"]]
         part = [part[i] for i in sorted(range(len(part)), key=lambda i: (sizes[i], i))]
         batches += [part[start:start + batch] for start in range(0, len(part), batch)]
     return batches
+
+
+def task_count(artifact: Path) -> int:
+    from massmerge.artifact import read_manifest
+
+    return len(read_manifest(artifact).task_names)
 
 
 
@@ -141,9 +148,11 @@ def steady_state(artifact: Path, texts: list[str], batch: int, length: int, roun
     base = AutoModel.from_pretrained(str(artifact / MODEL_DIR)).eval()
     numbered = list(enumerate(texts, start=1))
 
+    tasks = task_count(artifact)
+
     def plain() -> None:
         with torch.inference_mode():
-            for part in length_sorted_batches(texts, tokenizer, batch, length):
+            for part in length_sorted_batches(texts, tokenizer, batch, length, tasks):
                 enc = dict(tokenizer(part, padding=True, truncation=True, max_length=length, return_tensors="pt"))
                 masked_mean(base(**enc).last_hidden_state, enc["attention_mask"])
 
@@ -228,7 +237,7 @@ def end_to_end(artifact: Path, texts: list[str], batch: int, length: int, rounds
     massmerge = [sys.executable, "-m", "massmerge", "predict", str(artifact), str(inputs), "--output",
                  str(tmp / "mass.jsonl"), "--batch-size", str(batch), "--max-length", str(length)]
     plain = [sys.executable, str(script), str(Path(__file__).resolve().parent), str(artifact / "model"), str(inputs),
-             str(tmp / "base.jsonl"), str(batch), str(length)]
+             str(tmp / "base.jsonl"), str(batch), str(length), str(task_count(artifact))]
     samples: dict[str, list[tuple[float, float]]] = {"base": [], "mass": []}
     for _ in range(rounds):
         samples["base"].append(run_process(plain))

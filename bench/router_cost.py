@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_json  # noqa: E402
-from predict_throughput import length_sorted_batches, suite_texts, timed  # noqa: E402
+from predict_throughput import length_sorted_batches, suite_texts, task_count, timed  # noqa: E402
 
 VARIANTS = {  # name -> load() overrides of the artifact's own serve settings
     "paper (--router paper)": {"router": "paper"},
@@ -51,7 +51,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(args.artifact / MODEL_DIR))
     base = AutoModel.from_pretrained(str(args.artifact / MODEL_DIR)).eval()
     batches = [dict(tokenizer(part, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"))
-               for part in length_sorted_batches(texts, tokenizer, args.batch_size, args.max_length)]
+               for part in length_sorted_batches(texts, tokenizer, args.batch_size, args.max_length,
+                                                     task_count(args.artifact))]
 
     def plain() -> None:
         with torch.inference_mode():

@@ -55,3 +55,12 @@ def test_serve_sorts_by_size_within_a_window():
     list(serve(model, ids, collate, batch_size=4, size_of=lambda r: -sizes[int(r[0])]))
     first_batch = seen[0]  # the first pass batches follow the sizes (here: reversed input order)
     assert first_batch == [int(r[0]) for r in reversed(ids)][:4]
+
+
+def test_window_grows_with_the_task_count():
+    """At least WINDOW_BATCHES batches, and WINDOW_BATCHES_PER_TASK per task beyond that."""
+    from massmerge.mass.serving import WINDOW_BATCHES, WINDOW_BATCHES_PER_TASK, window_batches
+
+    assert window_batches(1) == WINDOW_BATCHES
+    assert window_batches(8) == max(WINDOW_BATCHES, 8 * WINDOW_BATCHES_PER_TASK) == 32
+    assert window_batches(20) == 80
