@@ -58,18 +58,13 @@ with torch.inference_mode(), open(output, "w") as out:
 
 
 def length_sorted_batches(texts: list[str], tokenizer, batch: int, length: int, tasks: int) -> list[list[str]]:  # noqa: ANN001
-    """The base's batches as ``predict`` forms its own for ``tasks`` tasks: windows of ``window_batches(tasks)``
-    batches, sorted by token count within each window, so both sides pay the same padding (a fair base, not an
-    input-order one)."""
-    from massmerge.mass.serving import window_batches
+    """The base's batches as ``predict`` forms its first-pass batches for ``tasks`` tasks (length-sorted within
+    windows, :func:`massmerge.mass.serving.first_pass_batches`), so both sides pay the same padding: a fair
+    base, not an input-order one."""
+    from massmerge.mass.serving import first_pass_batches
 
-    window, batches = window_batches(tasks) * batch, []
-    for w in range(0, len(texts), window):
-        part = texts[w:w + window]
-        sizes = [len(ids) for ids in tokenizer(part, truncation=True, max_length=length)["input_ids"]]
-        part = [part[i] for i in sorted(range(len(part)), key=lambda i: (sizes[i], i))]
-        batches += [part[start:start + batch] for start in range(0, len(part), batch)]
-    return batches
+    sizes = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=length)["input_ids"]]
+    return [[texts[i] for i in rows] for rows in first_pass_batches(sizes, batch, tasks)]
 
 
 def task_count(artifact: Path) -> int:

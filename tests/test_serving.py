@@ -64,3 +64,17 @@ def test_window_grows_with_the_task_count():
     assert window_batches(1) == WINDOW_BATCHES
     assert window_batches(8) == max(WINDOW_BATCHES, 8 * WINDOW_BATCHES_PER_TASK) == 32
     assert window_batches(20) == 80
+
+
+def test_first_pass_batches_sort_by_size_within_windows():
+    from massmerge.mass.serving import first_pass_batches, window_batches
+
+    sizes = [5, 1, 4, 2, 3] * 20  # 100 inputs; T = 1: windows of 8 batches of 2 = 16 inputs
+    batches = first_pass_batches(sizes, 2, 1)
+    assert window_batches(1) * 2 == 16
+    flat = [i for rows in batches for i in rows]
+    assert sorted(flat) == list(range(100)) and all(len(rows) <= 2 for rows in batches)
+    for start in range(0, 100, 16):  # each window holds its own inputs, smallest first
+        window = flat[start:start + 16]
+        assert sorted(window) == list(range(start, min(start + 16, 100)))
+        assert [sizes[i] for i in window] == sorted(sizes[i] for i in window)

@@ -36,7 +36,7 @@ from massmerge.mass.budget import stored_factors, tensor_bytes
 from massmerge.mass.config import DEFAULT_EPS, ROUTER_PROFILES, default_routing_block, make_serve_settings
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.model import MASSModel
-from massmerge.mass.serving import serve
+from massmerge.mass.serving import first_pass_batches, serve
 from massmerge.merging import STATIC_MERGES, merge
 from massmerge.task_vectors import task_vector
 
@@ -400,10 +400,12 @@ def _throughput(zoo: Zoo, mass: MASSModel, count: int = 512) -> dict[str, Any]:
     def collate(rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         return dict(tokenizer.pad(list(rows), return_tensors="pt"))
 
-    def base() -> None:
+    batches = first_pass_batches([len(item["input_ids"]) for item in items], size, len(zoo.names))
+
+    def base() -> None:  # batched as serve batches its first pass: the same padding
         with torch.inference_mode():
-            for start in range(0, len(items), size):
-                features(zoo.backbone.model, collate(items[start:start + size]))
+            for rows in batches:
+                features(zoo.backbone.model, collate([items[i] for i in rows]))
 
     def served() -> None:
         list(serve(mass, items, collate, batch_size=size, size_of=lambda item: len(item["input_ids"])))
@@ -412,7 +414,8 @@ def _throughput(zoo: Zoo, mass: MASSModel, count: int = 512) -> dict[str, Any]:
     routed = ev.throughput(served, len(items), repeats=1)
     return {"base_samples_per_s": plain, "mass_samples_per_s": routed, "ratio": routed / plain,
             "path": f"massmerge.mass.serving.serve (what massmerge predict runs), {len(items)} test texts of mixed "
-                    f"tasks in input order, batch {size}, warm caches; base: forward + mean pool, same batches"}
+                    f"tasks in input order, batch {size}, warm caches; base: forward + mean pool, batched as serve "
+                    "batches its first pass (length-sorted windows)"}
 
 
 def _static_rows(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cfg: SuiteConfig, cache: EvalCache,

@@ -92,7 +92,7 @@ class TextEncoderAdapter(BaseAdapter):
 
     def load_model(self, source: str, *, revision: str | None = None, trust_pickle: bool = False) -> nn.Module:
         """``AutoModel`` (or ``T5EncoderModel`` for T5 configs) from a local directory or hub id."""
-        from transformers import AutoConfig, AutoModel, T5EncoderModel
+        import transformers
 
         from massmerge.sources import resolve_source
 
@@ -100,9 +100,10 @@ class TextEncoderAdapter(BaseAdapter):
         check_pickle_policy(path, trust_pickle=trust_pickle)
         refuse_remote_code(path)
         try:
-            config = AutoConfig.from_pretrained(str(path))
-            cls = T5EncoderModel if config.model_type in T5_TYPES else AutoModel
-            model = cls.from_pretrained(str(path))
+            config = transformers.AutoConfig.from_pretrained(str(path))
+            # T5's modeling code is imported only for T5 configs: importing it costs seconds at every load
+            t5 = config.model_type in T5_TYPES
+            model = (transformers.T5EncoderModel if t5 else transformers.AutoModel).from_pretrained(str(path))
         except (OSError, ValueError, KeyError, RuntimeError, UnpicklingError, SafetensorError) as exc:
             raise MassMergeError(f"{path}: cannot load a text encoder ({str(exc).strip().splitlines()[0][:200]})") from None
         self.bind(model)

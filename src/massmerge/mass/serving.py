@@ -116,6 +116,16 @@ def window_batches(num_tasks: int) -> int:
     return max(WINDOW_BATCHES, WINDOW_BATCHES_PER_TASK * num_tasks)
 
 
+def first_pass_batches(sizes: Sequence[int], batch_size: int, num_tasks: int) -> list[list[int]]:
+    """Input indices in the batches the first pass forms: windows of ``window_batches(num_tasks)`` batches,
+    sorted by size within each window. Also how a fair plain-model baseline is batched (same padding)."""
+    window, batches = window_batches(num_tasks) * batch_size, []
+    for start in range(0, len(sizes), window):
+        rows = _by_size(list(range(start, min(start + window, len(sizes)))), sizes)
+        batches += _chunks(rows, batch_size)
+    return batches
+
+
 def _window(model: MASSModel, items: list[Any], collate: Collate, batch_size: int,
             size_of: Callable[[Any], int] | None, return_features: bool, start: int) -> Iterator[Prediction]:
     sizes = [size_of(item) for item in items] if size_of is not None else None
@@ -129,4 +139,4 @@ def group_counts(selected: torch.Tensor) -> dict[TaskSet, int]:
 
 
 __all__ = ["FULL_GROUP_FRACTION", "Prediction", "WINDOW_BATCHES", "WINDOW_BATCHES_PER_TASK", "group_counts",
-           "second_pass_batches", "serve", "serve_window", "window_batches"]
+           "first_pass_batches", "second_pass_batches", "serve", "serve_window", "window_batches"]
