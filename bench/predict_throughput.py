@@ -23,6 +23,7 @@ experts of the real base and the suite's zero-shot heads (routing is then not me
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 import json
 import os
 import random
@@ -45,26 +46,28 @@ from transformers import AutoModel, AutoTokenizer
 from massmerge.mass.pooling import masked_mean
 bench_dir, model_dir, inputs, output, batch, length, tasks = sys.argv[1:8]
 sys.path.insert(0, bench_dir)
-from predict_throughput import length_sorted_batches
+from predict_throughput import base_batches
 tok = AutoTokenizer.from_pretrained(model_dir); model = AutoModel.from_pretrained(model_dir).eval()
 texts = [json.loads(line)["text"] for line in open(inputs, encoding="utf-8")]
 with torch.inference_mode(), open(output, "w") as out:
-    for part in length_sorted_batches(texts, tok, int(batch), int(length), int(tasks)):
-        enc = dict(tok(part, padding=True, truncation=True, max_length=int(length), return_tensors="pt"))
+    for enc in base_batches(texts, tok, int(batch), int(length), int(tasks)):
         feats = masked_mean(model(**enc).last_hidden_state, enc["attention_mask"])
         for row in feats.argmax(-1).tolist():
             out.write(json.dumps({"feature_argmax": row}) + "\\n")
 """
 
 
-def length_sorted_batches(texts: list[str], tokenizer, batch: int, length: int, tasks: int) -> list[list[str]]:  # noqa: ANN001
-    """The base's batches as ``predict`` forms its first-pass batches for ``tasks`` tasks (length-sorted within
-    windows, :func:`massmerge.mass.serving.first_pass_batches`), so both sides pay the same padding: a fair
-    base, not an input-order one."""
+def base_batches(texts: list[str], tokenizer, batch: int, length: int, tasks: int) -> Iterator[dict]:  # noqa: ANN001
+    """The base's inputs tokenized as ``predict`` tokenizes them (once, truncated, then padded per batch) and
+    batched as ``predict`` batches its first pass for ``tasks`` tasks (length-sorted within windows,
+    :func:`massmerge.mass.serving.first_pass_batches`): the same tokenization work and the same padding on both
+    sides, so the base is fair (not input-order, not tokenized twice)."""
     from massmerge.mass.serving import first_pass_batches
 
-    sizes = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=length)["input_ids"]]
-    return [[texts[i] for i in rows] for rows in first_pass_batches(sizes, batch, tasks)]
+    encoded = tokenizer(texts, truncation=True, max_length=length)
+    rows = [{key: encoded[key][i] for key in encoded} for i in range(len(texts))]
+    for index in first_pass_batches([len(row["input_ids"]) for row in rows], batch, tasks):
+        yield dict(tokenizer.pad([rows[i] for i in index], return_tensors="pt"))
 
 
 def task_count(artifact: Path) -> int:
@@ -147,8 +150,7 @@ def steady_state(artifact: Path, texts: list[str], batch: int, length: int, roun
 
     def plain() -> None:
         with torch.inference_mode():
-            for part in length_sorted_batches(texts, tokenizer, batch, length, tasks):
-                enc = dict(tokenizer(part, padding=True, truncation=True, max_length=length, return_tensors="pt"))
+            for enc in base_batches(texts, tokenizer, batch, length, tasks):
                 masked_mean(base(**enc).last_hidden_state, enc["attention_mask"])
 
     samples: dict[str, list[tuple[float, float]]] = {"base": [], "mass": []}

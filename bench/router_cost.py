@@ -3,8 +3,9 @@ per input").
 
 One artifact, loaded once per variant with serve-setting overrides (``load(dir, router=..., pooling=...)``, as
 ``massmerge predict --router/--pooling`` does), then ``predict_texts`` (the function the CLI runs) on real mixed
-texts after a warm-up batch, and the first pass + router alone (``MASSModel.route``). The base is a plain HF
-forward + mean pool batched as ``predict`` batches (by length within windows). Rounds interleave every row;
+texts after a warm-up batch, and the first pass + router alone (``MASSModel.route``, on batches tokenized
+beforehand). The base is a plain HF forward + mean pool of the same pre-tokenized batches, formed as
+``predict`` forms its first-pass batches (by length within windows). Rounds interleave every row;
 the minimum CPU time per row is kept (the least disturbed round on a shared machine).
 
     python bench/router_cost.py --artifact mass-art/ [--inputs 1024] [--rounds 2]
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_json  # noqa: E402
-from predict_throughput import length_sorted_batches, suite_texts, task_count, timed  # noqa: E402
+from predict_throughput import base_batches, suite_texts, task_count, timed  # noqa: E402
 
 VARIANTS = {  # name -> load() overrides of the artifact's own serve settings
     "paper (--router paper)": {"router": "paper"},
@@ -50,9 +51,7 @@ def main() -> None:
     numbered = list(enumerate(texts, start=1))
     tokenizer = AutoTokenizer.from_pretrained(str(args.artifact / MODEL_DIR))
     base = AutoModel.from_pretrained(str(args.artifact / MODEL_DIR)).eval()
-    batches = [dict(tokenizer(part, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"))
-               for part in length_sorted_batches(texts, tokenizer, args.batch_size, args.max_length,
-                                                     task_count(args.artifact))]
+    batches = list(base_batches(texts, tokenizer, args.batch_size, args.max_length, task_count(args.artifact)))
 
     def plain() -> None:
         with torch.inference_mode():
