@@ -4,7 +4,7 @@ Routing vector: text encoders have no token that summarizes the sequence before 
 pools each routing layer's input over the content tokens (neither padding nor special) when the tokenizer's
 special ids are known, which the router ablation on the suite's validation splits chose (docs/SUITE.md: one-word
 inputs are mostly [CLS] and [SEP] otherwise; ``tokens``, the RMS of each token's own residual, scored the same
-within noise at 1.25x the serving cost); else the mean over the non-padding tokens (the paper's rule). Routing
+within noise at 1.27x the serving cost); else the mean over the non-padding tokens (the paper's rule). Routing
 matrix: the first MLP linear of block ``round(0.75 * depth)`` (``intermediate.dense`` in BERT-likes,
 ``ffn.lin1`` in DistilBERT, ``DenseReluDense.wi`` / ``wi_0`` (gated, Flan-T5) in T5); by default every linear
 layer before it adds its evidence (:meth:`~massmerge.adapters.base.BaseAdapter.default_router`). Layout:
