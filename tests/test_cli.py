@@ -320,3 +320,14 @@ def test_no_third_party_bar_before_an_error_line(tmp_path):
                  "--heads", *map(str, heads), "--output", str(tmp_path / "art"))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: --experts: {experts[2]}: no such file or directory"], result.stderr
+
+
+def test_info_shows_a_multi_layer_router_in_brief():
+    """Dozens of routing layers print as a count, the first and the last, and how they combine."""
+    from massmerge.cli.info import _layers_text
+    from massmerge.mass.config import make_serve_settings
+
+    layers = tuple(f"encoder.layer.{i}.intermediate.dense" for i in range(5))
+    text = _layers_text(make_serve_settings(routing_layers=layers, layer_combine="ppca"))
+    assert text == "5 routing layers (encoder.layer.0.intermediate.dense ... encoder.layer.4.intermediate.dense, ppca)"
+    assert _layers_text(make_serve_settings(routing_layers=layers[:1])) == f"routing layers {layers[0]}"

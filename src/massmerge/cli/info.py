@@ -82,7 +82,7 @@ def _artifact_info(path: Path, console: Any) -> None:
         f"build: rank fraction {manifest.rank_fraction:.4g} ({_kept_ranks(path, manifest)}), eps "
         f"{manifest.build.eps}, svd {manifest.build.svd}, factors {manifest.factor_dtype}; "
         f"{len(manifest.ranks)} matrices, {len(manifest.non_matrix_keys)} other keys",
-        f"serve defaults: routing layers {', '.join(serve.routing_layers)}; pooling {serve.pooling or 'family'}; "
+        f"serve defaults: {_layers_text(serve)}; pooling {serve.pooling or 'family'}; "
         f"mode {serve.mode}, eta {serve.eta}, K {serve.top_k}, tau {serve.tau}, heads {serve.head_rule}, "
         f"alpha {serve.alpha}, max length {serve.max_length}",
         "heads: " + ", ".join(f"{h.task} ({h.kind}, {h.num_classes} classes)" for h in manifest.heads),
@@ -93,6 +93,14 @@ def _artifact_info(path: Path, console: Any) -> None:
     for name in manifest.files:
         if name.endswith(".safetensors"):
             console.print(_tensor_table(name, open_checkpoint(path / name)))
+
+
+def _layers_text(serve: Any) -> str:
+    """The routing layers in brief: a multi-layer router routes on dozens of matrices."""
+    layers = serve.routing_layers
+    if len(layers) <= 2:
+        return f"routing layers {', '.join(layers)}"
+    return f"{len(layers)} routing layers ({layers[0]} ... {layers[-1]}, {serve.layer_combine})"
 
 
 def _kept_ranks(path: Path, manifest: Any) -> str:
