@@ -3,9 +3,9 @@
 What it measures (issue 13), on real texts of the suite's tasks shuffled so batches mix task sets:
 
 - steady state, in one process: ``predict_texts`` (the function the CLI runs) on a loaded artifact after a
-  warm-up batch, against the base model's forward + mean pool with the same tokenization and batching (the
-  base's batches are formed as predict forms its own: by length within windows, so both pay the same padding); rounds
-  interleaved, each timed on fresh merged-set caches (a new ``load``) and repeated, medians reported;
+  warm-up batch, against the base model's forward + mean pool of the same texts, tokenized once as predict
+  tokenizes them and batched as predict batches its first pass (:func:`base_batches`); rounds interleaved, each
+  timed on fresh merged-set caches (a new ``load``) and repeated, medians reported;
 - end to end, whole processes: ``massmerge predict ARTIFACT inputs.jsonl`` against a process that loads the
   base, tokenizes, runs forward + pool and writes JSON lines; interleaved, repeated;
 - the shares of one predict run: first pass (to the routing layers) + router, set merges (new task sets'
@@ -23,7 +23,6 @@ experts of the real base and the suite's zero-shot heads (routing is then not me
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
 import json
 import os
 import random
@@ -32,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -74,7 +74,6 @@ def task_count(artifact: Path) -> int:
     from massmerge.artifact import read_manifest
 
     return len(read_manifest(artifact).task_names)
-
 
 
 def suite_texts(count: int, seed: int) -> list[str]:

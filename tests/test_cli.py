@@ -203,7 +203,11 @@ def test_every_default_shows_in_help(capsys, command):
 def test_suite_help_shows_where_things_go(capsys):
     text = " ".join(help_text(capsys, "suite").split())
     assert "[default: massmerge- suite/PRESET]" in text or "[default: massmerge-suite/PRESET]" in text
-    assert "[default: distinct]" in text and ".cache/massmerge/suite" in text
+    from massmerge.data.tasks import DEFAULT_PRESET
+    from massmerge.suite import SuiteConfig
+
+    assert f"[default: {DEFAULT_PRESET}]" in text and ".cache/massmerge/suite" in text
+    assert SuiteConfig().preset == DEFAULT_PRESET  # the library and the CLI run the same default preset
     assert "[default: all cores]" in text and "[default: 0.3]" in text
 
 

@@ -27,13 +27,19 @@ from massmerge import evaluate as ev
 from massmerge import progress
 from massmerge.adapters.text import TextEncoderAdapter
 from massmerge.checkpoints import atomic_write
-from massmerge.data.tasks import TaskData, get_preset, load_task
+from massmerge.data.tasks import DEFAULT_PRESET, TaskData, get_preset, load_task
 from massmerge.finetune import Backbone, FinetuneConfig, class_embeddings, features, finetune_expert, load_backbone
 from massmerge.finetune import tokenize
 from massmerge.heads import ZeroShotHead
 from massmerge.mass import router
 from massmerge.mass.budget import stored_factors, tensor_bytes
-from massmerge.mass.config import DEFAULT_EPS, ROUTER_PROFILES, default_routing_block, make_serve_settings
+from massmerge.mass.config import (
+    DEFAULT_EPS,
+    ROUTER_PROFILES,
+    apply_profile,
+    default_routing_block,
+    make_serve_settings,
+)
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.model import MASSModel
 from massmerge.mass.serving import first_pass_batches, serve
@@ -57,7 +63,7 @@ class SuiteConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    preset: str = "ci"
+    preset: str = DEFAULT_PRESET
     tasks: tuple[str, ...] | None = None
     n_train: int | None = None
     n_val: int | None = None
@@ -452,12 +458,9 @@ def _tsv_c_row(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cache: EvalCache) -
 
 
 def served_settings(zoo: Zoo, cfg: SuiteConfig, layer: str) -> Any:
-    """The serve settings ``massmerge build`` records for these experts (the text family's default router,
-    exiting at ``layer``), with the suite's named router rule and overrides applied."""
-    from massmerge.mass.config import apply_profile
-
-    model = zoo.backbone.model
-    router = {**zoo.adapter.default_router(model), "routing_layers": zoo.adapter.evidence_layers(model, layer)}
+    """The serve settings ``massmerge build`` records for these experts (the family's default router, exiting
+    at ``layer``), with the suite's named router rule and overrides applied."""
+    router = zoo.adapter.default_router(zoo.backbone.model, layer)
     settings = make_serve_settings(**router, max_length=cfg.finetune_config().max_length)
     if cfg.router is not None:
         settings = apply_profile(settings, cfg.router, default_layer=layer, family_pooling=zoo.adapter.paper_pooling)

@@ -102,6 +102,8 @@ def test_default_router_uses_every_linear_layer_before_the_routing_layer() -> No
     assert "encoder.layer.3.output.dense" not in layers  # runs after the routing layer: the pass has stopped
     assert (router["pooling"], router["layer_combine"]) == ("content", "ppca")
     assert get_adapter("text").pooling == "mean"  # content pooling needs the tokenizer's special ids
+    earlier = adapter.default_router(model, "encoder.layer.1.intermediate.dense")["routing_layers"]
+    assert earlier[-1] == "encoder.layer.1.intermediate.dense" and earlier == layers[:len(earlier)]
 
 
 def test_vision_keeps_the_papers_router_by_default() -> None:
@@ -116,3 +118,5 @@ def test_vision_keeps_the_papers_router_by_default() -> None:
     router = adapter.default_router(model)
     assert router == {"routing_layers": (adapter.routing_layer(model),), "pooling": "cls",
                       "layer_combine": "standardized"}
+    other = "vision_model.encoder.layers.0.mlp.fc1"
+    assert adapter.default_router(model, other)["routing_layers"] == (other,)  # one layer, wherever it exits

@@ -151,9 +151,10 @@ class BaseAdapter:
                     found.append(full)
         return (*found, layer)
 
-    def default_router(self, model: nn.Module) -> dict[str, Any]:
-        """The serve settings this family routes with by default (see the class docstring)."""
-        layer = self.routing_layer(model)
+    def default_router(self, model: nn.Module, layer: str | None = None) -> dict[str, Any]:
+        """The serve settings this family routes with by default (see the class docstring), exiting at ``layer``
+        (default: the family's routing layer)."""
+        layer = layer or self.routing_layer(model)
         if not self.multi_layer_default:
             return {"routing_layers": (layer,), "pooling": self.pooling, "layer_combine": "standardized"}
         return {"routing_layers": self.evidence_layers(model, layer), "pooling": self.pooling, "layer_combine": "ppca"}

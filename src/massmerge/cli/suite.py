@@ -56,9 +56,9 @@ def check_routing_layers(layers: list[str]) -> None:
 
 @command("suite")
 def suite_cmd(
-    preset: Annotated[str, typer.Option(metavar="NAME", help="distinct (the paper's design: each task its own "
+    preset: Annotated[str | None, typer.Option(metavar="NAME", help="distinct (the paper's design: each task its own "
                                                              "source), overlap (look-alike inputs), ci (4 "
-                                                             "tasks, minutes) or wide")] = "distinct",
+                                                             "tasks, minutes) or wide [default: distinct]")] = None,
     output: Annotated[Path | None, typer.Option(metavar="PATH", help="report folder [default: "
                                                                      "massmerge-suite/PRESET]")] = None,
     export_artifact: Annotated[Path | None, typer.Option(metavar="PATH", help="also write the served MASS model "
@@ -95,13 +95,13 @@ def suite_cmd(
     seed: Annotated[int, typer.Option(metavar="INT", help="split and training seed")] = 0,
 ) -> None:
     """Build the expert zoo (cached), evaluate zero-shot, experts, every static merge and MASS; write the report."""
-    from massmerge.data.tasks import get_preset
+    from massmerge.data.tasks import DEFAULT_PRESET, TASKS, get_preset
     from massmerge.mass.config import ROUTER_PROFILES, make_build_settings, make_serve_settings
-    from massmerge.data.tasks import TASKS
     from massmerge.suite import SuiteConfig, preset_finetune, run_suite
 
     check_positive("--steps", steps)
     check_positive("--n-test", n_test)
+    preset = preset or DEFAULT_PRESET
     get_preset(preset)
     unknown = [name for name in (tasks.split(",") if tasks else []) if name not in TASKS]
     if unknown:

@@ -162,6 +162,7 @@ _WIDE = ("wordnet_nouns_a", "wordnet_nouns_b", "wordnet_verbs", "wordnet_pos", "
 #: domains, half of them short inputs, as the paper's benchmark of 8 image datasets. ``overlap``: tasks that read the
 #: same kinds of text (the hard case; the former ``default``). ``wide``: every task except ``wordnet_nouns``, which
 #: it splits into ``wordnet_nouns_a`` and ``_b``. Router settings are chosen on val, so distinct and wide keep 200.
+DEFAULT_PRESET = "distinct"  # what `massmerge suite` and SuiteConfig() run
 PRESETS: dict[str, Preset] = {
     "ci": Preset("ci", ("wordnet_pos", "quote_language", "spam", "debian_apps"), 640, 64, 160),
     "distinct": Preset("distinct", _DISTINCT, 4000, 200, 500),

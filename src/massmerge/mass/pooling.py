@@ -20,14 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
 from massmerge.errors import OptionError
+from massmerge.mass.config import Pooling
 
 Layout = Literal["batch_first", "seq_first"]
-POOLINGS = ("cls", "mean", "content", "tokens")
+POOLINGS: tuple[str, ...] = get_args(Pooling)  # the names are defined once, in mass/config.py
 PoolFn = Callable[..., Any]  # (activation, batch, pooling=None) -> [B, d] (or ([B, L, d], [B, L]) for tokens)
 
 
