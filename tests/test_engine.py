@@ -230,6 +230,31 @@ def test_bert_mixed_sets_with_padding_match_reference(bert, strategy):
     assert_mixed_match(model, bert_batch(len(MIXED_ROWS)), mixed_selection(MIXED_ROWS))
 
 
+def test_dense_weights_are_kept_for_the_next_batches_of_a_set(bert, monkeypatch):
+    """A set's dense weights are formed once and reused by its next batches (serving sends them one after
+    another), the results stay the reference's, and only DENSE_SETS_KEPT sets are kept."""
+    from massmerge.mass import model as engine
+    from massmerge.mass import routed
+
+    model = bert.with_settings(strategy="auto")
+    kept = model._shared.kept
+    batches = [bert_batch(24, length=12, seed=seed) for seed in range(2)]
+    reference = model.with_settings(strategy="reference")
+    formed = []
+    original = routed.add_delta
+    monkeypatch.setattr(routed, "add_delta", lambda *a, **k: formed.append(1) or original(*a, **k))
+    counts = []
+    for batch in batches:
+        assert rel(model.features_with((0, 2), batch), reference.features_with((0, 2), batch)) < 1e-5
+        counts.append(len(formed))
+    assert counts[0] > 0, "the batch was too small for a dense weight: the test would not test the kept weights"
+    assert counts[1] == counts[0]  # the second batch formed no weight
+    assert kept.of((0, 2), model.settings.alpha)
+    for tasks in [(0,), (1,), (2, 3)]:
+        model.features_with(tasks, batches[0])
+    assert len(kept._kept) == engine.DENSE_SETS_KEPT
+
+
 @pytest.mark.parametrize("pooling", ["mean", "content", "tokens"])
 def test_bert_routed_predictions_match_reference(bert, pooling):
     batch = bert_batch(12, seed=1)

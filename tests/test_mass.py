@@ -52,6 +52,18 @@ def test_residuals_and_probabilities_match_reference(rng, tau):
     assert rel(router.probabilities(r, tau), p_ref) < 1e-10
 
 
+def test_residuals_of_unequal_ranks_and_unnormalized_bases_match_reference(rng):
+    """The stacked bases pad smaller ranks with zero columns: each task's residual is still its own
+    ``||z - V V^T z||``, for any V (stored bases are float16-rounded, not exactly orthonormal)."""
+    bases = [b * 1.01 for b in random_bases(rng, 12, 2, 1)] + random_bases(rng, 12, 5, 1) + random_bases(rng, 12, 3, 2)
+    z = rng.standard_normal((6, 12))
+    r_ref, _ = ref_probs(z, bases, 1.0)
+    stacked = router.LayerBases.of([torch.from_numpy(b) for b in bases])
+    assert stacked.dim == 12 and stacked.mean_rank == (2 + 5 + 3 + 3) / 4
+    assert rel(router.residuals(torch.from_numpy(z), stacked), r_ref) < 1e-12
+    assert router.LayerBases.of(stacked) is stacked
+
+
 def test_topk_rule_threshold_cap_and_fallback():
     probs = torch.tensor([
         [0.30, 0.25, 0.21, 0.24],  # four above eta=0.2 -> cut to the top 3

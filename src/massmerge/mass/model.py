@@ -43,6 +43,7 @@ from massmerge.mass.config import ServeSettings, make_serve_settings
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.pooling import PoolFn, batch_size_of, identity_pool
 from massmerge.mass.routed import (
+    DenseWeights,
     FirstPass,
     Group,
     Plan,
@@ -61,6 +62,7 @@ Batch = Any
 Strategy = Literal["auto", "batched", "grouped", "reference"]
 STRATEGIES = ("auto", "batched", "grouped", "reference")
 SET_CACHE_SIZE = 256  # merged non-matrix values per (set, alpha); small tensors (biases, norms)
+DENSE_SETS_KEPT = 2  # task sets whose dense merged matrices are kept across batches (each: one copy of them)
 
 
 def default_features(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -135,6 +137,7 @@ class _Shared:
         self.batched_off_reason = _seq_first_module(model)
         self._first: dict[float, dict[str, torch.Tensor]] = {}
         self._sets: OrderedDict[tuple[TaskSet, float], SetData] = OrderedDict()
+        self.kept = DenseWeights(DENSE_SETS_KEPT)
         self._lock = threading.RLock()
         self._reference_lock = threading.Lock()
 
@@ -252,8 +255,8 @@ class MASSModel(nn.Module):
         if missing:
             raise OptionError(f"task factor key '{missing[0]}' is not a parameter of the model")
 
-    def _routing_basis(self, layer: str) -> list[torch.Tensor]:
-        return self._shared.factors.routing_basis(f"{layer}.weight")
+    def _routing_basis(self, layer: str) -> router.LayerBases:
+        return router.LayerBases.of(self._shared.factors.routing_basis(f"{layer}.weight"))
 
     # -- views -------------------------------------------------------------------------------------------------
     @property
@@ -316,9 +319,13 @@ class MASSModel(nn.Module):
         """[B, T] projection residuals of every routing layer, pooled as the settings say (``tokens``: the RMS of
         each content token's residual), from one first pass."""
         s, captured = self.settings, self.routing_activations(batch)
-        residuals = {}
+        residuals: dict[str, torch.Tensor] = {}
+        pooled_by_input: dict[int, Any] = {}  # layers that read one tensor (query, key, value) pool it once
         for layer in s.routing_layers:
-            pooled = self.pool(captured[layer], batch, s.pooling)
+            activation = captured[layer]
+            if id(activation) not in pooled_by_input:
+                pooled_by_input[id(activation)] = self.pool(activation, batch, s.pooling)
+            pooled = pooled_by_input[id(activation)]
             residuals[layer] = router.token_residuals(*pooled, self._bases[layer]) if isinstance(pooled, tuple) \
                 else router.residuals(pooled, self._bases[layer])
         return residuals
@@ -328,8 +335,7 @@ class MASSModel(nn.Module):
         """Residuals per routing layer, probabilities and selected task sets of a batch."""
         s = self.settings
         residuals = self.layer_residuals(batch)
-        free = [bases[0].shape[0] - sum(b.shape[1] for b in bases) / len(bases) for bases in
-                (self._bases[layer] for layer in s.routing_layers)]
+        free = [self._bases[layer].dim - self._bases[layer].mean_rank for layer in s.routing_layers]
         probs, selected = router.route(list(residuals.values()), combine=s.layer_combine, free_dims=free,
                                        mode=s.mode, eta=s.eta, top_k=s.top_k, tau=s.tau)
         return Routing(residuals, probs, selected)
@@ -359,7 +365,7 @@ class MASSModel(nn.Module):
         shared, alpha = self._shared, self.settings.alpha
         groups = [Group(start, stop, shared.set_data(tasks, alpha)) for tasks, start, stop in spans]
         return SecondPass(groups, size, shared.merger, alpha, shared.installed.generic_keys,
-                          shared.dense_value(alpha))
+                          shared.dense_value(alpha), kept=shared.kept)
 
     def _batched_features(self, batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]]) -> torch.Tensor:
         plan = Plan.of(groups)
