@@ -62,6 +62,11 @@ def test_residuals_of_unequal_ranks_and_unnormalized_bases_match_reference(rng):
     assert stacked.dim == 12 and stacked.mean_rank == (2 + 5 + 3 + 3) / 4
     assert rel(router.residuals(torch.from_numpy(z), stacked), r_ref) < 1e-12
     assert router.LayerBases.of(stacked) is stacked
+    rows = torch.randn(3 * 4, 12, dtype=torch.float64)  # equal ranks, stacked as the set merger holds them
+    equal = router.LayerBases.of_rows(rows, [0, 4, 8, 12])
+    assert equal.transposed.data_ptr() == rows.data_ptr()  # a view: serving keeps no second copy
+    expected = [[np.linalg.norm(zi - V @ V.T @ zi) for V in (rows[a:a + 4].T.numpy() for a in (0, 4, 8))] for zi in z]
+    assert rel(router.residuals(torch.from_numpy(z), equal), expected) < 1e-12
 
 
 def test_topk_rule_threshold_cap_and_fallback():

@@ -256,7 +256,10 @@ class MASSModel(nn.Module):
             raise OptionError(f"task factor key '{missing[0]}' is not a parameter of the model")
 
     def _routing_basis(self, layer: str) -> router.LayerBases:
-        return router.LayerBases.of(self._shared.factors.routing_basis(f"{layer}.weight"))
+        key = f"{layer}.weight"
+        self._shared.factors.routing_basis(key)  # names the layer if it has no factors
+        stacked = self._shared.merger.stacked[key]
+        return router.LayerBases.of_rows(stacked.Vt, stacked.offsets)  # views of the stacked factors
 
     # -- views -------------------------------------------------------------------------------------------------
     @property

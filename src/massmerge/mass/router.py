@@ -44,11 +44,25 @@ class LayerBases:
     def of(cls, bases: Sequence[torch.Tensor] | LayerBases) -> LayerBases:
         if isinstance(bases, LayerBases):
             return bases
-        width = max(V.shape[1] for V in bases)
-        transposed = torch.zeros(len(bases), width, bases[0].shape[0], dtype=bases[0].dtype)
-        for t, V in enumerate(bases):
-            transposed[t, :V.shape[1]] = V.T
-        return cls(tuple(bases), transposed.reshape(-1, transposed.shape[-1]).T.contiguous(), transposed)
+        offsets = [0]
+        for V in bases:
+            offsets.append(offsets[-1] + V.shape[1])
+        return cls.of_rows(torch.cat([V.T for V in bases]), offsets)
+
+    @classmethod
+    def of_rows(cls, rows: torch.Tensor, offsets: Sequence[int]) -> LayerBases:
+        """From every task's ``V_t^T`` stacked as rows ``[sum k, d]`` (task t: rows ``offsets[t]:offsets[t+1]``,
+        as :class:`~massmerge.mass.setmerge.Stacked` holds them): with equal ranks a view, no copy."""
+        spans = list(zip(offsets, offsets[1:]))
+        width = max(b - a for a, b in spans)
+        if all(b - a == width for a, b in spans) and rows.is_contiguous():
+            transposed = rows.view(len(spans), width, rows.shape[1])
+        else:
+            transposed = rows.new_zeros(len(spans), width, rows.shape[1])
+            for t, (a, b) in enumerate(spans):
+                transposed[t, :b - a] = rows[a:b]
+        bases = tuple(rows[a:b].T for a, b in spans)
+        return cls(bases, transposed.reshape(-1, rows.shape[1]).T, transposed)
 
     @property
     def dim(self) -> int:
