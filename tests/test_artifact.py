@@ -44,6 +44,23 @@ def test_round_trip_is_bit_identical(tmp_path):
     assert [type(h) for h in loaded.heads] == [type(h) for h in model.heads]
 
 
+def test_parts_in_storage_dtype_write_the_same_artifact(tmp_path):
+    """``massmerge build`` writes from the parts with the factors already converted to float16 (no second copy
+    at write time); the files are byte for byte those of saving the served model."""
+    model = built()
+    save_artifact(model, tmp_path / "served")
+    base, factors, heads, cfg = make_parts(4)
+    stored = artifact.to_storage(round_factors(factors, torch.float16), torch.float16)
+    assert all(f.U.dtype == f.V.dtype == torch.float16 and f.s.dtype == torch.float32
+               for per_task in stored.matrices.values() for f in per_task)
+    assert all(t.dtype == torch.float16 for per_task in stored.non_matrix.values() for t in per_task)
+    artifact.write_artifact(tmp_path / "parts", base_model=base, factors=stored, heads=heads, serve=cfg)
+    for name in (artifact.FACTORS_FILE, artifact.HEADS_FILE):
+        assert (tmp_path / "parts" / name).read_bytes() == (tmp_path / "served" / name).read_bytes(), name
+    loaded = load(tmp_path / "parts", base_model=ToyEncoder(), pool=mean_pool())
+    assert_same_outputs(model, loaded, make_batch(8, seed=2))
+
+
 def test_round_trip_exact_with_float32_factors(tmp_path):
     base, factors, heads, cfg = make_parts(3)
     model = MASSModel(base, factors, heads, cfg, pool=mean_pool())

@@ -204,6 +204,21 @@ def round_factors(factors: ExpertFactors, dtype: torch.dtype, *, in_place: bool 
                          matrices=matrices, non_matrix=non_matrix, accepted=dict(factors.accepted), eps=factors.eps)
 
 
+def to_storage(factors: ExpertFactors, dtype: torch.dtype) -> ExpertFactors:
+    """``factors`` with U, V and the non-matrix deltas held in ``dtype`` (singular values as they are), converted
+    one tensor at a time in place; returns ``factors``. For writing only: the factors no longer serve (MASS
+    computes in the base's precision). Why: :func:`write_artifact` writes the storage dtype, and converting at
+    write time held a second, storage-dtype copy of every factor beside the float32 ones (build's peak memory,
+    issue 10); converted first, the float32 tensors are freed as their copies are made."""
+    for per_task in factors.matrices.values():
+        for t, f in enumerate(per_task):
+            per_task[t] = LowRank(f.U.to(dtype).contiguous(), f.s, f.V.to(dtype).contiguous())
+    for per_task in factors.non_matrix.values():
+        for t, delta in enumerate(per_task):
+            per_task[t] = delta.to(dtype).contiguous()
+    return factors
+
+
 def float_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
     """The dtype of the first floating-point tensor: the base's own precision."""
     for value in state.values():
@@ -405,10 +420,20 @@ def check_task_names(names: Sequence[str], source: str = "--task-names") -> None
         raise OptionError(f"{source}: '{duplicate}' is given twice")
 
 
-def save_artifact(
-    model: MASSModel,
+def save_artifact(model: MASSModel, directory: str | os.PathLike[str], **options: Any) -> Path:
+    """Write ``model`` (with its serve settings as the artifact's defaults) as an artifact directory: its base,
+    factors, heads and settings, by :func:`write_artifact` (which documents the options)."""
+    return write_artifact(directory, base_model=model.model, factors=model.factors, heads=list(model.heads),
+                          serve=model.settings, **options)
+
+
+def write_artifact(
     directory: str | os.PathLike[str],
     *,
+    base_model: nn.Module,
+    factors: ExpertFactors,
+    heads: Sequence[nn.Module],
+    serve: ServeSettings,
     build: BuildSettings | None = None,
     adapter: Any | None = None,
     hf_config: Mapping[str, Any] | None = None,
@@ -418,22 +443,23 @@ def save_artifact(
     class_names: Sequence[Sequence[str] | None] | None = None,
     rank_scale: float = 1.0,
 ) -> Path:
-    """Write ``model`` (with its serve settings as the artifact's defaults) as an artifact directory.
+    """Write an artifact directory from a MASS model's parts (``massmerge build`` writes them without making
+    the serving model, and with the factors already in their storage dtype, so that writing them makes no
+    second copy: :func:`to_storage`).
 
     With ``adapter`` (a bound :class:`~massmerge.adapters.BaseAdapter`) and the model's HF config (taken from
-    ``model.model.config`` when not given) the base is written as an HF model directory ``model/`` that
+    ``base_model.config`` when not given) the base is written as an HF model directory ``model/`` that
     :func:`load` rebuilds by itself; otherwise the base's tensors are stored (or referenced by
     ``base_reference``, a safetensors file holding exactly them) and ``load`` needs ``base_model=``.
     ``factor_dtype`` None picks :func:`storage_dtype` of the base. Writes are atomic.
     """
     directory = Path(directory)
-    factors = model.factors
     check_task_names(factors.task_names, "task_names")
-    base_state = model.model.state_dict()
+    base_state = base_model.state_dict()
     base_dtype = float_dtype(base_state)
     store = parse_dtype(factor_dtype) if factor_dtype is not None else storage_dtype(base_dtype)
-    entries, head_tensors = head_entries(list(model.heads), factors.task_names, class_names)
-    architecture = _architecture(model, adapter, hf_config)
+    entries, head_tensors = head_entries(list(heads), factors.task_names, class_names)
+    architecture = _architecture(base_model, adapter, hf_config)
     if architecture.kind == "adapter" and base_reference is not None:
         raise OptionError("base_reference: only a generic module's base can be referenced, not an adapter's model")
     build = (build or BuildSettings()).model_copy(update={"eps": factors.eps, "factor_dtype": dtype_name(store)})
@@ -441,10 +467,11 @@ def save_artifact(
     def fill(tmp: Path) -> None:
         _save_tensors(factor_tensors(factors, store), tmp / FACTORS_FILE)
         _save_tensors(head_tensors, tmp / HEADS_FILE)
-        base = _write_base(tmp, model, base_state, architecture, hf_config, tokenizer_dir, base_reference, base_dtype)
+        base = _write_base(tmp, base_model, base_state, architecture, hf_config, tokenizer_dir, base_reference,
+                           base_dtype)
         manifest = Manifest(
             format_version=FORMAT_VERSION, massmerge_version=_version(), task_names=list(factors.task_names),
-            build=build, rank_fraction=factors.rank_fraction, rank_scale=rank_scale, serve=model.settings,
+            build=build, rank_fraction=factors.rank_fraction, rank_scale=rank_scale, serve=serve,
             ranks={key: [f.rank for f in per_task] for key, per_task in factors.matrices.items()},
             accepted=factors.accepted, non_matrix_keys=list(factors.non_matrix), factor_dtype=dtype_name(store),
             base=base, architecture=architecture, heads=entries, files=_file_entries(tmp),
@@ -456,10 +483,11 @@ def save_artifact(
     return directory
 
 
-def _architecture(model: MASSModel, adapter: Any | None, hf_config: Mapping[str, Any] | None) -> ArchitectureEntry:
+def _architecture(base_model: nn.Module, adapter: Any | None, hf_config: Mapping[str, Any] | None
+                  ) -> ArchitectureEntry:
     if adapter is None:
         return ArchitectureEntry(kind="module")
-    if hf_config is None and getattr(model.model, "config", None) is None:
+    if hf_config is None and getattr(base_model, "config", None) is None:
         raise OptionError("adapter: the model has no HF config; pass hf_config=... or save it as a generic module")
     options: dict[str, Any] = {"pooling": adapter.pooling}
     for name in ("feature_pooling", "special_ids", "arch"):
@@ -470,7 +498,7 @@ def _architecture(model: MASSModel, adapter: Any | None, hf_config: Mapping[str,
                              pooling=adapter.pooling)
 
 
-def _write_base(tmp: Path, model: MASSModel, state: Mapping[str, torch.Tensor], architecture: ArchitectureEntry,
+def _write_base(tmp: Path, base_model: nn.Module, state: Mapping[str, torch.Tensor], architecture: ArchitectureEntry,
                 hf_config: Mapping[str, Any] | None, tokenizer_dir: str | os.PathLike[str] | None,
                 base_reference: str | os.PathLike[str] | None, base_dtype: torch.dtype) -> BaseEntry:
     dtype = dtype_name(base_dtype)
@@ -484,7 +512,7 @@ def _write_base(tmp: Path, model: MASSModel, state: Mapping[str, torch.Tensor], 
         return BaseEntry(mode="embedded", dtype=dtype, file=BASE_FILE)
     model_dir = tmp / MODEL_DIR
     model_dir.mkdir()
-    config = dict(hf_config) if hf_config is not None else model.model.config.to_dict()
+    config = dict(hf_config) if hf_config is not None else base_model.config.to_dict()
     (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     _save_tensors(state, model_dir / HF_WEIGHTS, metadata={"format": "pt"})
     if tokenizer_dir is not None:

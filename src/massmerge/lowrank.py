@@ -26,7 +26,7 @@ RANDOMIZED_POWER_ITERS = 6
 # Tall or wide matrices (e.g. a 30522 x 384 word-embedding delta) take the float64 Gram path of the exact SVD.
 GRAM_MIN_ASPECT = 4
 GRAM_MAX_SIDE = 4096
-GRAM_BLOCK_ROWS = 4096
+GRAM_BLOCK_ROWS = 1024  # rows of A read into float64 at a time: 3 MiB blocks at width 384 (build memory, issue 10)
 
 
 @dataclass
@@ -134,9 +134,10 @@ def _gram_svd(a: torch.Tensor, k: int) -> LowRank:
     top = values.flip(0)[:k].clamp_min(0).sqrt()
     V = vectors.flip(1)[:, :k].contiguous()
     safe = torch.where(top > 0, top, torch.ones_like(top))
-    U = torch.cat([(a[start:start + GRAM_BLOCK_ROWS].double() @ V) / safe
-                   for start in range(0, a.shape[0], GRAM_BLOCK_ROWS)])
-    return LowRank(U.to(a.dtype).contiguous(), top.to(a.dtype), V.to(a.dtype))
+    U = a.new_empty(a.shape[0], V.shape[1])  # filled a block at a time: no float64 copy of all of U (issue 10)
+    for start in range(0, a.shape[0], GRAM_BLOCK_ROWS):
+        U[start:start + GRAM_BLOCK_ROWS] = (a[start:start + GRAM_BLOCK_ROWS].double() @ V) / safe
+    return LowRank(U, top.to(a.dtype), V.to(a.dtype))
 
 
 def _randomized_svd(a: torch.Tensor, k: int) -> LowRank:

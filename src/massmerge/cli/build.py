@@ -166,10 +166,10 @@ def build_artifact(base: Path, experts: list[Path], head_modules: list, names: l
                    trust_pickle: bool = False, echo: Any = typer.echo) -> Path:
     """The whole build (also used by ``massmerge suite --export-artifact``); checks come before any SVD."""
     from massmerge.adapters import detect_family, get_adapter
-    from massmerge.artifact import check_output_directory, factor_storage, float_dtype, save_artifact
+    from massmerge.artifact import check_output_directory, factor_storage, float_dtype, to_storage, write_artifact
     from massmerge.mass.budget import stored_factors, tensor_bytes
     from massmerge.mass.config import make_serve_settings
-    from massmerge.mass.model import MASSModel
+    from massmerge.mass.model import check_parts
     from massmerge.mass.stream import build_factors
     from massmerge.merging.common import default_rank_fraction
     from massmerge.sources import resolve_source
@@ -210,10 +210,10 @@ def build_artifact(base: Path, experts: list[Path], head_modules: list, names: l
     factors, scale = stored.factors, stored.rank_scale  # exactly what a later load() serves
     evidence = tuple(name for name in router["routing_layers"] if f"{name}.weight" in factors.matrices)
     serve = make_serve_settings(**{**router, "routing_layers": evidence or (layer,)}, max_length=length)
-    mass = MASSModel(model, factors, head_modules, serve, pool=adapter.pool, features=adapter.features)
-    save_artifact(mass, output, build=settings, adapter=adapter,
-                  tokenizer_dir=base_path if base_path.is_dir() else None, factor_dtype=store, class_names=classes,
-                  rank_scale=scale)
+    check_parts(model, factors, head_modules, serve)  # what load() will build from these parts, checked now
+    write_artifact(output, base_model=model, factors=to_storage(factors, store), heads=head_modules, serve=serve,
+                   build=settings, adapter=adapter, tokenizer_dir=base_path if base_path.is_dir() else None,
+                   factor_dtype=store, class_names=classes, rank_scale=scale)
     echo(summary(output, names, layer, store, settings, design_rank=design_rank, stored=factors,
                  unreachable=stored.note is not None))
     return Path(output)

@@ -209,6 +209,30 @@ def _seq_first_module(model: nn.Module) -> str | None:
     return None
 
 
+def check_parts(base_model: nn.Module, factors: ExpertFactors, heads: Sequence[nn.Module],
+                settings: ServeSettings) -> None:
+    """What a MASS model needs of its parts (routing layers that are ``nn.Linear`` modules of the model, a head
+    per task, factor keys that are the model's parameters), checked before any work: ``MASSModel`` runs it,
+    and ``massmerge build``, which writes an artifact from the parts without serving them."""
+    layers = settings.routing_layers
+    if not layers:
+        raise OptionError("--routing-layer: no routing layer given (name the nn.Linear whose input routes)")
+    names = dict(base_model.named_modules())
+    for layer in layers:
+        if layer not in names:
+            linear = [n for n, m in names.items() if isinstance(m, nn.Linear)][:3]
+            raise OptionError(f"--routing-layer '{layer}' is not a module of the model (e.g. {linear})")
+        if not isinstance(names[layer], nn.Linear):
+            raise OptionError(f"--routing-layer '{layer}' is a {type(names[layer]).__name__}, not an nn.Linear")
+        factors.routing_basis(f"{layer}.weight")  # names the layer if it has no task factors
+    if len(heads) != factors.num_tasks:
+        raise OptionError(f"--heads: {len(heads)} heads for {factors.num_tasks} tasks")
+    state_keys = set(base_model.state_dict())
+    missing = [k for k in [*factors.matrices, *factors.non_matrix] if k not in state_keys]
+    if missing:
+        raise OptionError(f"task factor key '{missing[0]}' is not a parameter of the model")
+
+
 class MASSModel(nn.Module):
     """MASS over any model whose routing layers are ``nn.Linear`` modules named in ``settings.routing_layers``.
 
@@ -231,34 +255,13 @@ class MASSModel(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.pool = pool
         self.strategy: Strategy = strategy
-        self._check(base_model, factors)
+        check_parts(base_model, factors, self.heads, self.settings)
         self._shared = _Shared(base_model.eval(), factors, features)
         self._bases = {layer: self._routing_basis(layer) for layer in self.settings.routing_layers}
         install(base_model, [], self.settings.routing_layers)
 
-    # -- construction checks ---------------------------------------------------------------------------------
-    def _check(self, base_model: nn.Module, factors: ExpertFactors) -> None:
-        layers = self.settings.routing_layers
-        if not layers:
-            raise OptionError("--routing-layer: no routing layer given (name the nn.Linear whose input routes)")
-        names = dict(base_model.named_modules())
-        for layer in layers:
-            if layer not in names:
-                linear = [n for n, m in names.items() if isinstance(m, nn.Linear)][:3]
-                raise OptionError(f"--routing-layer '{layer}' is not a module of the model (e.g. {linear})")
-            if not isinstance(names[layer], nn.Linear):
-                raise OptionError(f"--routing-layer '{layer}' is a {type(names[layer]).__name__}, not an nn.Linear")
-        if len(self.heads) != factors.num_tasks:
-            raise OptionError(f"--heads: {len(self.heads)} heads for {factors.num_tasks} tasks")
-        state_keys = set(base_model.state_dict())
-        missing = [k for k in [*factors.matrices, *factors.non_matrix] if k not in state_keys]
-        if missing:
-            raise OptionError(f"task factor key '{missing[0]}' is not a parameter of the model")
-
     def _routing_basis(self, layer: str) -> router.LayerBases:
-        key = f"{layer}.weight"
-        self._shared.factors.routing_basis(key)  # names the layer if it has no factors
-        stacked = self._shared.merger.stacked[key]
+        stacked = self._shared.merger.stacked[f"{layer}.weight"]  # check_parts: it has factors
         return router.LayerBases.of_rows(stacked.Vt, stacked.offsets)  # views of the stacked factors
 
     # -- views -------------------------------------------------------------------------------------------------
@@ -288,7 +291,7 @@ class MASSModel(nn.Module):
             if strategy not in STRATEGIES:
                 raise OptionError(f"strategy: unknown value '{strategy}' (choose {', '.join(STRATEGIES)})")
             view.strategy = strategy
-        view._check(self.model, self.factors)
+        check_parts(self.model, self.factors, view.heads, view.settings)
         view._bases = {layer: self._bases.get(layer) or self._routing_basis(layer)
                        for layer in view.settings.routing_layers}
         install(self.model, [], view.settings.routing_layers)
@@ -431,5 +434,5 @@ class MASSModel(nn.Module):
         return MASSOutput(pred_task, label, selected.float(), selected, None, feats if return_features else None)
 
 
-__all__ = ["MASSModel", "MASSOutput", "Routing", "STRATEGIES", "Strategy", "default_features",
+__all__ = ["MASSModel", "check_parts", "MASSOutput", "Routing", "STRATEGIES", "Strategy", "default_features",
            "group_by_task_set", "index_batch"]
