@@ -62,7 +62,8 @@ Batch = Any
 Strategy = Literal["auto", "batched", "grouped", "reference"]
 STRATEGIES = ("auto", "batched", "grouped", "reference")
 SET_CACHE_SIZE = 256  # merged non-matrix values per (set, alpha); small tensors (biases, norms)
-DENSE_SETS_KEPT = 2  # task sets whose dense merged matrices are kept across batches (each: one copy of them)
+DENSE_SETS_KEPT = 1  # task sets whose dense merged matrices are kept for their next batches (each: one copy
+# of the factored matrices; serving sends a set's batches one after another, so one is enough)
 
 
 def default_features(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -353,7 +353,7 @@ def align_batch(x: torch.Tensor, size: int) -> torch.Tensor:
 class DenseWeights:
     """The transient dense weights ``W_0 + alpha U_S C_S V_S^T`` of the last few task sets, kept for the next
     batches of the same set. Why: ``serving`` sends each set's batches one after another, so forming a set's
-    weights once instead of once per batch saves ``k m n`` flops per matrix and batch (8% of ``predict`` at
+    weights once instead of once per batch saves ``k m n`` flops per matrix and batch (about 7% of ``predict`` at
     T = 8). Memory: each kept set holds one copy of the factored matrices. Thread-safe (a miss in two threads
     at once forms the weight twice; both are the same)."""
 
