@@ -69,6 +69,20 @@ def test_residuals_of_unequal_ranks_and_unnormalized_bases_match_reference(rng):
     assert rel(router.residuals(torch.from_numpy(z), equal), expected) < 1e-12
 
 
+def test_routing_bank_gives_every_layers_own_residuals(rng):
+    """The bank groups layers by input width (two bmm per group, ranks padded with zero columns): each layer's
+    residuals are what :func:`router.residuals` gives for that layer alone."""
+    layers = {"a": random_bases(rng, 12, 3, 4), "b": random_bases(rng, 12, 2, 3) + random_bases(rng, 12, 4, 1),
+              "c": random_bases(rng, 20, 5, 4), "d": random_bases(rng, 20, 5, 4), "e": random_bases(rng, 12, 3, 5)}
+    bases = {name: router.LayerBases.of([torch.from_numpy(b).float() for b in value]) for name, value in layers.items()}
+    bank = router.RoutingBank(bases)
+    assert sorted(len(g.layers) for g in bank.groups) == [2, 2] and list(bank.single) == ["e"]  # e: 5 tasks
+    pooled = {name: torch.randn(6, stacked.dim) for name, stacked in bases.items()}
+    got = bank.residuals(pooled)
+    for name, stacked in bases.items():
+        torch.testing.assert_close(got[name], router.residuals(pooled[name], stacked), rtol=1e-5, atol=1e-6)
+
+
 def test_topk_rule_threshold_cap_and_fallback():
     probs = torch.tensor([
         [0.30, 0.25, 0.21, 0.24],  # four above eta=0.2 -> cut to the top 3

@@ -259,6 +259,7 @@ class MASSModel(nn.Module):
         check_parts(base_model, factors, self.heads, self.settings)
         self._shared = _Shared(base_model.eval(), factors, features)
         self._bases = {layer: self._routing_basis(layer) for layer in self.settings.routing_layers}
+        self._bank = router.RoutingBank(self._bases)
         install(base_model, [], self.settings.routing_layers)
 
     def _routing_basis(self, layer: str) -> router.LayerBases:
@@ -295,6 +296,8 @@ class MASSModel(nn.Module):
         check_parts(self.model, self.factors, view.heads, view.settings)
         view._bases = {layer: self._bases.get(layer) or self._routing_basis(layer)
                        for layer in view.settings.routing_layers}
+        if list(view._bases) != list(self._bases):
+            view._bank = router.RoutingBank(view._bases)
         install(self.model, [], view.settings.routing_layers)
         return view
 
@@ -326,16 +329,17 @@ class MASSModel(nn.Module):
         """[B, T] projection residuals of every routing layer, pooled as the settings say (``tokens``: the RMS of
         each content token's residual), from one first pass."""
         s, captured = self.settings, self.routing_activations(batch)
-        residuals: dict[str, torch.Tensor] = {}
         pooled_by_input: dict[int, Any] = {}  # layers that read one tensor (query, key, value) pool it once
+        pooled = {}
         for layer in s.routing_layers:
             activation = captured[layer]
             if id(activation) not in pooled_by_input:
                 pooled_by_input[id(activation)] = self.pool(activation, batch, s.pooling)
-            pooled = pooled_by_input[id(activation)]
-            residuals[layer] = router.token_residuals(*pooled, self._bases[layer]) if isinstance(pooled, tuple) \
-                else router.residuals(pooled, self._bases[layer])
-        return residuals
+            pooled[layer] = pooled_by_input[id(activation)]
+        if any(isinstance(value, tuple) for value in pooled.values()):  # tokens: per-token residuals, per layer
+            return {layer: router.token_residuals(*pooled[layer], self._bases[layer]) for layer in s.routing_layers}
+        residuals = self._bank.residuals(pooled)
+        return {layer: residuals[layer] for layer in s.routing_layers}
 
     @torch.no_grad()
     def route(self, batch: Batch) -> Routing:
