@@ -74,13 +74,15 @@ def serve_window(model: MASSModel, items: Sequence[Any], collate: Collate, *, ba
 
 def second_pass_batches(selected: torch.Tensor, order: list[int], batch_size: int) -> list[list[int]]:
     """Batches of sample indices for the second pass: each frequent set's samples in batches of their own
-    (size-sorted), the rare sets' samples together in mixed batches."""
+    (size-sorted, longest batch first: it has the most tokens, so it forms the set's dense weights, which the
+    set's shorter batches then reuse instead of a side branch each), the rare sets' samples together in mixed
+    batches."""
     position = {i: p for p, i in enumerate(order)}
     full, rare = [], []
     for _, index in group_by_task_set(selected):
         rows = sorted(index.tolist(), key=position.__getitem__)
         (full if len(rows) >= FULL_GROUP_FRACTION * batch_size else rare).append(rows)
-    batches = [chunk for rows in full for chunk in _chunks(rows, batch_size)]
+    batches = [chunk for rows in full for chunk in reversed(_chunks(rows, batch_size))]
     mixed = sorted((i for rows in rare for i in rows), key=position.__getitem__)
     return batches + _chunks(mixed, batch_size)
 
