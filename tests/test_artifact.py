@@ -268,8 +268,12 @@ def run_cli(args: list[str]) -> None:
             raise
 
 
-def test_cli_build_and_predict(hf_setup, tmp_path, capsys):
+def test_cli_build_and_predict(hf_setup, tmp_path, capsys, monkeypatch):
+    from massmerge import memory
+
     root = hf_setup
+    tuned: list[str] = []  # build streams experts and fixes the mmap threshold; predict must not (25% of its time)
+    monkeypatch.setattr(memory, "tune_allocator_for_streaming", lambda: tuned.append("tuned") or True)
     run_cli(["build", "--base", str(root / "base"), "--experts", *[str(root / f"expert{t}") for t in range(3)],
              "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--output", str(tmp_path / "art")])
     manifest = artifact.read_manifest(tmp_path / "art")
@@ -280,7 +284,9 @@ def test_cli_build_and_predict(hf_setup, tmp_path, capsys):
     assert manifest.serve.max_length == 32  # the model's positions when the experts' length is not given
     assert (tmp_path / "art" / "model" / "vocab.txt").is_file()
     capsys.readouterr()
+    assert tuned == ["tuned"]
     run_cli(["predict", str(tmp_path / "art"), str(root / "inputs.txt"), "--batch-size", "3"])
+    assert tuned == ["tuned"]
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["index"] for r in lines] == [1, 2, 4, 5]  # line numbers in the file (line 3 is blank)
     for r in lines:

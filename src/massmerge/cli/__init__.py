@@ -112,11 +112,8 @@ INTERRUPTED_MESSAGE = "interrupted; no output file was left half-written (tempor
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``massmerge`` script."""
-    from massmerge.memory import tune_allocator_for_streaming
-
     args = expand_multi_value_options(sys.argv[1:] if argv is None else argv)
     progress.set_enabled(True)  # a bar on a terminal, log lines in a file (massmerge/progress.py)
-    tune_allocator_for_streaming()  # flat peak memory while experts stream through (massmerge/memory.py)
     try:
         with progress.quiet_third_party():  # our stderr: our progress lines, then at most one error line
             code = app(args=args, prog_name="massmerge", standalone_mode=False)

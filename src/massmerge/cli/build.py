@@ -145,6 +145,9 @@ def build_cmd(
 ) -> None:
     """Build a MASS artifact: the base, each expert's factors, non-matrix deltas, heads and a manifest."""
     from massmerge.mass.config import make_build_settings
+    from massmerge.memory import tune_allocator_for_streaming
+
+    tune_allocator_for_streaming()  # flat peak memory while experts stream through (massmerge/memory.py)
 
     if len(experts) < 2:
         raise OptionError(f"--experts: MASS needs at least 2 experts, got {len(experts)}")

@@ -74,6 +74,9 @@ def merge_cmd(
 ) -> None:
     """Merge EXPERTS into BASE with METHOD and write a safetensors state dict with the base's keys and dtypes."""
     from massmerge import merging
+    from massmerge.memory import tune_allocator_for_streaming
+
+    tune_allocator_for_streaming()  # flat peak memory while experts stream through (massmerge/memory.py)
     from massmerge.checkpoints import check_finite, load_state_dict, save_state_dict
     from massmerge.sources import resolve_source
     from massmerge.task_vectors import CheckedTaskVector, KeyFilter
