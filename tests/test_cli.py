@@ -335,3 +335,13 @@ def test_info_shows_a_multi_layer_router_in_brief():
     text = _layers_text(make_serve_settings(routing_layers=layers, layer_combine="ppca"))
     assert text == "5 routing layers (encoder.layer.0.intermediate.dense ... encoder.layer.4.intermediate.dense, ppca)"
     assert _layers_text(make_serve_settings(routing_layers=layers[:1])) == f"routing layers {layers[0]}"
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """``massmerge --help`` starts fast (issue 13: under 1 s): it parses flags without importing torch, and the
+    third-party silencing sets environment switches instead of importing transformers (0.9 s on its own)."""
+    code = ("import sys\nfrom massmerge.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stderr.strip().splitlines()[-1] == "[]", result.stderr
+    assert "Usage: massmerge" in result.stdout
