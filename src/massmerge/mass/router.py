@@ -139,7 +139,7 @@ def token_residuals(tokens: torch.Tensor, weights: torch.Tensor, bases: Sequence
     Why (issue 9, beyond the paper): the mean of a short input's few tokens is a point between them that may lie
     near no task's subspace; the residual of each token keeps how well the subspace explains each of them. One
     token: exactly :func:`residuals` of that token. Computed for all tasks with one matmul per layer:
-    ``||x - V V^T x||^2 = ||x||^2 - 2 ||p||^2 + p^T (V^T V) p``, exact for any V.
+    ``||x - V V^T x||^2 = ||x||^2 - 2 ||V^T x||^2 + (V^T x)^T (V^T V) (V^T x)``, exact for any V.
     """
     bases = LayerBases.of(bases).bases
     dtype = bases[0].dtype
