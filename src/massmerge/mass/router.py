@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -53,7 +54,7 @@ class LayerBases:
     def of_rows(cls, rows: torch.Tensor, offsets: Sequence[int]) -> LayerBases:
         """From every task's ``V_t^T`` stacked as rows ``[sum k, d]`` (task t: rows ``offsets[t]:offsets[t+1]``,
         as :class:`~massmerge.mass.setmerge.Stacked` holds them): with equal ranks a view, no copy."""
-        spans = list(zip(offsets, offsets[1:]))
+        spans = list(pairwise(offsets))
         width = max(b - a for a, b in spans)
         if all(b - a == width for a, b in spans) and rows.is_contiguous():
             transposed = rows.view(len(spans), width, rows.shape[1])
