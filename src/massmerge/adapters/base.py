@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from massmerge.errors import CheckpointError, OptionError
-from massmerge.mass.config import Pooling, default_routing_block
-from massmerge.mass.pooling import POOLINGS, Layout, pool_tokens
+from massmerge.mass.config import Pooling, check_pooling, default_routing_block
+from massmerge.mass.pooling import Layout, pool_tokens
 
 Batch = Mapping[str, Any] | torch.Tensor
 
@@ -79,8 +79,7 @@ class BaseAdapter:
 
     def __init__(self, *, routing_layer: str | int | None = None, pooling: Pooling | None = None,
                  special_ids: list[int] | tuple[int, ...] | None = None) -> None:
-        if pooling is not None and pooling not in POOLINGS:
-            raise OptionError(f"--pooling: unknown pooling '{pooling}' (choose {', '.join(POOLINGS)})")
+        check_pooling(pooling)
         self.routing_override = routing_layer
         self.pooling: Pooling = pooling or self.default_pooling
         self.layout: Layout = "batch_first"

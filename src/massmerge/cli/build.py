@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any
 
 import typer
 
@@ -24,7 +24,7 @@ from massmerge.cli.options import (
     check_positive,
 )
 from massmerge.errors import OptionError
-from massmerge.mass.config import DEFAULT_EPS, DEFAULT_MAX_SIZE, Pooling
+from massmerge.mass.config import DEFAULT_EPS, DEFAULT_MAX_SIZE, POOLINGS, check_pooling
 
 
 def load_heads(paths: list[Path], task_names: list[str] | None, experts: list[Path]) -> tuple[list, list[str], list]:
@@ -122,7 +122,7 @@ def build_cmd(
                                                                                "block index) [default: block "
                                                                                "round(0.75 depth)'s first MLP "
                                                                                "matrix]")] = None,
-    pooling: Annotated[str | None, typer.Option(metavar="|".join(get_args(Pooling)), help="default routing pooling "
+    pooling: Annotated[str | None, typer.Option(metavar="|".join(POOLINGS), help="default routing pooling "
                                                                                          "[default: the family's]")] = None,
     feature_pooling: Annotated[str | None, typer.Option(metavar="mean|cls|pooler", help="text features the experts "
                                                                                         "were trained with "
@@ -154,8 +154,7 @@ def build_cmd(
     check_positive("--max-length", max_length)
     settings = make_build_settings(rank_fraction=rank_fraction, eps=eps if deredundancy else None, svd=svd,
                                    factor_dtype=factor_dtype, max_size=max_size)
-    if pooling is not None and pooling not in get_args(Pooling):
-        raise OptionError(f"--pooling: unknown pooling '{pooling}' (choose {', '.join(get_args(Pooling))})")
+    check_pooling(pooling)
     head_modules, names, classes = load_heads(heads, task_names, experts)
     build_artifact(base, experts, head_modules, names, classes, output, settings, family=family,
                    routing_layer=routing_layer, pooling=pooling, feature_pooling=feature_pooling,

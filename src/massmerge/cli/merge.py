@@ -74,12 +74,12 @@ def merge_cmd(
 ) -> None:
     """Merge EXPERTS into BASE with METHOD and write a safetensors state dict with the base's keys and dtypes."""
     from massmerge import merging
-    from massmerge.memory import tune_allocator_for_streaming
-
-    tune_allocator_for_streaming()  # flat peak memory while experts stream through (massmerge/memory.py)
     from massmerge.checkpoints import check_finite, load_state_dict, save_state_dict
+    from massmerge.memory import tune_allocator_for_streaming
     from massmerge.sources import resolve_source
     from massmerge.task_vectors import CheckedTaskVector, KeyFilter
+
+    tune_allocator_for_streaming()  # flat peak memory while experts stream through (massmerge/memory.py)
 
     merging.get_merge_method(method)
     if output.suffix != ".safetensors":

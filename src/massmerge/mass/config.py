@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -20,6 +20,7 @@ from massmerge.errors import OptionError
 RoutingMode = Literal["topk", "top1", "batch"]
 HeadRule = Literal["max_logit", "posterior", "joint"]
 Pooling = Literal["cls", "mean", "content", "tokens"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
 LayerCombine = Literal["standardized", "ppca"]
 SVDChoice = Literal["auto", "exact", "randomized"]
 
@@ -133,9 +134,15 @@ def make_build_settings(**values: Any) -> BuildSettings:
         raise _option_error(exc) from None
 
 
+
+def check_pooling(pooling: str | None) -> None:
+    """``--pooling``: None (the family's) or one of :data:`POOLINGS`, else a one-line error naming them."""
+    if pooling is not None and pooling not in POOLINGS:
+        raise OptionError(f"--pooling: unknown pooling '{pooling}' (choose {', '.join(POOLINGS)})")
+
 __all__ = [
     "BuildSettings", "DEFAULT_ALPHA", "DEFAULT_BATCH_SIZE", "DEFAULT_EPS", "DEFAULT_ETA", "DEFAULT_MAX_SIZE",
-    "DEFAULT_TAU", "DEFAULT_TOP_K", "HeadRule", "LayerCombine", "Pooling", "ROUTER_PROFILES", "RoutingMode",
-    "ServeSettings", "apply_profile", "default_routing_block", "make_build_settings",
+    "DEFAULT_TAU", "DEFAULT_TOP_K", "HeadRule", "LayerCombine", "POOLINGS", "Pooling", "ROUTER_PROFILES", "RoutingMode",
+    "ServeSettings", "apply_profile", "check_pooling", "default_routing_block", "make_build_settings",
     "make_serve_settings",
 ]

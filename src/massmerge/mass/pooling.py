@@ -20,15 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 
 from massmerge.errors import OptionError
-from massmerge.mass.config import Pooling
+from massmerge.mass.config import POOLINGS
 
 Layout = Literal["batch_first", "seq_first"]
-POOLINGS: tuple[str, ...] = get_args(Pooling)  # the names are defined once, in mass/config.py
 PoolFn = Callable[..., Any]  # (activation, batch, pooling=None) -> [B, d] (or ([B, L, d], [B, L]) for tokens)
 
 
