@@ -249,10 +249,10 @@ def test_dense_weights_are_kept_for_the_next_batches_of_a_set(bert, monkeypatch)
         counts.append(len(formed))
     assert counts[0] > 0, "the batch was too small for a dense weight: the test would not test the kept weights"
     assert counts[1] == counts[0]  # the second batch formed no weight
-    assert kept.of((0, 2), model.settings.alpha)
+    assert kept.peek(((0, 2), model.settings.alpha))
     for tasks in [(0,), (1,), (2, 3)]:
         model.features_with(tasks, batches[0])
-    assert len(kept._kept) == engine.DENSE_SETS_KEPT
+    assert len(kept) == engine.DENSE_SETS_KEPT
 
 
 @pytest.mark.parametrize("pooling", ["mean", "content", "tokens"])

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,9 +40,9 @@ from massmerge.heads import choose
 from massmerge.mass import router
 from massmerge.mass.config import ServeSettings, make_serve_settings
 from massmerge.mass.experts import ExpertFactors
+from massmerge.mass.lru import LRU
 from massmerge.mass.pooling import PoolFn, batch_size_of, identity_pool
 from massmerge.mass.routed import (
-    DenseWeights,
     FirstPass,
     Group,
     Plan,
@@ -137,15 +136,15 @@ class _Shared:
         self.installed = install(model, [*factors.matrices, *factors.non_matrix], [])
         self.batched_off_reason = _seq_first_module(model)
         self._first: dict[float, dict[str, torch.Tensor]] = {}
-        self._sets: OrderedDict[tuple[TaskSet, float], SetData] = OrderedDict()
-        self.kept = DenseWeights(DENSE_SETS_KEPT)
-        self._lock = threading.RLock()
+        self._sets: LRU[tuple[TaskSet, float], SetData] = LRU(SET_CACHE_SIZE)
+        self.kept: LRU[tuple[TaskSet, float], dict[str, torch.Tensor]] = LRU(DENSE_SETS_KEPT)
+        self._first_lock = threading.Lock()
         self._reference_lock = threading.Lock()
 
     # -- first pass ----------------------------------------------------------------------------------------
     def first_pass_value(self, alpha: float) -> Callable[[str, torch.Tensor], torch.Tensor]:
         """(key, base tensor) -> ``theta_0 + alpha * TSV-M(all, de-redundant)`` of that key, made once."""
-        with self._lock:
+        with self._first_lock:
             cache = self._first.setdefault(alpha, {})
 
         def value(key: str, base: torch.Tensor) -> torch.Tensor:
@@ -154,7 +153,7 @@ class _Shared:
             found = cache.get(key)
             if found is not None:
                 return found
-            with self._lock:
+            with self._first_lock:
                 if key not in cache:
                     cache[key] = self._first_pass_tensor(key, alpha)
                 return cache[key]
@@ -172,21 +171,14 @@ class _Shared:
     # -- task sets -------------------------------------------------------------------------------------------
     def set_data(self, tasks: TaskSet, alpha: float) -> SetData:
         """The merged parameters of a task set (cores and rows per matrix, values per other key), cached."""
-        cache_key = (tasks, alpha)
-        with self._lock:
-            if cache_key in self._sets:
-                self._sets.move_to_end(cache_key)
-                return self._sets[cache_key]
+        return self._sets.get_or_make((tasks, alpha), lambda: self._make_set_data(tasks, alpha))
+
+    def _make_set_data(self, tasks: TaskSet, alpha: float) -> SetData:
         cores = self.merger.cores(tasks)
         rows = {key: st.rows(tasks) for key, st in self.merger.stacked.items()}
         values = {key: add_delta(self.base[key], torch.stack([per_task[t] for t in tasks]).mean(dim=0), alpha)
                   for key, per_task in self.factors.non_matrix.items()}
-        data = SetData(tasks, rows, cores, values)
-        with self._lock:
-            self._sets[cache_key] = data
-            while len(self._sets) > SET_CACHE_SIZE:
-                self._sets.popitem(last=False)
-        return data
+        return SetData(tasks, rows, cores, values)
 
     def dense_value(self, alpha: float) -> Callable[[str, torch.Tensor, SetData], torch.Tensor]:
         """(key, base, set) -> the set's dense parameter, for generic owners (formed per call, not cached)."""

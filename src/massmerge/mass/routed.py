@@ -30,8 +30,6 @@ and the caller runs one forward per task set instead.
 from __future__ import annotations
 
 import copy
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -42,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from massmerge.mass.lru import LRU
 from massmerge.mass.setmerge import SetMerger, Stacked, TaskSet
 from massmerge.task_vectors import add_delta
 
@@ -350,36 +349,6 @@ def align_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     raise Unbatchable(f"a routed module got input of shape {list(x.shape)}; the batch has {size} samples")
 
 
-class DenseWeights:
-    """The transient dense weights ``W_0 + alpha U_S C_S V_S^T`` of the last few task sets, kept for the next
-    batches of the same set. Why: ``serving`` sends each set's batches one after another, so forming a set's
-    weights once instead of once per batch saves ``k m n`` flops per matrix and batch (about 7% of ``predict`` at
-    T = 8). Memory: each kept set holds one copy of the factored matrices. Thread-safe (a miss in two threads
-    at once forms the weight twice; both are the same)."""
-
-    def __init__(self, sets: int) -> None:
-        self.sets = sets
-        self._kept: OrderedDict[tuple[TaskSet, float], dict[str, torch.Tensor]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def of(self, tasks: TaskSet, alpha: float) -> dict[str, torch.Tensor]:
-        """The (mutable) dict of the set's dense weights formed so far, most recently used."""
-        key = (tasks, alpha)
-        with self._lock:
-            if key in self._kept:
-                self._kept.move_to_end(key)
-            else:
-                self._kept[key] = {}
-                while len(self._kept) > self.sets:
-                    self._kept.popitem(last=False)
-            return self._kept[key]
-
-    def has(self, tasks: TaskSet, alpha: float, key: str) -> bool:
-        """Whether the set's weight of ``key`` is kept (a look that keeps no new set, evicts nothing)."""
-        with self._lock:
-            return key in self._kept.get((tasks, alpha), {})
-
-
 @dataclass
 class SecondPass(Pass):
     """The second pass over groups of rows, each with its task set's merged parameters (see module doc)."""
@@ -391,7 +360,10 @@ class SecondPass(Pass):
     generic_keys: frozenset[str]
     dense_value: Callable[[str, torch.Tensor, SetData], torch.Tensor]  # generic keys: theta_0 + alpha delta_S
     strategy: str = "auto"  # auto | side | dense: how a Linear applies a group's delta
-    kept: DenseWeights | None = None  # dense weights kept across batches (auto and dense strategies)
+    # (set, alpha) -> key -> the set's dense weight W_0 + alpha U_S C_S V_S^T, kept across batches (auto and dense
+    # strategies). Why: serving sends a set's batches one after another, so forming its weights once instead of
+    # once per batch saves k m n flops per matrix and batch (about 7% of predict at T = 8)
+    kept: LRU[tuple[TaskSet, float], dict[str, torch.Tensor]] | None = None
     _whole: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -401,18 +373,20 @@ class SecondPass(Pass):
     def _dense(self, tokens: int, st: Stacked, data: SetData, key: str, rank: int) -> bool:
         if self.strategy != "auto":
             return self.strategy == "dense"
-        if self.kept is not None and self.kept.has(data.tasks, self.alpha, key):
+        kept = None if self.kept is None else self.kept.peek((data.tasks, self.alpha))
+        if kept is not None and key in kept:
             return True  # already formed: as cheap as the base's own matmul
         return use_dense(tokens, rank, st.Ut.shape[1], st.Vt.shape[1])
 
     def _dense_weight(self, base: torch.Tensor, st: Stacked, data: SetData, key: str) -> torch.Tensor:
-        kept = None if self.kept is None else self.kept.of(data.tasks, self.alpha)
+        """The set's dense weight of ``key``: kept from an earlier batch, or formed now (and kept)."""
+        kept = None if self.kept is None else self.kept.get((data.tasks, self.alpha))
         weight = None if kept is None else kept.get(key)
         if weight is None:
             rows = data.rows[key]
             weight = add_delta(base, (st.Ut[rows].T @ data.cores[key]) @ st.Vt[rows], self.alpha)
-            if kept is not None:
-                kept[key] = weight
+            if self.kept is not None:
+                self.kept.get_or_make((data.tasks, self.alpha), dict)[key] = weight
         return weight
 
     def _side(self, x: torch.Tensor, st: Stacked, data: SetData, key: str) -> torch.Tensor:
@@ -601,7 +575,7 @@ def _concat(outputs: list[Any]) -> Any:
 
 
 __all__ = [
-    "ACTIVE", "DenseWeights", "FirstPass", "Group", "Installed", "Pass", "Plan", "RoutedEmbedding", "RoutedGeneric",
+    "ACTIVE", "FirstPass", "Group", "Installed", "Pass", "Plan", "RoutedEmbedding", "RoutedGeneric",
     "RoutedLayerNorm", "RoutedLinear", "SecondPass", "SetData", "StopForward", "Unbatchable", "active", "install",
     "plain_class", "shallow_copy", "split_key", "uninstall", "use_dense",
 ]

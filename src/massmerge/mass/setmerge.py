@@ -20,8 +20,6 @@ add an arbitrary orthonormal completion there instead.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +27,7 @@ import torch
 
 from massmerge.lowrank import LowRank
 from massmerge.mass.experts import ExpertFactors
+from massmerge.mass.lru import LRU
 
 CORE_CACHE_SETS = 512  # cores are K x K per matrix: 512 sets of MiniLM (K <= 144) take < 100 MiB
 TaskSet = tuple[int, ...]
@@ -89,7 +88,7 @@ def cores_of(U_rows: Sequence[torch.Tensor], s: Sequence[torch.Tensor], V_rows: 
 class SetMerger:
     """Per-matrix stacked factors of every task and the TSV-M cores of task sets, cached per set.
 
-    Thread-safe: the caches are guarded by a lock; everything else is read-only after construction.
+    Thread-safe: the core cache is an :class:`~massmerge.mass.lru.LRU`; everything else is read-only after construction.
     """
 
     def __init__(self, factors: ExpertFactors) -> None:
@@ -100,8 +99,7 @@ class SetMerger:
         for key in list(factors.matrices):
             self.stacked[key] = Stacked.of(factors.matrices[key])
             factors.matrices[key] = self.stacked[key].views()
-        self._cores: OrderedDict[TaskSet, dict[str, torch.Tensor]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cores: LRU[TaskSet, dict[str, torch.Tensor]] = LRU(CORE_CACHE_SETS)
 
     @property
     def keys(self) -> list[str]:
@@ -109,16 +107,7 @@ class SetMerger:
 
     def cores(self, tasks: TaskSet) -> dict[str, torch.Tensor]:
         """Matrix key -> core [K, K] of ``TSV-M(tasks)`` (tasks in increasing order), cached (LRU)."""
-        with self._lock:
-            if tasks in self._cores:
-                self._cores.move_to_end(tasks)
-                return self._cores[tasks]
-        cores = self._compute(tasks, self.stacked)
-        with self._lock:
-            self._cores[tasks] = cores
-            while len(self._cores) > CORE_CACHE_SETS:
-                self._cores.popitem(last=False)
-        return cores
+        return self._cores.get_or_make(tasks, lambda: self._compute(tasks, self.stacked))
 
     def first_pass_cores(self) -> dict[str, torch.Tensor]:
         """Cores of each matrix's de-redundant set of all tasks (``accepted``), for the first pass."""
