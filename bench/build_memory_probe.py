@@ -1,0 +1,111 @@
+"""What `massmerge build`'s memory holds, expert by expert: anonymous memory against file-backed mappings.
+
+Runs the real command in process (``massmerge.cli.main``, the entry point users run) on the seeded
+all-MiniLM-L6-v2 experts of ``bench/peers/zoo.py``. After each expert (at the allocator release that ends it),
+it records ``RssAnon`` and ``RssFile`` from ``/proc/self/status`` and the bytes of the factors built so far; after
+the last expert, the largest resident mappings from ``/proc/self/smaps``. Why: ``bench/merge_memory.py`` gives one
+peak per process. This shows whether anything is held twice (the base as a file mapping and as a copy), whether
+slack builds up between experts, and how much of the footprint is code that build imports.
+
+Run by hand (Linux only):  python bench/build_memory_probe.py [--tasks 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def status_mib() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon and RssFile of this process, in MiB."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[name] = int(value.split()[0]) // 1024
+    return out
+
+
+def largest_mappings(count: int = 6) -> list[tuple[int, str]]:
+    """(resident MiB, path or [anon]) of the largest mappings."""
+    sizes: dict[str, int] = {}
+    name = "[anon]"
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            parts = line.split()
+            name = parts[5] if len(parts) > 5 else "[anon]"
+        elif line.startswith("Rss:"):
+            sizes[name] = sizes.get(name, 0) + int(line.split()[1])
+    return sorted(((kb // 1024, n) for n, kb in sizes.items()), reverse=True)[:count]
+
+
+def factor_mib(factors: object) -> float:
+    lows = [f for per in factors.matrices.values() for f in per]  # type: ignore[attr-defined]
+    total = sum(t.numel() * t.element_size() for f in lows for t in (f.U, f.s, f.V))
+    total += sum(t.numel() * t.element_size() for per in factors.non_matrix.values() for t in per)  # type: ignore[attr-defined]
+    return total / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=8)
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE / "peers"))
+    import torch
+    import zoo  # noqa: PLC0415
+
+    from massmerge.checkpoints import save_state_dict
+    from massmerge.cli import main as cli_main
+    from massmerge.mass import experts as experts_module
+
+    base_dir, experts = zoo.ready(HERE / "results" / "peers-zoo", args.tasks)
+    rows: list[dict] = []
+    original_add, original_release = experts_module.ExpertFactors.add_task, experts_module.release_freed_memory
+    built: list[object] = []
+    mappings: list[tuple[int, str]] = []
+
+    def add_task(self, task_vector, **options):  # noqa: ANN001, ANN003, ANN202
+        if not rows:
+            rows.append({"after": "model loaded, before expert 1", **status_mib(), "factors_MiB": 0.0})
+        original_add(self, task_vector, **options)
+        built[:] = [self]
+
+    def release() -> bool:
+        freed = original_release()
+        rows.append({"after": f"expert {len(rows)}", **status_mib(), "factors_MiB": round(factor_mib(built[0]), 1)})
+        mappings[:] = largest_mappings()  # the last expert's: the model and the base's mapping are still alive
+        return freed
+
+    experts_module.ExpertFactors.add_task, experts_module.release_freed_memory = add_task, release
+    with tempfile.TemporaryDirectory(prefix="massmerge-probe-") as tmp:
+        work = Path(tmp)
+        heads = []
+        for t in range(args.tasks):
+            heads.append(work / f"head{t}.safetensors")
+            gen = torch.Generator().manual_seed(t)
+            save_state_dict({"weight": torch.randn(5, 384, generator=gen)}, heads[-1], metadata={"task": f"task{t}"})
+        sys.argv = ["massmerge", "build", "--base", str(base_dir), "--experts", *map(str, experts[:args.tasks]),
+                    "--heads", *map(str, heads), "--output", str(work / "artifact")]
+        try:
+            cli_main()
+        except SystemExit as done:
+            if done.code:
+                raise
+    print("| after | VmRSS | RssAnon | RssFile | factors MiB | peak so far (VmHWM) |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['after']} | {row['VmRSS']} | {row['RssAnon']} | {row['RssFile']} | {row['factors_MiB']} "
+              f"| {row['VmHWM']} |")
+    print("\nlargest resident mappings after the last expert (MiB):")
+    for size, name in mappings:
+        print(f"  {size:6d}  {name}")
+    experts_module.ExpertFactors.add_task, experts_module.release_freed_memory = original_add, original_release
+
+
+if __name__ == "__main__":
+    main()
