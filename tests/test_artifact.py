@@ -360,6 +360,26 @@ def test_cli_build_fits_the_size_budget(hf_setup, tmp_path, capsys):
     assert exc.value.code == 2 and "--max-size: 2.1x" in capsys.readouterr().err and not (tmp_path / "tiny").exists()
 
 
+def test_cli_build_size_budget_holds_on_disk(hf_setup, tmp_path, capsys):
+    """--max-size holds for the files build writes, with a base whose tokenizer files are 3x its weights: they
+    count in the artifact and in the base's files alike, so a fit that leaves them out stays under budget."""
+    import shutil
+
+    from massmerge.artifact import artifact_bytes, base_file_bytes
+
+    root = hf_setup
+    base = shutil.copytree(root / "base", tmp_path / "base")
+    (base / "sentencepiece.extra").write_bytes(bytes(150_000))  # a tokenizer-pattern file the artifact copies
+    for max_size in ("3", "3.5"):
+        out = tmp_path / f"art{max_size}"
+        run_cli(["build", "--base", str(base), "--experts", *[str(root / f"expert{t}") for t in range(3)],
+                 "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--factor-dtype", "float32",
+                 "--max-size", max_size, "--output", str(out)])
+        assert (out / "model" / "sentencepiece.extra").is_file()
+        assert artifact_bytes(out) / base_file_bytes(out) <= float(max_size)
+        assert "above" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_cli_outputs_follow_the_umask(hf_setup, tmp_path, capsys, mask):
     """Artifacts are served by another account: files 0666 and directories 0777 less the umask (0644 / 0755
