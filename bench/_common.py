@@ -102,7 +102,7 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def fmt(value: Any) -> str:
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
-    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    widths = [max([len(c), *(len(fmt(r.get(c, ""))) for r in rows)]) for c in columns]  # rows may be empty
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     for row in rows:
