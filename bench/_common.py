@@ -55,8 +55,8 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in state.values())
 
 
-def _status_bytes(field: str) -> int | None:
-    """A ``VmRSS``/``VmHWM`` line of /proc/self/status in bytes (None off Linux)."""
+def status_bytes(field: str) -> int | None:
+    """A line of /proc/self/status (``VmRSS``, ``VmHWM``, ``RssAnon``, ``RssFile``) in bytes (None off Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(f"{field}:"):
@@ -64,6 +64,25 @@ def _status_bytes(field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def factors_bytes(factors: Any) -> int:
+    """Bytes the ``ExpertFactors`` hold: U, s and V of every task and matrix, and the non-matrix deltas."""
+    total = sum(t.numel() * t.element_size() for per in factors.matrices.values() for f in per for t in (f.U, f.s, f.V))
+    return total + sum(t.numel() * t.element_size() for per in factors.non_matrix.values() for t in per)
+
+
+def write_heads(directory: Path, count: int, width: int) -> list[Path]:
+    """``count`` seeded 5-class linear heads files of ``width`` features (task names task0, task1, ...), for the
+    benchmarks that run ``massmerge build``."""
+    from massmerge.checkpoints import save_state_dict
+
+    paths = []
+    for t in range(count):
+        paths.append(directory / f"head{t}.safetensors")
+        weight = torch.randn(5, width, generator=torch.Generator().manual_seed(t))
+        save_state_dict({"weight": weight}, paths[-1], metadata={"task": f"task{t}"})
+    return paths
 
 
 def reset_peak_rss() -> bool:
@@ -77,12 +96,12 @@ def reset_peak_rss() -> bool:
 
 
 def current_rss_bytes() -> int:
-    return _status_bytes("VmRSS") or peak_rss_bytes()
+    return status_bytes("VmRSS") or peak_rss_bytes()
 
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process since start or the last :func:`reset_peak_rss`."""
-    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:

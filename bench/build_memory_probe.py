@@ -13,22 +13,21 @@ Run by hand (Linux only):  python bench/build_memory_probe.py [--tasks 8]
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import factors_bytes, status_bytes, write_heads  # noqa: E402
 
 
 def status_mib() -> dict[str, int]:
     """VmRSS, VmHWM, RssAnon and RssFile of this process, in MiB."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[name] = int(value.split()[0]) // 1024
-    return out
+    return {field: (status_bytes(field) or 0) // 2**20 for field in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 
 
 def largest_mappings(count: int = 6) -> list[tuple[int, str]]:
@@ -44,22 +43,13 @@ def largest_mappings(count: int = 6) -> list[tuple[int, str]]:
     return sorted(((kb // 1024, n) for n, kb in sizes.items()), reverse=True)[:count]
 
 
-def factor_mib(factors: object) -> float:
-    lows = [f for per in factors.matrices.values() for f in per]  # type: ignore[attr-defined]
-    total = sum(t.numel() * t.element_size() for f in lows for t in (f.U, f.s, f.V))
-    total += sum(t.numel() * t.element_size() for per in factors.non_matrix.values() for t in per)  # type: ignore[attr-defined]
-    return total / 2**20
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=8)
     args = parser.parse_args()
     sys.path.insert(0, str(HERE / "peers"))
-    import torch
     import zoo  # noqa: PLC0415
 
-    from massmerge.checkpoints import save_state_dict
     from massmerge.cli import main as cli_main
     from massmerge.mass import experts as experts_module
 
@@ -77,18 +67,15 @@ def main() -> None:
 
     def release() -> bool:
         freed = original_release()
-        rows.append({"after": f"expert {len(rows)}", **status_mib(), "factors_MiB": round(factor_mib(built[0]), 1)})
+        factors_mib = round(factors_bytes(built[0]) / 2**20, 1)
+        rows.append({"after": f"expert {len(rows)}", **status_mib(), "factors_MiB": factors_mib})
         mappings[:] = largest_mappings()  # the last expert's: the model and the base's mapping are still alive
         return freed
 
     experts_module.ExpertFactors.add_task, experts_module.release_freed_memory = add_task, release
     with tempfile.TemporaryDirectory(prefix="massmerge-probe-") as tmp:
         work = Path(tmp)
-        heads = []
-        for t in range(args.tasks):
-            heads.append(work / f"head{t}.safetensors")
-            gen = torch.Generator().manual_seed(t)
-            save_state_dict({"weight": torch.randn(5, 384, generator=gen)}, heads[-1], metadata={"task": f"task{t}"})
+        heads = write_heads(work, args.tasks, json.loads((base_dir / "config.json").read_text())["hidden_size"])
         sys.argv = ["massmerge", "build", "--base", str(base_dir), "--experts", *map(str, experts[:args.tasks]),
                     "--heads", *map(str, heads), "--output", str(work / "artifact")]
         try:
@@ -104,7 +91,6 @@ def main() -> None:
     print("\nlargest resident mappings after the last expert (MiB):")
     for size, name in mappings:
         print(f"  {size:6d}  {name}")
-    experts_module.ExpertFactors.add_task, experts_module.release_freed_memory = original_add, original_release
 
 
 if __name__ == "__main__":

@@ -28,19 +28,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     MODELS,
     current_rss_bytes,
+    factors_bytes,
     mib,
     peak_rss_bytes,
     random_expert,
     reset_peak_rss,
     state_bytes,
     table,
+    write_heads,
     write_json,
 )
 
@@ -67,9 +67,7 @@ def child(directory: Path, tasks: int) -> None:
     start = time.perf_counter()
     factors = build_factors(base, experts, [f"task{t}" for t in range(tasks)])
     seconds = time.perf_counter() - start
-    factor_bytes = sum(f.U.numel() * f.U.element_size() + f.s.numel() * f.s.element_size()
-                       + f.V.numel() * f.V.element_size() for per in factors.matrices.values() for f in per)
-    factor_bytes += sum(t.numel() * t.element_size() for per in factors.non_matrix.values() for t in per)
+    factor_bytes = factors_bytes(factors)
     print(json.dumps({"tasks": tasks, "merge_s": seconds, "baseline_rss": baseline, "peak_rss": peak_rss_bytes(),
                       "factor_bytes": factor_bytes}))
 
@@ -143,7 +141,7 @@ def cli_rows(task_counts: list[int], methods: list[str], build: bool) -> list[di
     import zoo  # noqa: PLC0415
     from run import child_env, measure  # noqa: PLC0415
 
-    from massmerge.checkpoints import load_state_dict, save_state_dict
+    from massmerge.checkpoints import load_state_dict
 
     base_dir, experts = zoo.ready(Path(__file__).resolve().parent / "results" / "peers-zoo", max(task_counts))
     base = load_state_dict(base_dir)
@@ -152,12 +150,7 @@ def cli_rows(task_counts: list[int], methods: list[str], build: bool) -> list[di
     rows = []
     with tempfile.TemporaryDirectory(prefix="massmerge-cli-mem-") as tmp:
         work = Path(tmp)
-        heads = []
-        for t in range(max(task_counts)):
-            heads.append(work / f"head{t}.safetensors")
-            gen = torch.Generator().manual_seed(t)
-            save_state_dict({"weight": torch.randn(5, base["embeddings.word_embeddings.weight"].shape[1],
-                                                   generator=gen)}, heads[-1], metadata={"task": f"task{t}"})
+        heads = write_heads(work, max(task_counts), base["embeddings.word_embeddings.weight"].shape[1])
         idle = measure([sys.executable, "-c", "import torch, massmerge.cli"], cwd=work, env=env, log=work / "idle.log")
         idle_build = measure([sys.executable, "-c", BUILD_IMPORTS], cwd=work, env=env, log=work / "idle_build.log")
         massmerge = shutil.which("massmerge") or "massmerge"

@@ -88,7 +88,8 @@ def cores_of(U_rows: Sequence[torch.Tensor], s: Sequence[torch.Tensor], V_rows: 
 class SetMerger:
     """Per-matrix stacked factors of every task and the TSV-M cores of task sets, cached per set.
 
-    Thread-safe: the core cache is an :class:`~massmerge.mass.lru.LRU`; everything else is read-only after construction.
+    Thread-safe: the core cache is an :class:`~massmerge.mass.lru.LRU`; everything else is read-only after
+    construction.
     """
 
     def __init__(self, factors: ExpertFactors) -> None:
