@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from massmerge import artifact
-from massmerge.artifact import load, read_head_file, round_factors, save_artifact, write_head_file
+from massmerge.artifact import loader
+from massmerge.mass import storage
+from massmerge.artifact import load, save_artifact
+from massmerge.heads.files import read_head_file, write_head_file
+from massmerge.mass.storage import round_factors
 from massmerge.checkpoints import save_state_dict
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.heads import LinearHead, ZeroShotHead
@@ -50,7 +54,7 @@ def test_parts_in_storage_dtype_write_the_same_artifact(tmp_path):
     model = built()
     save_artifact(model, tmp_path / "served")
     base, factors, heads, cfg = make_parts(4)
-    stored = artifact.to_storage(round_factors(factors, torch.float16), torch.float16)
+    stored = storage.to_storage(round_factors(factors, torch.float16), torch.float16)
     assert all(f.U.dtype == f.V.dtype == torch.float16 and f.s.dtype == torch.float32
                for per_task in stored.matrices.values() for f in per_task)
     assert all(t.dtype == torch.float16 for per_task in stored.non_matrix.values() for t in per_task)
@@ -143,7 +147,7 @@ def test_failed_write_leaves_previous_artifact_and_no_temp(tmp_path, monkeypatch
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(artifact, "_file_entries", boom)
+    monkeypatch.setattr(artifact.save, "_file_entries", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         save_artifact(built(seed=1), tmp_path / "art")
     assert {p.name: p.read_bytes() for p in (tmp_path / "art").iterdir()} == before
@@ -188,8 +192,8 @@ def test_factor_storage_dtype_and_size(tmp_path):
     save_artifact(model, tmp_path / "full", factor_dtype=torch.float32)
     half, full = data_bytes(tmp_path / "half" / "factors.safetensors"), data_bytes(tmp_path / "full" / "factors.safetensors")
     assert half < 0.6 * full  # U, V and deltas halve; s stays float32
-    assert artifact.storage_dtype(torch.bfloat16) == torch.bfloat16
-    assert artifact.storage_dtype(torch.float32) == torch.float16
+    assert storage.storage_dtype(torch.bfloat16) == torch.bfloat16
+    assert storage.storage_dtype(torch.float32) == torch.float16
     with pytest.raises(OptionError, match="--factor-dtype"):
         save_artifact(model, tmp_path / "x", factor_dtype="int3")
 
@@ -334,7 +338,7 @@ def _size_factor(directory: Path) -> tuple[float, float]:
     manifest = artifact.read_manifest(directory)
     base = sum(t.numel() * t.element_size() for t in load_state_dict(directory / "model").values())
     shapes = {k: list(v.shape) for k, v in load_state_dict(directory / "model").items()}
-    factors = artifact.load_factors(directory, manifest, shapes)
+    factors = loader.load_factors(directory, manifest, shapes)
     store = getattr(torch, manifest.factor_dtype)
     return manifest.rank_scale, (base + factor_bytes(factors, store) + non_matrix_bytes(factors, store)) / base
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from massmerge.artifact import factor_tensors
+from massmerge.artifact.save import factor_tensors
 from massmerge.errors import OptionError
 from massmerge.lowrank import truncated_svd
 from massmerge.mass.budget import (
@@ -128,7 +128,7 @@ def test_stored_factors_round_without_a_second_copy(max_size: float) -> None:
     ranks the very same tensors come back; after a cut the input is emptied (its full-rank copy released)."""
     import copy
 
-    from massmerge.artifact import round_factors
+    from massmerge.mass.storage import round_factors
     from massmerge.mass.budget import stored_factors, tensor_bytes
 
     factors = make_factors(shape=(40, 40), tasks=4, bias=40)

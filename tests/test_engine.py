@@ -234,7 +234,7 @@ def test_dense_weights_are_kept_for_the_next_batches_of_a_set(bert, monkeypatch)
     """A set's dense weights are formed once and reused by its next batches (serving sends them one after
     another), the results stay the reference's, and only DENSE_SETS_KEPT sets are kept."""
     from massmerge.mass import model as engine
-    from massmerge.mass import routed
+    from massmerge.mass import second_pass as routed
 
     model = bert.with_settings(strategy="auto")
     kept = model._shared.kept

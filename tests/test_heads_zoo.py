@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from massmerge.errors import CheckpointError, OptionError
-from massmerge.heads_zoo import (
+from massmerge.heads.zoo import (
     benchmark_tasks,
     clip_task,
     clip_tasks,
@@ -75,7 +75,7 @@ def test_linear_head_from_classifier_keys() -> None:
 def test_hf_clip_text_encoder_uses_the_text_tower_and_projection() -> None:
     from transformers import CLIPConfig, CLIPModel
 
-    from massmerge.heads_zoo import hf_clip_text_encoder
+    from massmerge.heads.zoo import hf_clip_text_encoder
 
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=99,
                 max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)

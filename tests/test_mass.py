@@ -160,7 +160,7 @@ def test_merged_delta_of_one_task_is_its_rank_k_reconstruction(rng):
     assert rel(factors.merged_delta([2])["w"], (u[:, :3] * s[:3]) @ vh[:3]) < 1e-10
 
 
-@pytest.mark.parametrize("names,error", [(["a"], "at least 2"), (["a", "a"], "duplicate")])
+@pytest.mark.parametrize("names,error", [(["a"], "at least 2"), (["a", "a"], "listed twice")])
 def test_factor_build_rejects_bad_task_lists(rng, names, error):
     tvs = [{"w": low_rank(rng, 4, 4, 1)} for _ in names]
     with pytest.raises(OptionError, match=error):

@@ -76,7 +76,7 @@ def test_no_other_module_downloads() -> None:
 def test_importing_the_adapters_downloads_nothing() -> None:
     """Importing the adapter modules pulls in neither huggingface_hub nor transformers (so nothing can download)."""
     code = (
-        "import sys, massmerge.sources, massmerge.adapters, massmerge.heads_zoo\n"
+        "import sys, massmerge.sources, massmerge.adapters, massmerge.heads.zoo\n"
         "print(sorted(m for m in ('huggingface_hub', 'transformers', 'datasets') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

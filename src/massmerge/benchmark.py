@@ -93,7 +93,7 @@ def _image_size(model: nn.Module) -> int | None:
 
 
 def _classnames(task: Any) -> list[str] | None:
-    from massmerge.heads_zoo import clip_task
+    from massmerge.heads.zoo import clip_task
 
     if task.classnames:
         return list(task.classnames)
@@ -116,7 +116,7 @@ def _load_lora(config: BenchmarkConfig, base_state: dict[str, torch.Tensor]) -> 
 
 def build_heads(config: BenchmarkConfig, lora: list[LoraExpert] | None) -> list[nn.Module]:
     """Zero-shot heads from the CLIP text tower, or each expert's linear classifier."""
-    from massmerge.heads_zoo import clip_zero_shot_heads, linear_head_from_state, load_hf_clip_text
+    from massmerge.heads.zoo import clip_zero_shot_heads, linear_head_from_state, load_hf_clip_text
 
     if config.heads == "linear":
         heads = []
@@ -132,7 +132,7 @@ def build_heads(config: BenchmarkConfig, lora: list[LoraExpert] | None) -> list[
 
 
 def _raw_expert(config: BenchmarkConfig, task: Any) -> Mapping[str, torch.Tensor]:
-    from massmerge.adapters.base import open_weights
+    from massmerge.adapters.weights import open_weights
 
     return open_weights(resolve_source(task.expert, task.expert_revision), trust_pickle=config.trust_pickle)
 
@@ -212,7 +212,7 @@ def score_merge(wb: Workbench, method: str) -> dict[str, Any]:
 def build_mass(wb: Workbench) -> Any:
     """The MASS model over the base, with factors streamed from the experts (or from LoRA without densifying)."""
     from massmerge.mass import ExpertFactors, MASSModel, make_serve_settings
-    from massmerge.merging.common import default_rank_fraction
+    from massmerge.lowrank import rank_fraction_for as default_rank_fraction
 
     opts = wb.config.mass
     layer = wb.adapter.routing_layer(wb.model)
@@ -340,7 +340,7 @@ def markdown_report(report: Mapping[str, Any]) -> str:
 
 def write_report(report: Mapping[str, Any], output: str | Path) -> tuple[Path, Path]:
     """``report.json`` and ``report.md`` in ``output`` (written atomically)."""
-    from massmerge.checkpoints import atomic_write
+    from massmerge.io.atomic import atomic_write
 
     folder = Path(output)
     json_path, md_path = folder / "report.json", folder / "report.md"

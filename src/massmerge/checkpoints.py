@@ -7,16 +7,12 @@ problem is reported as a :class:`CheckpointError` naming the file and the key. E
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import mmap
 import os
-import re
-import tempfile
-import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +22,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from massmerge.errors import CheckpointError
+from massmerge.io.atomic import WriteError, atomic_write, short_reason
+from massmerge.io.tensors import canonicalize_metadata_order
 
 StateDict = dict[str, torch.Tensor]
 
-SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HF_SINGLE_FILE = "model.safetensors"
 HF_SHARD_INDEX = "model.safetensors.index.json"
@@ -84,7 +81,7 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
                 with open(file, "rb") as handle:
                     self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
             except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{file}: not a readable safetensors file ({_short(exc)})") from None
+                raise CheckpointError(f"{file}: not a readable safetensors file ({short_reason(exc)})") from None
         mapped = self._maps[file]
         if mapped.size() < entry.end:
             raise CheckpointError(f"{file}: cannot read tensor '{entry.key}' (the file is shorter than its header "
@@ -155,40 +152,6 @@ def _release(mapped: mmap.mmap, start: int, end: int) -> None:
     mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
-def _short(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-
-
-class WriteError(CheckpointError, OSError):
-    """A failed write (disk full, quota, read-only file system) as one line naming the user's output path.
-
-    Also an :class:`OSError` carrying the original ``errno``, so library callers that catch ``OSError`` (or
-    test ``errno == ENOSPC``) keep working; the CLI reports it as a :class:`MassMergeError` line.
-    """
-
-    @classmethod
-    def of(cls, path: Path | str, exc: BaseException, *, what: str = "",
-           tail: str = "the previous file, if any, is unchanged") -> WriteError:
-        """``PATH: cannot write [WHAT] (REASON); TAIL`` from the low-level error ``exc``."""
-        error = cls(f"{path}: cannot write{' ' + what if what else ''} ({write_error_reason(exc)}); {tail}")
-        error.errno = getattr(exc, "errno", None) or errno.EIO
-        error.strerror = write_error_reason(exc)
-        return error
-
-    def __str__(self) -> str:  # OSError would print "[Errno 28] ..." once errno is set
-        return str(self.args[0]) if self.args else super().__str__()
-
-
-def write_error_reason(exc: BaseException) -> str:
-    """The reason of a failed write in the words of the OS: safetensors says ``Error while serializing: I/O
-    error: No space left on device (os error 28)``, Python ``[Errno 28] No space left on device``."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    text = _short(exc)
-    match = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text)
-    return match.group(1) if match else text
-
-
 def _safetensors_files(path: Path) -> dict[str, Path]:
     """Map every key to the safetensors file holding it, for a file or an HF model directory."""
     if path.is_file():
@@ -218,7 +181,7 @@ def _keys_of_file(file: Path) -> dict[str, Path]:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             keys = list(handle.keys())
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({_short(exc)})") from None
+        raise CheckpointError(f"{file}: not a readable safetensors file ({short_reason(exc)})") from None
     if not keys:
         raise CheckpointError(f"{file}: safetensors file holds no tensors")
     return {key: file for key in keys}
@@ -228,7 +191,7 @@ def _keys_of_index(index: Path) -> dict[str, Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: malformed shard index ({_short(exc)})") from None
+        raise CheckpointError(f"{index}: malformed shard index ({short_reason(exc)})") from None
     key_to_file: dict[str, Path] = {}
     for shard in sorted(set(weight_map.values())):
         shard_keys = _keys_of_file(index.parent / shard) if (index.parent / shard).is_file() else None
@@ -271,7 +234,7 @@ def _load_pickle(path: Path) -> StateDict:
     try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad input file
-        raise CheckpointError(f"{file}: cannot load as a weights-only torch file ({_short(exc)})") from None
+        raise CheckpointError(f"{file}: cannot load as a weights-only torch file ({short_reason(exc)})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -360,64 +323,3 @@ def save_state_dict(
         canonicalize_metadata_order(tmp)
 
     atomic_write(path, write)
-
-
-def canonicalize_metadata_order(file: Path) -> None:
-    """Sort the ``__metadata__`` entries of a safetensors header in place, so equal inputs give equal bytes.
-
-    Why: safetensors serializes metadata from a Rust HashMap whose order changes from process to process. The
-    sorted header has the same length (same strings, reordered), so only the header bytes are rewritten; if the
-    length ever differed the file is left as written (it is valid either way).
-    """
-    with open(file, "r+b") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        raw = handle.read(size)
-        header = json.loads(raw)
-        meta = header.get("__metadata__")
-        if not isinstance(meta, dict) or len(meta) < 2:
-            return
-        header["__metadata__"] = dict(sorted(meta.items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        if len(text) > size or raw.rstrip(b" ") != raw[: len(text)] or len(raw.rstrip(b" ")) != len(text):
-            return
-        handle.seek(8)
-        handle.write(text + b" " * (size - len(text)))
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp_path)`` then rename tmp onto ``path``; on any failure remove tmp and re-raise.
-
-    The file gets the mode a plain ``open(path, "w")`` would give (0666 less the umask, so 0644 under umask
-    022), not the 0600 of ``tempfile.mkstemp``: a merged model is a file to share, not a secret. A failed
-    write into the temp file (disk full, quota, read-only file system) is a :class:`CheckpointError` naming
-    ``path``, not the temp file the user never asked for.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, WriteError) or exc.errno is None or exc.filename not in (None, tmp_name):
-            raise  # not a write into the temp file (e.g. an input that failed to read): its own message
-        raise WriteError.of(path, exc) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-_UMASK_LOCK = threading.Lock()
-
-
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it; the lock keeps two readers from racing)."""
-    with _UMASK_LOCK:
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask

@@ -17,3 +17,10 @@ class CheckpointError(MassMergeError):
 
 class OptionError(MassMergeError):
     """An option value is out of range or inconsistent (names the option)."""
+
+
+def first_validation_error(exc: Exception) -> tuple[str, str, object]:
+    """(dotted field location, message, offending input) of a pydantic ``ValidationError``'s first error: the
+    one that a one-line message names (every caller words its own line around it)."""
+    first = exc.errors()[0]  # type: ignore[attr-defined]
+    return ".".join(str(part) for part in first["loc"]), str(first["msg"]), first.get("input")

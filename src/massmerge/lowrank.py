@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
+from massmerge.choices import SVDMethod
 from massmerge.errors import OptionError
 
-SVDMethod = Literal["auto", "exact", "randomized"]
 
 # Randomized SVD only pays off for big matrices with a small kept rank.
 RANDOMIZED_MIN_SIZE = 512
@@ -56,6 +55,14 @@ class LowRank:
         """Stored numbers: k (m + n + 1)."""
         m, n = self.shape
         return self.rank * (m + n + 1)
+
+
+def rank_fraction_for(num_tasks: int, rank_fraction: float | None) -> float:
+    """The rank fraction of T tasks: the given one, or design.md's default 1/T; checked to lie in (0, 1]."""
+    fraction = 1.0 / num_tasks if rank_fraction is None else rank_fraction
+    if not 0.0 < fraction <= 1.0:
+        raise OptionError(f"--rank-fraction must be in (0, 1], got {fraction}")
+    return fraction
 
 
 def rank_for(shape: tuple[int, ...] | torch.Size, rank_fraction: float) -> int:

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from massmerge.checkpoints import atomic_write  # noqa: E402
+from massmerge.io.atomic import atomic_write  # noqa: E402
 
 #: Methods drawn per task (the rest are in the tables): task hidden rows first, then the task-given references.
 HEADLINE = ("zero-shot max-logit", "task_arithmetic max-logit", "tsv_m max-logit", "MASS", "MASS oracle-head",

@@ -26,7 +26,7 @@ from torch import nn
 from massmerge import evaluate as ev
 from massmerge import progress
 from massmerge.adapters.text import TextEncoderAdapter
-from massmerge.checkpoints import atomic_write
+from massmerge.io.atomic import atomic_write
 from massmerge.data.tasks import DEFAULT_PRESET, TaskData, get_preset, load_task
 from massmerge.finetune import Backbone, FinetuneConfig, class_embeddings, features, finetune_expert, load_backbone
 from massmerge.finetune import tokenize
@@ -484,7 +484,7 @@ def build_served(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cfg: SuiteConfig,
     state = zoo.backbone.model.state_dict()
     base_bytes = tensor_bytes(state.values())
     base_dtype = next(v.dtype for v in state.values() if v.is_floating_point())
-    from massmerge.artifact import storage_dtype
+    from massmerge.mass.storage import storage_dtype
 
     stored = stored_factors(factors, zoo.heads, base_bytes, storage_dtype(base_dtype), cfg.max_size)
     seconds = time.perf_counter() - start
@@ -602,7 +602,7 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
 def write_serving_files(zoo: Zoo, out_dir: Path) -> None:
     """Beside the report: one heads file per task and ``serve.json`` (the base and expert paths), which is all
     ``massmerge build`` needs to serve the suite's experts (docs/SUITE.md shows the commands)."""
-    from massmerge.artifact import write_head_file
+    from massmerge.heads.files import write_head_file
 
     heads_dir = Path(out_dir) / "heads"
     heads_dir.mkdir(parents=True, exist_ok=True)

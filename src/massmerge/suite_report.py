@@ -68,7 +68,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from massmerge import plots
-from massmerge.checkpoints import atomic_write
+from massmerge.io.atomic import atomic_write
 
 SCHEMA_VERSION = 2
 #: Two-sided 95% normal quantile.

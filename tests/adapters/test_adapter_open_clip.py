@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from massmerge.adapters import OpenCLIPAdapter, adapter_for, detect_family
-from massmerge.adapters.base import AlignedCheckpoint, capture_input, open_weights
+from massmerge.adapters.base import capture_input
+from massmerge.adapters.weights import AlignedCheckpoint, open_weights
 from massmerge.adapters.open_clip import create_open_clip
 from massmerge.errors import MassMergeError
 

@@ -11,7 +11,7 @@ from tiny_models import DEPTH, bert_config, low_rank_deltas, perturbed, save_pre
 from massmerge.adapters import TextEncoderAdapter, adapter_for, detect_family
 from massmerge.adapters.base import capture_input
 from massmerge.errors import CheckpointError
-from massmerge.heads_zoo import linear_head_from_state
+from massmerge.heads.zoo import linear_head_from_state
 
 
 def _batch(lengths: list[int], total: int = 9) -> dict[str, torch.Tensor]:

@@ -99,7 +99,7 @@ def test_merge_and_evaluate_use_the_same_defaults(num_tasks: int) -> None:
 
     from massmerge import merging
     from massmerge.benchmark_config import parse_benchmark_config
-    from massmerge.merging.common import default_rank_fraction
+    from massmerge.lowrank import rank_fraction_for as default_rank_fraction
     from massmerge.merging.task_arithmetic import default_alpha
 
     tasks = [{"name": f"t{t}", "expert": f"e{t}", "dataset": f"d{t}"} for t in range(num_tasks)]

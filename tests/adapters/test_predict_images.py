@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 from tiny_models import HIDDEN, low_rank_deltas, perturbed, save_clip_vision, save_prefixed
 
-from massmerge.artifact import load, write_head_file
+from massmerge.artifact import load
+from massmerge.heads.files import write_head_file
 from massmerge.cli import main
-from massmerge.cli.predict import image_preprocess
+from massmerge.data.images import preprocess_for as image_preprocess
 from massmerge.heads import ZeroShotHead
 
 

@@ -83,7 +83,7 @@ def test_build_disk_full_keeps_previous_artifact(text_zoo, artifact, tmp_path, c
     import errno
     import os
 
-    import massmerge.artifact as artifact_module
+    import massmerge.io.tensors as artifact_module
 
     def full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 64)

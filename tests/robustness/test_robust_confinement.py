@@ -258,7 +258,7 @@ def _inputs(tmp_path: Path) -> Path:
 
 def test_read_manifest_lists_files_as_written(artifact) -> None:
     """The names build writes are exactly the names load accepts (one closed list for both)."""
-    from massmerge.artifact import allowed_name
+    from massmerge.artifact.manifest import allowed_name
 
     names = list(read_manifest_json(artifact)["files"])
     assert names and all(allowed_name(n) for n in names)

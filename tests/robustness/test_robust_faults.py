@@ -132,7 +132,7 @@ def test_predict_to_a_closed_pipe_exits_quietly(artifact, text_zoo, tmp_path) ->
 @pytest.mark.parametrize("which", ["factors.safetensors", "model.safetensors"])
 def test_safetensor_error_during_build_is_one_line(text_zoo, artifact, tmp_path, capsys, monkeypatch,
                                                    which) -> None:
-    import massmerge.artifact as artifact_module
+    import massmerge.io.tensors as artifact_module
 
     real = artifact_module.save_file
 
@@ -170,34 +170,34 @@ def test_safetensor_error_in_merge_names_the_output(zoo, tmp_path, capsys, monke
 PAUSING = """
 import pathlib, sys, time
 ready, point = pathlib.Path(sys.argv.pop(1)), sys.argv.pop(1)
-import massmerge.artifact as artifact
-import massmerge.cli.predict as predict
-import massmerge.mass.stream as stream
+import massmerge.artifact.build as build
+import massmerge.artifact.save as save
+import massmerge.mass.serving as serving
 
 def pause():
     ready.write_text(str(__import__("os").getpid()))
     time.sleep(300)
 
 if point == "factorizing":
-    real_build = stream.build_factors
-    def build_factors(*args, **kwargs):
+    real_assemble = build.assemble
+    def assemble(*args, **kwargs):
         pause()
-        return real_build(*args, **kwargs)
-    stream.build_factors = build_factors
+        return real_assemble(*args, **kwargs)
+    build.assemble = assemble
 elif point == "writing":  # the temp directory holds a complete first file, the rest is still to come
-    real_save = artifact._save_tensors
+    real_save = save.save_tensors
     def save_tensors(*args, **kwargs):
         real_save(*args, **kwargs)
         pause()
-    artifact._save_tensors = save_tensors
+    save.save_tensors = save_tensors
 elif point == "predicting":  # one row is written to the temp output, the next one is under way
-    real_row, calls = predict.prediction_row, []
+    real_row, calls = serving.prediction_row, []
     def prediction_row(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             pause()
         return real_row(*args, **kwargs)
-    predict.prediction_row = prediction_row
+    serving.prediction_row = prediction_row
 from massmerge.cli import main
 main(sys.argv[1:])
 """
@@ -283,7 +283,7 @@ def _dead_pid() -> int:
 def test_stale_temps_of_dead_builds_only(tmp_path) -> None:
     """A live build's temp directory is left alone; a dead one's, or one without a pid (older massmerge), goes;
     a killed swap's ``.old`` artifact is put back when nothing took its place."""
-    from massmerge.artifact import write_directory_atomically
+    from massmerge.io.atomic import write_directory_atomically
 
     dead = _dead_pid()
     live = tmp_path / f".art.{os.getpid()}.live0000.tmp"

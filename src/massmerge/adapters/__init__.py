@@ -72,7 +72,7 @@ def adapter_for(model: nn.Module, family: str | None = None, **options: Any) -> 
 
 def detect_family(path: str | Path) -> str:
     """The family of a local checkpoint: HF ``config.json`` model_type, open_clip config, else the key layout."""
-    from massmerge.adapters.base import read_json_config, refuse_remote_code
+    from massmerge.adapters.weights import read_json_config, refuse_remote_code
 
     path = Path(path)
     refuse_remote_code(path)
@@ -92,7 +92,7 @@ def detect_family(path: str | Path) -> str:
 
 
 def _family_from_keys(path: Path) -> str:
-    from massmerge.adapters.base import open_weights
+    from massmerge.adapters.weights import open_weights
 
     keys = list(open_weights(path))
     if any(".resblocks." in k and "c_fc" in k for k in keys):

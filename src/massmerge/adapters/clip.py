@@ -12,7 +12,6 @@ adapter keeps aside (``projection``) because it is not merged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from pickle import UnpicklingError
 
@@ -20,7 +19,8 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from massmerge.adapters.base import BaseAdapter, Batch, check_pickle_policy, refuse_remote_code
+from massmerge.adapters.base import BaseAdapter, Batch
+from massmerge.adapters.weights import check_pickle_policy, refuse_remote_code
 from massmerge.errors import MassMergeError, OptionError
 
 IMAGE_KEYS = ("pixel_values", "image", "images")
@@ -124,8 +124,3 @@ def _resolve(source: str, revision: str | None) -> Path:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-def has_clip_layout(state: Mapping[str, object]) -> bool:
-    """True if a state dict looks like an HF CLIP vision tower."""
-    return any("embeddings.class_embedding" in k and "visual." not in k for k in state)

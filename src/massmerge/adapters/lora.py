@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from massmerge.errors import CheckpointError, OptionError
-from massmerge.lowrank import LowRank, rank_for
+from massmerge.lowrank import LowRank, rank_for, rank_fraction_for
+from massmerge.mass.config import DEFAULT_EPS
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -235,7 +236,7 @@ def lora_expert_factors(experts: Sequence[LoraExpert], shapes: Mapping[str, tupl
     """Per expert, (matrix factors, non-matrix deltas) over the union of adapted keys, ready for
     ``ExpertFactors.add_task_factors``: a matrix one expert does not adapt gets a zero factor, a non-matrix
     key it does not train a zero delta, so every task has the same keys."""
-    fraction = 1.0 / len(experts) if rank_fraction is None else rank_fraction
+    fraction = rank_fraction_for(len(experts), rank_fraction)
     matrix_keys = sorted({k for e in experts for k in e.pairs})
     other_keys = sorted({k for e in experts for k in e.non_matrix})
     out = []
@@ -249,7 +250,7 @@ def lora_expert_factors(experts: Sequence[LoraExpert], shapes: Mapping[str, tupl
 
 
 def build_lora_factors(experts: Sequence[LoraExpert], task_names: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
-                       *, rank_fraction: float | None = None, eps: float | None = 0.3):  # noqa: ANN201
+                       *, rank_fraction: float | None = None, eps: float | None = DEFAULT_EPS):  # noqa: ANN201
     """An :class:`~massmerge.mass.ExpertFactors` built from LoRA experts without any dense task vector."""
     from massmerge.mass.experts import ExpertFactors
 
@@ -257,7 +258,7 @@ def build_lora_factors(experts: Sequence[LoraExpert], task_names: Sequence[str],
         raise OptionError(f"--task-names: {len(task_names)} names for {len(experts)} LoRA experts")
     if len(experts) < 2:
         raise OptionError(f"--experts: MASS needs at least 2 experts, got {len(experts)}")
-    fraction = 1.0 / len(experts) if rank_fraction is None else rank_fraction
+    fraction = rank_fraction_for(len(experts), rank_fraction)
     factors = ExpertFactors(task_names=list(task_names), rank_fraction=fraction)
     for matrices, others in lora_expert_factors(experts, shapes, rank_fraction=fraction):
         factors.add_task_factors(matrices, others)

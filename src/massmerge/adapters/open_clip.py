@@ -75,7 +75,7 @@ class OpenCLIPAdapter(BaseAdapter):
         if self.arch is None:
             raise MassMergeError(f"{source}: an open_clip checkpoint needs its architecture name (arch: ViT-B-32)")
         model = create_open_clip(self.arch)
-        from massmerge.adapters.base import AlignedCheckpoint
+        from massmerge.adapters.weights import AlignedCheckpoint
         from massmerge.checkpoints import load_state_dict
         from massmerge.sources import resolve_source
 

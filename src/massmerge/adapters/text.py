@@ -16,16 +16,20 @@ the default), ``cls`` (token 0) or ``pooler`` (BERT's tanh pooler, what ``*ForSe
 
 from __future__ import annotations
 
+from pathlib import Path
 from pickle import UnpicklingError
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from massmerge.adapters.base import BaseAdapter, Batch, check_pickle_policy, refuse_remote_code
+from massmerge.adapters.base import BaseAdapter, Batch
+from massmerge.adapters.weights import check_pickle_policy, refuse_remote_code
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.mass.pooling import masked_mean
+from massmerge.progress import quiet_third_party
+from massmerge.sources import resolve_source
 
 FeaturePooling = Literal["mean", "cls", "pooler"]
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -41,6 +45,50 @@ def text_inputs(batch: Batch, *, t5: bool = False) -> dict[str, torch.Tensor]:
     if "input_ids" not in inputs:
         raise OptionError(f"batch: a text batch needs input_ids (and attention_mask); got {sorted(batch)}")
     return inputs
+
+
+FALLBACK_MAX_LENGTH = 512  # tokens, for a model that records no positions (relative-position models)
+
+
+def model_positions(model: nn.Module) -> int | None:
+    """How many token positions the model has (None for relative-position models such as T5)."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def special_token_ids(directory: str | Path) -> list[int] | None:
+    """The special token ids of the tokenizer in a model directory ([CLS], [SEP], padding...: what ``content``
+    pooling leaves out), or None when the directory has no usable tokenizer."""
+    try:
+        from transformers import AutoTokenizer
+
+        return sorted(set(AutoTokenizer.from_pretrained(str(directory)).all_special_ids))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def load_tokenizer(directory: str | Path) -> Any:
+    """The tokenizer of a model directory (an artifact's ``model/``); none usable is one line naming it."""
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_third_party():
+            return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as exc:
+        raise MassMergeError(f"{directory}: no usable tokenizer in the artifact ({str(exc).splitlines()[0][:160]}); "
+                             "build it from an HF directory that has tokenizer files") from None
+
+
+def served_max_length(requested: int | None, recorded: int | None, positions: int | None, recorded_in: str
+                      ) -> tuple[int, str | None]:
+    """(tokens per input, a note or None): ``requested``, else ``recorded`` (what the experts were trained
+    with), clipped to the model's positions; the note names where a clipped length came from."""
+    length = requested or recorded or positions or FALLBACK_MAX_LENGTH
+    if positions is not None and length > positions:
+        source = f"--max-length {length}" if requested else f"{recorded_in}: field 'serve.max_length' ({length})"
+        return positions, f"{source} is above the model's {positions} positions; using {positions}"
+    return length, None
 
 
 class TextEncoderAdapter(BaseAdapter):
@@ -93,8 +141,6 @@ class TextEncoderAdapter(BaseAdapter):
     def load_model(self, source: str, *, revision: str | None = None, trust_pickle: bool = False) -> nn.Module:
         """``AutoModel`` (or ``T5EncoderModel`` for T5 configs) from a local directory or hub id."""
         import transformers
-
-        from massmerge.sources import resolve_source
 
         path = resolve_source(source, revision)
         check_pickle_policy(path, trust_pickle=trust_pickle)

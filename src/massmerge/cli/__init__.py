@@ -150,7 +150,7 @@ def _report_click_error(exc: BaseException) -> None:
     fail(f"{message} (see '{command} --help')")
 
 
-from massmerge.cli import info as _info  # noqa: E402  (commands register themselves on ``app``)
+from massmerge.cli import info as _info  # noqa: E402,F401  (commands register themselves on ``app``)
 from massmerge.cli import merge as _merge  # noqa: E402,F401
 from massmerge.cli import build as _build  # noqa: E402,F401
 from massmerge.cli import predict as _predict  # noqa: E402,F401

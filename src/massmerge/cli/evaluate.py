@@ -14,7 +14,8 @@ from typing import Annotated
 import typer
 
 from massmerge.cli import command
-from massmerge.cli.options import TRUST_PICKLE_HELP, check_positive, read_utf8_lines
+from massmerge.cli.options import TRUST_PICKLE_HELP, check_positive
+from massmerge.io.inputs import read_utf8_lines
 
 
 @command("evaluate")

@@ -6,11 +6,9 @@ free of heavy imports: the CLI must start fast (``massmerge --help`` imports no 
 
 from __future__ import annotations
 
-import stat
-from pathlib import Path
 from typing import Any
 
-from massmerge.errors import MassMergeError, OptionError
+from massmerge.errors import OptionError
 from massmerge.mass.config import DEFAULT_MAX_SIZE, ServeSettings
 
 RANK_FRACTION_HELP = "kept rank per task and matrix: floor(min(m, n) x FLOAT) [default: 1/T]"
@@ -61,38 +59,3 @@ def check_positive(option: str, value: int | float | None) -> None:
     if value is not None and value <= 0:
         raise OptionError(f"{option} must be >= 1, got {value}" if isinstance(value, int)
                           else f"{option} must be > 0, got {value}")
-
-
-def describe(path: Path) -> str:
-    """What a path that is not a regular file is, for error messages."""
-    if not path.exists():
-        return "no such file or directory"
-    mode = path.stat().st_mode
-    if stat.S_ISDIR(mode):
-        return "is a directory, not a file"
-    if stat.S_ISFIFO(mode):
-        return "is a FIFO (named pipe), not a file"
-    if stat.S_ISSOCK(mode):
-        return "is a socket, not a file"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "is a device, not a file"
-    return "is not a regular file"
-
-
-def read_utf8_lines(path: Path) -> list[tuple[int, str]]:
-    """(1-based line number, text) of every line of a UTF-8 file (a user's inputs or config); a path that is
-    not a regular file says what it is, and a bad byte names the file and the line.
-
-    Why not ``read_text``: its UnicodeDecodeError gives a byte offset in a traceback, not a line to fix.
-    """
-    if not path.is_file():
-        raise MassMergeError(f"{path}: {describe(path)}")
-    out = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                out.append((number, raw.decode("utf-8").rstrip("\r\n")))
-            except UnicodeDecodeError as exc:
-                raise MassMergeError(f"{path}: line {number} is not valid UTF-8 (byte {exc.start + 1} of the "
-                                     "line)") from None
-    return out

@@ -11,7 +11,6 @@ must use the same order, which :func:`check_label_space` verifies by count.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +21,8 @@ from typing import Any
 import torch
 
 from massmerge.errors import MassMergeError, OptionError
+from massmerge.io.inputs import describe, read_utf8_lines
+from massmerge.io.jsonfile import read_json_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -43,7 +44,8 @@ class Preprocess:
         file = path / "preprocessor_config.json" if path is not None and path.is_dir() else None
         if file is None or not file.is_file():
             return cls(image_size, image_size) if image_size else cls()
-        cfg = json.loads(file.read_text())
+        cfg = read_json_file(file, "a preprocessor config")
+        cfg = cfg if isinstance(cfg, dict) else {}
         size = _edge(cfg.get("size"), 224)
         crop = _edge(cfg.get("crop_size"), size)
         return cls(size, crop, tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD)))
@@ -70,6 +72,40 @@ def _edge(value: Any, default: int) -> int:
     if isinstance(value, dict):
         return int(value.get("shortest_edge") or value.get("height") or default)
     return default
+
+
+def image_size_of(module: Any) -> int | None:
+    """The input image size a vision model records (an HF CLIP config, or an open_clip ``visual``), else None."""
+    base = getattr(module, "model", module)
+    config = getattr(base, "config", None)
+    vision = getattr(config, "vision_config", config)
+    size = getattr(vision, "image_size", None) or getattr(getattr(base, "visual", None), "image_size", None)
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
+def preprocess_for(module: Any, model_dir: Path | None) -> Preprocess:
+    """The base's own eval transform (``preprocessor_config.json``), else CLIP's at the model's image size."""
+    return Preprocess.from_model_dir(model_dir, image_size=image_size_of(module))
+
+
+def read_image_paths(path: Path) -> list[Path]:
+    """An image, the images under a directory (sorted), or the paths listed in a text file (one per line)."""
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise MassMergeError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this directory")
+        return found
+    if not path.is_file():
+        raise MassMergeError(f"{path}: {describe(path)}")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return [path]
+    listed = [line.strip() for _, line in read_utf8_lines(path) if line.strip()]
+    paths = [(path.parent / line) if not Path(line).is_absolute() else Path(line) for line in listed]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise MassMergeError(f"{path}: listed image '{missing[0]}' does not exist ({len(missing)} missing)")
+    return paths
+
 
 
 @dataclass

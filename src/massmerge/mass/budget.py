@@ -18,7 +18,9 @@ import torch
 
 from massmerge.errors import OptionError
 from massmerge.lowrank import LowRank
+from massmerge.mass.config import DEFAULT_MAX_SIZE
 from massmerge.mass.experts import ExpertFactors
+from massmerge.mass.storage import round_factors
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,6 @@ def stored_factors(factors: ExpertFactors, heads: Sequence[torch.nn.Module], bas
     ``factors`` is consumed: rounded in place, or emptied when a cut copied what it keeps (why: two full sets
     of factors at once were the peak memory of ``massmerge build``).
     """
-    from massmerge.artifact import round_factors
-    from massmerge.mass.config import DEFAULT_MAX_SIZE
-
     extra = metadata_bytes(factors) + tensor_bytes(p for h in heads for p in h.state_dict().values())
     fit, note = BudgetFit(factors, 1.0, 0.0), None
     if max_size != 0:

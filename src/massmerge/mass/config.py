@@ -15,14 +15,14 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from massmerge.errors import OptionError
+from massmerge.choices import DtypeName, SVDMethod
+from massmerge.errors import OptionError, first_validation_error
 
 RoutingMode = Literal["topk", "top1", "batch"]
 HeadRule = Literal["max_logit", "posterior", "joint"]
 Pooling = Literal["cls", "mean", "content", "tokens"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 LayerCombine = Literal["standardized", "ppca"]
-SVDChoice = Literal["auto", "exact", "randomized"]
 
 DEFAULT_EPS = 0.3
 DEFAULT_ALPHA = 1.0
@@ -50,8 +50,8 @@ class BuildSettings(_Settings):
 
     rank_fraction: float | None = Field(default=None, gt=0.0, le=1.0, description="k = floor(min(m,n) f); None = 1/T")
     eps: float | None = Field(default=DEFAULT_EPS, ge=0.0, le=1.0, description="de-redundancy cosine; None = off")
-    svd: SVDChoice = "auto"
-    factor_dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "auto"
+    svd: SVDMethod = "auto"
+    factor_dtype: Literal["auto"] | DtypeName = "auto"
     max_size: float | None = Field(default=None, ge=0.0, description="size budget x base; None = 2.1 where "
                                                                       "reachable, 0 = design ranks")
 
@@ -110,10 +110,10 @@ FLAG_NAMES = {"routing_layers": "--routing-layer"}  # the CLI spells some list s
 
 
 def _option_error(exc: ValidationError) -> OptionError:
-    first = exc.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else "settings"
+    where, message, value = first_validation_error(exc)
+    field = where.split(".")[0] or "settings"
     option = FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
-    return OptionError(f"{option}: {first['msg']} (got {first.get('input')!r})")
+    return OptionError(f"{option}: {message} (got {value!r})")
 
 
 def make_serve_settings(**values: Any) -> ServeSettings:

@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from massmerge.checkpoints import all_finite
 from massmerge.errors import CheckpointError, OptionError
-from massmerge.lowrank import LowRank, SVDMethod, rank_for, truncated_svd
+from massmerge.choices import SVDMethod, check_task_names
+from massmerge.lowrank import LowRank, rank_for, rank_fraction_for, truncated_svd
+from massmerge.mass.config import DEFAULT_EPS
 from massmerge.memory import release_freed_memory
 from massmerge.merging.common import tsv_merge_factors
 from massmerge.progress import track
@@ -68,7 +71,7 @@ class ExpertFactors:
         task_names: Sequence[str],
         *,
         rank_fraction: float | None = None,
-        eps: float | None = 0.3,
+        eps: float | None = DEFAULT_EPS,
         svd: SVDMethod = "auto",
         dtype: torch.dtype | None = None,
     ) -> "ExpertFactors":
@@ -76,9 +79,8 @@ class ExpertFactors:
         names = list(task_names)
         if len(names) < 2:
             raise OptionError(f"--experts: MASS needs at least 2 experts, got {len(names)}")
-        if len(set(names)) != len(names):
-            raise OptionError(f"--task-names: duplicate task name in {names}")
-        fraction = 1.0 / len(names) if rank_fraction is None else rank_fraction
+        check_task_names(names)
+        fraction = rank_fraction_for(len(names), rank_fraction)
         factors = cls(task_names=names, rank_fraction=fraction)
         count = 0
         for tv in track(task_vectors, "factorizing experts", total=len(names)):
@@ -93,8 +95,6 @@ class ExpertFactors:
     def add_task(self, task_vector: Mapping[str, torch.Tensor], *, svd: SVDMethod = "auto",
                  dtype: torch.dtype | None = None) -> None:
         """Factorize one task vector (matrices -> rank-k SVD, the rest kept as deltas) and append it."""
-        from massmerge.checkpoints import all_finite  # the fast NaN/Inf check (a sum, exact only on failure)
-
         matrices: dict[str, LowRank] = {}
         others: dict[str, torch.Tensor] = {}
         for key in task_vector:

@@ -36,23 +36,15 @@ from torch import nn
 from torch.func import functional_call
 
 from massmerge.errors import OptionError
-from massmerge.heads import choose
+from massmerge.heads.rules import choose
 from massmerge.mass import router
 from massmerge.mass.config import ServeSettings, make_serve_settings
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.lru import LRU
 from massmerge.mass.pooling import PoolFn, batch_size_of, identity_pool
-from massmerge.mass.routed import (
-    FirstPass,
-    Group,
-    Plan,
-    SecondPass,
-    SetData,
-    StopForward,
-    Unbatchable,
-    active,
-    install,
-)
+from massmerge.mass.first_pass import FirstPass
+from massmerge.mass.routed import StopForward, Unbatchable, active, install
+from massmerge.mass.second_pass import Group, Plan, SecondPass, SetData
 from massmerge.mass.setmerge import SetMerger, TaskSet
 from massmerge.task_vectors import add_delta
 
@@ -164,7 +156,7 @@ class _Shared:
         base = self.base[key]
         if key in self.matrix_keys:
             tasks = self.merger.first_pass_tasks(key)
-            core = self.merger._compute(tasks, {key: self.merger.stacked[key]})[key]
+            core = self.merger.compute_cores(tasks, [key])[key]
             return add_delta(base, self.merger.dense_delta(key, tasks, core), alpha)
         return add_delta(base, torch.stack(list(self.factors.non_matrix[key])).mean(dim=0), alpha)
 
@@ -230,7 +222,7 @@ class MASSModel(nn.Module):
     """MASS over any model whose routing layers are ``nn.Linear`` modules named in ``settings.routing_layers``.
 
     ``factors`` keys must be names in ``base_model.state_dict()``; ``heads[t]`` maps final features to task t's
-    logits. ``pool(activation, batch, pooling)`` makes z from a routing layer's input; ``features(model,
+    logits (``class_names[t]``, when given, names its classes in predictions). ``pool(activation, batch, pooling)`` makes z from a routing layer's input; ``features(model,
     batch)`` runs the model to its final features. Serve settings come from ``settings`` and keyword
     overrides (``routing_layers=``, ``eta=``, ...). ``strategy``: see the module docstring.
 
@@ -238,14 +230,19 @@ class MASSModel(nn.Module):
     same names, the same outputs outside MASS calls). The factors are re-stored once, stacked per matrix.
     """
 
+    manifest: Any = None  # the artifact's manifest when the model came from ``load()``
+    adapter: Any = None  # the bound model-family adapter when the model came from ``load()`` of an adapter artifact
+
     def __init__(self, base_model: nn.Module, factors: ExpertFactors, heads: Sequence[nn.Module],
                  settings: ServeSettings | None = None, *, pool: PoolFn = identity_pool,
-                 features: FeatureFn = default_features, strategy: Strategy = "auto", **overrides: Any) -> None:
+                 features: FeatureFn = default_features, strategy: Strategy = "auto",
+                 class_names: Sequence[Sequence[str] | None] | None = None, **overrides: Any) -> None:
         super().__init__()
         if strategy not in STRATEGIES:
             raise OptionError(f"strategy: unknown value '{strategy}' (choose {', '.join(STRATEGIES)})")
         self.settings = (settings or make_serve_settings()).updated(**overrides)
         self.heads = nn.ModuleList(heads)
+        self.class_names = None if class_names is None else [None if c is None else list(c) for c in class_names]
         self.pool = pool
         self.strategy: Strategy = strategy
         check_parts(base_model, factors, self.heads, self.settings)

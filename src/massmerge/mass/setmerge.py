@@ -108,24 +108,17 @@ class SetMerger:
 
     def cores(self, tasks: TaskSet) -> dict[str, torch.Tensor]:
         """Matrix key -> core [K, K] of ``TSV-M(tasks)`` (tasks in increasing order), cached (LRU)."""
-        return self._cores.get_or_make(tasks, lambda: self._compute(tasks, self.stacked))
-
-    def first_pass_cores(self) -> dict[str, torch.Tensor]:
-        """Cores of each matrix's de-redundant set of all tasks (``accepted``), for the first pass."""
-        out: dict[str, torch.Tensor] = {}
-        by_set: dict[TaskSet, list[str]] = {}
-        for key in self.stacked:
-            by_set.setdefault(self.first_pass_tasks(key), []).append(key)
-        for tasks, keys in by_set.items():
-            out.update(self._compute(tasks, {key: self.stacked[key] for key in keys}))
-        return out
+        return self._cores.get_or_make(tasks, lambda: self.compute_cores(tasks))
 
     def first_pass_tasks(self, key: str) -> TaskSet:
+        """The tasks one matrix merges in the first pass: its de-redundant ``accepted`` set (all when off)."""
         accepted = self.factors.accepted.get(key)
         return tuple(accepted) if accepted else tuple(range(self.factors.num_tasks))
 
-    @staticmethod
-    def _compute(tasks: TaskSet, stacked: dict[str, Stacked]) -> dict[str, torch.Tensor]:
+    def compute_cores(self, tasks: TaskSet, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Cores of ``TSV-M(tasks)`` for ``keys`` (default every matrix), not cached; the eigendecompositions of
+        the matrices with equal K are batched."""
+        stacked = self.stacked if keys is None else {key: self.stacked[key] for key in keys}
         by_size: dict[int, list[tuple[str, torch.Tensor]]] = {}
         for key, st in stacked.items():
             rows = st.rows(tasks)

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from massmerge.checkpoints import open_checkpoint
-from massmerge.lowrank import SVDMethod
+from massmerge.choices import SVDMethod
+from massmerge.mass.config import DEFAULT_EPS
 from massmerge.mass.experts import ExpertFactors
 from massmerge.task_vectors import ALL_KEYS, CheckedTaskVector, KeyFilter
 
@@ -32,7 +33,7 @@ def stream_task_vectors(base: Mapping[str, torch.Tensor], experts: Sequence[Any]
 
 
 def build_factors(base: Mapping[str, torch.Tensor], experts: Sequence[Any], task_names: Sequence[str], *,
-                  rank_fraction: float | None = None, eps: float | None = 0.3, svd: SVDMethod = "auto",
+                  rank_fraction: float | None = None, eps: float | None = DEFAULT_EPS, svd: SVDMethod = "auto",
                   open_expert: OpenFn = open_checkpoint, key_filter: KeyFilter = ALL_KEYS) -> ExpertFactors:
     """:meth:`ExpertFactors.build` over experts streamed from disk one at a time."""
     stream = stream_task_vectors(base, experts, open_expert=open_expert, key_filter=key_filter)

@@ -116,11 +116,3 @@ def check_alpha(alpha: float) -> float:
     if not isinstance(alpha, (int, float)) or alpha != alpha or abs(alpha) == float("inf"):
         raise OptionError(f"--alpha must be a finite number, got {alpha}")
     return float(alpha)
-
-
-def default_rank_fraction(num_tasks: int, rank_fraction: float | None) -> float:
-    """design.md default: 1/T."""
-    fraction = 1.0 / num_tasks if rank_fraction is None else rank_fraction
-    if not 0.0 < fraction <= 1.0:
-        raise OptionError(f"--rank-fraction must be in (0, 1], got {fraction}")
-    return fraction

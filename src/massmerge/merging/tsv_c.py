@@ -9,13 +9,13 @@ from collections.abc import Mapping
 import torch
 
 from massmerge.errors import OptionError
-from massmerge.lowrank import SVDMethod, rank_for, truncated_svd
+from massmerge.choices import SVDMethod
+from massmerge.lowrank import rank_for, rank_fraction_for, truncated_svd
 from massmerge.merging.common import (
     StateDict,
     TaskVectors,
     check_alpha,
     check_task_vectors,
-    default_rank_fraction,
     finalize,
 )
 from massmerge.merging.names import DEFAULT_ALPHA
@@ -41,7 +41,7 @@ def merge(
     alpha = check_alpha(alpha)
     if not 0 <= task < len(task_vectors):
         raise OptionError(f"--task must be in [0, {len(task_vectors) - 1}], got {task}")
-    fraction = default_rank_fraction(len(task_vectors), rank_fraction)
+    fraction = rank_fraction_for(len(task_vectors), rank_fraction)
     matrices, others = split_matrix(keys, base)
     tv = task_vectors[task]
     merged: StateDict = {key: tv[key].to(work_dtype(tv[key], dtype)) for key in others}

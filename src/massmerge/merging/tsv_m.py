@@ -11,13 +11,13 @@ from collections.abc import Mapping
 
 import torch
 
-from massmerge.lowrank import SVDMethod, rank_for, truncated_svd
+from massmerge.choices import SVDMethod
+from massmerge.lowrank import rank_for, rank_fraction_for, truncated_svd
 from massmerge.merging.common import (
     StateDict,
     TaskVectors,
     check_alpha,
     check_task_vectors,
-    default_rank_fraction,
     finalize,
     mean_delta,
     tsv_merge_factors,
@@ -44,7 +44,7 @@ def merge(
     """TSV-M: ``theta_0 + alpha * TSV-M(all tasks)``."""
     keys = check_task_vectors(task_vectors)
     alpha = check_alpha(alpha)
-    fraction = default_rank_fraction(len(task_vectors), rank_fraction)
+    fraction = rank_fraction_for(len(task_vectors), rank_fraction)
     matrices, others = split_matrix(keys, base)
     merged: StateDict = {key: mean_delta(task_vectors, key, dtype) for key in others}
     for key in track(matrices, "tsv_m"):

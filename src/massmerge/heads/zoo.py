@@ -1,7 +1,7 @@
 """Building heads for real checkpoints: CLIP zero-shot heads from class names + templates, linear heads from a
 model's classifier weights.
 
-Why a separate module: :mod:`massmerge.heads` is pure tensors; this one knows file formats, tokenizers and the
+Why a module of its own: :mod:`.modules` is pure tensors; this one knows file formats, tokenizers and the
 package-shipped class names and prompt templates of the 20 vision tasks (``data/clip_tasks.json``), so the
 paper's benchmark needs no hand-written label lists. Class order is each dataset's label order (design.md
 section 4: a head's class order must be the dataset's).
@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from massmerge.errors import CheckpointError, OptionError
-from massmerge.heads import LinearHead, ZeroShotHead
+from massmerge.heads.modules import LinearHead, ZeroShotHead
 
 TextEncoder = Callable[[list[str]], torch.Tensor]
 CLASSIFIER_NAMES = ("classifier", "score", "head", "classification_head", "fc")

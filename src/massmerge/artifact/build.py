@@ -1,0 +1,158 @@
+"""``massmerge build``: a base, experts and heads files in, a deployable MASS artifact directory out.
+
+Everything a user can get wrong is checked before the first SVD: the output path, every heads file (finite
+weights, one width, at least one class, a positive logit scale), the routing layer, and every expert (it opens,
+and its keys and shapes match the base). Experts are then streamed (one open at a time, one tensor read at a
+time) and reduced to their factors as they arrive (:func:`massmerge.mass.build.assemble`, the path
+``evaluate`` and the suite score too), so memory stays near base + factors whatever the number of experts.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from massmerge.adapters import BaseAdapter, detect_family, get_adapter
+from massmerge.adapters.text import model_positions, special_token_ids
+from massmerge.artifact.save import check_output_directory, write_artifact
+from massmerge.artifact.size import artifact_bytes, base_file_bytes
+from massmerge.errors import CheckpointError, OptionError
+from massmerge.heads.files import HeadSet, head_width
+from massmerge.mass.build import MASSParts, assemble, total_rank
+from massmerge.mass.config import DEFAULT_MAX_SIZE, BuildSettings
+from massmerge.mass.experts import ExpertFactors
+from massmerge.mass.storage import to_storage
+from massmerge.sources import resolve_source
+from massmerge.mass.stream import stream_task_vectors
+from massmerge.task_vectors import KeyFilter
+
+Echo = Callable[..., None]  # echo(text, err=False): the summary line to stdout, notes (err=True) to stderr
+
+
+def print_line(text: str, err: bool = False) -> None:
+    """The default ``echo``: one line to stdout, or to stderr when ``err``."""
+    print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def adapter_options(family: str, pooling: str | None, feature_pooling: str | None, special_ids: Any) -> dict[str, Any]:
+    """The adapter options a build records (``--pooling``, ``--feature-pooling``, the text tokenizer's ids)."""
+    options: dict[str, Any] = {}
+    if pooling is not None:
+        options["pooling"] = pooling
+    if feature_pooling is not None:
+        if family != "text":
+            raise OptionError(f"--feature-pooling applies to text models, not family '{family}'")
+        options["feature_pooling"] = feature_pooling
+    if family == "text" and special_ids is not None:
+        options["special_ids"] = special_ids
+    return options
+
+
+def check_experts(adapter: BaseAdapter, model: nn.Module, experts: Sequence[Path], encoder: Mapping[str, torch.Tensor],
+                  trust_pickle: bool) -> None:
+    """Every expert opens and has the base's keys and shapes (headers only; no tensor is read)."""
+    for path in experts:
+        if not path.exists():
+            raise OptionError(f"--experts: {path}: no such file or directory")
+        checkpoint = adapter.load_weights(str(path), model, trust_pickle=trust_pickle)
+        for key, value in encoder.items():
+            shape = checkpoint.shape(key) if hasattr(checkpoint, "shape") else None
+            if shape is not None and shape != tuple(value.shape):
+                raise CheckpointError(f"{path}: key '{key}' has shape {list(shape)}, the base has {list(value.shape)}")
+
+
+def summary(output: Path, names: Sequence[str], layer: str, store: torch.dtype, settings: BuildSettings, *,
+            design_rank: int, stored: ExpertFactors, unreachable: bool) -> str:
+    """The one line ``build`` ends with. Why so careful: it must never contradict itself (a rank "cut to
+    100%", or a size above the budget it claims to fit), so the ranks are compared as stored and the size is
+    measured on disk against the same base files the artifact holds."""
+    size = artifact_bytes(output) / base_file_bytes(output)
+    budget = settings.max_size if settings.max_size is not None else DEFAULT_MAX_SIZE
+    named = f"--max-size {budget}" if settings.max_size is not None else f"the default {budget}x size budget"
+    rule = "1/T" if settings.rank_fraction is None else f"--rank-fraction {settings.rank_fraction}"
+    kept, full = total_rank(stored), design_rank
+    if not budget:
+        ranks = f"design ranks ({rule}), no size budget"
+    elif kept < full:
+        ranks = f"ranks cut to {math.floor(100 * kept / full)}% of the design ranks ({rule}) to fit {named}"
+    elif unreachable:
+        ranks = f"design ranks ({rule}) kept: {named} cannot hold one direction per task for this model"
+    else:
+        ranks = f"design ranks ({rule}) fit {named}"
+    over = f", above {budget}x" if budget and size > budget and not unreachable else ""
+    return (f"wrote {output}: {len(names)} tasks ({', '.join(names)}); routing layer {layer}; factors "
+            f"{str(store).removeprefix('torch.')}, {ranks}; {size:.2f}x the base's files{over}; de-redundancy "
+            f"left tasks out of the first pass in {len(stored.dropped())} matrices")
+
+
+
+def family_adapter(base_path: Path, model: nn.Module, family: str, *, routing_layer: str | int | None,
+                   pooling: str | None, feature_pooling: str | None, max_length: int | None
+                   ) -> tuple[BaseAdapter, int | None]:
+    """The bound adapter a build records, and the text length it serves with (the model's positions by default;
+    a ``--max-length`` above them is an error)."""
+    special, length = None, None
+    if family == "text":
+        special = special_token_ids(base_path)
+        positions = model_positions(model)
+        if max_length is not None and positions is not None and max_length > positions:
+            raise OptionError(f"--max-length {max_length} is above the model's {positions} positions")
+        length = max_length or positions
+    options = adapter_options(family, pooling, feature_pooling, special)
+    return get_adapter(family, routing_layer=routing_layer, **options).bind(model), length
+
+
+def build_artifact(base: Path, experts: Sequence[Path], heads: HeadSet, output: Path, settings: BuildSettings, *,
+                   family: str | None = None, routing_layer: str | int | None = None, pooling: str | None = None,
+                   feature_pooling: str | None = None, max_length: int | None = None,
+                   include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                   trust_pickle: bool = False, echo: Echo = print_line) -> Path:
+    """The whole build (also ``massmerge suite --export-artifact``'s); every check comes before any SVD.
+    ``echo`` prints the notes (``err=True``) and the closing summary line."""
+    check_output_directory(output)  # before hours of work, not after
+    base_path = resolve_source(str(base))
+    fam = family or detect_family(base_path)
+    model = get_adapter(fam, routing_layer=routing_layer).load_model(str(base_path), trust_pickle=trust_pickle)
+    adapter, length = family_adapter(base_path, model, fam, routing_layer=routing_layer, pooling=pooling,
+                                     feature_pooling=feature_pooling, max_length=max_length)
+    layer = adapter.routing_layer(model)
+    state = model.state_dict()
+    encoder = {key: state[key] for key in adapter.encoder_keys(model)}
+    width = adapter.feature_dim(model)
+    if width is not None and head_width(heads.heads[0]) != width:
+        raise OptionError(f"--heads: the heads read {head_width(heads.heads[0])} features; the model's "
+                          f"features are {width} wide")
+    check_experts(adapter, model, experts, encoder, trust_pickle)
+
+    def open_expert(path: Path) -> Mapping[str, torch.Tensor]:
+        return adapter.load_weights(str(path), model, trust_pickle=trust_pickle)
+
+    stream = stream_task_vectors(encoder, experts, open_expert=open_expert,
+                                 key_filter=KeyFilter.from_patterns(include, exclude))
+    parts = assemble(model, stream, heads.names, heads.heads, build=settings, router=adapter.default_router(model),
+                     max_length=length)
+    if parts.note:
+        echo(f"note: {parts.note}", err=True)
+    write_parts(output, model, parts, adapter=adapter, tokenizer_dir=base_path if base_path.is_dir() else None,
+                class_names=heads.class_names)
+    echo(summary(output, heads.names, layer, parts.store, settings, design_rank=parts.design_rank,
+                 stored=parts.factors, unreachable=parts.note is not None))
+    return Path(output)
+
+
+def write_parts(output: Path, model: nn.Module, parts: MASSParts, **options: Any) -> Path:
+    """Write assembled parts as an artifact; the factors are converted to their storage dtype in place first
+    (no second copy of them at write time), so ``parts`` no longer serves afterwards."""
+    return write_artifact(output, base_model=model, factors=to_storage(parts.factors, parts.store), heads=parts.heads,
+                          serve=parts.serve, build=parts.build, factor_dtype=parts.store, rank_scale=parts.rank_scale,
+                          **options)
+
+
+__all__ = ["adapter_options", "build_artifact", "check_experts", "family_adapter", "summary",
+           "write_parts"]

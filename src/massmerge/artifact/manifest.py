@@ -1,0 +1,229 @@
+"""The manifest of a MASS artifact: its schema, the files an artifact may hold, and the cross-field rules.
+
+Layout of an artifact directory (format 2)::
+
+    manifest.json            format_version, tasks, build and serve settings, ranks, heads, base, every file
+    factors.safetensors      factors/{task}/{key}/U|s|V per matrix, non_matrix/{task}/{key} per other key
+    heads.safetensors        heads/{task}/weight (+ heads/{task}/bias)
+    model/                   an HF model directory (config.json, model.safetensors, tokenizer files) when the
+                             architecture comes from an adapter, so ``load`` can rebuild the module by itself
+    base.safetensors         the base's tensors for a generic ``nn.Module`` (``load(dir, base_model=...)``)
+
+The base may instead be a *reference*: an explicit outside safetensors file named in the manifest with its size
+and sha256, verified before it is read.
+
+The manifest separates ``build`` settings (fixed: rank fraction and scale, eps, SVD, factor dtype) from
+``serve`` settings (defaults that ``load(dir, eta=...)`` and ``massmerge predict --eta ...`` override without a
+rebuild, including the pooling and max length the experts were trained with). ``ranks`` is the one record of
+every task's rank per matrix; factor shapes are checked against it and against the model's parameters.
+
+A manifest may come from a stranger: it is read as bounded JSON, every field is validated, and a failure is one
+line naming the file and the field (``.../manifest.json: field 'heads.t1.logit_scale' ...``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from massmerge.checkpoints import PICKLE_SUFFIXES
+from massmerge.choices import DtypeName, task_name_problem
+from massmerge.errors import MassMergeError, first_validation_error
+from massmerge.io.jsonfile import read_json_file
+from massmerge.mass.config import BuildSettings, Pooling, ServeSettings
+
+
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+FACTORS_FILE = "factors.safetensors"
+HEADS_FILE = "heads.safetensors"
+BASE_FILE = "base.safetensors"
+MODEL_DIR = "model"
+HF_WEIGHTS = "model.safetensors"
+TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.json", "*.model",
+                      "preprocessor_config.json", "sentencepiece*", "added_tokens.json")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileEntry(_Strict):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class HeadEntry(_Strict):
+    task: str
+    kind: Literal["linear", "zero_shot"]
+    num_classes: int = Field(ge=1)
+    logit_scale: float | None = None
+    class_names: list[str] | None = None
+
+
+class BaseEntry(_Strict):
+    """Where the base weights live: inside the artifact (``file``) or an explicit outside reference."""
+
+    mode: Literal["embedded", "reference"]
+    dtype: DtypeName
+    file: str | None = None
+    path: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    bytes: int | None = Field(default=None, ge=0)
+
+
+class AdapterOptions(_Strict):
+    """The adapter options an artifact may record (exactly what :func:`_architecture` writes): a closed set,
+    so a hostile manifest cannot pass arbitrary keyword arguments to an adapter's constructor."""
+
+    pooling: Pooling | None = None
+    feature_pooling: Literal["mean", "cls", "pooler"] | None = None
+    special_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    arch: str | None = None
+
+
+class ArchitectureEntry(_Strict):
+    """How to rebuild the module: an adapter family over ``model/``, or a user-supplied generic module."""
+
+    kind: Literal["adapter", "module"]
+    adapter: str | None = None
+    options: AdapterOptions = AdapterOptions()
+    pooling: Pooling | None = None
+
+
+class Manifest(_Strict):
+    format_version: int
+    massmerge_version: str
+    task_names: list[str] = Field(min_length=2)
+    build: BuildSettings
+    rank_fraction: float = Field(gt=0.0, le=1.0)
+    rank_scale: float = Field(default=1.0, gt=0.0, le=1.0)
+    serve: ServeSettings
+    ranks: dict[str, list[int]]
+    accepted: dict[str, list[int]]
+    non_matrix_keys: list[str]
+    factor_dtype: DtypeName
+    base: BaseEntry
+    architecture: ArchitectureEntry
+    heads: list[HeadEntry]
+    files: dict[str, FileEntry]
+
+    @property
+    def matrix_keys(self) -> list[str]:
+        return list(self.ranks)
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
+    """Parse and validate ``manifest.json``; refuse unknown format versions before anything else."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise MassMergeError(f"{directory}: no such artifact directory")
+    if path.is_symlink() or not path.is_file():
+        raise MassMergeError(f"{path}: missing (or not a plain file); '{directory}' is not a massmerge artifact")
+    raw = read_json_file(path, "a manifest")
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version == 1:
+        raise MassMergeError(f"{path}: format_version 1 (massmerge 0.1) is no longer read; rebuild the artifact "
+                             "with `massmerge build` from the same base, experts and heads")
+    if version != FORMAT_VERSION:
+        raise MassMergeError(
+            f"{path}: format_version {version!r} is not supported (this massmerge reads version {FORMAT_VERSION})")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        where, message, _ = first_validation_error(exc)
+        raise MassMergeError(f"{path}: invalid manifest field '{where}' ({message})") from None
+    check_manifest(manifest, path)
+    return manifest
+
+
+def check_manifest(manifest: Manifest, path: Path) -> None:
+    """Cross-field rules pydantic cannot state: unique task names, ranks and accepted indices per task."""
+    names = manifest.task_names
+    T = len(names)
+    problem = task_name_problem(names)
+    if problem is not None:
+        raise MassMergeError(f"{path}: field 'task_names': {problem}")
+    if [h.task for h in manifest.heads] != names:
+        raise MassMergeError(f"{path}: field 'heads' does not list one head per task, in task order")
+    for key, ranks in manifest.ranks.items():
+        if len(ranks) != T or any(r < 0 for r in ranks):
+            raise MassMergeError(f"{path}: field 'ranks.{key}' must hold {T} non-negative ranks")
+    for key, kept in manifest.accepted.items():
+        if key not in manifest.ranks:
+            raise MassMergeError(f"{path}: field 'accepted.{key}' names a key without factors")
+        if not kept or len(set(kept)) != len(kept) or any(not 0 <= t < T for t in kept):
+            raise MassMergeError(f"{path}: field 'accepted.{key}' must hold distinct task indices in [0, {T})")
+    for entry in manifest.heads:
+        if entry.kind == "zero_shot" and (entry.logit_scale is None or not math.isfinite(entry.logit_scale)
+                                          or entry.logit_scale <= 0):
+            raise MassMergeError(f"{path}: field 'heads.{entry.task}.logit_scale' must be finite and positive")
+        if entry.class_names is not None and len(entry.class_names) != entry.num_classes:
+            raise MassMergeError(f"{path}: field 'heads.{entry.task}.class_names' has {len(entry.class_names)} "
+                                 f"names for {entry.num_classes} classes")
+    check_file_names(manifest, path)
+    check_base_entry(manifest, path)
+
+
+def check_file_names(manifest: Manifest, path: Path) -> None:
+    """Every listed name is a plain relative name of a file an artifact may hold (see :func:`allowed_name`)."""
+    for name in manifest.files:
+        pure = PurePosixPath(name)
+        if not name or pure.is_absolute() or "\\" in name or any(part in ("..", ".", "") for part in name.split("/")):
+            raise MassMergeError(f"{path}: field 'files' lists '{name}', which is not a plain relative name "
+                                 "inside the artifact")
+        if not allowed_name(name):
+            raise MassMergeError(f"{path}: field 'files' lists '{name}', a file an artifact may not hold (only "
+                                 f"{FACTORS_FILE}, {HEADS_FILE}, {BASE_FILE} and {MODEL_DIR}/ with config.json, "
+                                 f"{HF_WEIGHTS} and tokenizer files)")
+
+
+def allowed_name(name: str) -> bool:
+    """Whether an artifact may hold a file of this relative name: the files :func:`save_artifact` writes.
+
+    Why a closed list: whatever sits in ``model/`` is handed to transformers, which would pick up a pickle
+    weights file or a modelling ``.py`` file on its own; an artifact holds data files only.
+    """
+    parts = name.split("/")
+    if len(parts) == 1:
+        return name in (FACTORS_FILE, HEADS_FILE, BASE_FILE)
+    if len(parts) != 2 or parts[0] != MODEL_DIR:
+        return False
+    return model_file_allowed(parts[1])
+
+
+def model_file_allowed(file_name: str) -> bool:
+    """A file ``model/`` may hold: the HF config, the safetensors weights, tokenizer/processor data files."""
+    if file_name in ("config.json", HF_WEIGHTS):
+        return True
+    suffix = PurePosixPath(file_name).suffix
+    if suffix in (".py", ".safetensors", *PICKLE_SUFFIXES):
+        return False
+    return any(fnmatch.fnmatchcase(file_name, pattern) for pattern in TOKENIZER_PATTERNS)
+
+
+def check_base_entry(manifest: Manifest, path: Path) -> None:
+    """An embedded base is a listed file (``model/model.safetensors`` for an adapter artifact, which transformers
+    reads from ``model/``); a reference is only for a generic module and names an absolute path, bytes, sha256."""
+    base = manifest.base
+    if base.mode == "embedded":
+        expected = f"{MODEL_DIR}/{HF_WEIGHTS}" if manifest.architecture.kind == "adapter" else BASE_FILE
+        if base.file != expected or base.file not in manifest.files:
+            raise MassMergeError(f"{path}: field 'base.file' must be '{expected}', a listed file")
+        return
+    if manifest.architecture.kind == "adapter":
+        raise MassMergeError(f"{path}: field 'base.mode' is 'reference', but an adapter artifact must embed its "
+                             f"base in {MODEL_DIR}/")
+    if not base.path or not PurePosixPath(base.path).is_absolute() or not base.sha256 or base.bytes is None:
+        raise MassMergeError(f"{path}: field 'base' must name the referenced file's absolute path, bytes and sha256")
+
+
+
+__all__ = ["BASE_FILE", "FACTORS_FILE", "FORMAT_VERSION", "HEADS_FILE", "HF_WEIGHTS", "MANIFEST", "MODEL_DIR",
+           "Manifest", "allowed_name", "check_manifest", "model_file_allowed", "read_manifest"]

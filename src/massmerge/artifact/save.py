@@ -1,0 +1,226 @@
+"""Write a MASS model as an artifact directory: safetensors tensors, the base, and the manifest, atomically.
+
+:func:`write_artifact` writes from a MASS model's parts (``massmerge build`` calls it with the factors already
+in their storage dtype, so writing makes no second copy of them); :func:`save_artifact` saves a served
+:class:`~massmerge.mass.MASSModel`. The whole directory is written in a temp directory next to the output and
+swapped into place (:func:`massmerge.io.atomic.write_directory_atomically`): a failure leaves an earlier
+artifact at the same path untouched, and a directory that is not an artifact is never replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from massmerge.artifact.manifest import (
+    BASE_FILE,
+    FACTORS_FILE,
+    FORMAT_VERSION,
+    HEADS_FILE,
+    HF_WEIGHTS,
+    MANIFEST,
+    MODEL_DIR,
+    AdapterOptions,
+    ArchitectureEntry,
+    BaseEntry,
+    FileEntry,
+    HeadEntry,
+    Manifest,
+    model_file_allowed,
+)
+from massmerge.artifact.verify import sha256_file
+from massmerge.choices import check_task_names
+from massmerge.errors import OptionError
+from massmerge.heads.modules import LinearHead, ZeroShotHead
+from massmerge.io.atomic import fsync_file, write_directory_atomically
+from massmerge.io.tensors import read_safetensors, save_tensors
+from massmerge.mass.config import BuildSettings, ServeSettings
+from massmerge.mass.experts import ExpertFactors
+from massmerge.mass.model import MASSModel
+from massmerge.mass.storage import dtype_name, float_dtype, parse_dtype, storage_dtype
+
+
+def check_output_directory(directory: Path) -> None:
+    """An output path may be new, an empty directory or an earlier artifact (replaced); anything else may be
+    the user's data and is refused (``massmerge build`` checks this before its first SVD)."""
+    directory = Path(directory)
+    if directory.is_symlink() or (directory.exists() and (not directory.is_dir() or (
+            any(directory.iterdir()) and not (directory / MANIFEST).is_file()))):
+        raise OptionError(f"--output '{directory}' exists and is not a massmerge artifact; refusing to replace it")
+
+
+def factor_tensors(factors: ExpertFactors, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The factors as flat safetensors keys; U, V and non-matrix deltas in ``dtype``, s in float32 or wider."""
+    s_dtype = torch.promote_types(dtype, torch.float32)
+    out: dict[str, torch.Tensor] = {}
+    for t, task in enumerate(factors.task_names):
+        for key, per_task in factors.matrices.items():
+            f = per_task[t]
+            out[f"factors/{task}/{key}/U"] = f.U.to(dtype)
+            out[f"factors/{task}/{key}/s"] = f.s.to(s_dtype)
+            out[f"factors/{task}/{key}/V"] = f.V.to(dtype)
+        for key, per_task in factors.non_matrix.items():
+            out[f"non_matrix/{task}/{key}"] = per_task[t].to(dtype)
+    return out
+
+
+def head_entries(heads: Sequence[nn.Module], task_names: Sequence[str],
+                 class_names: Sequence[Sequence[str] | None] | None) -> tuple[list[HeadEntry], dict[str, torch.Tensor]]:
+    """Manifest entries and tensors of the heads (LinearHead or ZeroShotHead)."""
+    entries, tensors = [], {}
+    for t, (task, head) in enumerate(zip(task_names, heads, strict=True)):
+        names = list(class_names[t]) if class_names and class_names[t] is not None else None
+        if isinstance(head, ZeroShotHead):
+            entries.append(HeadEntry(task=task, kind="zero_shot", num_classes=head.num_classes,
+                                     logit_scale=head.logit_scale, class_names=names))
+        elif isinstance(head, LinearHead):
+            entries.append(HeadEntry(task=task, kind="linear", num_classes=head.num_classes, class_names=names))
+            if head.bias is not None:
+                tensors[f"heads/{task}/bias"] = head.bias
+        else:
+            raise OptionError(f"heads: task '{task}' has a {type(head).__name__}; only LinearHead/ZeroShotHead save")
+        if names is not None and len(names) != head.num_classes:
+            raise OptionError(f"heads: task '{task}' has {head.num_classes} classes but {len(names)} class names")
+        tensors[f"heads/{task}/weight"] = head.weight
+    return entries, tensors
+
+
+def save_artifact(model: MASSModel, directory: str | os.PathLike[str], **options: Any) -> Path:
+    """Write ``model`` (with its serve settings as the artifact's defaults) as an artifact directory: its base,
+    factors, heads and settings, by :func:`write_artifact` (which documents the options)."""
+    return write_artifact(directory, base_model=model.model, factors=model.factors, heads=list(model.heads),
+                          serve=model.settings, **options)
+
+
+def write_artifact(
+    directory: str | os.PathLike[str],
+    *,
+    base_model: nn.Module,
+    factors: ExpertFactors,
+    heads: Sequence[nn.Module],
+    serve: ServeSettings,
+    build: BuildSettings | None = None,
+    adapter: Any | None = None,
+    hf_config: Mapping[str, Any] | None = None,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+    base_reference: str | os.PathLike[str] | None = None,
+    factor_dtype: str | torch.dtype | None = None,
+    class_names: Sequence[Sequence[str] | None] | None = None,
+    rank_scale: float = 1.0,
+) -> Path:
+    """Write an artifact directory from a MASS model's parts (``massmerge build`` writes them without making
+    the serving model, and with the factors already in their storage dtype, so that writing them makes no
+    second copy: :func:`to_storage`).
+
+    With ``adapter`` (a bound :class:`~massmerge.adapters.BaseAdapter`) and the model's HF config (taken from
+    ``base_model.config`` when not given) the base is written as an HF model directory ``model/`` that
+    :func:`load` rebuilds by itself; otherwise the base's tensors are stored (or referenced by
+    ``base_reference``, a safetensors file holding exactly them) and ``load`` needs ``base_model=``.
+    ``factor_dtype`` None picks :func:`storage_dtype` of the base. Writes are atomic.
+    """
+    directory = Path(directory)
+    check_task_names(factors.task_names, "task_names")
+    base_state = base_model.state_dict()
+    base_dtype = float_dtype(base_state)
+    store = parse_dtype(factor_dtype) if factor_dtype is not None else storage_dtype(base_dtype)
+    entries, head_tensors = head_entries(list(heads), factors.task_names, class_names)
+    architecture = _architecture(base_model, adapter, hf_config)
+    if architecture.kind == "adapter" and base_reference is not None:
+        raise OptionError("base_reference: only a generic module's base can be referenced, not an adapter's model")
+    build = (build or BuildSettings()).model_copy(update={"eps": factors.eps, "factor_dtype": dtype_name(store)})
+
+    def fill(tmp: Path) -> None:
+        save_tensors(factor_tensors(factors, store), tmp / FACTORS_FILE)
+        save_tensors(head_tensors, tmp / HEADS_FILE)
+        base = _write_base(tmp, base_model, base_state, architecture, hf_config, tokenizer_dir, base_reference,
+                           base_dtype)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, massmerge_version=_version(), task_names=list(factors.task_names),
+            build=build, rank_fraction=factors.rank_fraction, rank_scale=rank_scale, serve=serve,
+            ranks={key: [f.rank for f in per_task] for key, per_task in factors.matrices.items()},
+            accepted=factors.accepted, non_matrix_keys=list(factors.non_matrix), factor_dtype=dtype_name(store),
+            base=base, architecture=architecture, heads=entries, files=_file_entries(tmp),
+        )
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+        fsync_file(tmp / MANIFEST)
+
+    check_output_directory(directory)
+    write_directory_atomically(directory, fill)
+    return directory
+
+
+def _architecture(base_model: nn.Module, adapter: Any | None, hf_config: Mapping[str, Any] | None
+                  ) -> ArchitectureEntry:
+    if adapter is None:
+        return ArchitectureEntry(kind="module")
+    if hf_config is None and getattr(base_model, "config", None) is None:
+        raise OptionError("adapter: the model has no HF config; pass hf_config=... or save it as a generic module")
+    options: dict[str, Any] = {"pooling": adapter.pooling}
+    for name in ("feature_pooling", "special_ids", "arch"):
+        if getattr(adapter, name, None) is not None:
+            value = getattr(adapter, name)
+            options[name] = list(value) if isinstance(value, tuple) else value
+    return ArchitectureEntry(kind="adapter", adapter=adapter.name, options=AdapterOptions(**options),
+                             pooling=adapter.pooling)
+
+
+def _write_base(tmp: Path, base_model: nn.Module, state: Mapping[str, torch.Tensor], architecture: ArchitectureEntry,
+                hf_config: Mapping[str, Any] | None, tokenizer_dir: str | os.PathLike[str] | None,
+                base_reference: str | os.PathLike[str] | None, base_dtype: torch.dtype) -> BaseEntry:
+    dtype = dtype_name(base_dtype)
+    if base_reference is not None:
+        ref = Path(base_reference).resolve()
+        _check_reference_matches(ref, state)
+        return BaseEntry(mode="reference", dtype=dtype, path=str(ref), sha256=sha256_file(ref),
+                         bytes=ref.stat().st_size)
+    if architecture.kind == "module":
+        save_tensors(state, tmp / BASE_FILE)
+        return BaseEntry(mode="embedded", dtype=dtype, file=BASE_FILE)
+    model_dir = tmp / MODEL_DIR
+    model_dir.mkdir()
+    config = dict(hf_config) if hf_config is not None else base_model.config.to_dict()
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    save_tensors(state, model_dir / HF_WEIGHTS, metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        _copy_tokenizer(Path(tokenizer_dir), model_dir)
+    return BaseEntry(mode="embedded", dtype=dtype, file=f"{MODEL_DIR}/{HF_WEIGHTS}")
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    """The base directory's tokenizer/processor files that an artifact may hold (:func:`model_file_allowed`)."""
+    for file in sorted(source.iterdir()):
+        if file.name not in ("config.json", HF_WEIGHTS) and model_file_allowed(file.name) and file.is_file() \
+                and not file.is_symlink():
+            shutil.copyfile(file, target / file.name)
+
+
+def _check_reference_matches(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    tensors, _ = read_safetensors(path, where="base_reference")
+    for key, value in state.items():
+        if key not in tensors or not torch.equal(tensors[key], value):
+            raise OptionError(f"base_reference: '{path}' does not hold the model's tensor '{key}'")
+
+
+def _file_entries(root: Path) -> dict[str, FileEntry]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {p.relative_to(root).as_posix(): FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size) for p in files}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("massmerge")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+
+__all__ = ["check_output_directory", "factor_tensors", "save_artifact", "write_artifact"]
