@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from robust_helpers import Zoo, assert_user_error, run_cli
 
-pytest.importorskip("massmerge.benchmark_config")
+pytest.importorskip("massmerge.experiments.evaluate_config")
 pytest.importorskip("yaml")
 
 GOOD_TASKS = """
@@ -79,7 +79,7 @@ def test_evaluate_pickle_expert_never_runs(zoo: Zoo, tmp_path, capsys) -> None:
                          ids=["non_utf8", "nested"])
 def test_library_config_reader_fails_in_one_line(tmp_path, content) -> None:
     """load_benchmark_config itself (not only the CLI) turns bad bytes and deep nesting into one line."""
-    from massmerge.benchmark_config import load_benchmark_config
+    from massmerge.experiments.evaluate_config import load_benchmark_config
     from massmerge.errors import OptionError
 
     path = tmp_path / "bench.yaml"

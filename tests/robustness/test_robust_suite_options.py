@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from robust_helpers import assert_user_error, run_cli
 
-pytest.importorskip("massmerge.suite")
+pytest.importorskip("massmerge.experiments.suite")
 
 
 @pytest.mark.parametrize(("options", "culprit"), [
@@ -29,12 +29,13 @@ pytest.importorskip("massmerge.suite")
     (["--router", "mine"], "--router"),
 ])
 def test_suite_bad_option_fails_fast(tmp_path, capsys, monkeypatch, options, culprit) -> None:
-    from massmerge import finetune
+    from massmerge.experiments import finetune, suite
 
     def no_training(*args, **kwargs):
         raise AssertionError("fine-tuning started before the options were checked")
 
     monkeypatch.setattr(finetune, "finetune_expert", no_training)
+    monkeypatch.setattr(suite, "finetune_expert", no_training)
     cache, out = tmp_path / "cache", tmp_path / "out"
     threads = [] if "--threads" in options else ["--threads", "1"]
     result = run_cli(["suite", *options, "--cache-dir", cache, "--output", out, *threads], capsys)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 SCRIPT = """
 import json, sys, torch
 from pathlib import Path
-from massmerge.suite import CI_FINETUNE, SuiteConfig, run_suite
+from massmerge.experiments.suite import CI_FINETUNE, SuiteConfig, run_suite
 torch.set_num_threads(2)
 cache, out = Path(sys.argv[1]), Path(sys.argv[2])
 config = SuiteConfig(
@@ -39,7 +39,7 @@ PHASE_TIMEOUT = 1500  # seconds; generous for a loaded 2-core CI machine
 def _data_or_skip() -> None:
     try:
         from massmerge.data import load_task
-        from massmerge.suite import SuiteConfig  # noqa: F401
+        from massmerge.experiments.suite import SuiteConfig  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"offline suite not available: {exc}")
     from massmerge.errors import MassMergeError

@@ -25,7 +25,7 @@ from massmerge.artifact.size import artifact_bytes, base_file_bytes
 from massmerge.errors import CheckpointError, OptionError
 from massmerge.heads.files import HeadSet, head_width
 from massmerge.mass.build import MASSParts, assemble, total_rank
-from massmerge.mass.config import DEFAULT_MAX_SIZE, BuildSettings
+from massmerge.mass.config import DEFAULT_MAX_SIZE, BuildSettings, ServeSettings
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.storage import to_storage
 from massmerge.sources import resolve_source
@@ -146,12 +146,15 @@ def build_artifact(base: Path, experts: Sequence[Path], heads: HeadSet, output: 
     return Path(output)
 
 
-def write_parts(output: Path, model: nn.Module, parts: MASSParts, **options: Any) -> Path:
-    """Write assembled parts as an artifact; the factors are converted to their storage dtype in place first
-    (no second copy of them at write time), so ``parts`` no longer serves afterwards."""
-    return write_artifact(output, base_model=model, factors=to_storage(parts.factors, parts.store), heads=parts.heads,
-                          serve=parts.serve, build=parts.build, factor_dtype=parts.store, rank_scale=parts.rank_scale,
-                          **options)
+def write_parts(output: Path, model: nn.Module, parts: MASSParts, *, serve: ServeSettings | None = None,
+                consume: bool = True, **options: Any) -> Path:
+    """Write assembled parts as an artifact (``serve``: other serve defaults than the parts'). With ``consume``
+    the factors are converted to their storage dtype in place first (no second copy of them at write time), so
+    ``parts`` no longer serves afterwards; without it they are converted one tensor at a time as they are
+    written, and a model serving them is left as it was."""
+    factors = to_storage(parts.factors, parts.store) if consume else parts.factors
+    return write_artifact(output, base_model=model, factors=factors, heads=parts.heads, serve=serve or parts.serve,
+                          build=parts.build, factor_dtype=parts.store, rank_scale=parts.rank_scale, **options)
 
 
 __all__ = ["adapter_options", "build_artifact", "check_experts", "family_adapter", "summary",

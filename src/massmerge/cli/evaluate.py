@@ -2,7 +2,7 @@
 
 The config names the base, one expert and one test set per task (hub ids, local HF directories, safetensors
 files, PEFT LoRA directories; HF datasets or image folders); see ``examples/clip_vit_b32_8tasks.yaml``.
-Writes ``report.json`` and ``report.md`` to the output directory and prints the table.
+Writes ``report.json``, ``report.md`` and the plots to the output directory and prints the tables.
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ def evaluate_cmd(
                                                                         "test set [default: the config's]")] = None,
     batch_size: Annotated[int | None, typer.Option(metavar="INT", help="images per forward pass [default: the "
                                                                        "config's]")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(metavar="PATH", help="cached scores, so an interrupted run "
+                                                                         "resumes [default: "
+                                                                         "~/.cache/massmerge/evaluate]")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_PICKLE_HELP)] = False,
 ) -> None:
-    """Run the benchmark described by CONFIG and write report.json / report.md."""
-    from massmerge.benchmark import markdown_report, run_benchmark, write_report
-    from massmerge.benchmark_config import load_benchmark_config
+    """Run the benchmark described by CONFIG and write report.json, report.md and the plots."""
+    from massmerge.experiments.evaluate import evaluate
+    from massmerge.experiments.evaluate_config import load_benchmark_config
 
     check_positive("--max-samples", max_samples)
     check_positive("--batch-size", batch_size)
@@ -48,7 +51,5 @@ def evaluate_cmd(
         eval_opts = bench.eval.model_copy(update={k: v for k, v in
                                                   {"max_samples": max_samples, "batch_size": batch_size}.items() if v})
         bench = bench.model_copy(update={"eval": eval_opts})
-    report = run_benchmark(bench, log=lambda line: print(line, file=sys.stderr))
-    json_path, md_path = write_report(report, bench.output)
-    typer.echo(markdown_report(report))
-    typer.echo(f"wrote {json_path} and {md_path}")
+    evaluate(bench, log=lambda line: print(line, file=sys.stderr), cache_dir=cache_dir)
+    typer.echo(f"report written to {bench.output}/report.md")

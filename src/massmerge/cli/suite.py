@@ -42,7 +42,7 @@ def check_routing_layers(layers: list[str]) -> None:
     if not layers:
         return
     from massmerge.adapters.base import check_linear
-    from massmerge.finetune import load_backbone
+    from massmerge.experiments.finetune import load_backbone
     from massmerge.progress import quiet_third_party
 
     with quiet_third_party():
@@ -97,7 +97,7 @@ def suite_cmd(
     """Build the expert zoo (cached), evaluate zero-shot, experts, every static merge and MASS; write the report."""
     from massmerge.data.tasks import DEFAULT_PRESET, TASKS, get_preset
     from massmerge.mass.config import ROUTER_PROFILES, make_build_settings, make_serve_settings
-    from massmerge.suite import SuiteConfig, preset_finetune, run_suite
+    from massmerge.experiments.suite import SuiteConfig, preset_finetune, run_suite
 
     check_positive("--steps", steps)
     check_positive("--n-test", n_test)

@@ -128,6 +128,16 @@ class ImageDataset:
         random.Random(seed).shuffle(order)
         return ImageDataset(self.name, self.classes, [self.items[i] for i in sorted(order[:max_samples])], self.loader)
 
+    def pixels(self, preprocess: Preprocess) -> Iterator[torch.Tensor]:
+        """Each image preprocessed [3, H, W], in order, one at a time."""
+        load = self.loader or open_image
+        for item, _ in self.items:
+            yield preprocess(load(item))
+
+    def labels(self) -> torch.Tensor:
+        """Every item's label [N], in order."""
+        return torch.tensor([label for _, label in self.items], dtype=torch.long)
+
     def batches(self, preprocess: Preprocess, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(pixel_values [B, 3, H, W], labels [B]) in order."""
         for start in range(0, len(self.items), batch_size):
@@ -135,6 +145,11 @@ class ImageDataset:
             load = self.loader or open_image
             pixels = torch.stack([preprocess(load(item)) for item, _ in chunk])
             yield pixels, torch.tensor([label for _, label in chunk], dtype=torch.long)
+
+
+def image_collate(pixels: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Preprocessed images [3, H, W] as one batch ``{"pixel_values": [B, 3, H, W]}`` (what vision adapters read)."""
+    return {"pixel_values": torch.stack(list(pixels))}
 
 
 def open_image(item: Any) -> Any:

@@ -41,10 +41,12 @@ class MASSParts:
     design_rank: int  # the sum of every task's design rank over every matrix, before the cut
     note: str | None = None  # why the design ranks were kept above the default budget, if they were
 
-    def model(self, base_model: nn.Module, *, pool: PoolFn = identity_pool, features: FeatureFn = default_features,
-              **overrides: Any) -> MASSModel:
-        """The served engine over these parts (what ``load()`` of the written artifact gives)."""
-        return MASSModel(base_model, self.factors, self.heads, self.serve, pool=pool, features=features, **overrides)
+    def model(self, base_model: nn.Module, *, settings: ServeSettings | None = None, pool: PoolFn = identity_pool,
+              features: FeatureFn = default_features, **options: Any) -> MASSModel:
+        """The served engine over these parts (what ``load()`` of the written artifact gives), with the parts'
+        serve settings or ``settings``; ``options`` go to :class:`~massmerge.mass.MASSModel`."""
+        return MASSModel(base_model, self.factors, self.heads, settings or self.serve, pool=pool, features=features,
+                         **options)
 
 
 def total_rank(factors: ExpertFactors) -> int:

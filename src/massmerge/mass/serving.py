@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from massmerge.data.images import open_image
+from massmerge.data.images import image_collate, open_image
 from massmerge.mass.model import MASSModel, group_by_task_set
 from massmerge.progress import track
 
@@ -177,14 +177,11 @@ def predict_texts(model: MASSModel, tokenizer: Any, texts: Sequence[tuple[int, s
 def predict_images(model: MASSModel, preprocess: Callable[[Any], torch.Tensor], paths: Sequence[Path], *,
                    batch_size: int) -> Iterator[dict[str, Any]]:
     """One row per image, in input order, with its path as ``input``: ``massmerge predict``'s image path."""
-    def collate(chunk: Any) -> dict:
-        return {"pixel_values": torch.stack(list(chunk))}
-
     def images() -> Iterator[Any]:
         for path in paths:
             yield preprocess(open_image(path))
 
-    predictions = serve(model, images(), collate, batch_size=batch_size)
+    predictions = serve(model, images(), image_collate, batch_size=batch_size)
     for prediction in track(predictions, "predicting", total=len(paths)):
         row = prediction_row(model, prediction, prediction.index + 1)
         yield {**row, "input": str(paths[prediction.index])}

@@ -1,4 +1,4 @@
-"""Accuracy figures of the suite: absolute, normalized, max-logit (task hidden), routing, storage and speed.
+"""Accuracy figures of every experiment: absolute, normalized, max-logit (task hidden), routing, storage and speed.
 
 Why these definitions: normalized accuracy divides by the expert's accuracy on the *same* test split (never a
 number from elsewhere), and a max-logit prediction counts as correct only when both the task and the class are
@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from massmerge.heads import select_by_max_logit
+from massmerge.heads.rules import select_by_max_logit
 
 
 def accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -34,7 +34,7 @@ def ci_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     _data_or_skip()
     import torch
 
-    from massmerge.suite import SuiteConfig, run_suite
+    from massmerge.experiments.suite import SuiteConfig, run_suite
 
     torch.set_num_threads(os.cpu_count() or 1)
     root = tmp_path_factory.mktemp("suite")
@@ -85,7 +85,7 @@ def test_ci_preset_invariants(ci_report: tuple[dict, Path]) -> None:
 @pytest.mark.slow
 def test_ci_preset_rerun_reuses_cached_experts(ci_report: tuple[dict, Path]) -> None:
     """A second run with the same cache trains nothing and reproduces the report's figures."""
-    from massmerge.suite import SuiteConfig, run_suite
+    from massmerge.experiments.suite import SuiteConfig, run_suite
 
     report, root = ci_report
     again = run_suite(SuiteConfig(preset="ci"), cache_dir=root / "cache", out_dir=root / "out2")
@@ -125,7 +125,7 @@ def test_suite_experts_serve_through_build_and_predict(ci_report: tuple[dict, Pa
 
 
 def test_eval_cache_keys_on_settings(tmp_path: Path) -> None:
-    from massmerge.suite import EvalCache
+    from massmerge.experiments.cache import EvalCache
 
     calls = []
     cache = EvalCache(tmp_path, "zoo-key")
@@ -139,7 +139,7 @@ def test_eval_cache_keys_on_settings(tmp_path: Path) -> None:
 def test_default_routing_layer_is_block_round_three_quarters() -> None:
     from types import SimpleNamespace
 
-    from massmerge.suite import default_routing_layer
+    from massmerge.experiments.suite import default_routing_layer
 
     model = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=6))
     assert default_routing_layer(model) == "encoder.layer.4.intermediate.dense"  # round(4.5) == 4

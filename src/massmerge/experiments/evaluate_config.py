@@ -12,18 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from massmerge.errors import OptionError
-
-from massmerge.mass.config import (
-    DEFAULT_ALPHA,
-    DEFAULT_EPS,
-    DEFAULT_ETA,
-    DEFAULT_TAU,
-    DEFAULT_TOP_K,
-    HeadRule,
-    Pooling,
-    RoutingMode,
-)
+from massmerge.choices import task_name_problem
+from massmerge.errors import OptionError, first_validation_error
+from massmerge.mass.config import DEFAULT_EPS, HeadRule, Pooling, RoutingMode
 
 BASELINES = ("zeroshot", "experts")
 MERGES = ("weight_average", "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts")
@@ -50,16 +41,19 @@ class TaskSpec(_Strict):
 
 
 class MassOptions(_Strict):
-    """MASS settings (design.md section 2; defaults from massmerge.mass.config); None keeps the default."""
+    """MASS settings (design.md section 2). Build settings default to ``massmerge build``'s; serve settings left
+    unset (None) are the family's default router, exactly what ``build`` records, and set ones override it."""
 
     rank_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
     eps: float | None = Field(default=DEFAULT_EPS, ge=0.0, le=1.0)
-    alpha: float = DEFAULT_ALPHA
-    eta: float = Field(default=DEFAULT_ETA, ge=0.0, lt=1.0)
-    top_k: int = Field(default=DEFAULT_TOP_K, ge=1)
-    tau: float = Field(default=DEFAULT_TAU, gt=0.0)
-    mode: RoutingMode = "topk"
-    head_rule: HeadRule = "max_logit"
+    max_size: float | None = Field(default=None, ge=0.0, description="artifact size budget x base, as build's "
+                                                                    "--max-size; 0 keeps the design ranks")
+    alpha: float | None = None
+    eta: float | None = Field(default=None, ge=0.0, lt=1.0)
+    top_k: int | None = Field(default=None, ge=1)
+    tau: float | None = Field(default=None, gt=0.0)
+    mode: RoutingMode | None = None
+    head_rule: HeadRule | None = None
     pooling: Pooling | None = None
 
 
@@ -100,14 +94,19 @@ class BenchmarkConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> BenchmarkConfig:
-        names = [t.name for t in self.tasks]
-        duplicate = next((n for n in names if names.count(n) > 1), None)
-        if duplicate:
-            raise ValueError(f"task '{duplicate}' is listed twice")
+        problem = task_name_problem([t.name for t in self.tasks])
+        if problem:
+            raise ValueError(problem)
         stray = sorted(set(self.method_options) - set(MERGES))
         if stray:
             raise ValueError(f"method_options: '{stray[0]}' is not a static merge ({', '.join(MERGES)})")
         return self
+
+    def serve_overrides(self) -> dict[str, Any]:
+        """The serve settings this config sets explicitly (the rest stay the family's), and the batch size."""
+        fields = ("alpha", "eta", "top_k", "tau", "mode", "head_rule", "pooling")
+        values = {name: getattr(self.mass, name) for name in fields if getattr(self.mass, name) is not None}
+        return {**values, "batch_size": self.eval.batch_size}
 
     def merge_options(self, method: str) -> dict[str, Any]:
         """Options of one static merge: the user's, with Task Arithmetic's alpha for T tasks filled in from the
@@ -146,6 +145,5 @@ def parse_benchmark_config(raw: dict[str, Any], *, name: str = "config") -> Benc
     try:
         return BenchmarkConfig(**raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise OptionError(f"{name}: {where}: {first['msg']}") from None
+        where, message, _ = first_validation_error(exc)
+        raise OptionError(f"{name}: {where or '(top level)'}: {message}") from None

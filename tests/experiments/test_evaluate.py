@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 from tiny_models import low_rank_deltas, perturbed, save_clip_vision, save_prefixed
 
-from massmerge.benchmark_config import load_benchmark_config, parse_benchmark_config
+from massmerge.experiments.evaluate_config import load_benchmark_config, parse_benchmark_config
 from massmerge.cli import main
 from massmerge.data.images import Preprocess, load_image_dataset
 from massmerge.errors import OptionError
@@ -50,23 +50,65 @@ def _bench(tmp_path: Path) -> Path:
 
 def test_evaluate_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = _bench(tmp_path)
-    main(["evaluate", "--config", str(config), "--max-samples", "5"])  # success returns; failure raises SystemExit
+    args = ["evaluate", "--config", str(config), "--max-samples", "5", "--cache-dir", str(tmp_path / "cache")]
+    main(args)  # success returns; failure raises SystemExit
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["kind"] == "evaluate" and report["schema_version"] == 3
     assert [t["name"] for t in report["tasks"]] == ["alpha", "beta"]
-    assert [t["samples"] for t in report["tasks"]] == [5, 5]
+    assert [t["sizes"]["test"] for t in report["tasks"]] == [5, 5]
     assert report["tasks"][1]["classes"] == ["red", "green", "blue"]
-    assert report["routing_layer"] == "encoder.layers.3.mlp.fc1"
+    assert report["config"]["routing_layer"] == "encoder.layers.3.mlp.fc1"
     rows = report["methods"]
     assert list(rows) == ["zero-shot", "zero-shot max-logit", "experts", "task_arithmetic", "task_arithmetic max-logit",
-                          "tsv_m", "tsv_m max-logit", "MASS"]
+                          "tsv_m", "tsv_m max-logit", "MASS (task given)", "MASS oracle-head", "MASS"]
     assert rows["experts"]["normalized"] == {t: 1.0 for t, v in rows["experts"]["accuracy"].items() if v > 0}
     assert rows["task_arithmetic"]["options"] == {"alpha": 0.3}
     assert rows["MASS"]["kind"] == "task hidden" and 1.0 < rows["MASS"]["storage_factor"] < 3.0
     mass = report["mass"]
     assert set(mass["routing_accuracy"]) == {"alpha", "beta"}
-    assert sum(map(sum, mass["routing_confusion"])) == 10
+    assert sum(map(sum, mass["confusion"])) == 10
+    assert report["targets"]["mass_average"]["status"] != "not measured"
     assert "| **MASS** | task hidden |" in (tmp_path / "out" / "report.md").read_text()
-    assert "| tsv_m max-logit | task hidden |" in capsys.readouterr().out
+    assert (tmp_path / "out" / "routing_confusion.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "tsv_m max-logit" in out and "report written to" in out
+    cached = sorted(p.name for p in (tmp_path / "cache" / "evals").iterdir())
+    assert any(name.startswith("mass-") for name in cached) and any(name.startswith("tsv_m-") for name in cached)
+    main(args)  # a rerun reads every score from the cache and reports the same figures
+    again = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert again["methods"] == report["methods"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "evals").iterdir()) == cached
+
+
+def test_evaluate_scores_the_model_build_ships(tmp_path: Path) -> None:
+    """MASS in `evaluate` is `massmerge build` + `load()` of the same experts: the same stored factors bit for bit,
+    the same serve settings, and the same predictions on the test images."""
+    from massmerge.artifact import load
+    from massmerge.data.images import image_collate
+    from massmerge.experiments.evaluate import build_mass, prepare, task_pool
+    from massmerge.heads.files import write_head_file
+    from massmerge.mass.serving import serve
+
+    config = load_benchmark_config(_bench(tmp_path))
+    wb = prepare(config, log=lambda line: None)
+    _, served = build_mass(wb)
+    heads = []
+    for task, head in zip(config.tasks, wb.heads):
+        heads.append(tmp_path / f"{task.name}.safetensors")
+        write_head_file(heads[-1], head, task=task.name)
+    main(["build", "--base", config.base, "--experts", *[t.expert for t in config.tasks], "--heads", *map(str, heads),
+          "--rank-fraction", "0.5", "--output", str(tmp_path / "art")])
+    built = load(tmp_path / "art", batch_size=config.eval.batch_size)
+    assert built.settings == served.mass.settings
+    for key, per_task in served.mass.factors.matrices.items():
+        for ours, theirs in zip(per_task, built.factors.matrices[key]):
+            assert torch.equal(ours.U, theirs.U) and torch.equal(ours.s, theirs.s) and torch.equal(ours.V, theirs.V)
+    items = [item for task in task_pool(wb).split("test") for item in task.items()]
+    ours = list(serve(served.mass, items, image_collate, batch_size=4))
+    theirs = list(serve(built, items, image_collate, batch_size=4))
+    assert [(p.task, p.label) for p in ours] == [(p.task, p.label) for p in theirs]
+    assert all(torch.equal(a.selected, b.selected) for a, b in zip(ours, theirs))
+    assert max(float((a.probs - b.probs).abs().max()) for a, b in zip(ours, theirs)) < 1e-6
 
 
 def test_bad_config_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,7 +140,7 @@ def test_merge_and_evaluate_use_the_same_defaults(num_tasks: int) -> None:
     import torch
 
     from massmerge import merging
-    from massmerge.benchmark_config import parse_benchmark_config
+    from massmerge.experiments.evaluate_config import parse_benchmark_config
     from massmerge.lowrank import rank_fraction_for as default_rank_fraction
     from massmerge.merging.task_arithmetic import default_alpha
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from massmerge import finetune as ft
+from massmerge.experiments import finetune as ft
 from massmerge.data.tasks import Split, TaskData
 from massmerge.heads import ZeroShotHead
 

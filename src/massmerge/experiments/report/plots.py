@@ -1,4 +1,4 @@
-"""PNG plots of a completed suite report (``suite_report.complete``), all in percent.
+"""PNG plots of a completed report (:func:`massmerge.experiments.report.schema.complete`), all in percent.
 
 Why these choices: the tables are in %, so the plots are too; every bar carries its value, so nobody reads
 numbers off an axis; legends sit to the right of the axes, never on the data; error bars are the report's 95%
@@ -66,7 +66,7 @@ def _grouped_bars(ax: Any, groups: Sequence[str], series: Series, fmt: str = "{:
     ax.set_xticks(x, groups, rotation=30, ha="right")
 
 
-def _pct(values: Sequence[float]) -> list[float]:
+def percents(values: Sequence[float]) -> list[float]:
     return [100 * v for v in values]
 
 
@@ -81,14 +81,14 @@ def per_task_bars(report: Mapping[str, Any], path: Path) -> None:
     for name in (m for m in HEADLINE if m in report["methods"]):
         row, bounds = report["methods"][name], report["intervals"]["methods"][name]
         values = [row["accuracy"][t] for t in tasks] + [row["avg_accuracy"]]
-        series[f"{name}: {row['kind']}"] = (_pct(values), _pct_bounds([bounds["accuracy"][t] for t in tasks]
+        series[f"{name}: {row['kind']}"] = (percents(values), _pct_bounds([bounds["accuracy"][t] for t in tasks]
                                                                        + [bounds["avg_accuracy"]]))  # fmt: skip
     fig, ax = plt.subplots(figsize=(max(8, 1.5 * (len(tasks) + 1)), 4.8))
     _grouped_bars(ax, tasks + ["average"], series)
     ax.set_ylabel("accuracy (% of test items)")
     ax.set_ylim(0, 115)
     ax.set_yticks(range(0, 101, 20))
-    ax.set_title(f"accuracy per task, 95% intervals ({report['preset']}); task hidden = task and class both right",
+    ax.set_title(f"accuracy per task, 95% intervals ({report['preset'] or report['kind']}); task hidden = task and class both right",
                  fontsize=9)  # fmt: skip
     _legend_outside(ax)
     _save(fig, path)
@@ -102,7 +102,7 @@ def oracle_gap(report: Mapping[str, Any], path: Path) -> None:
         if oracle in methods and hidden in methods:
             gaps = [methods[oracle]["accuracy"][t] - methods[hidden]["accuracy"][t] for t in tasks]
             gaps.append(methods[oracle]["avg_accuracy"] - methods[hidden]["avg_accuracy"])
-            series[label] = (_pct(gaps), None)
+            series[label] = (percents(gaps), None)
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * (len(tasks) + 1)), 4.2))
     _grouped_bars(ax, tasks + ["average"], series)
     ax.axhline(0, color="black", linewidth=0.6)
@@ -127,7 +127,7 @@ OUTCOMES = (("task_hidden", "right", "#2ca02c"), ("wrong_class", "right task, wr
 def _stage_series(report: Mapping[str, Any], stages: Sequence[tuple[str, str]]) -> Series:
     """Per-task values and intervals (in %) of the named mass_loss stages."""
     tasks, loss = _tasks(report), report["mass_loss"]
-    return {label: (_pct([loss[t][key]["value"] for t in tasks]),
+    return {label: (percents([loss[t][key]["value"] for t in tasks]),
                     _pct_bounds([loss[t][key]["interval"] for t in tasks])) for key, label in stages}  # fmt: skip
 
 
@@ -232,18 +232,31 @@ def layer_sweep(report: Mapping[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
-#: File name -> the function that draws it; suite_report.PLOT_NAMES lists the same names for report.md.
+#: File name -> the function that draws it.
 PLOTS: dict[str, Callable[[Mapping[str, Any], Path], None]] = {
     "per_task.png": per_task_bars, "oracle_gap.png": oracle_gap, "mass_loss.png": mass_loss,
     "routing_accuracy.png": routing_accuracy, "routing_confusion.png": routing_confusion,
     "layer_sweep.png": layer_sweep,
 }  # fmt: skip
+#: What a plot needs of the report (a plot without its data is left out, not drawn empty).
+NEEDS: dict[str, Callable[[Mapping[str, Any]], bool]] = {
+    "oracle_gap.png": lambda r: any(a in r["methods"] and b in r["methods"] for a, b, _ in GAP_PAIRS),
+    "mass_loss.png": lambda r: bool(r["mass_loss"]),
+    "routing_accuracy.png": lambda r: bool(r["mass_loss"]),
+    "routing_confusion.png": lambda r: r["mass"] is not None,
+    "layer_sweep.png": lambda r: bool(r["layer_sweep"]),
+}
+
+
+def available(report: Mapping[str, Any]) -> list[str]:
+    """The plots a completed report has the data for, in :data:`PLOTS` order."""
+    return [name for name in PLOTS if NEEDS.get(name, lambda r: True)(report)]
 
 
 def write_all(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
-    """Every plot of a completed report, returned as the written paths."""
+    """Every plot a completed report has the data for, returned as the written paths."""
     paths = []
-    for name, draw in PLOTS.items():
-        draw(report, Path(out_dir) / name)
+    for name in available(report):
+        PLOTS[name](report, Path(out_dir) / name)
         paths.append(Path(out_dir) / name)
     return paths

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from massmerge import evaluate as ev
+from massmerge.experiments import metrics as ev
 from massmerge.heads import ZeroShotHead
 
 

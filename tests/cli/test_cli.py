@@ -204,7 +204,7 @@ def test_suite_help_shows_where_things_go(capsys):
     text = " ".join(help_text(capsys, "suite").split())
     assert "[default: massmerge- suite/PRESET]" in text or "[default: massmerge-suite/PRESET]" in text
     from massmerge.data.tasks import DEFAULT_PRESET
-    from massmerge.suite import SuiteConfig
+    from massmerge.experiments.suite import SuiteConfig
 
     assert f"[default: {DEFAULT_PRESET}]" in text and ".cache/massmerge/suite" in text
     assert SuiteConfig().preset == DEFAULT_PRESET  # the library and the CLI run the same default preset
@@ -246,8 +246,9 @@ def test_suite_report_files_have_the_umask_modes(tmp_path):
     import os
     import stat
 
-    fake_report = pytest.importorskip("test_suite_report").fake_report  # the suite's own synthetic report
-    from massmerge import suite_report
+    from report_fixtures import fake_report  # the suite's own synthetic report
+
+    from massmerge.experiments import report as suite_report
 
     old = os.umask(0o022)
     try:

@@ -14,78 +14,16 @@ import pytest
 from pydantic import ValidationError
 from rich.console import Console
 
-from massmerge import suite_report as sr
+from massmerge.experiments.report import schema as sr_schema
+from massmerge.experiments.report import stats as sr
+from massmerge.experiments.report import write_report
 
-TASKS = {"a": 100, "b": 200, "c": 160}  # test items per task
-EXPERT = {"a": 0.9, "b": 0.8, "c": 0.95}
-DEFAULT_LAYER = "encoder.layer.4.intermediate.dense"
-BEST_LAYER = "encoder.layer.2.intermediate.dense"
-
-
-def _row(kind: str, accuracy: dict[str, float], **extra: Any) -> dict[str, Any]:
-    normalized = {t: accuracy[t] / EXPERT[t] for t in accuracy}
-    return {"kind": kind, "accuracy": accuracy, "normalized": normalized,
-            "avg_accuracy": sum(accuracy.values()) / len(accuracy),
-            "avg_normalized": sum(normalized.values()) / len(normalized), "storage_factor": 1.0, **extra}  # fmt: skip
-
-
-def _mass_details(layer: str) -> dict[str, Any]:
-    """From counts: items with the final task right and with task and class right, per task."""
-    task_right, both_right = {"a": 90, "b": 120, "c": 150}, {"a": 80, "b": 100, "c": 144}
-    return {"layer": layer, "routing_accuracy": {"a": 0.85, "b": 0.55, "c": 0.95},
-            "selection_recall": {"a": 0.95, "b": 0.7, "c": 0.975},
-            "task_choice": {t: task_right[t] / n for t, n in TASKS.items()},
-            "class_given_task": {t: both_right[t] / task_right[t] for t in TASKS},
-            "confusion": [[85, 10, 5], [40, 110, 50], [4, 4, 152]], "mean_selected": 1.6, "task_sets": 5}  # fmt: skip
-
-
-def fake_report(**extra: Any) -> dict[str, Any]:
-    """A report as the suite hands it over (contract of issue 12), with targets computed by suite_report."""
-    methods = {
-        "zero-shot": _row("oracle head", {"a": 0.5, "b": 0.6, "c": 0.6}),
-        "zero-shot max-logit": _row("task hidden", {"a": 0.3, "b": 0.55, "c": 0.4}),
-        "experts": _row("oracle head", dict(EXPERT), storage_factor=3.0),
-        "task_arithmetic": _row("oracle head", {"a": 0.85, "b": 0.75, "c": 0.92}, merge_seconds=1.0),
-        "task_arithmetic max-logit": _row("task hidden", {"a": 0.45, "b": 0.38, "c": 0.55}),
-        "tsv_m": _row("oracle head", {"a": 0.85, "b": 0.75, "c": 0.92}, merge_seconds=2.0),
-        "tsv_m max-logit": _row("task hidden", {"a": 0.5, "b": 0.4, "c": 0.6}),
-        "MASS (task given)": _row("oracle routing", {"a": 0.9, "b": 0.78, "c": 0.95}),
-        "MASS oracle-head": _row("oracle head", {"a": 0.85, "b": 0.7, "c": 0.93}),
-        "MASS": _row("task hidden", {"a": 0.8, "b": 0.5, "c": 0.9}),
-    }  # fmt: skip
-    sweep = [{"layer": DEFAULT_LAYER, "routing_accuracy": {"a": 0.85, "b": 0.55, "c": 0.95}, "mean": 0.78333,
-              "selection_recall": 0.87},
-             {"layer": BEST_LAYER, "routing_accuracy": {"a": 0.9, "b": 0.6, "c": 0.93}, "mean": 0.81,
-              "selection_recall": 0.9}]  # fmt: skip
-    report = {
-        "schema_version": 2, "preset": "fake",
-        "config": {"routing_layer": DEFAULT_LAYER, "eta": 0.2, "top_k": 3, "eps": 0.3, "seed": 0},
-        "finetune": {"steps": 1, "batch_size": 2, "lr": 1e-5, "max_length": 8, "logit_scale": 20.0},
-        "tasks": [{"name": t, "description": f"task {t} [demo]", "classes": ["x", "y"],
-                   "sizes": {"train": 5 * n, "val": n // 2, "test": n}} for t, n in TASKS.items()],
-        "methods": methods, "mass": _mass_details(DEFAULT_LAYER),
-        "mass_layers": [_mass_details(DEFAULT_LAYER), _mass_details(BEST_LAYER)],
-        "dropped": {"encoder.layer.0.attention.self.query.weight": ["b"]}, "layer_sweep": sweep,
-        "throughput": {"base_samples_per_s": 100.0, "mass_samples_per_s": 45.0, "ratio": 0.45, "path": "batched"},
-        "storage": {"base_numel": 22_713_216, "factor_numel": 28_383_105, "base_dtype": "float32",
-                    "factor_dtype": "float16", "bytes_ratio": 1 + 28_383_105 * 2 / (22_713_216 * 4)},
-        "timing": {"finetune_seconds": 1.0, "total_seconds": 2.0}, "threads": 2, **extra,
-    }  # fmt: skip
-    report["targets"] = sr.targets(report)
-    return report
-
-
-def _ablation() -> list[dict[str, Any]]:
-    variants = (("paper router", 1, 0.71), ("ours", 3, 0.82))
-    return [{"name": name, "settings": {"top_k": k}, "split": "val", "avg_normalized": avg,
-             "normalized": {"a": avg, "b": avg, "c": avg}, "routing_accuracy": {"a": 0.8, "b": 0.6, "c": 0.9},
-             "seconds_per_input": 0.004} for name, k, avg in variants]  # fmt: skip
-
+from report_fixtures import BEST_LAYER, DEFAULT_LAYER, TASKS, _ablation, fake_report
 
 @pytest.fixture
 def written(tmp_path: Path) -> tuple[dict[str, Any], Path, str]:
     console = Console(record=True, width=220)
-    full = sr.write_report(fake_report(), tmp_path, console=console)
+    full = write_report(fake_report(), tmp_path, console=console)
     return full, tmp_path, console.export_text()
 
 
@@ -156,7 +94,7 @@ def test_targets_without_a_row_say_not_measured() -> None:
 
 
 def test_mass_loss_splits_every_item_and_multiplies_out() -> None:
-    full = sr.complete(fake_report())
+    full = sr_schema.complete(fake_report())
     for task, row in full["mass_loss"].items():
         product = row["task_choice"]["value"] * row["class_given_task"]["value"]
         assert product == pytest.approx(row["task_hidden"]["value"])
@@ -166,7 +104,7 @@ def test_mass_loss_splits_every_item_and_multiplies_out() -> None:
 
 
 def test_below_zero_shot_flags_the_right_tasks() -> None:
-    flagged = sr.complete(fake_report())["below_zero_shot"]
+    flagged = sr_schema.complete(fake_report())["below_zero_shot"]
     assert [f["task"] for f in flagged] == ["b"]
     assert flagged[0]["difference"] == pytest.approx(-0.05)
     assert flagged[0]["below_oracle_head"] is True
@@ -174,7 +112,7 @@ def test_below_zero_shot_flags_the_right_tasks() -> None:
 
 
 def test_every_accuracy_has_an_interval() -> None:
-    full = sr.complete(fake_report(ablation=_ablation()))
+    full = sr_schema.complete(fake_report(ablation=_ablation()))
     for name, row in full["methods"].items():
         bounds = full["intervals"]["methods"][name]
         for task, value in row["accuracy"].items():
@@ -186,7 +124,7 @@ def test_every_accuracy_has_an_interval() -> None:
 
 
 @pytest.mark.parametrize("path", [("mass", "task_choice"), ("storage", "bytes_ratio"), ("throughput", "path"),
-                                  ("schema_version",), ("methods", "MASS", "kind")])  # fmt: skip
+                                  ("kind",), ("methods", "MASS", "kind")])  # fmt: skip
 def test_schema_refuses_a_missing_field(tmp_path: Path, path: tuple[str, ...]) -> None:
     report = fake_report()
     parent = report
@@ -194,7 +132,7 @@ def test_schema_refuses_a_missing_field(tmp_path: Path, path: tuple[str, ...]) -
         parent = parent[key]
     del parent[path[-1]]
     with pytest.raises(ValidationError, match=path[-1]):
-        sr.write_report(report, tmp_path, show=False)
+        write_report(report, tmp_path, show=False)
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
@@ -202,22 +140,22 @@ def test_schema_refuses_inconsistent_or_incomplete_reports() -> None:
     report = fake_report()
     report["mass"]["class_given_task"]["a"] = 0.5  # 0.9 x 0.5 != MASS's 0.8
     with pytest.raises(ValidationError, match="task_choice x class_given_task"):
-        sr.complete(report)
+        sr_schema.complete(report)
     report = fake_report()
     del report["methods"]["zero-shot max-logit"]
     with pytest.raises(ValidationError, match="zero-shot max-logit"):
-        sr.complete(report)
+        sr_schema.complete(report)
     report = fake_report()
     del report["mass"]["routing_accuracy"]["c"]
     with pytest.raises(ValidationError, match="routing_accuracy"):
-        sr.complete(report)
+        sr_schema.complete(report)
     report = fake_report(surprise=1)
     with pytest.raises(ValidationError, match="surprise"):
-        sr.complete(report)
+        sr_schema.complete(report)
     report = fake_report()
     report["methods"]["MASS"]["accuracy"]["a"] = 80.0  # a percent where a fraction belongs
     with pytest.raises(ValidationError, match="less than or equal to 1"):
-        sr.complete(report)
+        sr_schema.complete(report)
 
 
 # ----- files -------------------------------------------------------------------------------------------------
@@ -226,10 +164,10 @@ def test_schema_refuses_inconsistent_or_incomplete_reports() -> None:
 def test_report_json_is_versioned_with_units_and_fractions(written: tuple[dict, Path, str]) -> None:
     full, out, _ = written
     data = json.loads((out / "report.json").read_text())
-    assert data["schema_version"] == 2 and list(data)[:2] == ["schema_version", "units"]
+    assert data["schema_version"] == 3 and list(data)[:2] == ["schema_version", "units"]
     assert "0-1" in data["units"]["accuracy"] and "bytes" in data["units"]["storage.bytes_ratio"]
     assert data["methods"]["MASS"]["accuracy"]["a"] == pytest.approx(0.8)  # a fraction, not a percent
-    sr.WrittenReport.model_validate(data)  # what was written reads back under the schema
+    sr_schema.WrittenReport.model_validate(data)  # what was written reads back under the schema
     assert data == json.loads(json.dumps(full))
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left nothing behind
 
@@ -253,7 +191,7 @@ def test_report_md_says_where_mass_loses(written: tuple[dict, Path, str]) -> Non
 
 
 def test_ablation_table_when_present(tmp_path: Path) -> None:
-    sr.write_report(fake_report(ablation=_ablation()), tmp_path, show=False)
+    write_report(fake_report(ablation=_ablation()), tmp_path, show=False)
     md = (tmp_path / "report.md").read_text()
     assert "## Router ablation" in md
     assert "| paper router | top_k=1 | val | 71.0 ±" in md and "| 4.0 |" in md
@@ -265,7 +203,7 @@ def test_ablation_val_and_test_rows_have_their_own_intervals_and_short_settings(
     variant shows only what differs from the first row."""
     layers = [f"layer.{i}" for i in range(29)]
     rows = _ablation() + [{**_ablation()[1], "split": "test", "settings": {"top_k": 3, "routing_layers": layers}}]
-    full = sr.write_report(fake_report(ablation=rows), tmp_path, show=False)
+    full = write_report(fake_report(ablation=rows), tmp_path, show=False)
     val, test = full["intervals"]["ablation"]["ours (val)"], full["intervals"]["ablation"]["ours (test)"]
     assert val != test
     md = (tmp_path / "report.md").read_text()
@@ -295,11 +233,11 @@ def test_plots_draw_percent_with_values_on_bars(tmp_path: Path, monkeypatch: pyt
     """The per-task bars' axis runs 0-100+ and each bar carries its value in %."""
     import matplotlib.pyplot as plt
 
-    from massmerge import plots
+    from massmerge.experiments.report import plots
 
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
-    full = sr.complete(fake_report())
+    full = sr_schema.complete(fake_report())
     plots.per_task_bars(full, tmp_path / "x.png")
     plots.layer_sweep(full, tmp_path / "y.png")
     (bars,), (sweep,) = figures[0].axes, figures[1].axes

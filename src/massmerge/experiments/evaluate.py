@@ -1,0 +1,274 @@
+"""``massmerge evaluate --config bench.yaml``: MASS and the baselines on a user's checkpoints and test sets.
+
+Flow (design.md section 5): adapter + base model -> heads (CLIP zero-shot from class names, or the experts'
+linear classifiers) -> per-task test sets (the task pool) -> the shared runner (:mod:`.runner`): zero-shot, each
+expert on its own task, every static merge, and MASS assembled exactly as ``massmerge build`` would store it from
+the same experts (the same factor storage, size budget and family router) and served as ``massmerge predict``
+serves it -> the report (:mod:`.report`), normalized by the experts on the same test split.
+
+Experts are read lazily (one tensor at a time for safetensors) and reduced to factors one expert at a time.
+Every score is cached under a key of the config and the files it names, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from massmerge.adapters import BaseAdapter, get_adapter
+from massmerge.adapters.lora import LoraExpert, build_lora_factors, load_lora_expert
+from massmerge.data.images import ImageDataset, Preprocess, check_label_space, image_collate, load_image_dataset
+from massmerge.data.images import image_size_of
+from massmerge.errors import OptionError
+from massmerge.experiments import runner
+from massmerge.experiments.cache import EvalCache, stable_hash
+from massmerge.experiments.evaluate_config import MERGES, BenchmarkConfig
+from massmerge.experiments.pool import TaskPool, TaskSplit
+from massmerge.experiments.report import write_report
+from massmerge.experiments.report.stats import targets
+from massmerge.mass.build import MASSParts, assemble
+from massmerge.mass.config import BuildSettings, ServeSettings
+from massmerge.sources import resolve_source
+from massmerge.task_vectors import CheckedTaskVector, add_delta
+
+Log = Callable[[str], None]
+DEFAULT_CACHE = Path.home() / ".cache" / "massmerge" / "evaluate"
+
+
+@dataclass
+class Workbench:
+    """Everything loaded once and shared by all methods."""
+
+    config: BenchmarkConfig
+    adapter: BaseAdapter
+    model: nn.Module
+    base_state: dict[str, torch.Tensor]
+    heads: list[nn.Module]
+    datasets: list[ImageDataset]
+    preprocess: Preprocess
+    lora: list[LoraExpert] | None = None
+    log: Log = print
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.config.tasks]
+
+
+def prepare(config: BenchmarkConfig, *, log: Log = print) -> Workbench:
+    """Load the base model, heads and test sets; check that the label spaces agree."""
+    if config.family == "text":
+        raise OptionError("family: `massmerge evaluate` runs image benchmarks; evaluate text experts with `massmerge suite`")
+    family = config.family or _detect(config)
+    options: dict[str, Any] = {"routing_layer": config.routing_layer, "pooling": config.pooling}
+    if family == "open_clip":
+        options["arch"] = config.arch
+    adapter = get_adapter(family, **options)
+    log(f"loading base {config.base}")
+    model = adapter.load_model(config.base, revision=config.revision, trust_pickle=config.trust_pickle)
+    adapter.bind(model)
+    base_state = {k: model.state_dict()[k].detach().clone() for k in adapter.encoder_keys(model)}
+    lora = _load_lora(config, base_state)
+    heads = build_heads(config, lora)
+    preprocess = Preprocess.from_model_dir(resolve_source(config.base, config.revision), image_size=image_size_of(model))
+    datasets = []
+    for task, head in zip(config.tasks, heads, strict=True):
+        log(f"loading test set {task.dataset} ({task.name})")
+        data = load_image_dataset(task.dataset, classnames=_classnames(task), split=task.split, subset=task.subset,
+                                  image_column=task.image_column, label_column=task.label_column)
+        data = data.subset(config.eval.max_samples, config.eval.seed)
+        check_label_space(data, head.num_classes, task=task.name)
+        datasets.append(data)
+    return Workbench(config, adapter, model.eval(), base_state, heads, datasets, preprocess, lora, log)
+
+
+def _detect(config: BenchmarkConfig) -> str:
+    from massmerge.adapters import detect_family
+
+    return detect_family(resolve_source(config.base, config.revision))
+
+
+def _classnames(task: Any) -> list[str] | None:
+    from massmerge.heads.zoo import clip_task
+
+    if task.classnames:
+        return list(task.classnames)
+    try:
+        return list(clip_task(task.name)["classnames"])
+    except OptionError:
+        return None
+
+
+def _load_lora(config: BenchmarkConfig, base_state: dict[str, torch.Tensor]) -> list[LoraExpert] | None:
+    """LoRA experts if every expert is a PEFT adapter directory; mixing formats is refused."""
+    paths = [resolve_source(t.expert, t.expert_revision) for t in config.tasks]
+    is_lora = [(p / "adapter_config.json").is_file() for p in paths]
+    if not any(is_lora):
+        return None
+    if not all(is_lora):
+        raise OptionError("tasks: mix of LoRA adapters and full checkpoints; use one kind of expert")
+    return [load_lora_expert(p, list(base_state), base_state, trust_pickle=config.trust_pickle) for p in paths]
+
+
+def build_heads(config: BenchmarkConfig, lora: list[LoraExpert] | None) -> list[nn.Module]:
+    """Zero-shot heads from the CLIP text tower, or each expert's linear classifier."""
+    from massmerge.heads.zoo import clip_zero_shot_heads, linear_head_from_state, load_hf_clip_text
+
+    if config.heads == "linear":
+        heads = []
+        for index, task in enumerate(config.tasks):
+            state = lora[index].head_state if lora else _raw_expert(config, task)
+            heads.append(linear_head_from_state(state, name=task.expert))
+        return heads
+    if config.family == "open_clip":
+        raise OptionError("heads: zero-shot heads for open_clip need open_clip's tokenizer; use heads: linear")
+    encode, scale = load_hf_clip_text(config.heads_from or config.base, revision=None if config.heads_from else config.revision)
+    overrides = {t.name: {"classnames": t.classnames, "templates": t.templates} for t in config.tasks}
+    return clip_zero_shot_heads(encode, [t.name for t in config.tasks], logit_scale=scale, overrides=overrides)
+
+
+def _raw_expert(config: BenchmarkConfig, task: Any) -> Mapping[str, torch.Tensor]:
+    from massmerge.adapters.weights import open_weights
+
+    return open_weights(resolve_source(task.expert, task.expert_revision), trust_pickle=config.trust_pickle)
+
+
+# ----- the task pool and the experts ---------------------------------------------------------------------------
+
+def task_pool(wb: Workbench) -> TaskPool:
+    """The user's test sets as a task pool: batches of ``eval.batch_size`` images, read as they are needed."""
+    size = wb.config.eval.batch_size
+
+    def split(data: ImageDataset) -> TaskSplit:
+        return TaskSplit(data.labels(),
+                         batches=lambda: ({"pixel_values": pixels} for pixels, _ in data.batches(wb.preprocess, size)),
+                         items=lambda: data.pixels(wb.preprocess))
+
+    return TaskPool(wb.task_names, wb.heads, {"test": [split(d) for d in wb.datasets]}, image_collate,
+                    wb.adapter.features, descriptions=[_description(t) for t in wb.config.tasks],
+                    classes=[list(d.classes) for d in wb.datasets])
+
+
+def _description(task: Any) -> str:
+    return f"expert {task.expert} on {task.dataset} ({task.split})"
+
+
+def expert_vector(wb: Workbench, task: int) -> Mapping[str, torch.Tensor]:
+    """Task vector of expert ``task``: lazy ``expert - base`` (dense checkpoints) or LoRA's ``scale B A``."""
+    if wb.lora is not None:
+        return wb.lora[task].task_vector(wb.base_state)
+    spec = wb.config.tasks[task]
+    expert = wb.adapter.load_weights(spec.expert, wb.model, revision=spec.expert_revision, trust_pickle=wb.config.trust_pickle)
+    return CheckedTaskVector(wb.base_state, expert, name=spec.expert)
+
+
+def expert_params(wb: Workbench, task: int) -> dict[str, torch.Tensor]:
+    """The expert's own weights over the merged keys, ``base + delta`` cast back to the base dtype."""
+    vector = expert_vector(wb, task)
+    return {key: add_delta(wb.base_state[key], vector[key]) for key in vector}
+
+
+def build_settings(config: BenchmarkConfig) -> BuildSettings:
+    """What ``massmerge build`` would be run with: the config's rank fraction, eps and budget, else build's."""
+    opts = config.mass
+    return BuildSettings(rank_fraction=opts.rank_fraction, eps=opts.eps, max_size=opts.max_size)
+
+
+def build_mass(wb: Workbench) -> tuple[MASSParts, runner.ServedMASS]:
+    """MASS as ``massmerge build`` would ship it from these experts (factors streamed, or LoRA factors built
+    without densifying), served with the config's explicit serve settings on top of the family's router."""
+    start = time.perf_counter()
+    build = build_settings(wb.config)
+    if wb.lora is not None:
+        shapes = {k: tuple(v.shape) for k, v in wb.base_state.items()}
+        experts: Any = build_lora_factors(wb.lora, wb.task_names, shapes, rank_fraction=build.rank_fraction,
+                                          eps=build.eps)
+    else:
+        experts = (expert_vector(wb, t) for t in range(len(wb.task_names)))
+    parts = assemble(wb.model, experts, wb.task_names, wb.heads, build=build, router=wb.adapter.default_router(wb.model))
+    seconds = time.perf_counter() - start
+    settings = parts.serve.updated(**wb.config.serve_overrides())
+    mass = parts.model(wb.model, settings=settings, pool=wb.adapter.pool, features=wb.adapter.features,
+                       class_names=[list(d.classes) for d in wb.datasets])
+    return parts, runner.serve_parts(wb.model, parts, mass, seconds)
+
+
+# ----- the run ---------------------------------------------------------------------------------------------------
+
+def cache_key(config: BenchmarkConfig) -> str:
+    """The run's cache key: the config (less where the report goes) and, for local files, their sizes and times,
+    so an expert or dataset changed in place misses the cache."""
+    payload = config.model_dump(mode="json", exclude={"output"})
+    sources = [config.base, config.heads_from, *(s for t in config.tasks for s in (t.expert, t.dataset))]
+    return stable_hash([payload, [_fingerprint(s) for s in sources if s]])
+
+
+def _fingerprint(source: str) -> Any:
+    path = Path(source)
+    if not path.exists():
+        return source  # a hub id: its name and the config's revision are the key
+    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    return [str(path.resolve()), [(str(p.relative_to(path)) if p != path else "", p.stat().st_size,
+                                   p.stat().st_mtime_ns) for p in files[:10000]]]
+
+
+def run_benchmark(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Run every configured method through the shared runner; returns the report (not yet written)."""
+    wall = time.perf_counter()
+    wb = prepare(config, log=log)
+    pool, model = task_pool(wb), wb.model
+    cache = EvalCache(cache_dir or DEFAULT_CACHE, cache_key(config))
+    methods = list(config.methods)
+    rows: dict[str, dict[str, Any]] = {}
+    experts = cache.get_or_run("experts", lambda: runner.score_experts(pool, model, lambda t: expert_params(wb, t)))
+    expert = experts["oracle"]
+    T = len(wb.task_names)
+    if "zeroshot" in methods:
+        log("method zeroshot")
+        zero = cache.get_or_run("zero_shot", lambda: runner.score_static(pool, model, None, label="zero-shot"))
+        rows["zero-shot"] = runner.row("oracle head", zero["oracle"], expert, storage_factor=1.0)
+        rows["zero-shot max-logit"] = runner.row("task hidden", zero["max_logit"], expert, storage_factor=1.0)
+    rows["experts"] = runner.row("oracle head", expert, expert, storage_factor=float(T))
+    merges = [m for m in methods if m in MERGES]
+    rows.update(runner.static_rows(pool, model, wb.base_state,
+                                   lambda: [expert_vector(wb, t) for t in range(T)], merges, cache, expert,
+                                   options=config.merge_options))
+    details, storage, dropped = None, None, {}
+    settings = ServeSettings(routing_layers=(wb.adapter.routing_layer(model),)).updated(**config.serve_overrides())
+    if "mass" in methods:
+        log("method mass")
+        _, served = build_mass(wb)
+        mass_rows, details = runner.mass_rows(pool, served, served.mass, cache, expert)
+        rows.update(mass_rows)
+        storage = {k: v for k, v in served.storage.items() if k != "rank_scale"}
+        dropped, settings = served.mass.factors.dropped(), served.mass.settings
+    report = {
+        "kind": "evaluate", "preset": None,
+        "config": {**config.model_dump(mode="json"), "routing_layer": settings.routing_layers[-1],
+                   "eta": settings.eta, "top_k": settings.top_k, "eps": config.mass.eps,
+                   "serve_settings": settings.model_dump(mode="json"), "adapter": wb.adapter.describe()},
+        "tasks": [{"name": t.name, "description": _description(t), "classes": list(d.classes),
+                   "sizes": {"train": 0, "val": 0, "test": len(d)},
+                   "source": {"expert": t.expert, "dataset": t.dataset, "split": t.split}}
+                  for t, d in zip(config.tasks, wb.datasets, strict=True)],
+        "methods": rows, "mass": details, "mass_layers": [details] if details else [], "dropped": dropped,
+        "storage": storage, "timing": {"total_seconds": time.perf_counter() - wall},
+        "threads": torch.get_num_threads(),
+    }
+    report["targets"] = targets(report)
+    return report
+
+
+def evaluate(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path | None = None,
+             show: bool = True) -> dict[str, Any]:
+    """Run the benchmark and write report.json, report.md and the plots to the config's output folder."""
+    return write_report(run_benchmark(config, log=log, cache_dir=cache_dir), Path(config.output), show=show)
+
+
+__all__ = ["DEFAULT_CACHE", "Workbench", "build_mass", "cache_key", "evaluate", "prepare", "run_benchmark",
+           "task_pool"]

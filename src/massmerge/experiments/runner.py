@@ -1,0 +1,351 @@
+"""The one experiment runner: every method scored the same way on a task pool, for ``suite`` and ``evaluate``.
+
+Flow (one way): a task pool (:mod:`.pool`) and a base model -> zero-shot, each expert on its own task, every
+static merge (oracle head and max-logit heads) -> MASS, assembled exactly as ``massmerge build`` stores it
+(:func:`massmerge.mass.build.assemble`) and served as ``massmerge predict`` serves it
+(:func:`massmerge.mass.serving.serve`) -> report rows normalized by the experts on the same split.
+
+Static weights run through ``torch.func.functional_call`` on the one base module (nothing is copied into a
+second model); MASS runs the engine its parts build. Every result is cached under a key of everything that
+shaped it (:class:`~massmerge.experiments.cache.EvalCache`), so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from massmerge import progress
+from massmerge.experiments import metrics as ev
+from massmerge.experiments.cache import EvalCache
+from massmerge.experiments.pool import Batch, FeatureFn, TaskPool
+from massmerge.mass import router
+from massmerge.mass.build import MASSParts
+from massmerge.mass.config import ROUTER_PROFILES
+from massmerge.mass.model import MASSModel
+from massmerge.mass.serving import first_pass_batches, serve
+from massmerge.mass.storage import dtype_name, float_dtype
+from massmerge.merging import merge
+
+Params = Mapping[str, torch.Tensor]
+
+
+def row(kind: str, accuracy: Mapping[str, float], expert: Mapping[str, float] | None, **extra: Any) -> dict[str, Any]:
+    """One report row: absolute and normalized accuracy per task and averaged over tasks (unweighted)."""
+    normalized = ev.normalized_accuracy(accuracy, expert) if expert else {}
+    return {"kind": kind, "accuracy": dict(accuracy), "normalized": normalized, "avg_accuracy": ev.mean(accuracy),
+            "avg_normalized": ev.mean(normalized), **extra}  # fmt: skip
+
+
+# ----- static weights -----------------------------------------------------------------------------------------
+
+class FeatureRunner(nn.Module):
+    """``features(model, batch)`` as a module, so functional_call can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, features: FeatureFn) -> None:
+        super().__init__()
+        self.model = model
+        self.features = features
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.features(self.model, batch)
+
+
+@torch.inference_mode()
+def split_features(pool: TaskPool, model: nn.Module, params: Params | None, which: Sequence[int] | None = None,
+                   *, split: str = "test", label: str = "evaluate") -> dict[int, torch.Tensor]:
+    """Final features of the splits of tasks ``which`` (default all) under ``params`` (None: the base's own)."""
+    runner = FeatureRunner(model, pool.features)
+    swapped = {f"model.{key}": value for key, value in (params or {}).items()}
+    tasks = pool.split(split)
+    which = list(range(pool.num_tasks)) if which is None else list(which)
+    jobs = [(t, batch) for t in which for batch in tasks[t].batches()]
+    out: dict[int, list[torch.Tensor]] = {t: [] for t in which}
+    for t, batch in progress.track(jobs, label):
+        out[t].append(functional_call(runner, swapped, (batch,), strict=False).float())
+    return {t: torch.cat(parts) for t, parts in out.items()}
+
+
+def score_features(pool: TaskPool, feats: Mapping[int, torch.Tensor], *, split: str = "test",
+                   max_logit: bool = True) -> dict[str, Any]:
+    """Per task: oracle-head accuracy and (when every task's features are there) max-logit accuracy."""
+    names, tasks = pool.names, pool.split(split)
+    out: dict[str, Any] = {"oracle": {names[t]: ev.oracle_head_accuracy(f, pool.heads[t], tasks[t].labels)
+                                      for t, f in feats.items()}}
+    if max_logit:
+        out["max_logit"] = {names[t]: ev.max_logit_accuracy(f, pool.heads, t, tasks[t].labels)
+                            for t, f in feats.items()}
+    return out
+
+
+def score_static(pool: TaskPool, model: nn.Module, params: Params | None, *, label: str) -> dict[str, Any]:
+    """Oracle-head and max-logit (task hidden) accuracy of one set of weights on every task's test split."""
+    return score_features(pool, split_features(pool, model, params, label=label))
+
+
+def score_experts(pool: TaskPool, model: nn.Module, expert_params: Callable[[int], Params]) -> dict[str, Any]:
+    """Each expert on its own task with its own head: the normalizers, on the test split and (when the pool has
+    one) the validation split."""
+    oracle, val = {}, {}
+    for t, name in enumerate(pool.names):
+        params = expert_params(t)
+        feats = split_features(pool, model, params, [t], label=f"expert {name}")
+        oracle.update(score_features(pool, feats, max_logit=False)["oracle"])
+        if "val" in pool.splits:
+            val_feats = split_features(pool, model, params, [t], split="val", label=f"expert {name} (val)")
+            val.update(score_features(pool, val_feats, split="val", max_logit=False)["oracle"])
+    return {"oracle": oracle, "val": val}
+
+
+def static_rows(pool: TaskPool, model: nn.Module, base: Params, task_vectors: Callable[[], Sequence[Params]],
+                methods: Sequence[str], cache: EvalCache, expert: Mapping[str, float],
+                options: Callable[[str], dict[str, Any]] = lambda method: {}) -> dict[str, dict[str, Any]]:
+    """Every static merge with the oracle head (``name``) and max-logit heads (``name max-logit``)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name in methods:
+        opts = options(name)
+
+        def run(name: str = name, opts: dict[str, Any] = opts) -> dict[str, Any]:
+            start = time.perf_counter()
+            state = merge(name, base, task_vectors(), **opts)
+            seconds = time.perf_counter() - start
+            return {**score_static(pool, model, state, label=f"evaluate {name}"), "merge_seconds": seconds}
+
+        result = cache.get_or_run(name, run, **({"options": opts} if opts else {}))
+        extra = {"options": opts} if opts else {}
+        rows[name] = row("oracle head", result["oracle"], expert, merge_seconds=result["merge_seconds"],
+                         storage_factor=1.0, **extra)  # fmt: skip
+        rows[f"{name} max-logit"] = row("task hidden", result["max_logit"], expert, storage_factor=1.0)
+    return rows
+
+
+def tsv_c_accuracy(pool: TaskPool, model: nn.Module, base: Params, task_vectors: Callable[[], Sequence[Params]],
+                   cache: EvalCache) -> dict[str, float]:
+    """TSV-C: each task's rank-k reconstruction with the task known (the oracle compression bound)."""
+
+    def run() -> dict[str, Any]:
+        oracle: dict[str, float] = {}
+        for t, name in enumerate(pool.names):
+            feats = split_features(pool, model, merge("tsv_c", base, task_vectors(), task=t), [t],
+                                   label=f"evaluate tsv_c {name}")
+            oracle.update(score_features(pool, feats, max_logit=False)["oracle"])
+        return {"oracle": oracle}
+
+    return cache.get_or_run("tsv_c", run)["oracle"]
+
+
+# ----- MASS ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class ServedMASS:
+    """The MASS model an experiment scores, and what its stored factors cost."""
+
+    mass: MASSModel
+    storage: dict[str, Any]  # base_numel, factor_numel, base_dtype, factor_dtype, bytes_ratio, rank_scale
+    build_key: dict[str, Any]  # what the factors depend on beyond the experts (cache keys)
+    factor_seconds: float
+
+
+def serve_parts(model: nn.Module, parts: MASSParts, mass: MASSModel, factor_seconds: float) -> ServedMASS:
+    """The served model of assembled parts with its storage figures (the artifact ``build`` would write)."""
+    state = model.state_dict()
+    base_numel = sum(v.numel() for v in state.values() if v.is_floating_point())
+    storage = {"base_numel": base_numel, "factor_numel": parts.factors.numel(),
+               "base_dtype": dtype_name(float_dtype(state)), "factor_dtype": dtype_name(parts.store),
+               "bytes_ratio": parts.size_factor, "rank_scale": parts.rank_scale}
+    build_key = {"eps": parts.build.eps, "rank_scale": parts.rank_scale, "factor_dtype": storage["factor_dtype"]}
+    return ServedMASS(mass, storage, build_key, factor_seconds)
+
+
+def _served_items(pool: TaskPool, split: str) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
+    tasks = pool.split(split)
+    items = [item for task in tasks for item in task.items()]
+    true = torch.cat([torch.full((task.size,), t) for t, task in enumerate(tasks)])
+    return items, true, torch.cat([task.labels for task in tasks])
+
+
+@torch.inference_mode()
+def score_mass(pool: TaskPool, mass: MASSModel, split: str = "test", label: str = "MASS") -> dict[str, Any]:
+    """MASS with the task hidden, served as ``massmerge predict`` serves (every task's items in one stream):
+    strict (task, class) accuracy and where it loses.
+
+    Per task: routing top-1, the true task among the selected (``selection_recall``), the final task choice,
+    the class given the right task, the true task's head on the routed features (``oracle_head``), the routing
+    confusion, and the wall time per input of the whole served call.
+    """
+    names, T = pool.names, pool.num_tasks
+    items, true, labels = _served_items(pool, split)
+    start = time.perf_counter()
+    predictions = list(progress.track(serve(mass, items, pool.collate, batch_size=mass.settings.batch_size,
+                                            size_of=pool.size_of, return_features=True),
+                                      f"{label} ({split})", total=len(items)))
+    seconds = time.perf_counter() - start
+    task = torch.tensor([p.task for p in predictions])
+    label_pred = torch.tensor([p.label for p in predictions])
+    probs = torch.stack([p.probs for p in predictions]).cpu()
+    selected = torch.stack([p.selected for p in predictions]).cpu()
+    features = torch.stack([p.features for p in predictions])
+    oracle = torch.cat([pool.heads[t](features[true == t]).argmax(-1).cpu() for t in range(T)])
+    right_task, top1 = task == true, probs.argmax(-1)
+    correct = right_task & (label_pred == labels)
+    chosen_true = selected[torch.arange(len(true)), true]
+
+    def per_task(values: torch.Tensor, over: torch.Tensor | None = None) -> dict[str, float]:
+        out = {}
+        for t in range(T):
+            mask = (true == t) if over is None else (true == t) & over
+            out[names[t]] = float(values[mask].float().mean()) if bool(mask.any()) else 0.0
+        return out
+
+    confusion = ev.routing_confusion(true, top1, T)
+    return {
+        "max_logit": per_task(correct), "oracle_head": per_task(oracle == labels),
+        "routing_accuracy": per_task(top1 == true), "selection_recall": per_task(chosen_true),
+        "task_choice": per_task(right_task), "class_given_task": per_task(label_pred == labels, right_task),
+        "confusion": confusion.tolist(), "mean_selected": float(selected.sum(1).float().mean()),
+        "task_sets": len({tuple(r.nonzero().flatten().tolist()) for r in selected}),
+        "seconds_per_input": seconds / len(items),
+    }
+
+
+@torch.inference_mode()
+def score_mass_task_given(pool: TaskPool, mass: MASSModel, split: str = "test") -> dict[str, Any]:
+    """MASS's second pass with the true task as the only selected task (routing made perfect)."""
+    oracle = {}
+    for t, (name, task) in enumerate(zip(pool.names, pool.split(split))):
+        correct, start = 0, 0
+        for batch in progress.track(task.batches(), f"MASS task given {name}"):
+            out = mass(batch, task=t)
+            correct += int((out.label.cpu() == task.labels[start:start + len(out.label)]).sum())
+            start += len(out.label)
+        oracle[name] = correct / task.size
+    return {"oracle": oracle}
+
+
+def mass_rows(pool: TaskPool, served: ServedMASS, mass: MASSModel, cache: EvalCache, expert: Mapping[str, float],
+              suffix: str = "") -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The MASS rows (task given, oracle head on routed features, task hidden) and the routing details."""
+    settings = {**served.build_key, **mass.settings.model_dump(mode="json")}
+    hidden = cache.get_or_run("mass", lambda: score_mass(pool, mass), **settings)
+    given = cache.get_or_run("mass_task_given", lambda: score_mass_task_given(pool, mass), **served.build_key,
+                             alpha=mass.settings.alpha)
+    storage = served.storage["bytes_ratio"]
+    rows = {
+        f"MASS (task given){suffix}": row("oracle routing", given["oracle"], expert, storage_factor=storage),
+        f"MASS oracle-head{suffix}": row("oracle head", hidden["oracle_head"], expert, storage_factor=storage),
+        f"MASS{suffix}": row("task hidden", hidden["max_logit"], expert, storage_factor=storage),
+    }
+    keys = ("routing_accuracy", "selection_recall", "task_choice", "class_given_task", "confusion",
+            "mean_selected", "task_sets")
+    return rows, {"layer": mass.settings.routing_layers[-1], **{k: hidden[k] for k in keys}}
+
+
+@torch.inference_mode()
+def routing_sweep(pool: TaskPool, mass: MASSModel, layers: Sequence[str], split: str = "test") -> list[dict[str, Any]]:
+    """Top-1 routing accuracy and selection recall per candidate routing matrix, from one first pass.
+
+    Every candidate's input is captured in a single first pass (its weights do not depend on the routing
+    layer), pooled as the served model pools (the engine's own residuals), and routed by the paper's rule
+    against that matrix's subspaces.
+    """
+    view = mass.with_settings(routing_layers=tuple(layers))
+    s = mass.settings
+    residuals: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    true = []
+    for t, task in enumerate(pool.split(split)):
+        for batch in task.batches():
+            by_layer = view.layer_residuals(batch)
+            for layer, res in by_layer.items():
+                residuals[layer].append(res.cpu())
+            true.append(torch.full((int(res.shape[0]),), t))
+    true_t = torch.cat(true)
+    rows = []
+    for layer in layers:
+        probs, selected = router.select(torch.cat(residuals[layer]), mode="topk", eta=s.eta, top_k=s.top_k, tau=s.tau)
+        conf = ev.routing_confusion(true_t, probs.argmax(-1), pool.num_tasks)
+        per_task = dict(zip(pool.names, ev.routing_accuracy_per_task(conf)))
+        rows.append({"layer": layer, "routing_accuracy": per_task, "mean": ev.mean(per_task),
+                     "selection_recall": ev.selection_recall(true_t, selected)})  # fmt: skip
+    return rows
+
+
+def router_variants(adapter: Any, model: nn.Module, layer: str) -> dict[str, dict[str, Any]]:
+    """Serve-setting variants of the router ablation (issue 9): the paper's rule, each data-free change alone,
+    and all of them together (the text family's default router, ``TextEncoderAdapter.default_router``).
+
+    Multi-layer routing uses every linear layer the first pass computes before it stops at ``layer``
+    (``evidence_layers``), so it costs no extra forward; ``ppca`` adds the layers' log-likelihoods and, being
+    sharp, selects one task almost always.
+    """
+    paper = {**ROUTER_PROFILES["paper"], "routing_layers": (layer,), "pooling": adapter.paper_pooling}
+    several = adapter.evidence_layers(model, layer)
+    return {
+        "paper": paper,
+        "content pooling": {**paper, "pooling": "content"},
+        "token residuals": {**paper, "pooling": "tokens"},
+        "multi-layer (standardized)": {**paper, "routing_layers": several},
+        "ppca, one layer": {**paper, "layer_combine": "ppca"},
+        "multi-layer (ppca)": {**paper, "routing_layers": several, "layer_combine": "ppca"},
+        "posterior head": {**paper, "head_rule": "posterior"},
+        "joint head": {**paper, "head_rule": "joint"},
+        "all: content + multi-layer ppca": {**paper, "pooling": "content", "routing_layers": several,
+                                            "layer_combine": "ppca"},
+        "token residuals + multi-layer ppca": {**paper, "pooling": "tokens", "routing_layers": several,
+                                               "layer_combine": "ppca"},
+    }
+
+
+def ablation_rows(pool: TaskPool, served: ServedMASS, variants: Mapping[str, Mapping[str, Any]], cache: EvalCache,
+                  expert: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+    """Every router variant on the validation split (where defaults are chosen) and the test split."""
+    rows = []
+    for name, overrides in variants.items():
+        view = served.mass.with_settings(**overrides)
+        settings = {**served.build_key, **view.settings.model_dump(mode="json")}
+        for split in ("val", "test"):
+            result = cache.get_or_run(f"ablation-{split}", lambda v=view, s=split: score_mass(pool, v, s, name),
+                                      **settings)
+            normalized = ev.normalized_accuracy(result["max_logit"], expert[split])
+            rows.append({"name": name, "settings": {k: overrides[k] for k in sorted(overrides)}, "split": split,
+                         "accuracy": result["max_logit"], "normalized": normalized,
+                         "avg_normalized": ev.mean(normalized), "routing_accuracy": result["routing_accuracy"],
+                         "seconds_per_input": result["seconds_per_input"]})
+    return rows
+
+
+def throughput(pool: TaskPool, model: nn.Module, mass: MASSModel, count: int = 512) -> dict[str, Any]:
+    """Inputs/s of the served MASS model (:func:`~massmerge.mass.serving.serve`, as ``massmerge predict``) and of
+    the plain base forward to the features, on the same ``count`` test inputs of mixed tasks, same batch size."""
+    items = [item for task in pool.split("test") for item in task.items()]
+    random.Random(0).shuffle(items)
+    items = items[:count]
+    size = mass.settings.batch_size
+    sizes = [pool.size_of(item) for item in items] if pool.size_of else [0] * len(items)
+    batches = first_pass_batches(sizes, size, pool.num_tasks)
+
+    def base() -> None:  # batched as serve batches its first pass: the same padding
+        with torch.inference_mode():
+            for rows in batches:
+                pool.features(model, pool.collate([items[i] for i in rows]))
+
+    def served() -> None:
+        list(serve(mass, items, pool.collate, batch_size=size, size_of=pool.size_of))
+
+    plain = ev.throughput(base, len(items), repeats=1)
+    routed = ev.throughput(served, len(items), repeats=1)
+    return {"base_samples_per_s": plain, "mass_samples_per_s": routed, "ratio": routed / plain,
+            "path": f"massmerge.mass.serving.serve (what massmerge predict runs), {len(items)} test inputs of mixed "
+                    f"tasks in input order, batch {size}, warm caches; base: forward to the features, batched as "
+                    "serve batches its first pass (size-sorted windows)"}
+
+
+__all__ = ["FeatureRunner", "ServedMASS", "ablation_rows", "mass_rows", "router_variants", "routing_sweep", "row",
+           "score_experts", "score_features", "score_mass", "score_mass_task_given", "score_static", "serve_parts",
+           "split_features", "static_rows", "throughput", "tsv_c_accuracy"]

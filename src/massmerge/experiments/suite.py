@@ -1,0 +1,305 @@
+"""``massmerge suite``: build an expert zoo from all-MiniLM-L6-v2 and packaged text, then score every method.
+
+Flow (one way): tasks -> frozen zero-shot heads -> cached experts (:mod:`.finetune`) -> the task pool ->
+the shared runner (:mod:`.runner`: zero-shot, experts, static merges, MASS assembled as ``massmerge build``
+stores it and served as ``massmerge predict`` serves it) -> the report (:mod:`.report`). Router variants (the
+ablation) are serve-setting views of that one model, scored on the validation split (where settings are
+chosen) and on the test split (reported). Every evaluation result is cached under a key of everything that
+shapes it, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from massmerge.adapters.text import TextEncoderAdapter
+from massmerge.artifact.build import write_parts
+from massmerge.data.tasks import DEFAULT_PRESET, TaskData, get_preset, load_task
+from massmerge.experiments import runner
+from massmerge.experiments.cache import EvalCache, stable_hash
+from massmerge.experiments.finetune import (
+    Backbone,
+    ExpertResult,
+    FinetuneConfig,
+    class_embeddings,
+    finetune_expert,
+    load_backbone,
+    tokenize,
+)
+from massmerge.experiments.pool import TaskPool, TaskSplit
+from massmerge.experiments.report import write_report
+from massmerge.experiments.report.stats import targets
+from massmerge.heads.files import write_head_file
+from massmerge.heads.modules import ZeroShotHead
+from massmerge.io.atomic import write_text_atomically
+from massmerge.mass.build import MASSParts, assemble
+from massmerge.mass.config import DEFAULT_EPS, BuildSettings, apply_profile, default_routing_block
+from massmerge.merging import STATIC_MERGES
+from massmerge.task_vectors import task_vector
+
+#: Training budgets: ``ci`` is cut so the whole pipeline fits 10 minutes on 2 cores; every other preset trains
+#: 100 steps per expert (the 2-core budget: 40-210 s an expert).
+CI_FINETUNE = FinetuneConfig(steps=60, batch_size=16, max_length=32)
+FULL_FINETUNE = FinetuneConfig(steps=100, batch_size=16, max_length=48)
+
+
+def preset_finetune(preset: str) -> FinetuneConfig:
+    """The training budget of a preset."""
+    return CI_FINETUNE if preset == "ci" else FULL_FINETUNE
+
+
+class SuiteConfig(BaseModel):
+    """Everything a suite run depends on; the report records it whole."""
+
+    model_config = ConfigDict(frozen=True)
+
+    preset: str = DEFAULT_PRESET
+    tasks: tuple[str, ...] | None = None
+    n_train: int | None = None
+    n_val: int | None = None
+    n_test: int | None = None
+    finetune: FinetuneConfig | None = None
+    routing_layer: str | None = None  # default: the first MLP matrix of block round(0.75 * depth)
+    mass_layers: tuple[str, ...] = ()  # extra routing layers evaluated with the full MASS model
+    eps: float | None = DEFAULT_EPS
+    max_size: float | None = None  # the artifact size budget, as `massmerge build --max-size`
+    router: str | None = None  # a named router rule applied first (mass.config.ROUTER_PROFILES, e.g. "paper")
+    serve: dict[str, Any] = {}  # serve-setting overrides of MASS (eta, top_k, pooling, head_rule, ...)
+    ablation: bool = True  # score the router variants on val and test
+    methods: tuple[str, ...] = STATIC_MERGES
+    seed: int = 0
+    eval_batch_size: int = 64
+
+    def finetune_config(self) -> FinetuneConfig:
+        return self.finetune or preset_finetune(self.preset)
+
+
+
+@dataclass
+class Zoo:
+    """The run's fixed material: tasks, heads, experts, the backbone, the text adapter and the task pool."""
+
+    tasks: list[TaskData]
+    heads: list[ZeroShotHead]
+    experts: list[ExpertResult]
+    backbone: Backbone
+    adapter: TextEncoderAdapter
+    pool: TaskPool
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.backbone.model
+
+
+def default_routing_layer(model: nn.Module) -> str:
+    """``encoder.layer.{round(0.75 * depth)}.intermediate.dense`` (design.md section 2, step 5)."""
+    return f"encoder.layer.{default_routing_block(int(model.config.num_hidden_layers))}.intermediate.dense"
+
+
+# ----- building the zoo ----------------------------------------------------------------------------------------
+
+
+def load_tasks(cfg: SuiteConfig, data_root: Path | None) -> list[TaskData]:
+    """The preset's tasks (or ``cfg.tasks``), split with the preset's sizes unless overridden."""
+    preset = get_preset(cfg.preset)
+    sizes = (cfg.n_train or preset.n_train, cfg.n_val or preset.n_val, cfg.n_test or preset.n_test)
+    return [load_task(name, *sizes, seed=cfg.seed, root=data_root) for name in (cfg.tasks or preset.tasks)]
+
+
+def make_heads(backbone: Backbone, tasks: Sequence[TaskData], logit_scale: float) -> list[ZeroShotHead]:
+    """Frozen zero-shot heads from class names in prompt templates, in each dataset's class order."""
+    return [ZeroShotHead(class_embeddings(backbone, t.classes, t.templates), logit_scale) for t in tasks]
+
+
+def tokenize_split(tasks: Sequence[TaskData], split: str, tokenizer: Any, max_length: int,
+                   batch_size: int) -> list[TaskSplit]:
+    """Tokenize one split of every task once, sorted by length so batches carry little padding; the per-sample
+    encodings (unpadded, for the served model) in the same order."""
+    out = []
+    for task in tasks:
+        data = getattr(task, split)
+        order = sorted(range(len(data)), key=lambda i: len(data.texts[i]))
+        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        batches = [tokenize(tokenizer, [data.texts[i] for i in c], max_length) for c in chunks]
+        encoded = tokenizer([data.texts[i] for i in order], truncation=True, max_length=max_length)
+        items = [{key: encoded[key][row] for key in encoded.keys()} for row in range(len(order))]
+        labels = torch.tensor([data.labels[i] for i in order], dtype=torch.long)
+        out.append(TaskSplit.of_lists(labels, batches, items))
+    return out
+
+
+def text_pool(tasks: Sequence[TaskData], heads: Sequence[ZeroShotHead], backbone: Backbone,
+              adapter: TextEncoderAdapter, max_length: int, batch_size: int) -> TaskPool:
+    """The suite's task pool: test and validation splits tokenized once, padded per batch as predict pads."""
+    tokenizer = backbone.tokenizer
+
+    def collate(rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        return dict(tokenizer.pad(list(rows), return_tensors="pt"))
+
+    splits = {split: tokenize_split(tasks, split, tokenizer, max_length, batch_size) for split in ("test", "val")}
+    return TaskPool([t.name for t in tasks], list(heads), splits, collate, adapter.features,
+                    size_of=lambda item: len(item["input_ids"]), descriptions=[t.description for t in tasks],
+                    classes=[list(t.classes) for t in tasks])
+
+
+def build_zoo(cfg: SuiteConfig, data_root: Path | None, cache_dir: Path) -> Zoo:
+    """Load data and backbone, build heads, train (or reuse) one expert per task."""
+    start = time.perf_counter()
+    tasks = load_tasks(cfg, data_root)
+    backbone = load_backbone()
+    ft = cfg.finetune_config()
+    heads = make_heads(backbone, tasks, ft.logit_scale)
+    timing = {"load_seconds": time.perf_counter() - start}
+    start = time.perf_counter()
+    experts = [finetune_expert(backbone, head, task, ft, cache_dir) for task, head in zip(tasks, heads)]
+    timing["finetune_seconds"] = time.perf_counter() - start
+    special = sorted(set(backbone.tokenizer.all_special_ids))
+    adapter = TextEncoderAdapter(special_ids=special).bind(backbone.model)
+    pool = text_pool(tasks, heads, backbone, adapter, ft.max_length, cfg.eval_batch_size)
+    return Zoo(tasks, heads, experts, backbone, adapter, pool, timing)
+
+
+def sweep_layers(model: nn.Module) -> list[str]:
+    """Candidate routing matrices: each block's first MLP matrix and its attention query matrix."""
+    depth = int(model.config.num_hidden_layers)
+    mlp = [f"encoder.layer.{i}.intermediate.dense" for i in range(depth)]
+    query = [f"encoder.layer.{i}.attention.self.query" for i in range(depth)]
+    return mlp + query
+
+
+# ----- MASS as build ships it ----------------------------------------------------------------------------------
+
+
+def build_mass(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cfg: SuiteConfig, layer: str
+               ) -> tuple[MASSParts, runner.ServedMASS]:
+    """The experts' MASS parts as ``massmerge build`` stores them (the text family's default router exiting at
+    ``layer``), served with the suite's named router rule and serve overrides applied."""
+    start = time.perf_counter()
+    build = BuildSettings(eps=cfg.eps, max_size=cfg.max_size)
+    parts = assemble(zoo.model, tvs, zoo.names, zoo.heads, build=build,
+                     router=zoo.adapter.default_router(zoo.model, layer), max_length=cfg.finetune_config().max_length)
+    seconds = time.perf_counter() - start
+    settings = parts.serve
+    if cfg.router is not None:
+        settings = apply_profile(settings, cfg.router, default_layer=layer, family_pooling=zoo.adapter.paper_pooling)
+    mass = parts.model(zoo.model, settings=settings.updated(**cfg.serve), pool=zoo.adapter.pool,
+                       features=zoo.adapter.features, class_names=[t.classes for t in zoo.tasks])
+    return parts, runner.serve_parts(zoo.model, parts, mass, seconds)
+
+
+def layer_rows(zoo: Zoo, served: runner.ServedMASS, cache: EvalCache, layer: str, expert: dict[str, float]
+               ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """MASS rows with the routing layers ending at ``layer`` (the served model itself at its own layer)."""
+    routing = served.mass.settings.routing_layers
+    if layer == routing[-1]:
+        return runner.mass_rows(zoo.pool, served, served.mass, cache, expert)
+    layers = zoo.adapter.evidence_layers(zoo.model, layer) if len(routing) > 1 else (layer,)
+    return runner.mass_rows(zoo.pool, served, served.mass.with_settings(routing_layers=layers), cache, expert,
+                            suffix=f" @ {layer}")
+
+
+# ----- orchestration ---------------------------------------------------------------------------------------------
+
+
+def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Path, out_dir: Path,
+              export_artifact: Path | None = None) -> dict[str, Any]:
+    """Run the whole suite and write report.json, report.md and the plots into ``out_dir``; return the report.
+
+    ``export_artifact``: also write the served MASS model as an artifact there (what ``massmerge build``
+    would write from the same experts), ready for ``massmerge predict``.
+    """
+    wall = time.perf_counter()
+    zoo = build_zoo(cfg, data_root, cache_dir)
+    pool, model = zoo.pool, zoo.model
+    layer = cfg.routing_layer or default_routing_layer(model)
+    cfg = cfg.model_copy(update={"routing_layer": layer})
+    cache = EvalCache(cache_dir, stable_hash([e.meta["key"] for e in zoo.experts] + [cfg.finetune_config().model_dump(),
+                                             [t.test.texts for t in zoo.tasks]]))  # fmt: skip
+    start = time.perf_counter()
+    zero = cache.get_or_run("zero_shot", lambda: runner.score_static(pool, model, None, label="zero-shot"))
+    experts = cache.get_or_run("experts-v2", lambda: runner.score_experts(pool, model,
+                                                                          lambda t: zoo.experts[t].state_dict()))
+    expert = experts["oracle"]
+    T = len(zoo.tasks)
+    rows: dict[str, dict[str, Any]] = {
+        "zero-shot": runner.row("oracle head", zero["oracle"], expert, storage_factor=1.0),
+        "zero-shot max-logit": runner.row("task hidden", zero["max_logit"], expert, storage_factor=1.0),
+        "experts": runner.row("oracle head", expert, expert, storage_factor=float(T)),
+    }
+    base = model.state_dict()
+    tvs = [task_vector(base, e.state_dict()) for e in zoo.experts]
+    rows.update(runner.static_rows(pool, model, base, lambda: tvs, cfg.methods, cache, expert))
+    parts, served = build_mass(zoo, tvs, cfg, layer)
+    rows["tsv_c (task given)"] = runner.row("oracle head", runner.tsv_c_accuracy(pool, model, base, lambda: tvs, cache),
+                                            expert, storage_factor=served.storage["bytes_ratio"])
+    mass_details = []
+    for candidate in dict.fromkeys([layer, *cfg.mass_layers]):
+        new_rows, details = layer_rows(zoo, served, cache, candidate, expert)
+        rows.update(new_rows)
+        mass_details.append(details)
+    sweep = cache.get_or_run("routing_sweep", lambda: {"rows": runner.routing_sweep(pool, served.mass, sweep_layers(
+        model))}, **served.build_key, **served.mass.settings.model_dump(mode="json"))["rows"]
+    ablation = None
+    if cfg.ablation:
+        variants = runner.router_variants(zoo.adapter, model, served.mass.settings.routing_layers[-1])
+        ablation = runner.ablation_rows(pool, served, variants, cache, {"test": expert, "val": experts["val"]})
+    throughput = runner.throughput(pool, model, served.mass)
+    if export_artifact is not None:
+        export(zoo, parts, served, export_artifact)
+    timing = {**zoo.timing, "evaluate_seconds": time.perf_counter() - start,
+              "factorize_seconds": served.factor_seconds, "total_seconds": time.perf_counter() - wall}
+    settings = served.mass.settings
+    report = {
+        "kind": "suite", "preset": cfg.preset,
+        "config": {**json.loads(cfg.model_dump_json()), "eta": settings.eta, "top_k": settings.top_k,
+                   "serve_settings": settings.model_dump(mode="json")},
+        "finetune": cfg.finetune_config().model_dump(),
+        "tasks": [{"name": t.name, "description": t.description, "classes": t.classes, "sizes": t.sizes}
+                  for t in zoo.tasks],
+        "experts": {t.name: e.meta for t, e in zip(zoo.tasks, zoo.experts)},
+        "methods": rows, "mass": mass_details[0], "mass_layers": mass_details, "dropped": served.mass.factors.dropped(),
+        "layer_sweep": sweep, "throughput": throughput,
+        "storage": {k: v for k, v in served.storage.items() if k != "rank_scale"}, "timing": timing,
+        "threads": torch.get_num_threads(), "ablation": ablation,
+    }  # fmt: skip
+    report["targets"] = targets(report)
+    write_serving_files(zoo, out_dir)
+    return write_report(report, out_dir)
+
+
+def write_serving_files(zoo: Zoo, out_dir: Path) -> None:
+    """Beside the report: one heads file per task and ``serve.json`` (the base and expert paths), which is all
+    ``massmerge build`` needs to serve the suite's experts (docs/SUITE.md shows the commands)."""
+    heads_dir = Path(out_dir) / "heads"
+    heads_dir.mkdir(parents=True, exist_ok=True)
+    for task, head in zip(zoo.tasks, zoo.heads):
+        write_head_file(heads_dir / f"{task.name}.safetensors", head, task=task.name, class_names=task.classes)
+    serve = {"base": str(zoo.backbone.path), "experts": [str(e.path) for e in zoo.experts],
+             "heads": [str(heads_dir / f"{t.name}.safetensors") for t in zoo.tasks], "task_names": zoo.names,
+             "max_length": zoo.experts[0].meta["config"]["max_length"] if zoo.experts else None}
+    write_text_atomically(Path(out_dir) / "serve.json", json.dumps(serve, indent=2) + "\n")
+
+
+def export(zoo: Zoo, parts: MASSParts, served: runner.ServedMASS, directory: Path) -> Path:
+    """The served MASS model written as an artifact: the same stored factors, heads and tokenizer, with the
+    served settings as its serve defaults (what ``massmerge build`` writes from the same experts)."""
+    return write_parts(directory, zoo.model, parts, serve=served.mass.settings, consume=False, adapter=zoo.adapter,
+                       tokenizer_dir=zoo.backbone.path, class_names=[t.classes for t in zoo.tasks])
+
+
+__all__ = ["CI_FINETUNE", "FULL_FINETUNE", "SuiteConfig", "Zoo", "build_zoo", "default_routing_layer", "export",
+           "preset_finetune", "run_suite", "write_serving_files"]
