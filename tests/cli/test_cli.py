@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from massmerge import merging
-from massmerge.cli import expand_multi_value_options, main
+from massmerge.cli import main
+from massmerge.cli.app import expand_multi_value_options
 
 CLI = [sys.executable, "-c", "from massmerge.cli import main; main()"]
 

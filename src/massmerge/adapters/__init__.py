@@ -16,6 +16,11 @@ from massmerge.adapters.base import Adapter, BaseAdapter
 from massmerge.adapters.clip import CLIPAdapter
 from massmerge.adapters.open_clip import OpenCLIPAdapter
 from massmerge.adapters.text import TextEncoderAdapter
+from massmerge.adapters.weights import (
+    open_weights,
+    read_json_config,
+    refuse_remote_code,
+)
 from massmerge.errors import OptionError
 
 ADAPTERS: dict[str, type[BaseAdapter]] = {
@@ -72,8 +77,6 @@ def adapter_for(model: nn.Module, family: str | None = None, **options: Any) -> 
 
 def detect_family(path: str | Path) -> str:
     """The family of a local checkpoint: HF ``config.json`` model_type, open_clip config, else the key layout."""
-    from massmerge.adapters.weights import read_json_config, refuse_remote_code
-
     path = Path(path)
     refuse_remote_code(path)
     config = path / "config.json" if path.is_dir() else None
@@ -92,8 +95,6 @@ def detect_family(path: str | Path) -> str:
 
 
 def _family_from_keys(path: Path) -> str:
-    from massmerge.adapters.weights import open_weights
-
     keys = list(open_weights(path))
     if any(".resblocks." in k and "c_fc" in k for k in keys):
         return "open_clip"

@@ -21,7 +21,9 @@ from torch import nn
 
 from massmerge.adapters.base import BaseAdapter, Batch
 from massmerge.adapters.weights import check_pickle_policy, refuse_remote_code
+from massmerge.checkpoints import open_checkpoint
 from massmerge.errors import MassMergeError, OptionError
+from massmerge.sources import resolve_source
 
 IMAGE_KEYS = ("pixel_values", "image", "images")
 
@@ -95,8 +97,6 @@ class CLIPAdapter(BaseAdapter):
 
 def load_visual_projection(path: Path) -> nn.Linear | None:
     """The base's ``visual_projection`` (a bias-free Linear) if the checkpoint at ``path`` has one."""
-    from massmerge.checkpoints import open_checkpoint
-
     try:
         ckpt = open_checkpoint(path)
     except MassMergeError:
@@ -116,8 +116,6 @@ def linear_from_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -
 
 
 def _resolve(source: str, revision: str | None) -> Path:
-    from massmerge.sources import resolve_source
-
     return resolve_source(source, revision)
 
 

@@ -23,9 +23,12 @@ from pathlib import Path
 
 import torch
 
+from massmerge.checkpoints import load_state_dict
 from massmerge.errors import CheckpointError, OptionError
 from massmerge.lowrank import LowRank, rank_for, rank_fraction_for
 from massmerge.mass.config import DEFAULT_EPS
+from massmerge.mass.experts import ExpertFactors
+from massmerge.sources import resolve_source
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -115,8 +118,6 @@ def load_lora_expert(source: str | Path, base_keys: Sequence[str], base: Mapping
     ``base`` (optional) is needed only for adapters that also train biases (``bias="all"/"lora_only"``): their
     saved biases are full values, turned into deltas against the base.
     """
-    from massmerge.sources import resolve_source
-
     path = resolve_source(source, revision)
     config = read_adapter_config(path)
     state = _read_adapter_weights(path, trust_pickle=trust_pickle)
@@ -156,8 +157,6 @@ def read_adapter_config(path: Path) -> dict:
 
 
 def _read_adapter_weights(path: Path, *, trust_pickle: bool) -> dict[str, torch.Tensor]:
-    from massmerge.checkpoints import load_state_dict
-
     folder = path if path.is_dir() else path.parent
     for name in ADAPTER_WEIGHTS:
         if (folder / name).is_file():
@@ -252,8 +251,6 @@ def lora_expert_factors(experts: Sequence[LoraExpert], shapes: Mapping[str, tupl
 def build_lora_factors(experts: Sequence[LoraExpert], task_names: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
                        *, rank_fraction: float | None = None, eps: float | None = DEFAULT_EPS):  # noqa: ANN201
     """An :class:`~massmerge.mass.ExpertFactors` built from LoRA experts without any dense task vector."""
-    from massmerge.mass.experts import ExpertFactors
-
     if len(experts) != len(task_names):
         raise OptionError(f"--task-names: {len(task_names)} names for {len(experts)} LoRA experts")
     if len(experts) < 2:

@@ -18,7 +18,10 @@ from torch import nn
 
 from massmerge.adapters.base import BaseAdapter, Batch
 from massmerge.adapters.clip import pixel_values_of
+from massmerge.adapters.weights import AlignedCheckpoint
+from massmerge.checkpoints import load_state_dict
 from massmerge.errors import MassMergeError
+from massmerge.sources import resolve_source
 
 
 def visual_of(model: nn.Module) -> nn.Module:
@@ -75,10 +78,6 @@ class OpenCLIPAdapter(BaseAdapter):
         if self.arch is None:
             raise MassMergeError(f"{source}: an open_clip checkpoint needs its architecture name (arch: ViT-B-32)")
         model = create_open_clip(self.arch)
-        from massmerge.adapters.weights import AlignedCheckpoint
-        from massmerge.checkpoints import load_state_dict
-        from massmerge.sources import resolve_source
-
         path = resolve_source(source, revision)
         raw = load_state_dict(_weights_file(path), trust_pickle=trust_pickle)
         state = AlignedCheckpoint(raw, self.encoder_keys(model), name=str(path))

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from massmerge.cli import command
+from massmerge.cli.app import command
 from massmerge.cli.options import TRUST_PICKLE_HELP, check_positive
 from massmerge.io.inputs import read_utf8_lines
 

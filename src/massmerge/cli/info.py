@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from massmerge.cli import command
+from massmerge.cli.app import command
 from massmerge.errors import MassMergeError
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,

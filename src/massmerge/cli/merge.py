@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from massmerge.cli import command
+from massmerge.cli.app import command
 from massmerge.cli.options import RANK_FRACTION_HELP, TRUST_PICKLE_HELP
 from massmerge.errors import OptionError
 from massmerge.merging.names import DEFAULT_ALPHA, ISO_CTS_COMMON_FRACTION, METHOD_NAMES, TIES_DENSITY

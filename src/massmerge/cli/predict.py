@@ -24,7 +24,7 @@ from typing import Annotated, TextIO
 
 import typer
 
-from massmerge.cli import command
+from massmerge.cli.app import command
 from massmerge.cli.options import SERVE_HELP, artifact_help, check_positive
 from massmerge.errors import MassMergeError
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from massmerge.cli import command
+from massmerge.cli.app import command
 from massmerge.cli.options import (
     DEREDUNDANCY_HELP,
     EPS_HELP,

@@ -23,6 +23,7 @@ import torch
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.io.inputs import describe, read_utf8_lines
 from massmerge.io.jsonfile import read_json_file
+from massmerge.sources import resolve_source
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -206,8 +207,6 @@ def load_hf_image_dataset(spec: str, *, split: str = "test", revision: str | Non
             f"dataset '{spec}': loading HF datasets needs `pip install datasets`; or export it as an image folder"
         ) from None
     from datasets import load_dataset
-
-    from massmerge.sources import resolve_source
 
     local = resolve_source(spec, revision, allow_patterns=None, repo_type="dataset")
     try:

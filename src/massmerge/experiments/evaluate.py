@@ -21,10 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from massmerge.adapters import BaseAdapter, get_adapter
+from massmerge.adapters import BaseAdapter, detect_family, get_adapter
 from massmerge.adapters.lora import LoraExpert, build_lora_factors, load_lora_expert
-from massmerge.data.images import ImageDataset, Preprocess, check_label_space, image_collate, load_image_dataset
-from massmerge.data.images import image_size_of
+from massmerge.adapters.weights import open_weights
+from massmerge.data.images import (
+    ImageDataset,
+    Preprocess,
+    check_label_space,
+    image_collate,
+    image_size_of,
+    load_image_dataset,
+)
 from massmerge.errors import OptionError
 from massmerge.experiments import runner
 from massmerge.experiments.cache import EvalCache, stable_hash
@@ -32,6 +39,12 @@ from massmerge.experiments.evaluate_config import MERGES, BenchmarkConfig
 from massmerge.experiments.pool import TaskPool, TaskSplit
 from massmerge.experiments.report import write_report
 from massmerge.experiments.report.stats import targets
+from massmerge.heads.zoo import (
+    clip_task,
+    clip_zero_shot_heads,
+    linear_head_from_state,
+    load_hf_clip_text,
+)
 from massmerge.mass.build import MASSParts, assemble
 from massmerge.mass.config import BuildSettings, ServeSettings
 from massmerge.sources import resolve_source
@@ -88,14 +101,10 @@ def prepare(config: BenchmarkConfig, *, log: Log = print) -> Workbench:
 
 
 def _detect(config: BenchmarkConfig) -> str:
-    from massmerge.adapters import detect_family
-
     return detect_family(resolve_source(config.base, config.revision))
 
 
 def _classnames(task: Any) -> list[str] | None:
-    from massmerge.heads.zoo import clip_task
-
     if task.classnames:
         return list(task.classnames)
     try:
@@ -117,8 +126,6 @@ def _load_lora(config: BenchmarkConfig, base_state: dict[str, torch.Tensor]) -> 
 
 def build_heads(config: BenchmarkConfig, lora: list[LoraExpert] | None) -> list[nn.Module]:
     """Zero-shot heads from the CLIP text tower, or each expert's linear classifier."""
-    from massmerge.heads.zoo import clip_zero_shot_heads, linear_head_from_state, load_hf_clip_text
-
     if config.heads == "linear":
         heads = []
         for index, task in enumerate(config.tasks):
@@ -133,8 +140,6 @@ def build_heads(config: BenchmarkConfig, lora: list[LoraExpert] | None) -> list[
 
 
 def _raw_expert(config: BenchmarkConfig, task: Any) -> Mapping[str, torch.Tensor]:
-    from massmerge.adapters.weights import open_weights
-
     return open_weights(resolve_source(task.expert, task.expert_revision), trust_pickle=config.trust_pickle)
 
 

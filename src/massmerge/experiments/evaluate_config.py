@@ -10,11 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from massmerge.choices import task_name_problem
 from massmerge.errors import OptionError, first_validation_error
 from massmerge.mass.config import DEFAULT_EPS, HeadRule, Pooling, RoutingMode
+from massmerge.merging.task_arithmetic import default_alpha
 
 BASELINES = ("zeroshot", "experts")
 MERGES = ("weight_average", "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts")
@@ -111,8 +119,6 @@ class BenchmarkConfig(_Strict):
     def merge_options(self, method: str) -> dict[str, Any]:
         """Options of one static merge: the user's, with Task Arithmetic's alpha for T tasks filled in from the
         method's own default (``task_arithmetic.default_alpha``, what ``massmerge merge`` uses) for the report."""
-        from massmerge.merging.task_arithmetic import default_alpha
-
         options = dict(self.method_options.get(method, {}))
         if method == "task_arithmetic":
             options.setdefault("alpha", default_alpha(len(self.tasks)))

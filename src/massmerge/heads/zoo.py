@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from massmerge.errors import CheckpointError, OptionError
 from massmerge.heads.modules import LinearHead, ZeroShotHead
+from massmerge.sources import resolve_source
 
 TextEncoder = Callable[[list[str]], torch.Tensor]
 CLASSIFIER_NAMES = ("classifier", "score", "head", "classification_head", "fc")
@@ -90,8 +91,6 @@ def hf_clip_text_encoder(model: nn.Module, tokenizer: Callable, *, batch_size: i
 def load_hf_clip_text(source: str, *, revision: str | None = None) -> tuple[TextEncoder, float]:
     """(text encoder, logit scale) of a full HF CLIP checkpoint (e.g. ``openai/clip-vit-base-patch32``)."""
     from transformers import AutoTokenizer, CLIPModel
-
-    from massmerge.sources import resolve_source
 
     path = resolve_source(source, revision)
     try:
