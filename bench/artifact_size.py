@@ -30,7 +30,8 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from massmerge.artifact import artifact_bytes, parse_dtype, save_artifact, storage_dtype  # noqa: E402
+from massmerge.artifact import artifact_bytes, save_artifact  # noqa: E402
+from massmerge.mass.storage import parse_dtype, storage_dtype  # noqa: E402
 from massmerge.heads import ZeroShotHead  # noqa: E402
 from massmerge.mass import MASSModel, make_serve_settings  # noqa: E402
 from massmerge.mass.budget import fit_to_size, metadata_bytes  # noqa: E402

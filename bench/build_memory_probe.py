@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import factors_bytes, status_bytes, write_heads  # noqa: E402
+from _common import status_bytes, write_heads  # noqa: E402
 
 
 def status_mib() -> dict[str, int]:
@@ -43,6 +44,21 @@ def largest_mappings(count: int = 6) -> list[tuple[int, str]]:
     return sorted(((kb // 1024, n) for n, kb in sizes.items()), reverse=True)[:count]
 
 
+def expert_factor_bytes(base_dir: Path, tasks: int) -> int:
+    """Bytes one expert's float32 factors take at the design ranks (rank 1/T): ``k (m + n + 1)`` per matrix plus
+    every other float tensor's delta, computed from the base's shapes alone."""
+    from massmerge.checkpoints import open_checkpoint
+    from massmerge.lowrank import rank_for
+
+    base = open_checkpoint(base_dir)
+    total = 0
+    for key in base:
+        shape = base.shape(key)
+        if base.dtype_name(key).startswith("F"):
+            total += rank_for(shape, 1 / tasks) * (shape[0] + shape[1] + 1) if len(shape) == 2 else math.prod(shape)
+    return 4 * total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=8)
@@ -50,36 +66,29 @@ def main() -> None:
     sys.path.insert(0, str(HERE / "peers"))
     import zoo  # noqa: PLC0415
 
+    from massmerge import progress
     from massmerge.cli import main as cli_main
-    from massmerge.mass import experts as experts_module
 
     base_dir, experts = zoo.ready(HERE / "results" / "peers-zoo", args.tasks)
+    per_expert = expert_factor_bytes(base_dir, args.tasks)
     rows: list[dict] = []
-    original_add, original_release = experts_module.ExpertFactors.add_task, experts_module.release_freed_memory
-    built: list[object] = []
     mappings: list[tuple[int, str]] = []
 
-    def add_task(self, task_vector, **options):  # noqa: ANN001, ANN003, ANN202
-        if not rows:
-            rows.append({"after": "model loaded, before expert 1", **status_mib(), "factors_MiB": 0.0})
-        original_add(self, task_vector, **options)
-        built[:] = [self]
-
-    def release() -> bool:
-        freed = original_release()
-        factors_mib = round(factors_bytes(built[0]) / 2**20, 1)
-        rows.append({"after": f"expert {len(rows)}", **status_mib(), "factors_MiB": factors_mib})
+    def after(stage: str, done: int, total: int | None) -> None:  # massmerge.progress.listen: the public hook
+        if stage != "factorizing experts":
+            return
+        label = "model loaded, before expert 1" if done == 0 else f"expert {done}"
+        rows.append({"after": label, **status_mib(), "factors_MiB": round(done * per_expert / 2**20, 1)})
         mappings[:] = largest_mappings()  # the last expert's: the model and the base's mapping are still alive
-        return freed
 
-    experts_module.ExpertFactors.add_task, experts_module.release_freed_memory = add_task, release
     with tempfile.TemporaryDirectory(prefix="massmerge-probe-") as tmp:
         work = Path(tmp)
         heads = write_heads(work, args.tasks, json.loads((base_dir / "config.json").read_text())["hidden_size"])
         sys.argv = ["massmerge", "build", "--base", str(base_dir), "--experts", *map(str, experts[:args.tasks]),
                     "--heads", *map(str, heads), "--output", str(work / "artifact")]
         try:
-            cli_main()
+            with progress.listen(after):
+                cli_main()
         except SystemExit as done:
             if done.code:
                 raise

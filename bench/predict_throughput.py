@@ -9,7 +9,7 @@ What it measures (issue 13), on real texts of the suite's tasks shuffled so batc
 - end to end, whole processes: ``massmerge predict ARTIFACT inputs.jsonl`` against a process that loads the
   base, tokenizes, runs forward + pool and writes JSON lines; interleaved, repeated;
 - the shares of one predict run: first pass (to the routing layers) + router, set merges (new task sets'
-  cores and values), second pass + heads.
+  cores and values), second pass + heads, from the engine's own stage clock (``MASSModel.timed``).
 
 Wall and CPU seconds are both printed (the machine may be shared: compare the ratios of one run).
 
@@ -70,6 +70,16 @@ def base_batches(texts: list[str], tokenizer, batch: int, length: int, tasks: in
         yield dict(tokenizer.pad([rows[i] for i in index], return_tensors="pt"))
 
 
+def served_lengths(artifact: Path, batch: int | None, length: int | None) -> tuple[int, int]:
+    """The batch size and max length ``massmerge predict`` serves the artifact with (its manifest's serve
+    settings, the model's positions for a missing length), unless given."""
+    from massmerge.adapters.text import FALLBACK_MAX_LENGTH
+    from massmerge.artifact import read_manifest
+
+    serve = read_manifest(artifact).serve
+    return batch or serve.batch_size, length or serve.max_length or FALLBACK_MAX_LENGTH
+
+
 def task_count(artifact: Path) -> int:
     from massmerge.artifact import read_manifest
 
@@ -91,11 +101,12 @@ def suite_texts(count: int, seed: int) -> list[str]:
 def synthetic_artifact(directory: Path, tasks: int = 8) -> Path:
     """An artifact from seeded low-rank experts of the real MiniLM and the distinct preset's heads."""
     from massmerge.adapters import get_adapter
-    from massmerge.artifact import round_factors, save_artifact, storage_dtype
+    from massmerge.artifact import save_artifact
     from massmerge.data.tasks import get_preset, load_task
-    from massmerge.finetune import load_backbone
+    from massmerge.experiments.finetune import load_backbone
+    from massmerge.experiments.suite import make_heads
     from massmerge.mass import ExpertFactors, MASSModel, make_serve_settings
-    from massmerge.suite import make_heads
+    from massmerge.mass.storage import round_factors, storage_dtype
 
     backbone = load_backbone()
     model = backbone.model
@@ -137,7 +148,7 @@ def timed(fn) -> tuple[float, float]:  # noqa: ANN001
 def steady_state(artifact: Path, texts: list[str], batch: int, length: int, rounds: int) -> dict:
     """Interleaved rounds of predict_texts (fresh caches: a new load each round) and base forward + pool."""
     from massmerge.artifact import MODEL_DIR, load
-    from massmerge.cli.predict import predict_texts
+    from massmerge.mass.serving import predict_texts
     from massmerge.mass.pooling import masked_mean
     from transformers import AutoModel, AutoTokenizer
 
@@ -158,60 +169,11 @@ def steady_state(artifact: Path, texts: list[str], batch: int, length: int, roun
         model = load(artifact)
         list(predict_texts(model, tokenizer, numbered[:batch], batch_size=batch, max_length=length))  # warm-up
         samples["base"].append(timed(plain))
-        with Shares(model) as share:
+        with model.timed() as seconds:
             samples["mass"].append(timed(lambda: list(predict_texts(model, tokenizer, numbered, batch_size=batch,
                                                                    max_length=length))))
-        shares.append(share.seconds)
+        shares.append(dict(seconds))
     return {"samples": samples, "shares": shares}
-
-
-class Shares:
-    """Wall seconds inside the first pass + router, the set merges (new sets only) and the second pass + heads
-    of one serving run (the engine's methods timed in place for the run, then restored)."""
-
-    def __init__(self, model) -> None:  # noqa: ANN001
-        self.model = model
-        self.seconds = {"first pass + router": 0.0, "set merges": 0.0, "second pass + heads": 0.0}
-
-    def __enter__(self) -> Shares:
-        from massmerge.mass import model as engine
-
-        shared = self.model._shared
-        self._originals = (engine.MASSModel.route, engine.MASSModel.second_pass_features, engine.MASSModel.choose)
-        route, second, choose = self._originals
-        set_data, seconds = shared.set_data, self.seconds
-
-        def timed(fn, key):  # noqa: ANN001, ANN202
-            def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-                start = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    seconds[key] += time.perf_counter() - start
-            return wrapper
-
-        def timed_set_data(tasks, alpha):  # noqa: ANN001, ANN202
-            if (tasks, alpha) in shared._sets:
-                return set_data(tasks, alpha)
-            start = time.perf_counter()
-            try:
-                return set_data(tasks, alpha)
-            finally:
-                spent = time.perf_counter() - start
-                seconds["set merges"] += spent
-                seconds["second pass + heads"] -= spent  # counted inside second_pass_features too
-
-        engine.MASSModel.route = timed(route, "first pass + router")
-        engine.MASSModel.second_pass_features = timed(second, "second pass + heads")
-        engine.MASSModel.choose = timed(choose, "second pass + heads")
-        shared.set_data = timed_set_data
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        from massmerge.mass import model as engine
-
-        engine.MASSModel.route, engine.MASSModel.second_pass_features, engine.MASSModel.choose = self._originals
-        del self.model._shared.set_data
 
 
 def run_process(command: list[str]) -> tuple[float, float]:
@@ -258,8 +220,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", type=Path, default=None, help="artifact to serve [default: a synthetic one]")
     parser.add_argument("--inputs", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=None, help="[default: the artifact's serve.batch_size]")
+    parser.add_argument("--max-length", type=int, default=None, help="[default: the artifact's serve.max_length]")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -271,6 +233,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="massmerge-predict-") as tmp_name:
         tmp = Path(tmp_name)
         artifact = args.artifact or synthetic_artifact(tmp / "artifact")
+        args.batch_size, args.max_length = served_lengths(artifact, args.batch_size, args.max_length)
         steady = steady_state(artifact, texts, args.batch_size, args.max_length, args.rounds)
         whole = end_to_end(artifact, texts, args.batch_size, args.max_length, args.rounds, tmp)
     rows = [summary("steady state (one process, predict_texts)", steady["samples"], len(texts)),

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_json  # noqa: E402
-from predict_throughput import base_batches, suite_texts, task_count, timed  # noqa: E402
+from predict_throughput import base_batches, served_lengths, suite_texts, task_count, timed  # noqa: E402
 
 VARIANTS = {  # name -> load() overrides of the artifact's own serve settings
     "paper (--router paper)": {"router": "paper"},
@@ -34,8 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", type=Path, required=True)
     parser.add_argument("--inputs", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=None, help="[default: the artifact's serve.batch_size]")
+    parser.add_argument("--max-length", type=int, default=None, help="[default: the artifact's serve.max_length]")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -44,9 +44,10 @@ def main() -> None:
     from transformers import AutoModel, AutoTokenizer
 
     from massmerge.artifact import MODEL_DIR, load
-    from massmerge.cli.predict import predict_texts
+    from massmerge.mass.serving import predict_texts
     from massmerge.mass.pooling import masked_mean
 
+    args.batch_size, args.max_length = served_lengths(args.artifact, args.batch_size, args.max_length)
     texts = suite_texts(args.inputs, 0)
     numbered = list(enumerate(texts, start=1))
     tokenizer = AutoTokenizer.from_pretrained(str(args.artifact / MODEL_DIR))

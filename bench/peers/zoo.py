@@ -11,7 +11,6 @@ so massmerge, FusionBench (``AutoModel``) and mergekit read the same files.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -51,16 +50,16 @@ def seeded_delta(tensor: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def write_hf_dir(directory: Path, state: dict[str, torch.Tensor], config: dict) -> None:
-    """config.json + model.safetensors, written to a temp dir then renamed (an interrupted run leaves no half zoo)."""
+    """config.json + model.safetensors, written atomically (an interrupted run leaves no half zoo)."""
     from safetensors.torch import save_file
 
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+    from massmerge.io.atomic import write_directory_atomically
+
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+    write_directory_atomically(directory, fill, what="the zoo's model directory")
 
 
 def ready(root: Path, count: int) -> tuple[Path, list[Path]]:

@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TextIO, TypeVar
 
@@ -127,13 +127,42 @@ def _bar(items: Iterable[T], description: str, total: int | None) -> Iterator[T]
             progress.advance(task)
 
 
+Listener = Callable[[str, int, int | None], None]  # (stage description, items done, total or None)
+_listeners: list[Listener] = []
+
+
+@contextmanager
+def listen(listener: Listener) -> Iterator[None]:
+    """Call ``listener(description, done, total)`` at the start of every tracked stage (``done`` 0) and after each
+    of its items, for the block, whether progress is shown or not. Why: a benchmark or a service can observe a
+    long stage (memory after each expert of a build, say) through the public path instead of patching it."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+def _heard(items: Iterable[T], description: str, total: int | None) -> Iterator[T]:
+    listeners = list(_listeners)
+    for listener in listeners:
+        listener(description, 0, total)
+    for done, item in enumerate(items, start=1):
+        yield item
+        for listener in listeners:
+            listener(description, done, total)
+
+
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate ``items`` with progress when enabled: a bar on a terminal, log lines otherwise."""
+    """Iterate ``items`` with progress when enabled: a bar on a terminal, log lines otherwise (and the
+    :func:`listen` callbacks, when any)."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    if _listeners:
+        items = _heard(items, description, total)
     if not _enabled:
         yield from items
         return
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
     if sys.stderr.isatty():
         yield from _bar(items, description, total)
     else:

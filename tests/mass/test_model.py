@@ -357,3 +357,20 @@ def test_seq_first_models_run_one_forward_per_set():
         assert rel(feats[index], expected) < 1e-5
     with pytest.raises(OptionError, match="batched"):
         model.with_settings(strategy="batched").second_pass_features(x, groups)
+
+
+def test_the_stage_clock_splits_a_served_call_into_its_stages():
+    """MASSModel.timed: each stage's own seconds (set merges taken out of the second pass that made them), a new
+    clock per block, and nothing timed outside one."""
+    base, factors, heads, cfg = make_parts(4)
+    model, batch = MASSModel(base, factors, heads, cfg, pool=mean_pool()), make_batch(12, seed=2)
+    with model.timed() as seconds:
+        model(batch)
+    assert set(seconds) == {"first pass + router", "set merges", "second pass + heads"}
+    assert all(value > 0 for value in seconds.values()), seconds
+    with model.timed() as again:
+        model(batch)  # its task sets are cached now: no set merge
+    assert again["set merges"] == 0.0 and again["second pass + heads"] > 0
+    frozen = dict(again)
+    model(batch)
+    assert again == frozen  # the clock stopped with its block

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -103,6 +105,30 @@ class Routing:
     selected: torch.Tensor
 
 
+class StageClock:
+    """Wall seconds of each stage of the served path, each stage's own time (a stage inside another is taken out
+    of the outer one): ``first pass + router``, ``set merges`` (a new task set's cores and values) and
+    ``second pass + heads``. For one caller at a time (a benchmark), through :meth:`MASSModel.timed`."""
+
+    STAGES = ("first pass + router", "set merges", "second pass + heads")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self._inner: list[float] = []
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.seconds[name] += spent - self._inner.pop()
+            if self._inner:
+                self._inner[-1] += spent
+
+
 class _Runner(nn.Module):
     """``features(model, batch)`` as a module, so the reference path can swap parameters with functional_call."""
 
@@ -132,6 +158,11 @@ class _Shared:
         self.kept: LRU[tuple[TaskSet, float], dict[str, torch.Tensor]] = LRU(DENSE_SETS_KEPT)
         self._first_lock = threading.Lock()
         self._reference_lock = threading.Lock()
+        self.clock: StageClock | None = None  # set for a timed block (MASSModel.timed)
+
+    def stage(self, name: str) -> AbstractContextManager[None]:
+        """Time the block as stage ``name`` when a clock is running (a no-op otherwise)."""
+        return nullcontext() if self.clock is None else self.clock.stage(name)
 
     # -- first pass ----------------------------------------------------------------------------------------
     def first_pass_value(self, alpha: float) -> Callable[[str, torch.Tensor], torch.Tensor]:
@@ -163,7 +194,11 @@ class _Shared:
     # -- task sets -------------------------------------------------------------------------------------------
     def set_data(self, tasks: TaskSet, alpha: float) -> SetData:
         """The merged parameters of a task set (cores and rows per matrix, values per other key), cached."""
-        return self._sets.get_or_make((tasks, alpha), lambda: self._make_set_data(tasks, alpha))
+        return self._sets.get_or_make((tasks, alpha), lambda: self._timed_set_data(tasks, alpha))
+
+    def _timed_set_data(self, tasks: TaskSet, alpha: float) -> SetData:
+        with self.stage("set merges"):
+            return self._make_set_data(tasks, alpha)
 
     def _make_set_data(self, tasks: TaskSet, alpha: float) -> SetData:
         cores = self.merger.cores(tasks)
@@ -273,6 +308,17 @@ class MASSModel(nn.Module):
         """Why mixed batches run one forward per task set on this model (None: they run in one forward)."""
         return self._shared.batched_off_reason
 
+    @contextmanager
+    def timed(self) -> Iterator[dict[str, float]]:
+        """Wall seconds per stage of every call in the block (:class:`StageClock`), in the yielded dict, which is
+        filled as the block runs. For benchmarks: one caller at a time; views share the clock."""
+        clock = StageClock()
+        self._shared.clock = clock
+        try:
+            yield clock.seconds
+        finally:
+            self._shared.clock = None
+
     def with_settings(self, settings: ServeSettings | None = None, *, strategy: Strategy | None = None,
                       **overrides: Any) -> MASSModel:
         """A view with other serve settings (e.g. ``eta=0.1``), sharing the base, factors and caches."""
@@ -333,6 +379,10 @@ class MASSModel(nn.Module):
     @torch.no_grad()
     def route(self, batch: Batch) -> Routing:
         """Residuals per routing layer, probabilities and selected task sets of a batch."""
+        with self._shared.stage("first pass + router"):
+            return self._route(batch)
+
+    def _route(self, batch: Batch) -> Routing:
         s = self.settings
         residuals = self.layer_residuals(batch)
         free = [self._bases[layer].dim - self._bases[layer].mean_rank for layer in s.routing_layers]
@@ -349,6 +399,10 @@ class MASSModel(nn.Module):
     @torch.no_grad()
     def second_pass_features(self, batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]]) -> torch.Tensor:
         """Features [B, d]: sample i under its group's set, by this model's strategy (module doc)."""
+        with self._shared.stage("second pass + heads"):
+            return self._second_pass_features(batch, groups)
+
+    def _second_pass_features(self, batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]]) -> torch.Tensor:
         if self.strategy == "reference":
             return self._per_group(batch, groups, self._reference_features)
         if len(groups) > 1 and self.strategy in ("auto", "batched") and not self._shared.batched_off_reason:
@@ -400,8 +454,9 @@ class MASSModel(nn.Module):
     def choose(self, features: torch.Tensor, selected: torch.Tensor, probs: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(task, class) per sample among its selected tasks, by the head rule."""
-        logits = [head(features) for head in self.heads]
-        return choose(logits, selected, rule=self.settings.head_rule, probs=probs)
+        with self._shared.stage("second pass + heads"):
+            logits = [head(features) for head in self.heads]
+            return choose(logits, selected, rule=self.settings.head_rule, probs=probs)
 
     @torch.no_grad()
     def forward(self, batch: Batch, task: int | torch.Tensor | None = None, *,
@@ -428,5 +483,5 @@ class MASSModel(nn.Module):
         return MASSOutput(pred_task, label, selected.float(), selected, None, feats if return_features else None)
 
 
-__all__ = ["MASSModel", "check_parts", "MASSOutput", "Routing", "STRATEGIES", "Strategy", "default_features",
+__all__ = ["MASSModel", "check_parts", "MASSOutput", "Routing", "STRATEGIES", "StageClock", "Strategy", "default_features",
            "group_by_task_set", "index_batch"]
