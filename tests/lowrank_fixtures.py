@@ -13,7 +13,7 @@ def low_rank(rng: np.random.Generator, m: int, n: int, rank: int, scale: float =
 
 def rel(a, b) -> float:
     """Relative error ||a - b|| / ||b|| in float64."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = (np.asarray(x.detach() if isinstance(x, torch.Tensor) else x, dtype=np.float64) for x in (a, b))
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 

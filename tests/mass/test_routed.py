@@ -1,0 +1,203 @@
+"""The routed wrappers and the first- and second-pass kernels, module by module, against dense references.
+
+A tiny model with one Linear, one Embedding and one LayerNorm, and random low-rank task vectors: each kernel's
+output for a batch of two task-set groups is compared with the plain module run on ``theta_0 + alpha *
+TSV-M(S)`` formed densely from the exact SVD polar factors (``ExpertFactors.merged_delta``), group by group.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from massmerge.mass.experts import ExpertFactors
+from massmerge.mass.first_pass import FirstPass
+from massmerge.mass.routed import (
+    RoutedEmbedding,
+    RoutedLayerNorm,
+    RoutedLinear,
+    StopForward,
+    Unbatchable,
+    active,
+    install,
+    plain_class,
+)
+from massmerge.mass.second_pass import Group, Plan, SecondPass, SetData, align_batch, use_dense
+from massmerge.mass.setmerge import SetMerger
+
+from lowrank_fixtures import rel
+
+WIDTH, VOCAB, T, ALPHA = 12, 30, 3, 0.7
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.fc = nn.Linear(WIDTH, 2 * WIDTH)
+        self.out = nn.Linear(2 * WIDTH, WIDTH)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc(self.norm(self.embed(ids)))))
+
+
+@pytest.fixture(scope="module")
+def parts() -> tuple[Tiny, dict[str, torch.Tensor], ExpertFactors, SetMerger]:
+    torch.manual_seed(0)
+    model = Tiny().double().eval()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    tvs = []
+    for _ in range(T):
+        tv = {}
+        for key, value in base.items():
+            if value.ndim == 2:
+                m, n = value.shape
+                tv[key] = 0.3 * torch.randn(m, 2, generator=gen, dtype=torch.float64) @ torch.randn(
+                    2, n, generator=gen, dtype=torch.float64)
+            else:
+                tv[key] = 0.1 * torch.randn(value.shape, generator=gen, dtype=torch.float64)
+        tvs.append(tv)
+    factors = ExpertFactors.build(iter(tvs), [f"t{t}" for t in range(T)], rank_fraction=0.25, dtype=torch.float64)
+    reference = {tasks: factors.merged_delta(tasks) for tasks in [(0,), (1, 2), (0, 1, 2)]}
+    merger = SetMerger(factors)
+    install(model, [*factors.matrices, *factors.non_matrix], [])
+    return model, base, factors, merger, reference
+
+
+def set_data(merger: SetMerger, factors: ExpertFactors, base: dict, tasks: tuple[int, ...]) -> SetData:
+    rows = {key: st.rows(tasks) for key, st in merger.stacked.items()}
+    values = {key: base[key] + ALPHA * torch.stack([per[t] for t in tasks]).mean(0)
+              for key, per in factors.non_matrix.items()}
+    return SetData(tasks, rows, merger.cores(tasks), values)
+
+
+def dense(base: dict, delta: dict, key: str) -> torch.Tensor:
+    return base[key] + ALPHA * delta[key]
+
+
+def second_pass(merger, factors, base, sets, sizes, strategy="auto") -> SecondPass:
+    groups, start = [], 0
+    for tasks, size in zip(sets, sizes):
+        groups.append(Group(start, start + size, set_data(merger, factors, base, tasks)))
+        start += size
+
+    def dense_value(key, value, data):  # generic owners: not used by this model
+        raise AssertionError("no generic owner here")
+
+    return SecondPass(groups, start, merger, ALPHA, frozenset(), dense_value, strategy)
+
+
+# ----- the wrappers ----------------------------------------------------------------------------------------------
+
+def test_install_swaps_classes_in_place_and_computes_the_base_outside_a_pass(parts) -> None:
+    model, base, *_ = parts
+    assert type(model.fc) is RoutedLinear and type(model.embed) is RoutedEmbedding
+    assert type(model.norm) is RoutedLayerNorm
+    assert plain_class(model.fc) is nn.Linear and plain_class(model.norm) is nn.LayerNorm
+    assert list(model.state_dict()) == list(base)
+    plain = Tiny().double().eval()
+    plain.load_state_dict(base)
+    ids = torch.randint(0, VOCAB, (4, 5))
+    assert torch.equal(model(ids), plain(ids))
+
+
+# ----- first pass ------------------------------------------------------------------------------------------------
+
+def test_first_pass_uses_its_values_and_stops_at_the_deepest_routing_layer(parts) -> None:
+    model, base, *_ = parts
+    shifted = {key: value + 0.01 for key, value in base.items()}
+    first = FirstPass(lambda key, value: shifted.get(key, value), ["fc", "out"], frozenset())
+    ids = torch.randint(0, VOCAB, (2, 4))
+    with active(first), pytest.raises(StopForward):
+        model(ids)
+    x = F.embedding(ids, shifted["embed.weight"])
+    x = F.layer_norm(x, (WIDTH,), shifted["norm.weight"], shifted["norm.bias"])
+    assert torch.allclose(first.captured["fc"], x)
+    hidden = torch.tanh(F.linear(x, shifted["fc.weight"], shifted["fc.bias"]))
+    assert torch.allclose(first.captured["out"], hidden)
+
+
+# ----- second pass, module by module -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["side", "dense", "auto"])
+def test_linear_of_two_groups_is_each_sets_dense_linear(parts, strategy) -> None:
+    model, base, factors, merger, reference = parts
+    x = torch.randn(5, 3, WIDTH, dtype=torch.float64)
+    run = second_pass(merger, factors, base, [(0,), (1, 2)], [2, 3], strategy)
+    with active(run):
+        got = model.fc(x)
+    for (tasks, lo, hi) in [((0,), 0, 2), ((1, 2), 2, 5)]:
+        delta = reference[tasks]
+        expected = F.linear(x[lo:hi], dense(base, delta, "fc.weight"), dense(base, delta, "fc.bias"))
+        assert rel(got[lo:hi], expected) < 1e-9, (strategy, tasks)
+
+
+def test_embedding_and_layer_norm_of_two_groups(parts) -> None:
+    model, base, factors, merger, reference = parts
+    ids = torch.randint(0, VOCAB, (4, 6))
+    x = torch.randn(4, 6, WIDTH, dtype=torch.float64)
+    run = second_pass(merger, factors, base, [(0, 1, 2), (0,)], [3, 1])
+    with active(run):
+        embedded, normed = model.embed(ids), model.norm(x)
+    for tasks, lo, hi in [((0, 1, 2), 0, 3), ((0,), 3, 4)]:
+        delta = reference[tasks]
+        assert rel(embedded[lo:hi], F.embedding(ids[lo:hi], dense(base, delta, "embed.weight"))) < 1e-9
+        expected = F.layer_norm(x[lo:hi], (WIDTH,), dense(base, delta, "norm.weight"), dense(base, delta, "norm.bias"))
+        assert rel(normed[lo:hi], expected) < 1e-12
+
+
+def test_one_group_of_the_whole_batch_needs_no_batch_layout(parts) -> None:
+    """A single set over the whole batch is never split, so a sequence-first input runs too."""
+    model, base, factors, merger, reference = parts
+    x = torch.randn(7, 2, WIDTH, dtype=torch.float64)  # [L, B, D]: dim 0 is not the batch
+    run = second_pass(merger, factors, base, [(1, 2)], [2])
+    with active(run):
+        got = model.fc(x)
+    delta = reference[(1, 2)]
+    assert rel(got, F.linear(x, dense(base, delta, "fc.weight"), dense(base, delta, "fc.bias"))) < 1e-9
+
+
+def test_dense_weights_are_kept_for_the_next_batch_of_the_same_set(parts) -> None:
+    from massmerge.mass.lru import LRU
+
+    model, base, factors, merger, _ = parts
+    kept = LRU(1)
+    data = set_data(merger, factors, base, (0, 1, 2))
+    run = SecondPass([Group(0, 3, data)], 3, merger, ALPHA, frozenset(), None, "dense", kept)
+    with active(run):
+        first = model.fc(torch.randn(3, 2, WIDTH, dtype=torch.float64))
+    weight = kept.peek(((0, 1, 2), ALPHA))["fc.weight"]
+    with active(run):
+        model.fc(torch.randn(3, 2, WIDTH, dtype=torch.float64))
+    assert kept.peek(((0, 1, 2), ALPHA))["fc.weight"] is weight and first.shape == (3, 2, 2 * WIDTH)
+
+
+# ----- the pieces the kernels are made of ----------------------------------------------------------------------
+
+def test_plan_orders_largest_group_first_and_unpermutes() -> None:
+    groups = [((0,), torch.tensor([1, 4])), ((1, 2), torch.tensor([0, 2, 3])), ((2,), torch.tensor([5]))]
+    plan = Plan.of(groups)
+    assert plan.order.tolist() == [0, 2, 3, 1, 4, 5]
+    assert plan.spans == [((1, 2), 0, 3), ((0,), 3, 5), ((2,), 5, 6)]
+    rows = torch.arange(6.0)[plan.order]
+    assert torch.equal(plan.unpermute(rows), torch.arange(6.0))
+
+
+def test_align_batch_expands_a_broadcast_dim_and_refuses_others() -> None:
+    assert align_batch(torch.zeros(4, 3), 4).shape == (4, 3)
+    assert align_batch(torch.zeros(1, 3), 4).shape == (4, 3)
+    with pytest.raises(Unbatchable):
+        align_batch(torch.zeros(2, 3), 4)
+
+
+def test_dense_pays_off_only_with_many_tokens() -> None:
+    """Forming W costs about k m n + 3 m n flops once; the side branch k (m + n) + k^2 per token."""
+    m = n = 384
+    threshold = next(tokens for tokens in range(1, 10_000) if use_dense(tokens, 48, m, n))
+    assert not use_dense(threshold - 1, 48, m, n) and use_dense(threshold, 48, m, n)
+    dense_flops = 48 * 48 * m + 48 * m * n + 3 * m * n
+    assert (threshold - 1) * (48 * (m + n) + 48 * 48) <= dense_flops < threshold * (48 * (m + n) + 48 * 48)
