@@ -138,7 +138,7 @@ def stored_factors(factors: ExpertFactors, heads: Sequence[torch.nn.Module], bas
     An explicit budget that cannot be met is an error; the default one keeps the design ranks with a note.
     The base's tokenizer and config files are left out of both sides of the ratio: on disk they count in the
     base's files too, and ``(B + E) / B >= (B + S + E) / (B + S)``, so leaving them out keeps the fit on the safe
-    side (tests/test_artifact.py::test_cli_build_size_budget_holds_on_disk).
+    side (tests/artifact/test_artifact.py::test_cli_build_size_budget_holds_on_disk).
     ``factors`` is consumed: rounded in place, or emptied when a cut copied what it keeps (why: two full sets
     of factors at once were the peak memory of ``massmerge build``).
     """
