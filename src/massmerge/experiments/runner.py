@@ -25,11 +25,11 @@ from torch.func import functional_call
 from massmerge import progress
 from massmerge.experiments import metrics as ev
 from massmerge.experiments.cache import EvalCache
-from massmerge.experiments.pool import Batch, FeatureFn, TaskPool
+from massmerge.experiments.pool import TaskPool
 from massmerge.mass import router
 from massmerge.mass.build import MASSParts
 from massmerge.mass.config import ROUTER_PROFILES
-from massmerge.mass.model import MASSModel
+from massmerge.mass.model import FeatureRunner, MASSModel
 from massmerge.mass.serving import first_pass_batches, serve
 from massmerge.mass.storage import dtype_name, float_dtype
 from massmerge.merging import merge
@@ -45,18 +45,6 @@ def row(kind: str, accuracy: Mapping[str, float], expert: Mapping[str, float] | 
 
 
 # ----- static weights -----------------------------------------------------------------------------------------
-
-class FeatureRunner(nn.Module):
-    """``features(model, batch)`` as a module, so functional_call can swap the model's parameters."""
-
-    def __init__(self, model: nn.Module, features: FeatureFn) -> None:
-        super().__init__()
-        self.model = model
-        self.features = features
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self.features(self.model, batch)
-
 
 @torch.inference_mode()
 def split_features(pool: TaskPool, model: nn.Module, params: Params | None, which: Sequence[int] | None = None,
@@ -346,6 +334,6 @@ def throughput(pool: TaskPool, model: nn.Module, mass: MASSModel, count: int = 5
                     "serve batches its first pass (size-sorted windows)"}
 
 
-__all__ = ["FeatureRunner", "ServedMASS", "ablation_rows", "mass_rows", "router_variants", "routing_sweep", "row",
+__all__ = ["ServedMASS", "ablation_rows", "mass_rows", "router_variants", "routing_sweep", "row",
            "score_experts", "score_features", "score_mass", "score_mass_task_given", "score_static", "serve_parts",
            "split_features", "static_rows", "throughput", "tsv_c_accuracy"]

@@ -129,8 +129,9 @@ class StageClock:
                 self._inner[-1] += spent
 
 
-class _Runner(nn.Module):
-    """``features(model, batch)`` as a module, so the reference path can swap parameters with functional_call."""
+class FeatureRunner(nn.Module):
+    """``features(model, batch)`` as a module, so ``functional_call`` can swap the model's parameters (the
+    reference path here; static weights in :mod:`massmerge.experiments.runner`)."""
 
     def __init__(self, model: nn.Module, features: FeatureFn) -> None:
         super().__init__()
@@ -145,7 +146,7 @@ class _Shared:
     """Everything a MASS model's views share: the base, factors, set merges and the caches over them."""
 
     def __init__(self, model: nn.Module, factors: ExpertFactors, features: FeatureFn) -> None:
-        self.runner = _Runner(model, features)
+        self.runner = FeatureRunner(model, features)
         self.factors = factors
         self.merger = SetMerger(factors)
         self.base = {key: value.detach() for key, value in model.state_dict(keep_vars=True).items()}
@@ -483,5 +484,5 @@ class MASSModel(nn.Module):
         return MASSOutput(pred_task, label, selected.float(), selected, None, feats if return_features else None)
 
 
-__all__ = ["MASSModel", "check_parts", "MASSOutput", "Routing", "STRATEGIES", "StageClock", "Strategy", "default_features",
+__all__ = ["FeatureRunner", "MASSModel", "check_parts", "MASSOutput", "Routing", "STRATEGIES", "StageClock", "Strategy", "default_features",
            "group_by_task_set", "index_batch"]
