@@ -32,3 +32,18 @@ def small_model_state(rng: np.random.Generator) -> tuple[dict, list[dict]]:
             "proj.weight": low_rank(rng, 6, 12, 2, 0.1),
         })
     return base, tvs
+
+
+def _devices() -> list:
+    """CPU always; CUDA and MPS where this machine has them (skipped, with the reason, where it does not)."""
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    return ["cpu",
+            pytest.param("cuda", marks=pytest.mark.skipif(not cuda, reason="no CUDA GPU on this machine")),
+            pytest.param("mps", marks=pytest.mark.skipif(not mps, reason="no MPS backend on this machine"))]
+
+
+@pytest.fixture(params=_devices())
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each device present: the device tests run on CPU always and on CUDA / MPS when the machine has them."""
+    return torch.device(request.param)

@@ -2,7 +2,7 @@
 
 Layers, lowest first (docs/ARCHITECTURE.md draws the same map):
 
-0. infrastructure: errors, lazy, progress, memory, choices, sources, io/
+0. infrastructure: errors, lazy, progress, memory, choices, sources, device, io/
 1. inputs: checkpoints, task_vectors, lowrank, data/
 2. pure methods: merging/, heads/ (but the zoo), the torch-light part of mass/ (settings, factors, storage, budget,
    set merges, router, pooling, the LRU)
@@ -29,7 +29,7 @@ PACKAGE = Path(massmerge.__file__).resolve().parent
 ENGINE = ("routed", "first_pass", "second_pass", "model", "serving", "build")
 LAYERS: list[tuple[str, ...]] = [
     ("massmerge", "massmerge.errors", "massmerge.lazy", "massmerge.progress", "massmerge.memory", "massmerge.choices",
-     "massmerge.sources", "massmerge.io"),
+     "massmerge.sources", "massmerge.device", "massmerge.io"),
     ("massmerge.checkpoints", "massmerge.task_vectors", "massmerge.lowrank", "massmerge.data"),
     ("massmerge.merging", "massmerge.heads", "massmerge.mass.config", "massmerge.mass.experts", "massmerge.mass.stream",
      "massmerge.mass.storage", "massmerge.mass.budget", "massmerge.mass.lru", "massmerge.mass.setmerge",
@@ -56,7 +56,8 @@ def layer_of(module: str) -> int:
     best, found = -1, None
     for index, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+            covers = module == prefix or (prefix != "massmerge" and module.startswith(prefix + "."))
+            if covers and len(prefix) > best:  # the package root covers only itself
                 best, found = len(prefix), index
     if found is None:
         raise AssertionError(f"{module} is in no layer of tests/test_layers.py: add it to the map")

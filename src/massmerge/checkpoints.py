@@ -217,13 +217,14 @@ def load_state_dict(path: str | os.PathLike[str], *, trust_pickle: bool = False)
     ``.pt``...) are refused unless ``trust_pickle``; even then ``torch.load(weights_only=True)`` is used.
     """
     path = Path(path)
-    if trust_pickle and _is_pickle_source(path):
+    if trust_pickle and is_pickle_source(path):
         return _load_pickle(path)
     lazy = open_checkpoint(path)
     return {key: lazy[key] for key in lazy}
 
 
-def _is_pickle_source(path: Path) -> bool:
+def is_pickle_source(path: Path) -> bool:
+    """Whether ``path`` is a pickle checkpoint (a pickle file, or an HF directory with only pytorch_model.bin)."""
     if path.is_file():
         return path.suffix in PICKLE_SUFFIXES
     return path.is_dir() and not (path / HF_SINGLE_FILE).exists() and (path / HF_PICKLE_FILE).is_file()

@@ -48,8 +48,13 @@ class LowRank:
         """The dense [m, n] matrix these factors stand for."""
         return (self.U * self.s) @ self.V.T
 
-    def to(self, dtype: torch.dtype) -> "LowRank":
-        return LowRank(self.U.to(dtype), self.s.to(dtype), self.V.to(dtype))
+    def to(self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> LowRank:
+        """The factors on ``device`` in ``dtype`` (``to(torch.float64)`` casts only; a no-op for what is already
+        there)."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        return LowRank(self.U.to(device=device, dtype=dtype), self.s.to(device=device, dtype=dtype),
+                       self.V.to(device=device, dtype=dtype))
 
     def numel(self) -> int:
         """Stored numbers: k (m + n + 1)."""
@@ -133,7 +138,7 @@ def _gram_svd(a: torch.Tensor, k: int) -> LowRank:
         wide = _gram_svd(a.T, k)
         return LowRank(wide.V, wide.s, wide.U)
     n = a.shape[1]
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=a.device)
     for start in range(0, a.shape[0], GRAM_BLOCK_ROWS):
         block = a[start:start + GRAM_BLOCK_ROWS].double()
         gram.addmm_(block.T, block)
@@ -150,12 +155,10 @@ def _gram_svd(a: torch.Tensor, k: int) -> LowRank:
 def _randomized_svd(a: torch.Tensor, k: int) -> LowRank:
     """Halko et al. randomized SVD with a fixed seed (deterministic), via torch.svd_lowrank."""
     q = min(k + RANDOMIZED_OVERSAMPLE, *a.shape)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
+    devices = [a.device] if a.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the caller's random streams are left as they were
+        torch.manual_seed(0)
         U, s, V = torch.svd_lowrank(a, q=q, niter=RANDOMIZED_POWER_ITERS)
-    finally:
-        torch.random.set_rng_state(generator_state)
     return LowRank(U[:, :k].contiguous(), s[:k].contiguous(), V[:, :k].contiguous())
 
 

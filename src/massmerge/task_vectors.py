@@ -7,6 +7,7 @@ Keys the task does not use (e.g. a CLIP text tower) are dropped with :class:`Key
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -106,8 +107,10 @@ class CheckedTaskVector(Mapping[str, torch.Tensor]):
         key_filter: KeyFilter = ALL_KEYS,
         dtype: torch.dtype | None = None,
         is_delta: bool = False,
+        device: torch.device | None = None,
     ) -> None:
         self._base, self._source, self._dtype, self._is_delta = base, source, dtype, is_delta
+        self._device = device  # where each delta is computed and returned (None: where the expert's tensor is)
         self.name = name or _describe(source)
         if is_delta:
             self._keys = list(source)  # merging.merge checks them against the base
@@ -122,6 +125,17 @@ class CheckedTaskVector(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.read(key)
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the deltas are computed (None: where the expert's tensors are)."""
+        return self._device
+
+    def on(self, device: torch.device) -> CheckedTaskVector:
+        """The same view with every delta computed on ``device`` (the expert is still read from its file)."""
+        view = copy.copy(self)
+        view._device = device
+        return view
 
     def read(self, key: str, rows: slice | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """The checked delta of ``key`` (only the rows ``rows`` of it, if given), in the work dtype.
@@ -149,13 +163,15 @@ class CheckedTaskVector(Mapping[str, torch.Tensor]):
 
     def _delta(self, key: str, value: torch.Tensor, rows: slice | None, out: torch.Tensor | None) -> torch.Tensor:
         base = self._base[key]
+        if self._device is not None:
+            value, base = value.to(self._device, non_blocking=True), base.to(self._device)
         if tuple(value.shape) != tuple(base.shape):
             raise CheckpointError(f"{self.name}: key '{key}' has shape {list(value.shape)}, the base has "
                                   f"{list(base.shape)}")
         if rows is not None:
             value, base = value[rows], base[rows]
         compute = work_dtype(value if self._is_delta else base, self._dtype)
-        if out is not None and (out.shape != value.shape or out.dtype != compute):
+        if out is not None and (out.shape != value.shape or out.dtype != compute or out.device != value.device):
             out = None
         if self._is_delta:
             delta = value.to(compute) if out is None else out.copy_(value)

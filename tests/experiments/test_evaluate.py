@@ -80,6 +80,17 @@ def test_evaluate_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert sorted(p.name for p in (tmp_path / "cache" / "evals").iterdir()) == cached
 
 
+def test_evaluate_shows_progress_per_task(tmp_path: Path) -> None:
+    from massmerge import progress
+    from massmerge.experiments.evaluate import run_benchmark
+
+    config = load_benchmark_config(_bench(tmp_path))
+    stages: set[str] = set()
+    with progress.listen(lambda stage, done, total: stages.add(stage)):
+        run_benchmark(config, log=lambda line: None, cache_dir=tmp_path / "cache")
+    assert {"evaluate tsv_m alpha", "evaluate tsv_m beta", "expert alpha", "MASS task given beta"} <= stages
+
+
 def test_evaluate_scores_the_model_build_ships(tmp_path: Path) -> None:
     """MASS in `evaluate` is `massmerge build` + `load()` of the same experts: the same stored factors bit for bit,
     the same serve settings, and the same predictions on the test images."""

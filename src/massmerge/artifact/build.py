@@ -22,6 +22,7 @@ from massmerge.adapters import BaseAdapter, detect_family, get_adapter
 from massmerge.adapters.text import model_positions, special_token_ids
 from massmerge.artifact.save import check_output_directory, write_artifact
 from massmerge.artifact.size import artifact_bytes, base_file_bytes
+from massmerge.device import describe as describe_device
 from massmerge.errors import CheckpointError, OptionError
 from massmerge.heads.files import HeadSet, head_width
 from massmerge.mass.build import MASSParts, assemble, total_rank
@@ -112,9 +113,11 @@ def build_artifact(base: Path, experts: Sequence[Path], heads: HeadSet, output: 
                    family: str | None = None, routing_layer: str | int | None = None, pooling: str | None = None,
                    feature_pooling: str | None = None, max_length: int | None = None,
                    include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
-                   trust_pickle: bool = False, echo: Echo = print_line) -> Path:
-    """The whole build (also ``massmerge suite --export-artifact``'s); every check comes before any SVD.
-    ``echo`` prints the notes (``err=True``) and the closing summary line."""
+                   trust_pickle: bool = False, device: torch.device | None = None, dtype: str | None = None,
+                   echo: Echo = print_line) -> Path:
+    """The whole build; every check comes before any SVD, which run on ``device`` (default: the CPU); ``dtype``
+    is recorded as the artifact's serving precision. ``echo`` prints the notes (``err=True``) and the closing
+    summary line."""
     check_output_directory(output)  # before hours of work, not after
     base_path = resolve_source(str(base))
     fam = family or detect_family(base_path)
@@ -135,8 +138,9 @@ def build_artifact(base: Path, experts: Sequence[Path], heads: HeadSet, output: 
 
     stream = stream_task_vectors(encoder, experts, open_expert=open_expert,
                                  key_filter=KeyFilter.from_patterns(include, exclude))
+    echo(f"device: {describe_device(device or torch.device('cpu'))}", err=True)
     parts = assemble(model, stream, heads.names, heads.heads, build=settings, router=adapter.default_router(model),
-                     max_length=length)
+                     max_length=length, dtype=dtype, device=device)
     if parts.note:
         echo(f"note: {parts.note}", err=True)
     write_parts(output, model, parts, adapter=adapter, tokenizer_dir=base_path if base_path.is_dir() else None,

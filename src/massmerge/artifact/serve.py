@@ -18,6 +18,7 @@ from massmerge.adapters.text import load_tokenizer, model_positions, served_max_
 from massmerge.artifact.loader import load
 from massmerge.artifact.manifest import MANIFEST, MODEL_DIR, Manifest
 from massmerge.data.images import preprocess_for, read_image_paths
+from massmerge.device import describe as describe_device
 from massmerge.errors import OptionError
 from massmerge.io.inputs import read_text_inputs
 from massmerge.mass.serving import predict_images, predict_texts
@@ -39,13 +40,15 @@ def read_inputs(artifact: Path, manifest: Manifest, inputs: Path) -> list[Any]:
 
 
 def predict_rows(artifact: Path, manifest: Manifest, items: Sequence[Any], *, router: str | None = None,
-                 strategy: str = "auto", overrides: Mapping[str, Any] | None = None,
+                 strategy: str = "auto", overrides: Mapping[str, Any] | None = None, device: Any = None,
                  note: Callable[[str], None] = print) -> Iterator[dict[str, Any]]:
-    """Load the artifact with the serve overrides (None values are left at the artifact's) and yield one row
-    per input in input order; ``note`` receives the one-line notes (a max length clipped to the positions)."""
+    """Load the artifact on ``device`` with the serve overrides (None values are left at the artifact's) and
+    yield one row per input in input order; ``note`` receives the one-line notes (the device served on, a max
+    length clipped to the positions)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     with quiet_third_party():
-        model = load(artifact, router=router, strategy=strategy, **overrides)  # type: ignore[arg-type]
+        model = load(artifact, router=router, strategy=strategy, device=device, **overrides)  # type: ignore[arg-type]
+    note(f"device: {describe_device(model.device)}, {model.dtype}".replace("torch.", ""))
     batch_size = model.settings.batch_size
     if manifest.architecture.adapter in TEXT_FAMILIES:
         tokenizer = load_tokenizer(artifact / MODEL_DIR)

@@ -120,6 +120,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = app(args=args, prog_name="massmerge", standalone_mode=False)
     except MassMergeError as exc:
         fail(str(exc))
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        fail(f"massmerge {_command_of(args)}: the device ran out of memory; retry with a smaller --batch-size "
+             "(or --device cpu)")
     except (KeyboardInterrupt, EOFError):
         fail(INTERRUPTED_MESSAGE, INTERRUPTED)
     except OSError as exc:
@@ -132,6 +137,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(INTERRUPTED_MESSAGE, INTERRUPTED)
     if isinstance(code, int) and code:
         raise SystemExit(code)
+
+
+def _command_of(args: Sequence[str]) -> str:
+    """The command a command line runs (its first word that is not a flag)."""
+    return next((arg for arg in args if not arg.startswith("-")), "")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device out of memory (imported from massmerge.device only then: the CLI starts without torch)."""
+    if "out of memory" not in str(exc).lower():
+        return False
+    from massmerge.device import is_out_of_memory as device_oom
+
+    return device_oom(exc)
 
 
 def _is_click_error(exc: BaseException) -> bool:

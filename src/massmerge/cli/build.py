@@ -15,6 +15,8 @@ from massmerge.choices import SVD_METHODS
 from massmerge.cli.app import command
 from massmerge.cli.options import (
     DEREDUNDANCY_HELP,
+    DEVICE_HELP,
+    DTYPE_HELP,
     EPS_HELP,
     MAX_SIZE_HELP,
     RANK_FRACTION_HELP,
@@ -67,10 +69,13 @@ def build_cmd(
     include: Annotated[list[str] | None, typer.Option(metavar="GLOB...", help="only merge keys matching these globs")] = None,
     exclude: Annotated[list[str] | None, typer.Option(metavar="GLOB...", help="leave keys matching these globs at "
                                                                               "the base")] = None,
+    device: Annotated[str | None, typer.Option(metavar="NAME", help="where the SVDs run: " + DEVICE_HELP)] = None,
+    dtype: Annotated[str | None, typer.Option(metavar="DTYPE", help="the artifact's default " + DTYPE_HELP)] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_PICKLE_HELP)] = False,
 ) -> None:
     """Build a MASS artifact: the base, each expert's factors, non-matrix deltas, heads and a manifest."""
     from massmerge.artifact.build import build_artifact
+    from massmerge.device import resolve_device, resolve_dtype
     from massmerge.heads.files import read_heads_files
     from massmerge.mass.config import make_build_settings
     from massmerge.memory import tune_allocator_for_streaming
@@ -82,7 +87,10 @@ def build_cmd(
     settings = make_build_settings(rank_fraction=rank_fraction, eps=eps if deredundancy else None, svd=svd,
                                    factor_dtype=factor_dtype, max_size=max_size)
     check_pooling(pooling)
+    resolve_dtype(dtype)
+    target = resolve_device(device)
     head_set = read_heads_files(heads, task_names, experts)
     build_artifact(base, experts, head_set, output, settings, family=family, routing_layer=routing_option(routing_layer),
                    pooling=pooling, feature_pooling=feature_pooling, max_length=max_length, include=include,
-                   exclude=exclude, trust_pickle=trust_pickle, echo=typer.echo)
+                   exclude=exclude, trust_pickle=trust_pickle, device=None if target.type == "cpu" else target,
+                   dtype=dtype, echo=typer.echo)

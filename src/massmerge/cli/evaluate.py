@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from massmerge.cli.app import command
-from massmerge.cli.options import TRUST_PICKLE_HELP, check_positive
+from massmerge.cli.options import DEVICE_HELP, DTYPE_HELP, TRUST_PICKLE_HELP, check_positive
 from massmerge.io.inputs import read_utf8_lines
 
 
@@ -34,9 +34,12 @@ def evaluate_cmd(
     cache_dir: Annotated[Path | None, typer.Option(metavar="PATH", help="cached scores, so an interrupted run "
                                                                          "resumes [default: "
                                                                          "~/.cache/massmerge/evaluate]")] = None,
+    device: Annotated[str | None, typer.Option(metavar="NAME", help=DEVICE_HELP)] = None,
+    dtype: Annotated[str | None, typer.Option(metavar="DTYPE", help=DTYPE_HELP)] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_PICKLE_HELP)] = False,
 ) -> None:
     """Run the benchmark described by CONFIG and write report.json, report.md and the plots."""
+    from massmerge.device import resolve_device, resolve_dtype
     from massmerge.experiments.evaluate import evaluate
     from massmerge.experiments.evaluate_config import load_benchmark_config
 
@@ -47,9 +50,11 @@ def evaluate_cmd(
     if methods:
         overrides["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
     bench = load_benchmark_config(config, **overrides)
-    if max_samples is not None or batch_size is not None:
-        eval_opts = bench.eval.model_copy(update={k: v for k, v in
-                                                  {"max_samples": max_samples, "batch_size": batch_size}.items() if v})
+    resolve_device(device)
+    resolve_dtype(dtype)
+    given = {"max_samples": max_samples, "batch_size": batch_size, "device": device, "dtype": dtype}
+    if any(v is not None for v in given.values()):
+        eval_opts = bench.eval.model_copy(update={k: v for k, v in given.items() if v is not None})
         bench = bench.model_copy(update={"eval": eval_opts})
     evaluate(bench, log=lambda line: print(line, file=sys.stderr), cache_dir=cache_dir)
     typer.echo(f"report written to {bench.output}/report.md")

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from massmerge.cli.app import command
-from massmerge.cli.options import RANK_FRACTION_HELP, TRUST_PICKLE_HELP
+from massmerge.cli.options import DEVICE_HELP, RANK_FRACTION_HELP, TRUST_PICKLE_HELP
 from massmerge.errors import OptionError
 from massmerge.merging.names import DEFAULT_ALPHA, ISO_CTS_COMMON_FRACTION, METHOD_NAMES, TIES_DENSITY
-
-
-def open_expert(path: Path, base: dict, *, trust_pickle: bool) -> Any:
-    """Open an expert lazily (safetensors) or load it (trusted pickle) and check its keys, shapes and dtypes
-    against the base from the header alone; its values are checked as the merge reads them (CheckedTaskVector),
-    so each tensor is read once, not once to validate and once to merge."""
-    from massmerge.checkpoints import _is_pickle_source as is_pickle_source
-    from massmerge.checkpoints import load_state_dict, open_checkpoint, validate_compatible
-
-    expert = load_state_dict(path, trust_pickle=True) if trust_pickle and is_pickle_source(path) \
-        else open_checkpoint(path)
-    validate_compatible(base, expert, name=str(path))
-    return expert
 
 
 def method_kwargs(method: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -70,14 +56,17 @@ def merge_cmd(
                                                                               "globs")] = None,
     exclude: Annotated[list[str] | None, typer.Option(metavar="GLOB...", help="leave keys matching these globs "
                                                                               "at the base")] = None,
+    device: Annotated[str | None, typer.Option(metavar="NAME", help=DEVICE_HELP)] = None,
+    dtype: Annotated[str | None, typer.Option(metavar="DTYPE", help="dtype of the merged checkpoint: float32, "
+                                                                    "float16 or bfloat16 [default: the base's]")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_PICKLE_HELP)] = False,
 ) -> None:
     """Merge EXPERTS into BASE with METHOD and write a safetensors state dict with the base's keys and dtypes."""
     from massmerge import merging
-    from massmerge.checkpoints import check_finite, load_state_dict, save_state_dict
+    from massmerge.device import describe as describe_device
+    from massmerge.device import resolve_device, resolve_dtype
     from massmerge.memory import tune_allocator_for_streaming
-    from massmerge.sources import resolve_source
-    from massmerge.task_vectors import CheckedTaskVector, KeyFilter
+    from massmerge.merging.files import merge_files
 
     tune_allocator_for_streaming()  # flat peak memory while experts stream through (massmerge/memory.py)
 
@@ -93,17 +82,9 @@ def merge_cmd(
                                     "common_fraction": common_fraction, "task": task})
     if method == "tsv_c" and task is None:
         raise OptionError("--task is required for --method tsv_c")
-    base, experts = resolve_source(base), [resolve_source(p) for p in experts]  # local path, or hub id -> snapshot
-    base_state = load_state_dict(base, trust_pickle=trust_pickle)
-    check_finite(base_state, name=str(base))
-    key_filter = KeyFilter.from_patterns(include, exclude)
-    opened = [open_expert(p, base_state, trust_pickle=trust_pickle) for p in experts]
-    task_vectors = [CheckedTaskVector(base_state, expert, name=str(path), key_filter=key_filter)
-                    for path, expert in zip(experts, opened)]
-    if not len(task_vectors[0]):
-        raise OptionError("--include/--exclude: no floating-point key is left to merge")
-    merged = merging.merge(method, base_state, task_vectors, **kwargs)
-    metadata = {"massmerge_method": method, "massmerge_options": json.dumps(kwargs),
-                "massmerge_experts": json.dumps([str(p) for p in experts])}
-    save_state_dict(merged, output, metadata=metadata)
-    typer.echo(f"wrote {output} ({method}, {len(experts)} experts, {len(merged)} tensors)")
+    target, cast = resolve_device(device), resolve_dtype(dtype, option="--dtype")
+    if target.type != "cpu":
+        typer.echo(f"note: merging on {describe_device(target)}", err=True)
+    count = merge_files(method, base, experts, output, options=kwargs, include=include, exclude=exclude,
+                        trust_pickle=trust_pickle, device=None if target.type == "cpu" else target, dtype=cast)
+    typer.echo(f"wrote {output} ({method}, {len(experts)} experts, {count} tensors)")

@@ -16,6 +16,8 @@ EPS_HELP = "de-redundancy: leave a task out of the first pass where its cosine w
 DEREDUNDANCY_HELP = "drop redundant tasks from the first-pass merge (see --eps)"
 MAX_SIZE_HELP = ("cut every task's rank by one common fraction so the artifact is at most FLOAT x the base's "
                  f"bytes; 0 keeps the design ranks [default: {DEFAULT_MAX_SIZE} where reachable]")
+DEVICE_HELP = "cpu, cuda, cuda:N or mps [default: cuda when a GPU is visible, else cpu]"
+DTYPE_HELP = "serving precision: float32, float16 or bfloat16 [default: the model's own]"
 TRUST_PICKLE_HELP = "allow pickle checkpoints (.bin/.pt), loaded weights-only; only for files you trust"
 
 # Serve settings: what each flag does; the default is added per command (the artifact's, or the engine's).
@@ -33,6 +35,7 @@ SERVE_HELP = {
                   "head softmax) or joint (log router probability + logits)"),
     "alpha": "scale of the merged deltas",
     "batch_size": "inputs per batch, tasks mixed",
+    "dtype": "serving precision: float32, float16 or bfloat16",
 }
 
 

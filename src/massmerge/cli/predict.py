@@ -25,7 +25,7 @@ from typing import Annotated, TextIO
 import typer
 
 from massmerge.cli.app import command
-from massmerge.cli.options import SERVE_HELP, artifact_help, check_positive
+from massmerge.cli.options import DEVICE_HELP, SERVE_HELP, artifact_help, check_positive
 from massmerge.errors import MassMergeError
 
 
@@ -105,17 +105,22 @@ def predict_cmd(
     alpha: Annotated[float | None, typer.Option(metavar="FLOAT", help=artifact_help("alpha"))] = None,
     strategy: Annotated[str, typer.Option(metavar="NAME", help="second pass: auto, batched, grouped or reference "
                                                                "(slow, for checks)")] = "auto",
+    device: Annotated[str | None, typer.Option(metavar="NAME", help=DEVICE_HELP)] = None,
+    dtype: Annotated[str | None, typer.Option(metavar="DTYPE", help=artifact_help("dtype"))] = None,
 ) -> None:
     """Predict (task, class) for every input with a MASS artifact."""
     from massmerge.artifact import read_manifest, serve_settings
     from massmerge.artifact.serve import predict_rows, read_inputs
+    from massmerge.device import resolve_device
 
     check_positive("--batch-size", batch_size)
     check_positive("--max-length", max_length)
+    target = resolve_device(device)
     manifest = read_manifest(artifact)
     overrides = {"routing_layers": tuple(routing_layer) if routing_layer else None, "pooling": pooling,
                  "layer_combine": layer_combine, "mode": mode, "eta": eta, "top_k": top_k, "tau": tau,
-                 "head_rule": head_rule, "alpha": alpha, "batch_size": batch_size, "max_length": max_length}
+                 "head_rule": head_rule, "alpha": alpha, "batch_size": batch_size, "max_length": max_length,
+                 "dtype": dtype}
     serve_settings(manifest, router=None, **overrides)  # every flag is checked before the model loads
     items = read_inputs(artifact, manifest, inputs)
     if not items:
@@ -123,5 +128,5 @@ def predict_cmd(
         write_rows(iter(()), output)
         return
     rows = predict_rows(artifact, manifest, items, router=router, strategy=strategy, overrides=overrides,
-                        note=lambda line: typer.echo(line, err=True))
+                        device=target, note=lambda line: typer.echo(line, err=True))
     write_rows(rows, output)

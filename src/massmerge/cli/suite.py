@@ -15,6 +15,8 @@ import typer
 from massmerge.cli.app import command
 from massmerge.cli.options import (
     DEREDUNDANCY_HELP,
+    DEVICE_HELP,
+    DTYPE_HELP,
     EPS_HELP,
     MAX_SIZE_HELP,
     SERVE_HELP,
@@ -93,6 +95,9 @@ def suite_cmd(
                                                                             "validation and test splits")] = True,
     threads: Annotated[int | None, typer.Option(metavar="INT", help="torch threads [default: all cores]")] = None,
     seed: Annotated[int, typer.Option(metavar="INT", help="split and training seed")] = 0,
+    device: Annotated[str | None, typer.Option(metavar="NAME", help="where experts train and every method is "
+                                                                    "scored: " + DEVICE_HELP)] = None,
+    dtype: Annotated[str | None, typer.Option(metavar="DTYPE", help=DTYPE_HELP)] = None,
 ) -> None:
     """Build the expert zoo (cached), evaluate zero-shot, experts, every static merge and MASS; write the report."""
     from massmerge.data.tasks import DEFAULT_PRESET, TASKS, get_preset
@@ -117,11 +122,18 @@ def suite_cmd(
     make_serve_settings(routing_layers=("checked below",), **serve)  # every serve flag checked up front
     check_routing_layers([*(routing_layer or []), *(mass_layer or [])])
     _threads(threads)
+    from massmerge.device import describe as describe_device
+    from massmerge.device import resolve_device, resolve_dtype
+
+    target = resolve_device(device)
+    resolve_dtype(dtype)
+    typer.echo(f"device: {describe_device(target)}", err=True)
     finetune = preset_finetune(preset).model_copy(update={"seed": seed, **({"steps": steps} if steps else {})})
     config = SuiteConfig(
         preset=preset, tasks=tuple(tasks.split(",")) if tasks else None, n_test=n_test, finetune=finetune,
         routing_layer=routing_layer[-1] if routing_layer else None, mass_layers=tuple(mass_layer or ()),
         eps=build.eps, max_size=build.max_size, router=router, serve=serve, ablation=ablation, seed=seed,
+        device=None if target.type == "cpu" else str(target), dtype=dtype,
     )  # fmt: skip
     out_dir = output or Path("massmerge-suite") / preset
     typer.echo(f"report will be written to {out_dir}/report.md", err=True)

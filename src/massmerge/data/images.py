@@ -23,7 +23,7 @@ import torch
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.io.inputs import describe, read_utf8_lines
 from massmerge.io.jsonfile import read_json_file
-from massmerge.sources import resolve_source
+from massmerge.sources import parse_hub_id, resolve_source
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -233,13 +233,16 @@ def _pick_column(data: Any, names: Sequence[str], spec: str) -> str:
 
 def load_image_dataset(spec: str, *, classnames: Sequence[str] | None = None, split: str = "test",
                        revision: str | None = None, **hf_options: Any) -> ImageDataset:
-    """A local image folder (``root/<class>/<image>``) or else an HF dataset id / directory."""
+    """A local image folder (``root/<class>/<image>``, optionally under ``root/<split>/``), a hub dataset repo
+    holding such a folder (no ``datasets`` needed), or else an HF dataset (parquet, arrow...) by id or directory."""
     path = Path(spec).expanduser()
+    if not path.exists() and parse_hub_id(spec) is not None:
+        path = resolve_source(spec, revision, allow_patterns=None, repo_type="dataset")
     if _is_image_folder(path / split):
-        return load_image_folder(path / split, classnames, name=path.name)
+        return load_image_folder(path / split, classnames, name=Path(spec).name)
     if _is_image_folder(path):
-        return load_image_folder(path, classnames)
-    return load_hf_image_dataset(spec, split=split, revision=revision, **hf_options)
+        return load_image_folder(path, classnames, name=Path(spec).name)
+    return load_hf_image_dataset(str(path) if path.exists() else spec, split=split, revision=revision, **hf_options)
 
 
 def _is_image_folder(path: Path) -> bool:

@@ -32,6 +32,8 @@ from massmerge.data.images import (
     image_size_of,
     load_image_dataset,
 )
+from massmerge.device import describe as describe_device
+from massmerge.device import resolve_device, resolve_dtype
 from massmerge.errors import OptionError
 from massmerge.experiments import runner
 from massmerge.experiments.cache import EvalCache, stable_hash
@@ -185,8 +187,14 @@ def build_settings(config: BenchmarkConfig) -> BuildSettings:
 
 
 def build_mass(wb: Workbench) -> tuple[MASSParts, runner.ServedMASS]:
-    """MASS as ``massmerge build`` would ship it from these experts (factors streamed, or LoRA factors built
-    without densifying), served with the config's explicit serve settings on top of the family's router."""
+    """MASS as ``massmerge build`` would ship it from these experts, served on the config's device."""
+    parts, seconds = assemble_mass(wb)
+    return parts, serve_mass(wb, parts, seconds)
+
+
+def assemble_mass(wb: Workbench) -> tuple[MASSParts, float]:
+    """The parts ``massmerge build`` would store from these experts (factors streamed, or LoRA factors built
+    without densifying), from the base in its own precision on the CPU, as build reads it."""
     start = time.perf_counter()
     build = build_settings(wb.config)
     if wb.lora is not None:
@@ -196,11 +204,16 @@ def build_mass(wb: Workbench) -> tuple[MASSParts, runner.ServedMASS]:
     else:
         experts = (expert_vector(wb, t) for t in range(len(wb.task_names)))
     parts = assemble(wb.model, experts, wb.task_names, wb.heads, build=build, router=wb.adapter.default_router(wb.model))
-    seconds = time.perf_counter() - start
+    return parts, time.perf_counter() - start
+
+
+def serve_mass(wb: Workbench, parts: MASSParts, seconds: float) -> runner.ServedMASS:
+    """The one served model over the parts, with the config's explicit serve settings on top of the family's
+    router, on the config's device."""
     settings = parts.serve.updated(**wb.config.serve_overrides())
     mass = parts.model(wb.model, settings=settings, pool=wb.adapter.pool, features=wb.adapter.features,
-                       class_names=[list(d.classes) for d in wb.datasets])
-    return parts, runner.serve_parts(wb.model, parts, mass, seconds)
+                       class_names=[list(d.classes) for d in wb.datasets], device=resolve_device(wb.config.eval.device))
+    return runner.serve_parts(wb.model, parts, mass, seconds)
 
 
 # ----- the run ---------------------------------------------------------------------------------------------------
@@ -229,6 +242,10 @@ def run_benchmark(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path 
     pool, model = task_pool(wb), wb.model
     cache = EvalCache(cache_dir or DEFAULT_CACHE, cache_key(config))
     methods = list(config.methods)
+    assembled = assemble_mass(wb) if "mass" in methods else None  # from the CPU base, as build reads it
+    device = resolve_device(config.eval.device)
+    log(f"device: {describe_device(device)}")
+    model.to(device=device, dtype=resolve_dtype(config.eval.dtype))  # every method is scored where MASS is served
     rows: dict[str, dict[str, Any]] = {}
     experts = cache.get_or_run("experts", lambda: runner.score_experts(pool, model, lambda t: expert_params(wb, t)))
     expert = experts["oracle"]
@@ -245,9 +262,9 @@ def run_benchmark(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path 
                                    options=config.merge_options))
     details, storage, dropped = None, None, {}
     settings = ServeSettings(routing_layers=(wb.adapter.routing_layer(model),)).updated(**config.serve_overrides())
-    if "mass" in methods:
+    if assembled is not None:
         log("method mass")
-        _, served = build_mass(wb)
+        served = serve_mass(wb, *assembled)
         mass_rows, details = runner.mass_rows(pool, served, served.mass, cache, expert)
         rows.update(mass_rows)
         storage = {k: v for k, v in served.storage.items() if k != "rank_scale"}

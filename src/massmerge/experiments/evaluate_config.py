@@ -71,6 +71,8 @@ class EvalOptions(_Strict):
     batch_size: int = Field(default=32, ge=1)
     max_samples: int | None = Field(default=None, ge=1, description="per task, a seeded random subset")
     seed: int = 0
+    device: str | None = Field(default=None, description="cpu, cuda, cuda:N or mps; None: cuda if visible, else cpu")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(default=None, description="serving precision")
 
 
 class BenchmarkConfig(_Strict):
@@ -114,7 +116,7 @@ class BenchmarkConfig(_Strict):
         """The serve settings this config sets explicitly (the rest stay the family's), and the batch size."""
         fields = ("alpha", "eta", "top_k", "tau", "mode", "head_rule", "pooling")
         values = {name: getattr(self.mass, name) for name in fields if getattr(self.mass, name) is not None}
-        return {**values, "batch_size": self.eval.batch_size}
+        return {**values, "batch_size": self.eval.batch_size, "dtype": self.eval.dtype}
 
     def merge_options(self, method: str) -> dict[str, Any]:
         """Options of one static merge: the user's, with Task Arithmetic's alpha for T tasks filled in from the

@@ -29,6 +29,7 @@ from torch import nn
 
 from massmerge import progress
 from massmerge.data.tasks import TaskData
+from massmerge.device import to_device
 from massmerge.errors import MassMergeError
 from massmerge.io.atomic import atomic_write, write_text_atomically
 from massmerge.mass.pooling import masked_mean
@@ -108,9 +109,11 @@ def encode(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), model.config.hidden_size)
     model.eval()
+    device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        out[idx] = features(model, tokenize(tokenizer, [texts[i] for i in idx], max_length)).float()
+        batch = to_device(tokenize(tokenizer, [texts[i] for i in idx], max_length), device)
+        out[idx] = features(model, batch).float().cpu()
     return out
 
 
@@ -122,8 +125,9 @@ def class_embeddings(backbone: Backbone, classes: Sequence[str], templates: Sequ
     return nn.functional.normalize(emb, dim=-1)
 
 
-def expert_key(task: TaskData, config: FinetuneConfig, backbone: Path) -> str:
-    """Hash of every setting that shapes an expert: backbone weights, task, classes, prompts, train data, config."""
+def expert_key(task: TaskData, config: FinetuneConfig, backbone: Path, device: torch.device | None = None) -> str:
+    """Hash of every setting that shapes an expert: backbone weights, task, classes, prompts, train data, config,
+    and the kind of device it trained on when that is not the CPU (its kernels round differently)."""
     payload = {
         "backbone": fingerprint(backbone),
         "task": task.name,
@@ -132,6 +136,8 @@ def expert_key(task: TaskData, config: FinetuneConfig, backbone: Path) -> str:
         "train": hashlib.sha256(json.dumps([task.train.texts, task.train.labels]).encode()).hexdigest(),
         "config": config.model_dump(),
     }
+    if device is not None and device.type != "cpu":
+        payload["device"] = device.type
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -178,11 +184,13 @@ class _Trainer:
     """One expert's training run with periodic, atomic checkpoints for resumption."""
 
     def __init__(self, backbone: Backbone, head: nn.Module, task: TaskData, config: FinetuneConfig,
-                 workdir: Path, checkpoint_every: int) -> None:  # fmt: skip
+                 workdir: Path, checkpoint_every: int, device: torch.device | None = None) -> None:  # fmt: skip
         import copy
 
-        self.model = copy.deepcopy(backbone.model).train()
-        self.tokenizer, self.head, self.task, self.config = backbone.tokenizer, head, task, config
+        self.device = device or torch.device("cpu")
+        self.model = copy.deepcopy(backbone.model).to(self.device).train()
+        self.tokenizer, self.task, self.config = backbone.tokenizer, task, config
+        self.head = copy.deepcopy(head).to(self.device)
         self.resume_path = workdir / "resume.pt"
         self.checkpoint_every = checkpoint_every
         self.optimizer = _adamw(self.model, config)
@@ -196,11 +204,11 @@ class _Trainer:
         if not self.resume_path.exists():
             torch.manual_seed(self.config.seed)
             return
-        state = torch.load(self.resume_path, weights_only=True)
+        state = torch.load(self.resume_path, weights_only=True, map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
         self.step, self.losses = int(state["step"]), list(state["losses"])
 
     def _checkpoint(self) -> None:
@@ -212,8 +220,8 @@ class _Trainer:
     def train_step(self) -> float:
         train = self.task.train
         idx = _batch_indices(self.step, self.config.batch_size, len(train), self.config.seed, self._perms)
-        batch = tokenize(self.tokenizer, [train.texts[i] for i in idx], self.config.max_length)
-        labels = torch.tensor([train.labels[i] for i in idx])
+        batch = to_device(tokenize(self.tokenizer, [train.texts[i] for i in idx], self.config.max_length), self.device)
+        labels = torch.tensor([train.labels[i] for i in idx], device=self.device)
         loss = nn.functional.cross_entropy(self.head(features(self.model, batch)), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -236,17 +244,18 @@ class _Trainer:
 def val_accuracy(model: nn.Module, tokenizer: Any, head: nn.Module, task: TaskData, max_length: int) -> float:
     """Accuracy of encoder + head on the task's validation split (recorded with the expert, never used to pick)."""
     with torch.inference_mode():
-        logits = head(encode(model, tokenizer, task.val.texts, max_length=max_length))
+        features = encode(model, tokenizer, task.val.texts, max_length=max_length)
+        logits = head(features.to(next(iter(head.buffers())).device)).cpu()
     return float((logits.argmax(-1) == torch.tensor(task.val.labels)).float().mean())
 
 
 def finetune_expert(backbone: Backbone, head: nn.Module, task: TaskData, config: FinetuneConfig, cache_dir: Path,
-                    *, checkpoint_every: int = 50) -> ExpertResult:  # fmt: skip
-    """Return the cached expert for these settings, training (or resuming) it first if needed.
+                    *, checkpoint_every: int = 50, device: torch.device | None = None) -> ExpertResult:  # fmt: skip
+    """Return the cached expert for these settings, training (or resuming) it first if needed, on ``device``.
 
     ``head`` must be the task's frozen zero-shot head (features [B, d] -> logits [B, C], classes in dataset order).
     """
-    key = expert_key(task, config, backbone.path)
+    key = expert_key(task, config, backbone.path, device)
     workdir = Path(cache_dir) / "experts" / f"{task.name}-{key}"
     weights, meta_path = workdir / "expert.safetensors", workdir / "meta.json"
     if weights.exists() and meta_path.exists():
@@ -255,11 +264,11 @@ def finetune_expert(backbone: Backbone, head: nn.Module, task: TaskData, config:
     for p in head.parameters():
         p.requires_grad_(False)
     start = time.perf_counter()
-    trainer = _Trainer(backbone, head, task, config, workdir, checkpoint_every)
+    trainer = _Trainer(backbone, head, task, config, workdir, checkpoint_every, device)
     resumed_from = trainer.step
     trainer.run()
     trainer.model.eval()
-    state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
     atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"task": task.name, "key": key}))
     meta = {"task": task.name, "key": key, "config": config.model_dump(), "resumed_from_step": resumed_from,
             "train_seconds": time.perf_counter() - start, "final_loss": float(np.mean(trainer.losses[-10:])),

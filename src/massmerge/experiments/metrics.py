@@ -34,16 +34,23 @@ def mean(values: Mapping[str, float] | Sequence[float]) -> float:
     return sum(items) / len(items) if items else 0.0
 
 
+def logits(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """A head's logits of ``features`` on the CPU, wherever the head lives (a served model moves its heads to
+    its device)."""
+    weight = next(iter(head.buffers()), None)
+    device = weight.device if weight is not None else features.device
+    with torch.no_grad():
+        return head(features.to(device)).float().cpu()
+
+
 def oracle_head_accuracy(features: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> float:
     """Accuracy with the true task's head (the task given)."""
-    with torch.no_grad():
-        return accuracy(head(features).argmax(-1), labels)
+    return accuracy(logits(head, features).argmax(-1), labels)
 
 
 def max_logit_predictions(features: torch.Tensor, heads: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
     """(task [B], class [B]) when every task's head competes and the largest best logit wins (task hidden)."""
-    with torch.no_grad():
-        return select_by_max_logit([head(features) for head in heads])
+    return select_by_max_logit([logits(head, features) for head in heads])
 
 
 def max_logit_accuracy(features: torch.Tensor, heads: Sequence[nn.Module], task: int, labels: torch.Tensor) -> float:

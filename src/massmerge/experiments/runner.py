@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from massmerge import progress
+from massmerge.device import sync, to_device
 from massmerge.experiments import metrics as ev
 from massmerge.experiments.cache import EvalCache
 from massmerge.experiments.pool import TaskPool
@@ -51,14 +52,23 @@ def split_features(pool: TaskPool, model: nn.Module, params: Params | None, whic
                    *, split: str = "test", label: str = "evaluate") -> dict[int, torch.Tensor]:
     """Final features of the splits of tasks ``which`` (default all) under ``params`` (None: the base's own)."""
     runner = FeatureRunner(model, pool.features)
-    swapped = {f"model.{key}": value for key, value in (params or {}).items()}
+    device, dtype = placement(model)
+    swapped = {f"model.{key}": value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+               for key, value in (params or {}).items()}
     tasks = pool.split(split)
     which = list(range(pool.num_tasks)) if which is None else list(which)
-    jobs = [(t, batch) for t in which for batch in tasks[t].batches()]
     out: dict[int, list[torch.Tensor]] = {t: [] for t in which}
-    for t, batch in progress.track(jobs, label):
-        out[t].append(functional_call(runner, swapped, (batch,), strict=False).float())
+    for t in which:  # one progress stage per task: a long evaluation shows where it is
+        for batch in progress.track(tasks[t].batches(), f"{label} {pool.names[t]}"):
+            features = functional_call(runner, swapped, (to_device(batch, device, dtype),), strict=False)
+            out[t].append(features.float().cpu())
     return {t: torch.cat(parts) for t, parts in out.items()}
+
+
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of a model's floating parameters: where its inputs and swapped weights must go."""
+    floating = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (floating.device, floating.dtype) if floating is not None else (torch.device("cpu"), torch.float32)
 
 
 def score_features(pool: TaskPool, feats: Mapping[int, torch.Tensor], *, split: str = "test",
@@ -84,10 +94,10 @@ def score_experts(pool: TaskPool, model: nn.Module, expert_params: Callable[[int
     oracle, val = {}, {}
     for t, name in enumerate(pool.names):
         params = expert_params(t)
-        feats = split_features(pool, model, params, [t], label=f"expert {name}")
+        feats = split_features(pool, model, params, [t], label="expert")
         oracle.update(score_features(pool, feats, max_logit=False)["oracle"])
         if "val" in pool.splits:
-            val_feats = split_features(pool, model, params, [t], split="val", label=f"expert {name} (val)")
+            val_feats = split_features(pool, model, params, [t], split="val", label="expert (val)")
             val.update(score_features(pool, val_feats, split="val", max_logit=False)["oracle"])
     return {"oracle": oracle, "val": val}
 
@@ -122,7 +132,7 @@ def tsv_c_accuracy(pool: TaskPool, model: nn.Module, base: Params, task_vectors:
         oracle: dict[str, float] = {}
         for t, name in enumerate(pool.names):
             feats = split_features(pool, model, merge("tsv_c", base, task_vectors(), task=t), [t],
-                                   label=f"evaluate tsv_c {name}")
+                                   label="evaluate tsv_c")
             oracle.update(score_features(pool, feats, max_logit=False)["oracle"])
         return {"oracle": oracle}
 
@@ -180,7 +190,7 @@ def score_mass(pool: TaskPool, mass: MASSModel, split: str = "test", label: str 
     probs = torch.stack([p.probs for p in predictions]).cpu()
     selected = torch.stack([p.selected for p in predictions]).cpu()
     features = torch.stack([p.features for p in predictions])
-    oracle = torch.cat([pool.heads[t](features[true == t]).argmax(-1).cpu() for t in range(T)])
+    oracle = torch.cat([ev.logits(pool.heads[t], features[true == t]).argmax(-1) for t in range(T)])
     right_task, top1 = task == true, probs.argmax(-1)
     correct = right_task & (label_pred == labels)
     chosen_true = selected[torch.arange(len(true)), true]
@@ -318,13 +328,17 @@ def throughput(pool: TaskPool, model: nn.Module, mass: MASSModel, count: int = 5
     sizes = [pool.size_of(item) for item in items] if pool.size_of else [0] * len(items)
     batches = first_pass_batches(sizes, size, pool.num_tasks)
 
+    device, dtype = placement(model)
+
     def base() -> None:  # batched as serve batches its first pass: the same padding
         with torch.inference_mode():
             for rows in batches:
-                pool.features(model, pool.collate([items[i] for i in rows]))
+                pool.features(model, to_device(pool.collate([items[i] for i in rows]), device, dtype))
+        sync(device)
 
     def served() -> None:
         list(serve(mass, items, pool.collate, batch_size=size, size_of=pool.size_of))
+        sync(device)
 
     plain = ev.throughput(base, len(items), repeats=1)
     routed = ev.throughput(served, len(items), repeats=1)

@@ -24,6 +24,7 @@ from torch import nn
 from massmerge.adapters.text import TextEncoderAdapter
 from massmerge.artifact.build import write_parts
 from massmerge.data.tasks import DEFAULT_PRESET, TaskData, get_preset, load_task
+from massmerge.device import resolve_device, resolve_dtype
 from massmerge.experiments import runner
 from massmerge.experiments.cache import EvalCache, stable_hash
 from massmerge.experiments.finetune import (
@@ -42,7 +43,7 @@ from massmerge.heads.files import write_head_file
 from massmerge.heads.modules import ZeroShotHead
 from massmerge.io.atomic import write_text_atomically
 from massmerge.mass.build import MASSParts, assemble
-from massmerge.mass.config import DEFAULT_EPS, BuildSettings, apply_profile, default_routing_block
+from massmerge.mass.config import DEFAULT_EPS, BuildSettings, ServeSettings, apply_profile, default_routing_block
 from massmerge.merging import STATIC_MERGES
 from massmerge.task_vectors import task_vector
 
@@ -78,6 +79,8 @@ class SuiteConfig(BaseModel):
     methods: tuple[str, ...] = STATIC_MERGES
     seed: int = 0
     eval_batch_size: int = 64
+    device: str | None = None  # where experts train and every method is scored (None: the CPU)
+    dtype: str | None = None  # the precision every method is scored in (None: the backbone's, float32)
 
     def finetune_config(self) -> FinetuneConfig:
         return self.finetune or preset_finetune(self.preset)
@@ -157,7 +160,7 @@ def text_pool(tasks: Sequence[TaskData], heads: Sequence[ZeroShotHead], backbone
 
 
 def build_zoo(cfg: SuiteConfig, data_root: Path | None, cache_dir: Path) -> Zoo:
-    """Load data and backbone, build heads, train (or reuse) one expert per task."""
+    """Load data and backbone, build heads, train (or reuse) one expert per task (on ``cfg.device``)."""
     start = time.perf_counter()
     tasks = load_tasks(cfg, data_root)
     backbone = load_backbone()
@@ -165,7 +168,8 @@ def build_zoo(cfg: SuiteConfig, data_root: Path | None, cache_dir: Path) -> Zoo:
     heads = make_heads(backbone, tasks, ft.logit_scale)
     timing = {"load_seconds": time.perf_counter() - start}
     start = time.perf_counter()
-    experts = [finetune_expert(backbone, head, task, ft, cache_dir) for task, head in zip(tasks, heads)]
+    device = resolve_device(cfg.device) if cfg.device else None
+    experts = [finetune_expert(backbone, head, task, ft, cache_dir, device=device) for task, head in zip(tasks, heads)]
     timing["finetune_seconds"] = time.perf_counter() - start
     special = sorted(set(backbone.tokenizer.all_special_ids))
     adapter = TextEncoderAdapter(special_ids=special).bind(backbone.model)
@@ -184,21 +188,27 @@ def sweep_layers(model: nn.Module) -> list[str]:
 # ----- MASS as build ships it ----------------------------------------------------------------------------------
 
 
-def build_mass(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cfg: SuiteConfig, layer: str
-               ) -> tuple[MASSParts, runner.ServedMASS]:
+def assemble_mass(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cfg: SuiteConfig, layer: str
+                  ) -> tuple[MASSParts, ServeSettings, float]:
     """The experts' MASS parts as ``massmerge build`` stores them (the text family's default router exiting at
-    ``layer``), served with the suite's named router rule and serve overrides applied."""
+    ``layer``, from the float32 CPU base), and the serve settings the suite runs them with: its named router
+    rule, its serve overrides and its serving precision applied."""
     start = time.perf_counter()
     build = BuildSettings(eps=cfg.eps, max_size=cfg.max_size)
     parts = assemble(zoo.model, tvs, zoo.names, zoo.heads, build=build,
                      router=zoo.adapter.default_router(zoo.model, layer), max_length=cfg.finetune_config().max_length)
-    seconds = time.perf_counter() - start
     settings = parts.serve
     if cfg.router is not None:
         settings = apply_profile(settings, cfg.router, default_layer=layer, family_pooling=zoo.adapter.paper_pooling)
-    mass = parts.model(zoo.model, settings=settings.updated(**cfg.serve), pool=zoo.adapter.pool,
-                       features=zoo.adapter.features, class_names=[t.classes for t in zoo.tasks])
-    return parts, runner.serve_parts(zoo.model, parts, mass, seconds)
+    return parts, settings.updated(**cfg.serve, dtype=cfg.dtype), time.perf_counter() - start
+
+
+def serve_mass(zoo: Zoo, parts: MASSParts, settings: ServeSettings, cfg: SuiteConfig, seconds: float
+               ) -> runner.ServedMASS:
+    """The one served model over the parts, on the suite's device."""
+    mass = parts.model(zoo.model, settings=settings, pool=zoo.adapter.pool, features=zoo.adapter.features,
+                       class_names=[t.classes for t in zoo.tasks], device=cfg.device)
+    return runner.serve_parts(zoo.model, parts, mass, seconds)
 
 
 def layer_rows(zoo: Zoo, served: runner.ServedMASS, cache: EvalCache, layer: str, expert: dict[str, float]
@@ -227,9 +237,18 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
     pool, model = zoo.pool, zoo.model
     layer = cfg.routing_layer or default_routing_layer(model)
     cfg = cfg.model_copy(update={"routing_layer": layer})
+    device, dtype = resolve_device(cfg.device) if cfg.device else None, resolve_dtype(cfg.dtype)
+    placed = [p for p in ((device.type if device is not None and device.type != "cpu" else None), cfg.dtype) if p]
     cache = EvalCache(cache_dir, stable_hash([e.meta["key"] for e in zoo.experts] + [cfg.finetune_config().model_dump(),
-                                             [t.test.texts for t in zoo.tasks]]))  # fmt: skip
+                                             [t.test.texts for t in zoo.tasks]] + placed))  # fmt: skip
     start = time.perf_counter()
+    base = model.state_dict()
+    tvs = [task_vector(base, e.state_dict()) for e in zoo.experts]
+    parts, settings, factor_seconds = assemble_mass(zoo, tvs, cfg, layer)  # from the float32 base, as build does
+    if export_artifact is not None:
+        export(zoo, parts, settings, export_artifact)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)  # every method is scored where and as MASS is served
     zero = cache.get_or_run("zero_shot", lambda: runner.score_static(pool, model, None, label="zero-shot"))
     experts = cache.get_or_run("experts-v2", lambda: runner.score_experts(pool, model,
                                                                           lambda t: zoo.experts[t].state_dict()))
@@ -240,12 +259,10 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
         "zero-shot max-logit": runner.row("task hidden", zero["max_logit"], expert, storage_factor=1.0),
         "experts": runner.row("oracle head", expert, expert, storage_factor=float(T)),
     }
-    base = model.state_dict()
-    tvs = [task_vector(base, e.state_dict()) for e in zoo.experts]
     rows.update(runner.static_rows(pool, model, base, lambda: tvs, cfg.methods, cache, expert))
-    parts, served = build_mass(zoo, tvs, cfg, layer)
     rows["tsv_c (task given)"] = runner.row("oracle head", runner.tsv_c_accuracy(pool, model, base, lambda: tvs, cache),
-                                            expert, storage_factor=served.storage["bytes_ratio"])
+                                            expert, storage_factor=parts.size_factor)
+    served = serve_mass(zoo, parts, settings, cfg, factor_seconds)
     mass_details = []
     for candidate in dict.fromkeys([layer, *cfg.mass_layers]):
         new_rows, details = layer_rows(zoo, served, cache, candidate, expert)
@@ -258,8 +275,6 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
         variants = runner.router_variants(zoo.adapter, model, served.mass.settings.routing_layers[-1])
         ablation = runner.ablation_rows(pool, served, variants, cache, {"test": expert, "val": experts["val"]})
     throughput = runner.throughput(pool, model, served.mass)
-    if export_artifact is not None:
-        export(zoo, parts, served, export_artifact)
     timing = {**zoo.timing, "evaluate_seconds": time.perf_counter() - start,
               "factorize_seconds": served.factor_seconds, "total_seconds": time.perf_counter() - wall}
     settings = served.mass.settings
@@ -294,12 +309,11 @@ def write_serving_files(zoo: Zoo, out_dir: Path) -> None:
     write_text_atomically(Path(out_dir) / "serve.json", json.dumps(serve, indent=2) + "\n")
 
 
-def export(zoo: Zoo, parts: MASSParts, served: runner.ServedMASS, directory: Path) -> Path:
-    """The served MASS model written as an artifact: the same stored factors, heads and tokenizer, with the
-    served settings as its serve defaults (what ``massmerge build`` writes from the same experts)."""
-    return write_parts(directory, zoo.model, parts, serve=served.mass.settings, consume=False, adapter=zoo.adapter,
+def export(zoo: Zoo, parts: MASSParts, settings: ServeSettings, directory: Path) -> Path:
+    """The suite's MASS model written as an artifact: the same stored factors, heads and tokenizer, with the
+    suite's serve settings as its defaults (what ``massmerge build`` writes from the same experts)."""
+    return write_parts(directory, zoo.model, parts, serve=settings, consume=False, adapter=zoo.adapter,
                        tokenizer_dir=zoo.backbone.path, class_names=[t.classes for t in zoo.tasks])
-
 
 __all__ = ["CI_FINETUNE", "FULL_FINETUNE", "SuiteConfig", "Zoo", "build_zoo", "default_routing_layer", "export",
            "preset_finetune", "run_suite", "write_serving_files"]

@@ -56,13 +56,16 @@ def total_rank(factors: ExpertFactors) -> int:
 
 def assemble(base_model: nn.Module, experts: Iterable[Mapping[str, torch.Tensor]] | ExpertFactors,
              task_names: Sequence[str], heads: Sequence[nn.Module], *, build: BuildSettings,
-             router: Mapping[str, Any], max_length: int | None = None) -> MASSParts:
+             router: Mapping[str, Any], max_length: int | None = None, dtype: str | None = None,
+             device: torch.device | str | None = None) -> MASSParts:
     """The parts of the MASS model of ``experts`` over ``base_model``.
 
     ``experts``: task vectors (each read once, one expert at a time) or factors built already (LoRA); ``router``:
     the family's default router as serve-setting values (``adapter.default_router(model)``), its routing layers
     kept where the experts have factors (a filtered-out layer cannot route); ``max_length``: the text length the
-    experts were trained with, recorded as a serve default. The base's bytes (the budget's denominator) are its
+    experts were trained with, and ``dtype``, the serving precision, recorded as serve defaults; ``device``: where
+    the SVDs run (the factors are kept
+    on the CPU, so device memory holds one matrix at a time). The base's bytes (the budget's denominator) are its
     tensors' bytes. Checks the parts as the served model will (:func:`~massmerge.mass.model.check_parts`).
     """
     state = base_model.state_dict()
@@ -70,13 +73,13 @@ def assemble(base_model: nn.Module, experts: Iterable[Mapping[str, torch.Tensor]
         factors = experts
     else:
         factors = ExpertFactors.build(experts, task_names, rank_fraction=build.rank_fraction, eps=build.eps,
-                                      svd=build.svd)
+                                      svd=build.svd, device=device)
     store = factor_storage(build.factor_dtype, float_dtype(state))
     design_rank = total_rank(factors)
     stored = stored_factors(factors, list(heads), tensor_bytes(state.values()), store, build.max_size)  # consumes
     layers = tuple(router["routing_layers"])
     kept = tuple(name for name in layers if f"{name}.weight" in stored.factors.matrices)
-    serve = make_serve_settings(**{**router, "routing_layers": kept or layers[-1:]}, max_length=max_length)
+    serve = make_serve_settings(**{**router, "routing_layers": kept or layers[-1:]}, max_length=max_length, dtype=dtype)
     check_parts(base_model, stored.factors, list(heads), serve)
     return MASSParts(stored.factors, list(heads), build, serve, store, stored.rank_scale, stored.size_factor,
                      design_rank, stored.note)

@@ -23,6 +23,7 @@ HeadRule = Literal["max_logit", "posterior", "joint"]
 Pooling = Literal["cls", "mean", "content", "tokens"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 LayerCombine = Literal["standardized", "ppca"]
+ServeDtype = Literal["float32", "float16", "bfloat16"]
 
 DEFAULT_EPS = 0.3
 DEFAULT_ALPHA = 1.0
@@ -78,6 +79,7 @@ class ServeSettings(_Settings):
     alpha: float = Field(default=DEFAULT_ALPHA, allow_inf_nan=False)
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
     max_length: int | None = Field(default=None, ge=1, description="text: tokens per input; None = the model's")
+    dtype: ServeDtype | None = Field(default=None, description="serving precision; None = the base's own")
 
     def updated(self, **overrides: Any) -> ServeSettings:
         """A copy with the given fields replaced (None values are ignored), validated like the original."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from massmerge.checkpoints import all_finite
+from massmerge.device import float64_device
 from massmerge.errors import CheckpointError, OptionError
 from massmerge.choices import SVDMethod, check_task_names
 from massmerge.lowrank import LowRank, rank_for, rank_fraction_for, truncated_svd
@@ -74,8 +75,12 @@ class ExpertFactors:
         eps: float | None = DEFAULT_EPS,
         svd: SVDMethod = "auto",
         dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> "ExpertFactors":
-        """Reduce each task vector to factors as it arrives (stream them one at a time), then de-duplicate."""
+        """Reduce each task vector to factors as it arrives (stream them one at a time), then de-duplicate.
+
+        ``device``: where the SVDs run (each matrix's delta is moved there, factorized, and its factors come
+        back to the CPU, so the device holds one matrix at a time whatever T is)."""
         names = list(task_names)
         if len(names) < 2:
             raise OptionError(f"--experts: MASS needs at least 2 experts, got {len(names)}")
@@ -84,7 +89,7 @@ class ExpertFactors:
         factors = cls(task_names=names, rank_fraction=fraction)
         count = 0
         for tv in track(task_vectors, "factorizing experts", total=len(names)):
-            factors.add_task(tv, svd=svd, dtype=dtype)
+            factors.add_task(tv, svd=svd, dtype=dtype, device=device)
             release_freed_memory()  # temporaries of this expert go back to the OS (massmerge/memory.py)
             count += 1
         if count != len(names):
@@ -93,17 +98,21 @@ class ExpertFactors:
         return factors
 
     def add_task(self, task_vector: Mapping[str, torch.Tensor], *, svd: SVDMethod = "auto",
-                 dtype: torch.dtype | None = None) -> None:
-        """Factorize one task vector (matrices -> rank-k SVD, the rest kept as deltas) and append it."""
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        """Factorize one task vector (matrices -> rank-k SVD on ``device``, the rest kept as deltas) and append
+        it; the factors are kept on the CPU."""
         matrices: dict[str, LowRank] = {}
         others: dict[str, torch.Tensor] = {}
+        svd_device = None if device is None else float64_device(torch.device(device))
         for key in task_vector:
             delta = task_vector[key]
             if not all_finite(delta):  # CheckedTaskVector has checked it already; a plain mapping has not
                 raise CheckpointError(f"task {self._label(self._count())}: key '{key}' contains NaN or Inf values")
             if is_matrix(delta):
                 k = rank_for(delta.shape, self.rank_fraction)
-                matrices[key] = truncated_svd(delta, k, method=svd, dtype=work_dtype(delta, dtype))
+                work = delta if svd_device is None else delta.to(svd_device, non_blocking=True)
+                factor = truncated_svd(work, k, method=svd, dtype=work_dtype(delta, dtype))
+                matrices[key] = factor if svd_device is None else factor.to(torch.device("cpu"))
             else:
                 others[key] = delta.to(work_dtype(delta, dtype))
         self.add_task_factors(matrices, others)
@@ -140,6 +149,17 @@ class ExpertFactors:
         self.accepted = {
             key: every if eps is None else deredundant_tasks(per_task, eps) for key, per_task in self.matrices.items()
         }
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ExpertFactors:
+        """Every factor and delta moved to ``device`` and cast to ``dtype`` (floating ones), in place; returns
+        ``self``. Why in place: the factors are the largest thing a served model holds besides the base."""
+        for per_task in self.matrices.values():
+            for t, f in enumerate(per_task):
+                per_task[t] = f.to(device, dtype)
+        for per_task in self.non_matrix.values():
+            for t, delta in enumerate(per_task):
+                per_task[t] = delta.to(device=device, dtype=dtype)
+        return self
 
     def dropped(self) -> dict[str, list[str]]:
         """Matrix key -> names of tasks left out of the first-pass merge (for the report)."""

@@ -64,7 +64,7 @@ def content_mask(batch: Any, special_ids: Iterable[int]) -> torch.Tensor | None:
     ids = _tensor(batch, "input_ids")
     if ids is None:
         return mask
-    special = torch.as_tensor(sorted(set(special_ids)), dtype=ids.dtype)
+    special = torch.as_tensor(sorted(set(special_ids)), dtype=ids.dtype, device=ids.device)
     keep = ~torch.isin(ids, special)
     base = torch.ones_like(keep) if mask is None else mask.bool()
     content = keep & base
@@ -95,7 +95,7 @@ def pool_tokens(activation: torch.Tensor, batch: Any, *, layout: Layout, pooling
                               "from a directory with tokenizer files)")
         mask = content_mask(batch, special_ids)
         if pooling == "tokens":
-            weights = torch.ones(tokens.shape[:2], dtype=tokens.dtype) if mask is None else mask.to(tokens.dtype)
+            weights = tokens.new_ones(tokens.shape[:2]) if mask is None else mask.to(tokens.dtype)
             return tokens, weights
         return masked_mean(tokens, mask)
     raise OptionError(f"--pooling: unknown pooling '{pooling}' (choose {', '.join(POOLINGS)})")

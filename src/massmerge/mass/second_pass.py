@@ -305,7 +305,7 @@ def _group_rows(values: Sequence[torch.Tensor], groups: Sequence[Group], ndim: i
     stacked = torch.stack(list(values))
     sizes = [g.size for g in groups]
     if any(size != 1 for size in sizes):
-        stacked = stacked.repeat_interleave(torch.tensor(sizes), dim=0)
+        stacked = stacked.repeat_interleave(torch.tensor(sizes, device=stacked.device), dim=0)
     return stacked.view(stacked.shape[0], *([1] * (ndim - 2)), stacked.shape[-1])
 
 

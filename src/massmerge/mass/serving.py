@@ -41,8 +41,8 @@ class Prediction:
     index: int
     task: int
     label: int
-    probs: torch.Tensor  # [T]
-    selected: torch.Tensor  # [T] bool
+    probs: torch.Tensor  # [T], on the CPU
+    selected: torch.Tensor  # [T] bool, on the CPU
     features: torch.Tensor | None = None  # [d] second-pass features (when asked for)
 
 
@@ -94,9 +94,12 @@ def _answer(model: MASSModel, items: Sequence[Any], collate: Collate, rows: list
     batch = collate([items[i] for i in rows])
     features = model.second_pass_features(batch, group_by_task_set(selected))
     task, label = model.choose(features, selected, probs)
+    # one copy to the host per batch (not one sync per sample): predictions hold CPU tensors and ints
+    tasks, labels, probs, selected = task.tolist(), label.tolist(), probs.cpu(), selected.cpu()
+    kept = features.cpu() if return_features else None
     for row, i in enumerate(rows):
-        out[i] = Prediction(i, int(task[row]), int(label[row]), probs[row], selected[row],
-                            features[row] if return_features else None)
+        out[i] = Prediction(i, tasks[row], labels[row], probs[row], selected[row],
+                            kept[row] if kept is not None else None)
 
 
 def serve(model: MASSModel, items: Iterable[Any], collate: Collate, *, batch_size: int,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from massmerge.device import float64_device
 from massmerge.lowrank import LowRank
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.lru import LRU
@@ -54,8 +55,9 @@ class Stacked:
 
     def rows(self, tasks: Iterable[int]) -> torch.Tensor:
         """Row indices of the tasks' factors, in task order."""
-        spans = [torch.arange(self.offsets[t], self.offsets[t + 1]) for t in tasks]
-        return torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+        device = self.Ut.device
+        spans = [torch.arange(self.offsets[t], self.offsets[t + 1], device=device) for t in tasks]
+        return torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long, device=device)
 
     def views(self) -> list[LowRank]:
         """Per-task factors as views into the stacked tensors (no copy)."""
@@ -77,12 +79,22 @@ def cores_of(U_rows: Sequence[torch.Tensor], s: Sequence[torch.Tensor], V_rows: 
     """TSV-M cores ``G_U^{-1/2} diag(s) G_V^{-1/2}`` for matrices of one K, eigendecompositions batched.
 
     ``U_rows[i]``: a set's stacked ``U^T`` rows [K, m_i] of matrix i; returns [K, K] per matrix in the
-    factors' dtype (the work itself is float64).
+    factors' dtype, on their device. The work is float64 and must stay so (a float32 Gram matrix squares the
+    condition number past the design's 1e-4): the Gram products (``m K^2``, the large part) run on the factors'
+    device (the CPU for a backend without float64, MPS), the small ``K x K`` eigendecompositions on the CPU,
+    where LAPACK is fastest for matrices this size.
     """
-    gu = torch.stack([rows.double() @ rows.double().T for rows in U_rows])
-    gv = torch.stack([rows.double() @ rows.double().T for rows in V_rows])
-    cores = inverse_sqrt(gu) * torch.stack(list(s)).double()[:, None, :] @ inverse_sqrt(gv)
-    return list(cores.to(U_rows[0].dtype))
+    device, dtype = U_rows[0].device, U_rows[0].dtype
+    work = float64_device(device)
+    gu = torch.stack([_gram(rows, work) for rows in U_rows]).cpu()
+    gv = torch.stack([_gram(rows, work) for rows in V_rows]).cpu()
+    cores = inverse_sqrt(gu) * torch.stack([v.cpu() for v in s]).double()[:, None, :] @ inverse_sqrt(gv)
+    return list(cores.to(device=device, dtype=dtype))
+
+
+def _gram(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    rows = rows.to(device=device, dtype=torch.float64)
+    return rows @ rows.T
 
 
 class SetMerger:
@@ -126,7 +138,7 @@ class SetMerger:
         out: dict[str, torch.Tensor] = {}
         for size, items in by_size.items():
             if size == 0:  # no task changed these matrices: an empty (rank-0) delta
-                out.update({key: torch.zeros(0, 0, dtype=stacked[key].Ut.dtype) for key, _ in items})
+                out.update({key: stacked[key].Ut.new_zeros(0, 0) for key, _ in items})
                 continue
             sts = [stacked[key] for key, _ in items]
             cores = cores_of([st.Ut[rows] for st, (_, rows) in zip(sts, items)],
@@ -141,7 +153,7 @@ class SetMerger:
         rows = st.rows(tasks)
         core = self.cores(tasks)[key] if core is None else core
         if rows.numel() == 0:
-            return torch.zeros(st.Ut.shape[1], st.Vt.shape[1], dtype=st.Ut.dtype)
+            return st.Ut.new_zeros(st.Ut.shape[1], st.Vt.shape[1])
         return (st.Ut[rows].T @ core) @ st.Vt[rows]
 
 

@@ -101,10 +101,10 @@ def tsv_merge_factors(factors: Sequence[LowRank]) -> torch.Tensor:
     """
     if not factors:
         raise ValueError("tsv_merge_factors needs at least one task's factors")
-    (m, n), dtype = factors[0].shape, factors[0].s.dtype
+    (m, n), dtype, device = factors[0].shape, factors[0].s.dtype, factors[0].s.device
     factors = [f for f in factors if f.rank > 0]
     if not factors:  # every task left this matrix unchanged
-        return torch.zeros(m, n, dtype=dtype)
+        return torch.zeros(m, n, dtype=dtype, device=device)
     U = torch.cat([f.U for f in factors], dim=1)
     s = torch.cat([f.s for f in factors])
     V = torch.cat([f.V for f in factors], dim=1)

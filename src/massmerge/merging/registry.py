@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from massmerge.device import resolve_device
 from massmerge.errors import CheckpointError, OptionError
 from massmerge.merging import iso_c, iso_cts, task_arithmetic, ties, tsv_c, tsv_m, weight_average
 from massmerge.merging.common import StateDict, TaskVectors
@@ -49,12 +50,15 @@ def method_options(name: str) -> list[str]:
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
-def merge(name: str, base: Mapping[str, torch.Tensor], task_vectors: TaskVectors, **options: Any) -> StateDict:
+def merge(name: str, base: Mapping[str, torch.Tensor], task_vectors: TaskVectors, *,
+          device: torch.device | str | None = None, **options: Any) -> StateDict:
     """Run the method ``name``; options it does not take are an error naming the option.
 
     Task vectors must hold base keys only, with the base's shapes and finite values: each is viewed through
     :class:`~massmerge.task_vectors.CheckedTaskVector`, which checks every tensor as the method reads it and
     hands the method a fresh tensor it may change in place (the user's own tensors are never modified).
+    ``device``: where the merge computes (the base is copied there; each expert tensor is moved there as it is
+    read); the merged state dict is left on it.
     """
     fn = get_merge_method(name)
     accepted = set(method_options(name))
@@ -68,6 +72,10 @@ def merge(name: str, base: Mapping[str, torch.Tensor], task_vectors: TaskVectors
     checked = [tv if isinstance(tv, CheckedTaskVector)
                else CheckedTaskVector(base, tv, name=f"task vector {index}", is_delta=True)
                for index, tv in enumerate(task_vectors)]
+    if device is not None:
+        target = resolve_device(device)
+        base = {key: value.to(target) for key, value in base.items()}
+        checked = [tv.on(target) for tv in checked]
     return fn(base, checked, **options)
 
 

@@ -54,7 +54,8 @@ def magnitudes(task_vector: Mapping[str, torch.Tensor], keys: Sequence[str],
                buffer: torch.Tensor | None = None) -> torch.Tensor:
     """|tv| of every key, flattened in key order into ``buffer`` (allocated when None)."""
     if buffer is None:
-        buffer = torch.empty(sum(_numel(task_vector, k) for k in keys), dtype=_flat_dtype(task_vector, keys))
+        buffer = torch.empty(sum(_numel(task_vector, k) for k in keys), dtype=_flat_dtype(task_vector, keys),
+                             device=_device_of(task_vector))
     position = 0
     for key in keys:
         shape = _shape_of(task_vector, key)
@@ -73,6 +74,8 @@ def kth_smallest(values: torch.Tensor, kth: int) -> float:
 
     Why not ``kthvalue``: it copies the values and builds an int64 index array (3x the input's memory).
     """
+    if values.device.type != "cpu":  # on a GPU, memory is not the bound: torch's own selection
+        return float(values.kthvalue(kth).values)
     array = values.numpy()
     array.partition(kth - 1)
     return float(array[kth - 1])
@@ -86,6 +89,11 @@ def _shape_of(task_vector: Mapping[str, torch.Tensor], key: str) -> tuple[int, .
     """A key's shape, asked of a CheckedTaskVector without a read."""
     known = getattr(task_vector, "shape", None)
     return tuple(known(key)) if callable(known) else tuple(task_vector[key].shape)
+
+
+def _device_of(task_vector: Mapping[str, torch.Tensor]) -> torch.device | None:
+    """Where a task vector's deltas are computed (``CheckedTaskVector.on``), else the CPU."""
+    return getattr(task_vector, "device", None)
 
 
 def _flat_dtype(task_vector: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.dtype:
@@ -162,7 +170,7 @@ def _merge_key(task_vectors: TaskVectors, key: str, thresholds: Sequence[float],
                 votes.add(scratch.to(votes.total.dtype))
         assert votes is not None
         if merged is None:
-            merged = _Merged(torch.empty(shape, dtype=votes.total.dtype))
+            merged = _Merged(votes.total.new_empty(shape))
         _finish_block(votes, merged, block, row_size)
     assert merged is not None
     return merged
@@ -201,7 +209,8 @@ def merge(
     alpha = check_alpha(alpha)
     if not 0.0 < density <= 1.0:
         raise OptionError(f"--ties-density must be in (0, 1], got {density}")
-    buffer = torch.empty(sum(int(base[k].numel()) for k in keys), dtype=_flat_dtype(task_vectors[0], keys))
+    buffer = torch.empty(sum(int(base[k].numel()) for k in keys), dtype=_flat_dtype(task_vectors[0], keys),
+                         device=next(iter(base.values())).device)
     thresholds = [magnitude_threshold(tv, keys, density, buffer) for tv in track(task_vectors, "ties: trim")]
     del buffer
     results = {key: _merge_key(task_vectors, key, thresholds, tuple(base[key].shape))

@@ -57,8 +57,8 @@ def _grouped_bars(ax: Any, groups: Sequence[str], series: Series, fmt: str = "{:
     x = np.arange(len(groups))
     for i, (label, (values, bounds)) in enumerate(series.items()):
         pos = x - 0.4 + width * (i + 0.5)
-        yerr = None if bounds is None else np.array([[v - lo for v, (lo, _) in zip(values, bounds)],
-                                                      [hi - v for v, (_, hi) in zip(values, bounds)]])  # fmt: skip
+        yerr = None if bounds is None else np.maximum(0.0, np.array(  # >= 0: a clipped bound may round past v
+            [[v - lo for v, (lo, _) in zip(values, bounds)], [hi - v for v, (_, hi) in zip(values, bounds)]]))
         ax.bar(pos, values, width, label=label, yerr=yerr, capsize=1.5, error_kw={"linewidth": 0.6})
         tops = values if bounds is None else [max(v, hi) for v, (_, hi) in zip(values, bounds)]
         for px, top, v in zip(pos, tops, values):
