@@ -18,6 +18,7 @@ experts, so the routing and the task-set mix are real); without it, one is built
 experts of the real base and the suite's zero-shot heads (routing is then not meaningful, only its cost).
 
     python bench/predict_throughput.py --artifact massmerge-suite/artifact [--inputs 1024] [--rounds 3]
+        [--restart-block 4] [--device cuda]
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ BASE_SCRIPT = """
 import json, sys, torch
 from transformers import AutoModel, AutoTokenizer
 from massmerge.mass.pooling import masked_mean
-bench_dir, model_dir, inputs, output, batch, length, tasks = sys.argv[1:8]
+bench_dir, model_dir, inputs, output, batch, length, tasks, device = sys.argv[1:9]
 sys.path.insert(0, bench_dir)
 from predict_throughput import base_batches
-tok = AutoTokenizer.from_pretrained(model_dir); model = AutoModel.from_pretrained(model_dir).eval()
+tok = AutoTokenizer.from_pretrained(model_dir); model = AutoModel.from_pretrained(model_dir).eval().to(device)
 texts = [json.loads(line)["text"] for line in open(inputs, encoding="utf-8")]
 with torch.inference_mode(), open(output, "w") as out:
     for enc in base_batches(texts, tok, int(batch), int(length), int(tasks)):
+        enc = {k: v.to(device) for k, v in enc.items()}
         feats = masked_mean(model(**enc).last_hidden_state, enc["attention_mask"])
         for row in feats.argmax(-1).tolist():
             out.write(json.dumps({"feature_argmax": row}) + "\\n")
@@ -145,35 +147,45 @@ def timed(fn) -> tuple[float, float]:  # noqa: ANN001
     return time.perf_counter() - wall, cpu_seconds() - cpu
 
 
-def steady_state(artifact: Path, texts: list[str], batch: int, length: int, rounds: int) -> dict:
-    """Interleaved rounds of predict_texts (fresh caches: a new load each round) and base forward + pool."""
+def steady_state(artifact: Path, texts: list[str], batch: int, length: int, rounds: int, restarts: list[int],
+                 device: str) -> dict:
+    """Interleaved rounds of predict_texts (fresh caches: a new load each round), one per restart block, and the
+    base's forward + pool, all on ``device``."""
     from massmerge.artifact import MODEL_DIR, load
-    from massmerge.mass.serving import predict_texts
+    from massmerge.device import sync, to_device
     from massmerge.mass.pooling import masked_mean
+    from massmerge.mass.serving import predict_texts
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(artifact / MODEL_DIR))
-    base = AutoModel.from_pretrained(str(artifact / MODEL_DIR)).eval()
+    target = torch.device(device)
+    base = AutoModel.from_pretrained(str(artifact / MODEL_DIR)).eval().to(target)
     numbered = list(enumerate(texts, start=1))
-
     tasks = task_count(artifact)
 
     def plain() -> None:
         with torch.inference_mode():
             for enc in base_batches(texts, tokenizer, batch, length, tasks):
+                enc = to_device(enc, target)
                 masked_mean(base(**enc).last_hidden_state, enc["attention_mask"])
+        sync(target)
 
-    samples: dict[str, list[tuple[float, float]]] = {"base": [], "mass": []}
-    shares: list[dict[str, float]] = []
+    samples: dict[str, list[tuple[float, float]]] = {"base": [], **{point_name(j): [] for j in restarts}}
+    shares: dict[str, list[dict[str, float]]] = {point_name(j): [] for j in restarts}
     for _ in range(rounds):
-        model = load(artifact)
-        list(predict_texts(model, tokenizer, numbered[:batch], batch_size=batch, max_length=length))  # warm-up
         samples["base"].append(timed(plain))
-        with model.timed() as seconds:
-            samples["mass"].append(timed(lambda: list(predict_texts(model, tokenizer, numbered, batch_size=batch,
-                                                                   max_length=length))))
-        shares.append(dict(seconds))
+        for j in restarts:
+            model = load(artifact, device=target, restart_block=j)
+            list(predict_texts(model, tokenizer, numbered[:batch], batch_size=batch, max_length=length))  # warm-up
+            with model.timed() as seconds:
+                samples[point_name(j)].append(timed(lambda m=model: list(predict_texts(
+                    m, tokenizer, numbered, batch_size=batch, max_length=length))))
+            shares[point_name(j)].append(dict(seconds))
     return {"samples": samples, "shares": shares}
+
+
+def point_name(restart: int) -> str:
+    return "mass" if restart == 0 else f"mass, restart block {restart}"
 
 
 def run_process(command: list[str]) -> tuple[float, float]:
@@ -187,19 +199,22 @@ def run_process(command: list[str]) -> tuple[float, float]:
     return wall, usage.ru_utime + usage.ru_stime
 
 
-def end_to_end(artifact: Path, texts: list[str], batch: int, length: int, rounds: int, tmp: Path) -> dict:
+def end_to_end(artifact: Path, texts: list[str], batch: int, length: int, rounds: int, tmp: Path,
+               restarts: list[int], device: str) -> dict:
     inputs = tmp / "inputs.jsonl"
     inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     script = tmp / "plain_forward.py"
     script.write_text(BASE_SCRIPT)
-    massmerge = [sys.executable, "-m", "massmerge", "predict", str(artifact), str(inputs), "--output",
-                 str(tmp / "mass.jsonl"), "--batch-size", str(batch), "--max-length", str(length)]
+    commands = {point_name(j): [sys.executable, "-m", "massmerge", "predict", str(artifact), str(inputs), "--output",
+                                str(tmp / "mass.jsonl"), "--batch-size", str(batch), "--max-length", str(length),
+                                "--restart-block", str(j), "--device", device] for j in restarts}
     plain = [sys.executable, str(script), str(Path(__file__).resolve().parent), str(artifact / "model"), str(inputs),
-             str(tmp / "base.jsonl"), str(batch), str(length), str(task_count(artifact))]
-    samples: dict[str, list[tuple[float, float]]] = {"base": [], "mass": []}
+             str(tmp / "base.jsonl"), str(batch), str(length), str(task_count(artifact)), device]
+    samples: dict[str, list[tuple[float, float]]] = {"base": [], **{name: [] for name in commands}}
     for _ in range(rounds):
         samples["base"].append(run_process(plain))
-        samples["mass"].append(run_process(massmerge))
+        for name, command in commands.items():
+            samples[name].append(run_process(command))
     return {"samples": samples}
 
 
@@ -208,10 +223,10 @@ def median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def summary(name: str, samples: dict[str, list[tuple[float, float]]], count: int) -> dict:
-    base_wall, mass_wall = median([w for w, _ in samples["base"]]), median([w for w, _ in samples["mass"]])
-    base_cpu, mass_cpu = median([c for _, c in samples["base"]]), median([c for _, c in samples["mass"]])
-    return {"measure": name, "inputs": count, "base_wall_s": base_wall, "mass_wall_s": mass_wall,
+def summary(name: str, samples: dict[str, list[tuple[float, float]]], point: str, count: int) -> dict:
+    base_wall, mass_wall = median([w for w, _ in samples["base"]]), median([w for w, _ in samples[point]])
+    base_cpu, mass_cpu = median([c for _, c in samples["base"]]), median([c for _, c in samples[point]])
+    return {"measure": f"{name}: {point}", "inputs": count, "base_wall_s": base_wall, "mass_wall_s": mass_wall,
             "base_cpu_s": base_cpu, "mass_cpu_s": mass_cpu, "ratio_wall": base_wall / mass_wall,
             "ratio_cpu": base_cpu / mass_cpu, "mass_inputs_per_s": count / mass_wall}
 
@@ -222,6 +237,8 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=None, help="[default: the artifact's serve.batch_size]")
     parser.add_argument("--max-length", type=int, default=None, help="[default: the artifact's serve.max_length]")
+    parser.add_argument("--restart-block", type=int, default=None, help="also measure this restart block beside 0")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (the base runs there too)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -230,25 +247,27 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     texts = suite_texts(args.inputs, args.seed)
+    restarts = [0] + ([args.restart_block] if args.restart_block else [])
     with tempfile.TemporaryDirectory(prefix="massmerge-predict-") as tmp_name:
         tmp = Path(tmp_name)
         artifact = args.artifact or synthetic_artifact(tmp / "artifact")
         args.batch_size, args.max_length = served_lengths(artifact, args.batch_size, args.max_length)
-        steady = steady_state(artifact, texts, args.batch_size, args.max_length, args.rounds)
-        whole = end_to_end(artifact, texts, args.batch_size, args.max_length, args.rounds, tmp)
-    rows = [summary("steady state (one process, predict_texts)", steady["samples"], len(texts)),
-            summary("end to end (whole processes, massmerge predict)", whole["samples"], len(texts))]
+        steady = steady_state(artifact, texts, args.batch_size, args.max_length, args.rounds, restarts, args.device)
+        whole = end_to_end(artifact, texts, args.batch_size, args.max_length, args.rounds, tmp, restarts, args.device)
+    rows = [summary("steady state (predict_texts)", steady["samples"], point_name(j), len(texts)) for j in restarts]
+    rows += [summary("end to end (massmerge predict)", whole["samples"], point_name(j), len(texts)) for j in restarts]
     print(table(rows, list(rows[0])))
-    shares = {key: median([s[key] for s in steady["shares"]]) for key in steady["shares"][0]}
-    total = sum(shares.values())
-    print("\nshares of one steady-state predict run (median over rounds): " +
-          ", ".join(f"{key} {value:.2f} s ({100 * value / total:.0f}%)" for key, value in shares.items()))
+    for point, per_round in steady["shares"].items():
+        shares = {key: median([s[key] for s in per_round]) for key in per_round[0]}
+        total = sum(shares.values()) or 1.0
+        print(f"\nshares of one steady-state predict run, {point} (median over rounds): " +
+              ", ".join(f"{key} {value:.2f} s ({100 * value / total:.0f}%)" for key, value in shares.items()))
     source = str(args.artifact) if args.artifact else "synthetic (seeded low-rank experts of the real base)"
     print(f"\nartifact: {source}; {args.inputs} real suite texts, batch {args.batch_size}, max length "
-          f"{args.max_length}, {torch.get_num_threads()} torch threads")
+          f"{args.max_length}, device {args.device}, {torch.get_num_threads()} torch threads")
     path = write_json("predict_throughput", {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                             "shares": shares, "samples": {"steady": steady["samples"],
-                                                                           "end_to_end": whole["samples"]}})
+                                             "shares": steady["shares"], "samples": {"steady": steady["samples"],
+                                                                                     "end_to_end": whole["samples"]}})
     print(f"wrote {path}")
 
 

@@ -26,7 +26,7 @@ import pytest
 import massmerge
 
 PACKAGE = Path(massmerge.__file__).resolve().parent
-ENGINE = ("routed", "first_pass", "second_pass", "model", "serving", "build")
+ENGINE = ("routed", "restart", "first_pass", "second_pass", "model", "serving", "build")
 LAYERS: list[tuple[str, ...]] = [
     ("massmerge", "massmerge.errors", "massmerge.lazy", "massmerge.progress", "massmerge.memory", "massmerge.choices",
      "massmerge.sources", "massmerge.device", "massmerge.io"),

@@ -251,3 +251,22 @@ def test_plots_draw_percent_with_values_on_bars(tmp_path: Path, monkeypatch: pyt
     assert "%" in sweep.get_ylabel()
     for fig in figures:
         plt.close(fig)
+
+
+def test_frontier_rows_get_intervals_a_table_and_a_plot(tmp_path: Path) -> None:
+    def point(block: int, restart: int, val: float, test: float, speed: float) -> dict[str, Any]:
+        part = lambda avg: {"avg_normalized": avg, "normalized": {"a": avg, "b": avg, "c": avg},  # noqa: E731
+                            "accuracy": {"a": 0.8 * avg, "b": 0.7 * avg, "c": 0.9 * avg}}
+        return {"routing_layer": f"encoder.layer.{block}.intermediate.dense", "routing_block": block,
+                "restart_block": restart, "cost": (block + 1 + 6 - restart) / 6, "val": part(val), "test": part(test),
+                "throughput": speed}
+
+    rows = [point(4, 0, 0.9, 0.89, 0.45), point(4, 4, 0.895, 0.885, 0.8), point(2, 2, 0.8, 0.79, 1.1)]
+    full = write_report(fake_report(frontier=rows), tmp_path, show=False)
+    assert set(full["intervals"]["frontier"]) == {f"l={b} j={j} ({s})" for b, j in [(4, 0), (4, 4), (2, 2)]
+                                                 for s in ("val", "test")}
+    low, high = full["intervals"]["frontier"]["l=4 j=4 (val)"]
+    assert low < 0.895 < high
+    text = (tmp_path / "report.md").read_text()
+    assert "## Beyond two passes: the cost/accuracy frontier" in text and "| 4 | 4 | 89.5 ±" in text
+    assert (tmp_path / "frontier.png").stat().st_size > 0

@@ -121,10 +121,23 @@ class BaseAdapter:
             return check_linear(model, self.routing_override)
         prefix, blocks = self.blocks(model)
         index = default_routing_block(len(blocks)) if self.routing_override is None else int(self.routing_override)
+        return self.block_routing_layer(model, index)
+
+    def block_routing_layer(self, model: nn.Module, index: int) -> str:
+        """The routing matrix of block ``index`` (its first MLP matrix)."""
+        prefix, blocks = self.blocks(model)
         if not -len(blocks) <= index < len(blocks):
             raise OptionError(f"routing_layer: block {index} out of range, the model has {len(blocks)} blocks")
         index %= len(blocks)
         return f"{prefix}.{index}.{self.mlp_linear(blocks[index])}"
+
+    def block_of(self, model: nn.Module, layer: str) -> int:
+        """The index of the block that holds module ``layer``."""
+        names = self.block_names(model)
+        found = next((i for i, name in enumerate(names) if layer.startswith(name + ".")), None)
+        if found is None:
+            raise OptionError(f"routing_layer: '{layer}' is in none of the model's blocks")
+        return found
 
     def evidence_layers(self, model: nn.Module, layer: str) -> tuple[str, ...]:
         """Every plain ``nn.Linear`` of the blocks up to the routing layer's block that is registered before it,
@@ -156,6 +169,11 @@ class BaseAdapter:
         if not self.multi_layer_default:
             return {"routing_layers": (layer,), "pooling": self.pooling, "layer_combine": "standardized"}
         return {"routing_layers": self.evidence_layers(model, layer), "pooling": self.pooling, "layer_combine": "ppca"}
+
+    def block_names(self, model: nn.Module) -> list[str]:
+        """The transformer blocks' module names in forward order (what ``restart_block`` counts)."""
+        prefix, blocks = self.blocks(model)
+        return [f"{prefix}.{index}" for index in range(len(blocks))]
 
     def depth(self, model: nn.Module) -> int:
         """Number of transformer blocks of the encoder."""

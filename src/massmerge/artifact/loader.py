@@ -122,13 +122,16 @@ def load(
     strategy: Strategy = "auto",
     router: str | None = None,
     device: torch.device | str | None = None,
+    blocks: Sequence[str] | None = None,
     **serve: Any,
 ) -> MASSModel:
     """Load an artifact as a :class:`~massmerge.mass.MASSModel`; keyword arguments override serve settings.
 
     ``serve`` keys are :class:`~massmerge.mass.config.ServeSettings` fields (``eta=0.1``, ``top_k=1``,
     ``head_rule='posterior'``, ``routing_layers=(...)``, ``pooling='content'``, ``dtype='float16'``, ...);
-    ``device`` places the model (default: the CPU, where it was read); ``router='paper'``
+    ``device`` places the model (default: the CPU, where it was read; a generic ``base_model`` is moved in
+    place); ``blocks`` names a generic module's transformer blocks (``restart_block``; an adapter knows its own);
+    ``router='paper'``
     applies a named router rule first. Artifacts with an adapter rebuild their module from ``model/``; generic
     ones need ``base_model`` (its weights are replaced by the artifact's base) and the ``pool``/``features``
     functions used at build. ``verify`` checks every file's sha256 first (on by default; sizes, confinement and
@@ -156,7 +159,8 @@ def load(
     settings = serve_settings(manifest, router=router, adapter=adapter, **serve)
     model = MASSModel(module.eval(), factors, heads, settings, pool=pool or identity_pool,
                       features=features or default_features, strategy=strategy,
-                      class_names=[entry.class_names for entry in manifest.heads], device=device)
+                      class_names=[entry.class_names for entry in manifest.heads], device=device,
+                      blocks=blocks if blocks is not None else (adapter.block_names(module) if adapter else None))
     model.manifest, model.adapter = manifest, adapter
     return model
 

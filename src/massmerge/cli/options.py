@@ -36,6 +36,8 @@ SERVE_HELP = {
     "alpha": "scale of the merged deltas",
     "batch_size": "inputs per batch, tasks mixed",
     "dtype": "serving precision: float32, float16 or bfloat16",
+    "restart_block": ("the block the second pass restarts at from the first pass's hidden states (0: two full "
+                      "passes; at most the routing layer's block)"),
 }
 
 

@@ -105,6 +105,7 @@ def predict_cmd(
     alpha: Annotated[float | None, typer.Option(metavar="FLOAT", help=artifact_help("alpha"))] = None,
     strategy: Annotated[str, typer.Option(metavar="NAME", help="second pass: auto, batched, grouped or reference "
                                                                "(slow, for checks)")] = "auto",
+    restart_block: Annotated[int | None, typer.Option(metavar="INT", help=artifact_help("restart_block"))] = None,
     device: Annotated[str | None, typer.Option(metavar="NAME", help=DEVICE_HELP)] = None,
     dtype: Annotated[str | None, typer.Option(metavar="DTYPE", help=artifact_help("dtype"))] = None,
 ) -> None:
@@ -120,7 +121,7 @@ def predict_cmd(
     overrides = {"routing_layers": tuple(routing_layer) if routing_layer else None, "pooling": pooling,
                  "layer_combine": layer_combine, "mode": mode, "eta": eta, "top_k": top_k, "tau": tau,
                  "head_rule": head_rule, "alpha": alpha, "batch_size": batch_size, "max_length": max_length,
-                 "dtype": dtype}
+                 "dtype": dtype, "restart_block": restart_block}
     serve_settings(manifest, router=None, **overrides)  # every flag is checked before the model loads
     items = read_inputs(artifact, manifest, inputs)
     if not items:

@@ -88,6 +88,10 @@ def suite_cmd(
     head_rule: Annotated[str | None, typer.Option(metavar="NAME", help=engine_help("head_rule"))] = None,
     eta: Annotated[float | None, typer.Option(metavar="FLOAT", help=engine_help("eta"))] = None,
     top_k: Annotated[int | None, typer.Option(metavar="INT", help=engine_help("top_k"))] = None,
+    restart_block: Annotated[int | None, typer.Option(metavar="INT", help=engine_help("restart_block"))] = None,
+    frontier: Annotated[bool, typer.Option("--frontier/--no-frontier", help="score every restart block and "
+                                                                            "earlier routing layers: accuracy "
+                                                                            "against throughput")] = False,
     eps: Annotated[float, typer.Option(metavar="FLOAT", help=EPS_HELP)] = DEFAULT_EPS,
     deredundancy: Annotated[bool, typer.Option("--deredundancy/--no-deredundancy", help=DEREDUNDANCY_HELP)] = True,
     max_size: Annotated[float | None, typer.Option(metavar="FLOAT", help=MAX_SIZE_HELP)] = None,
@@ -115,7 +119,8 @@ def suite_cmd(
     if router is not None and router not in ROUTER_PROFILES:
         raise OptionError(f"--router: unknown rule '{router}' (choose {', '.join(ROUTER_PROFILES)})")
     serve: dict[str, Any] = {k: v for k, v in {"pooling": pooling, "layer_combine": layer_combine,
-                                               "head_rule": head_rule, "eta": eta, "top_k": top_k}.items()
+                                               "head_rule": head_rule, "eta": eta, "top_k": top_k,
+                                               "restart_block": restart_block}.items()
                              if v is not None}
     if routing_layer and len(routing_layer) > 1:  # several: exactly these; one: the exit layer of the default
         serve["routing_layers"] = tuple(routing_layer)
@@ -132,7 +137,8 @@ def suite_cmd(
     config = SuiteConfig(
         preset=preset, tasks=tuple(tasks.split(",")) if tasks else None, n_test=n_test, finetune=finetune,
         routing_layer=routing_layer[-1] if routing_layer else None, mass_layers=tuple(mass_layer or ()),
-        eps=build.eps, max_size=build.max_size, router=router, serve=serve, ablation=ablation, seed=seed,
+        eps=build.eps, max_size=build.max_size, router=router, serve=serve, ablation=ablation, frontier=frontier,
+        seed=seed,
         device=None if target.type == "cpu" else str(target), dtype=dtype,
     )  # fmt: skip
     out_dir = output or Path("massmerge-suite") / preset

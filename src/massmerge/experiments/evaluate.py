@@ -212,7 +212,8 @@ def serve_mass(wb: Workbench, parts: MASSParts, seconds: float) -> runner.Served
     router, on the config's device."""
     settings = parts.serve.updated(**wb.config.serve_overrides())
     mass = parts.model(wb.model, settings=settings, pool=wb.adapter.pool, features=wb.adapter.features,
-                       class_names=[list(d.classes) for d in wb.datasets], device=resolve_device(wb.config.eval.device))
+                       class_names=[list(d.classes) for d in wb.datasets], device=resolve_device(wb.config.eval.device),
+                       blocks=wb.adapter.block_names(wb.model))
     return runner.serve_parts(wb.model, parts, mass, seconds)
 
 

@@ -63,6 +63,7 @@ class MassOptions(_Strict):
     mode: RoutingMode | None = None
     head_rule: HeadRule | None = None
     pooling: Pooling | None = None
+    restart_block: int | None = Field(default=None, ge=0, description="the second pass's restart block")
 
 
 class EvalOptions(_Strict):
@@ -114,7 +115,7 @@ class BenchmarkConfig(_Strict):
 
     def serve_overrides(self) -> dict[str, Any]:
         """The serve settings this config sets explicitly (the rest stay the family's), and the batch size."""
-        fields = ("alpha", "eta", "top_k", "tau", "mode", "head_rule", "pooling")
+        fields = ("alpha", "eta", "top_k", "tau", "mode", "head_rule", "pooling", "restart_block")
         values = {name: getattr(self.mass, name) for name in fields if getattr(self.mass, name) is not None}
         return {**values, "batch_size": self.eval.batch_size, "dtype": self.eval.dtype}
 

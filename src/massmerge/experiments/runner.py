@@ -318,6 +318,34 @@ def ablation_rows(pool: TaskPool, served: ServedMASS, variants: Mapping[str, Map
     return rows
 
 
+def frontier_rows(pool: TaskPool, model: nn.Module, served: ServedMASS, adapter: Any, blocks: Sequence[int],
+                  cache: EvalCache, expert: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+    """The cost/accuracy frontier of issue 21: for each routing block l (the family's router exiting at block
+    l's routing matrix) and each restart block j from 0 to l, normalized accuracy with the task hidden on the
+    validation and test splits, and throughput against a plain forward measured in the same run. Costs in
+    forwards: about ``(l + 1 + L - j) / L`` (the first pass runs into block l; ``j = 0`` recomputes all)."""
+    depth = len(adapter.block_names(model))
+    multi = len(served.mass.settings.routing_layers) > 1
+    rows = []
+    for block in blocks:
+        layer = adapter.block_routing_layer(model, block)
+        layers = adapter.evidence_layers(model, layer) if multi else (layer,)
+        for restart in range(block + 1):
+            view = served.mass.with_settings(routing_layers=layers, restart_block=restart)
+            settings = {**served.build_key, **view.settings.model_dump(mode="json")}
+            found: dict[str, Any] = {"routing_layer": layer, "routing_block": block, "restart_block": restart,
+                                     "cost": (block + 1 + depth - restart) / depth}
+            for split in ("val", "test"):
+                result = cache.get_or_run(f"frontier-{split}", lambda v=view, s=split: score_mass(pool, v, s, "MASS"),
+                                          **settings)
+                normalized = ev.normalized_accuracy(result["max_logit"], expert[split])
+                found[split] = {"avg_normalized": ev.mean(normalized), "normalized": normalized,
+                                "accuracy": result["max_logit"]}
+            found["throughput"] = throughput(pool, model, view)["ratio"]
+            rows.append(found)
+    return rows
+
+
 def throughput(pool: TaskPool, model: nn.Module, mass: MASSModel, count: int = 512) -> dict[str, Any]:
     """Inputs/s of the served MASS model (:func:`~massmerge.mass.serving.serve`, as ``massmerge predict``) and of
     the plain base forward to the features, on the same ``count`` test inputs of mixed tasks, same batch size."""
@@ -348,6 +376,6 @@ def throughput(pool: TaskPool, model: nn.Module, mass: MASSModel, count: int = 5
                     "serve batches its first pass (size-sorted windows)"}
 
 
-__all__ = ["ServedMASS", "ablation_rows", "mass_rows", "router_variants", "routing_sweep", "row",
+__all__ = ["ServedMASS", "ablation_rows", "frontier_rows", "mass_rows", "router_variants", "routing_sweep", "row",
            "score_experts", "score_features", "score_mass", "score_mass_task_given", "score_static", "serve_parts",
            "split_features", "static_rows", "throughput", "tsv_c_accuracy"]

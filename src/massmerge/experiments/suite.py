@@ -76,6 +76,7 @@ class SuiteConfig(BaseModel):
     router: str | None = None  # a named router rule applied first (mass.config.ROUTER_PROFILES, e.g. "paper")
     serve: dict[str, Any] = {}  # serve-setting overrides of MASS (eta, top_k, pooling, head_rule, ...)
     ablation: bool = True  # score the router variants on val and test
+    frontier: bool = False  # score every restart block and earlier routing layers (issue 21)
     methods: tuple[str, ...] = STATIC_MERGES
     seed: int = 0
     eval_batch_size: int = 64
@@ -207,7 +208,8 @@ def serve_mass(zoo: Zoo, parts: MASSParts, settings: ServeSettings, cfg: SuiteCo
                ) -> runner.ServedMASS:
     """The one served model over the parts, on the suite's device."""
     mass = parts.model(zoo.model, settings=settings, pool=zoo.adapter.pool, features=zoo.adapter.features,
-                       class_names=[t.classes for t in zoo.tasks], device=cfg.device)
+                       class_names=[t.classes for t in zoo.tasks], device=cfg.device,
+                       blocks=zoo.adapter.block_names(zoo.model))
     return runner.serve_parts(zoo.model, parts, mass, seconds)
 
 
@@ -275,6 +277,11 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
         variants = runner.router_variants(zoo.adapter, model, served.mass.settings.routing_layers[-1])
         ablation = runner.ablation_rows(pool, served, variants, cache, {"test": expert, "val": experts["val"]})
     throughput = runner.throughput(pool, model, served.mass)
+    frontier = None
+    if cfg.frontier:
+        routing = zoo.adapter.block_of(model, layer)
+        frontier = runner.frontier_rows(pool, model, served, zoo.adapter, sorted({routing, 3, 2} - {0}, reverse=True),
+                                        cache, {"test": expert, "val": experts["val"]})
     timing = {**zoo.timing, "evaluate_seconds": time.perf_counter() - start,
               "factorize_seconds": served.factor_seconds, "total_seconds": time.perf_counter() - wall}
     settings = served.mass.settings
@@ -289,7 +296,7 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
         "methods": rows, "mass": mass_details[0], "mass_layers": mass_details, "dropped": served.mass.factors.dropped(),
         "layer_sweep": sweep, "throughput": throughput,
         "storage": {k: v for k, v in served.storage.items() if k != "rank_scale"}, "timing": timing,
-        "threads": torch.get_num_threads(), "ablation": ablation,
+        "threads": torch.get_num_threads(), "ablation": ablation, "frontier": frontier,
     }  # fmt: skip
     report["targets"] = targets(report)
     write_serving_files(zoo, out_dir)

@@ -80,6 +80,8 @@ class ServeSettings(_Settings):
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
     max_length: int | None = Field(default=None, ge=1, description="text: tokens per input; None = the model's")
     dtype: ServeDtype | None = Field(default=None, description="serving precision; None = the base's own")
+    restart_block: int = Field(default=0, ge=0, description="the block the second pass restarts at from the "
+                                                            "first pass's hidden states; 0 = two full passes")
 
     def updated(self, **overrides: Any) -> ServeSettings:
         """A copy with the given fields replaced (None values are ignored), validated like the original."""

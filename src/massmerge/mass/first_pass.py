@@ -2,7 +2,8 @@
 
 The first-pass weights are materialized lazily (once per alpha, only for the layers the pass reaches, by the
 ``value`` function the engine hands in); each routing layer's input is captured and the forward stops
-(:class:`~massmerge.mass.routed.StopForward`) once the deepest one is seen.
+(:class:`~massmerge.mass.routed.StopForward`) once the deepest one is seen. For a second pass that restarts
+at block j (:mod:`massmerge.mass.restart`) it also records the output of block j - 1.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from massmerge.mass.routed import (
     RoutedLayerNorm,
     RoutedLinear,
     StopForward,
+    run_block,
     shallow_copy,
     subtree_keys,
 )
@@ -29,11 +31,19 @@ class FirstPass(Pass):
     """The first pass: first-pass weights (lazily materialized by ``value``), capture the routing inputs."""
 
     def __init__(self, value: Callable[[str, torch.Tensor], torch.Tensor], routing_layers: Sequence[str],
-                 generic_keys: frozenset[str]) -> None:
+                 generic_keys: frozenset[str], record_block: int | None = None) -> None:
         self.value = value  # (key, base tensor) -> first-pass tensor (the base's when the key is not factored)
         self.routing = tuple(routing_layers)
         self.generic_keys = generic_keys
         self.captured: dict[str, torch.Tensor] = {}
+        self.record_block = record_block  # a restarting second pass needs this block's output
+        self.recorded: Any = None
+
+    def block(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        output = run_block(module, args, kwargs)
+        if module.mass_block_index == self.record_block:  # type: ignore[attr-defined]
+            self.recorded = output
+        return output
 
     def _param(self, module: nn.Module, name: str) -> torch.Tensor | None:
         base = getattr(module, name)

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn import functional as F
 
 from massmerge.device import resolve_device, to_device
 from massmerge.errors import OptionError
@@ -46,7 +47,8 @@ from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.lru import LRU
 from massmerge.mass.pooling import PoolFn, batch_size_of, identity_pool
 from massmerge.mass.first_pass import FirstPass
-from massmerge.mass.routed import StopForward, Unbatchable, active, install
+from massmerge.mass.restart import RestartState, batch_tokens, block_hidden, join_rows, split_rows
+from massmerge.mass.routed import Pass, StopForward, Unbatchable, active, install, install_blocks, run_block
 from massmerge.mass.second_pass import Group, Plan, SecondPass, SetData
 from massmerge.mass.setmerge import SetMerger, TaskSet
 from massmerge.task_vectors import add_delta
@@ -100,11 +102,13 @@ class MASSOutput:
 
 @dataclass
 class Routing:
-    """The router's view of a batch."""
+    """The router's view of a batch (and, with ``restart_block``, each sample's first-pass hidden states at the
+    restart block, for its second pass: :mod:`massmerge.mass.restart`)."""
 
     residuals: dict[str, torch.Tensor]
     probs: torch.Tensor
     selected: torch.Tensor
+    restart: list[torch.Tensor] | None = None
 
 
 class StageClock:
@@ -165,6 +169,8 @@ class _Shared:
         self._first_lock = threading.Lock()
         self._reference_lock = threading.Lock()
         self.clock: StageClock | None = None  # set for a timed block (MASSModel.timed)
+        self.blocks: tuple[str, ...] = ()  # the transformer blocks' names, in forward order (restart_block)
+        self.block_output_length: int | None = None  # blocks return a tensor (None) or a tuple of this length
 
     def stage(self, name: str) -> AbstractContextManager[None]:
         """Time the block as stage ``name`` when a clock is running (a no-op otherwise)."""
@@ -235,6 +241,50 @@ def _seq_first_module(model: nn.Module) -> str | None:
     return None
 
 
+def check_restart(blocks: Sequence[str], settings: ServeSettings) -> None:
+    """``restart_block`` names a block the first pass reaches: at most the block of the deepest routing layer
+    (the first pass stops there), and the model's blocks must be known (an adapter's, or ``blocks=``)."""
+    j = settings.restart_block
+    if not j:
+        return
+    if not blocks:
+        raise OptionError("--restart-block: the model's transformer blocks are unknown (load an adapter artifact, "
+                          "or pass blocks=[...] with the block modules' names)")
+    deepest = settings.routing_layers[-1]
+    routing_block = next((i for i, name in enumerate(blocks) if deepest.startswith(name + ".")), None)
+    if routing_block is None:
+        raise OptionError(f"--restart-block: the routing layer '{deepest}' is in none of the model's blocks")
+    if j > routing_block:
+        raise OptionError(f"--restart-block {j}: the first pass stops in block {routing_block} (routing layer "
+                          f"'{deepest}'), so the second pass can restart at block {routing_block} at the latest")
+
+
+class ReferencePass(Pass):
+    """The reference path's only pass: plain modules (its weights are swapped in by ``functional_call``), the
+    blocks before the restart block skipped as the served second pass skips them."""
+
+    def __init__(self, restart: RestartState) -> None:
+        self.restart = restart
+
+    def linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, module.weight, module.bias)
+
+    def embedding(self, module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, module.weight, module.padding_idx, module.max_norm, module.norm_type,
+                           module.scale_grad_by_freq, module.sparse)
+
+    def layer_norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+
+    def generic(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return module.mass_plain.forward(module, *args, **kwargs)  # type: ignore[attr-defined]
+
+    def block(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if module.mass_block_index < self.restart.block:  # type: ignore[attr-defined]
+            return self.restart.output()
+        return run_block(module, args, kwargs)
+
+
 def place(base_model: nn.Module, factors: ExpertFactors, heads: nn.Module, device: torch.device | str | None,
           dtype: torch.dtype | None) -> None:
     """Move a MASS model's parts, in place, to ``device`` and the base to the serving ``dtype``.
@@ -292,7 +342,7 @@ class MASSModel(nn.Module):
                  settings: ServeSettings | None = None, *, pool: PoolFn = identity_pool,
                  features: FeatureFn = default_features, strategy: Strategy = "auto",
                  class_names: Sequence[Sequence[str] | None] | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, **overrides: Any) -> None:
+                 dtype: torch.dtype | None = None, blocks: Sequence[str] | None = None, **overrides: Any) -> None:
         super().__init__()
         if strategy not in STRATEGIES:
             raise OptionError(f"strategy: unknown value '{strategy}' (choose {', '.join(STRATEGIES)})")
@@ -309,6 +359,9 @@ class MASSModel(nn.Module):
         self._bases = {layer: self._routing_basis(layer) for layer in self.settings.routing_layers}
         self._bank = router.RoutingBank(self._bases)
         install(base_model, [], self.settings.routing_layers)
+        self._shared.blocks = tuple(blocks or ())
+        install_blocks(base_model, self._shared.blocks)
+        check_restart(self._shared.blocks, self.settings)
 
     def _routing_basis(self, layer: str) -> router.LayerBases:
         stacked = self._shared.merger.stacked[f"{layer}.weight"]  # check_parts: it has factors
@@ -371,6 +424,7 @@ class MASSModel(nn.Module):
                 raise OptionError(f"strategy: unknown value '{strategy}' (choose {', '.join(STRATEGIES)})")
             view.strategy = strategy
         check_parts(self.model, self.factors, view.heads, view.settings)
+        check_restart(self._shared.blocks, view.settings)
         view._bases = {layer: self._bases.get(layer) or self._routing_basis(layer)
                        for layer in view.settings.routing_layers}
         if list(view._bases) != list(self._bases):
@@ -388,9 +442,12 @@ class MASSModel(nn.Module):
 
     def routing_activations(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Each routing layer's input [B, L, d] (or [B, d]) under the first-pass weights; stops at the last."""
-        layers = self.settings.routing_layers
+        return self._first_pass(batch).captured
+
+    def _first_pass(self, batch: Batch) -> FirstPass:
+        layers, restart = self.settings.routing_layers, self.settings.restart_block
         first = FirstPass(self._shared.first_pass_value(self.settings.alpha), layers,
-                          self._shared.installed.generic_keys)
+                          self._shared.installed.generic_keys, record_block=restart - 1 if restart else None)
         with active(first):
             try:
                 self._shared.runner(self.inputs(batch))
@@ -399,14 +456,16 @@ class MASSModel(nn.Module):
         missing = [layer for layer in layers if layer not in first.captured]
         if missing:
             raise OptionError(f"--routing-layer '{missing[0]}' was never called in the forward pass")
-        return first.captured
+        return first
 
     @torch.no_grad()
     def layer_residuals(self, batch: Batch) -> dict[str, torch.Tensor]:
         """[B, T] projection residuals of every routing layer, pooled as the settings say (``tokens``: the RMS of
         each content token's residual), from one first pass."""
-        batch = self.inputs(batch)
-        s, captured = self.settings, self.routing_activations(batch)
+        return self._layer_residuals(self.inputs(batch), self._first_pass(batch))
+
+    def _layer_residuals(self, batch: Batch, first: FirstPass) -> dict[str, torch.Tensor]:
+        s, captured = self.settings, first.captured
         pooled_by_input: dict[int, Any] = {}  # layers that read one tensor (query, key, value) pool it once
         pooled = {}
         for layer in s.routing_layers:
@@ -426,12 +485,17 @@ class MASSModel(nn.Module):
             return self._route(batch)
 
     def _route(self, batch: Batch) -> Routing:
-        s = self.settings
-        residuals = self.layer_residuals(batch)
+        s, batch = self.settings, self.inputs(batch)
+        first = self._first_pass(batch)
+        residuals = self._layer_residuals(batch, first)
         free = [self._bases[layer].dim - self._bases[layer].mean_rank for layer in s.routing_layers]
         probs, selected = router.route(list(residuals.values()), combine=s.layer_combine, free_dims=free,
                                        mode=s.mode, eta=s.eta, top_k=s.top_k, tau=s.tau)
-        return Routing(residuals, probs, selected)
+        restart = None
+        if s.restart_block:
+            hidden, self._shared.block_output_length = block_hidden(first.recorded)
+            restart = split_rows(hidden, batch)
+        return Routing(residuals, probs, selected, restart)
 
     # -- second pass -----------------------------------------------------------------------------------------
     def features_with(self, tasks: Sequence[int], batch: Batch) -> torch.Tensor:
@@ -440,54 +504,66 @@ class MASSModel(nn.Module):
         return self.second_pass_features(batch, [(tuple(sorted(tasks)), index)])
 
     @torch.no_grad()
-    def second_pass_features(self, batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]]) -> torch.Tensor:
-        """Features [B, d]: sample i under its group's set, by this model's strategy (module doc)."""
+    def second_pass_features(self, batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]],
+                             restart: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Features [B, d]: sample i under its group's set, by this model's strategy (module doc). ``restart``:
+        each sample's first-pass hidden states (``Routing.restart``) when ``restart_block`` is set; without
+        them the second pass runs from the embeddings."""
         with self._shared.stage("second pass + heads"):
-            return self._second_pass_features(self.inputs(batch), groups)
+            batch = self.inputs(batch)
+            state = None
+            if restart is not None and self.settings.restart_block:
+                hidden = join_rows(restart, batch, batch_tokens(batch, restart))
+                state = RestartState(self.settings.restart_block, hidden, self._shared.block_output_length)
+            return self._second_pass_features(batch, groups, state)
 
-    def _second_pass_features(self, batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]]) -> torch.Tensor:
+    def _second_pass_features(self, batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]],
+                              restart: RestartState | None) -> torch.Tensor:
         if self.strategy == "reference":
-            return self._per_group(batch, groups, self._reference_features)
+            return self._per_group(batch, groups, restart, self._reference_features)
         if len(groups) > 1 and self.strategy in ("auto", "batched") and not self._shared.batched_off_reason:
             try:
-                return self._batched_features(batch, groups)
+                return self._batched_features(batch, groups, restart)
             except Unbatchable as why:
                 self._shared.batched_off_reason = str(why)  # a model's layout does not change between batches
         if self.strategy == "batched" and len(groups) > 1:
             raise OptionError(f"strategy batched: this model cannot run mixed task sets in one forward "
                               f"({self._shared.batched_off_reason})")
-        return self._per_group(batch, groups, self._group_features)
+        return self._per_group(batch, groups, restart, self._group_features)
 
-    def _pass(self, spans: list[tuple[TaskSet, int, int]], size: int) -> SecondPass:
+    def _pass(self, spans: list[tuple[TaskSet, int, int]], size: int, restart: RestartState | None) -> SecondPass:
         shared, alpha = self._shared, self.settings.alpha
         groups = [Group(start, stop, shared.set_data(tasks, alpha)) for tasks, start, stop in spans]
         return SecondPass(groups, size, shared.merger, alpha, shared.installed.generic_keys,
-                          shared.dense_value(alpha), kept=shared.kept)
+                          shared.dense_value(alpha), kept=shared.kept, restart=restart)
 
-    def _batched_features(self, batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]]) -> torch.Tensor:
+    def _batched_features(self, batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]],
+                          restart: RestartState | None) -> torch.Tensor:
         plan = Plan.of(groups)
-        with active(self._pass(plan.spans, len(plan.order))):
+        ordered = None if restart is None else restart.rows(plan.order)
+        with active(self._pass(plan.spans, len(plan.order), ordered)):
             return plan.unpermute(self._shared.runner(index_batch(batch, plan.order)))
 
-    def _group_features(self, tasks: TaskSet, batch: Batch) -> torch.Tensor:
+    def _group_features(self, tasks: TaskSet, batch: Batch, restart: RestartState | None) -> torch.Tensor:
         size = batch_size_of(batch)
-        with active(self._pass([(tasks, 0, size)], size)):
+        with active(self._pass([(tasks, 0, size)], size, restart)):
             return self._shared.runner(batch)
 
-    def _reference_features(self, tasks: TaskSet, batch: Batch) -> torch.Tensor:
+    def _reference_features(self, tasks: TaskSet, batch: Batch, restart: RestartState | None) -> torch.Tensor:
         """Every weight of ``theta_0 + alpha * TSV-M(tasks)`` formed densely from exact SVD polar factors."""
         shared, alpha = self._shared, self.settings.alpha
         delta = shared.factors.merged_delta(tasks)
         params = {f"model.{key}": add_delta(shared.base[key], value, alpha) for key, value in delta.items()}
-        with shared._reference_lock:  # functional_call swaps parameters on the shared module
-            return functional_call(shared.runner, params, (batch,), strict=False)
+        with shared._reference_lock, active(None if restart is None else ReferencePass(restart)):
+            return functional_call(shared.runner, params, (batch,), strict=False)  # swaps the shared parameters
 
     @staticmethod
-    def _per_group(batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]],
-                   run: Callable[[TaskSet, Batch], torch.Tensor]) -> torch.Tensor:
+    def _per_group(batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]], restart: RestartState | None,
+                   run: Callable[[TaskSet, Batch, RestartState | None], torch.Tensor]) -> torch.Tensor:
         if len(groups) == 1:
-            return run(groups[0][0], batch)
-        parts = [(index, run(tasks, index_batch(batch, index))) for tasks, index in groups]
+            return run(groups[0][0], batch, restart)
+        parts = [(index, run(tasks, index_batch(batch, index), None if restart is None else restart.rows(index)))
+                 for tasks, index in groups]
         out = parts[0][1].new_empty((sum(len(index) for index, _ in parts), *parts[0][1].shape[1:]))
         for index, feats in parts:
             out[index] = feats
@@ -509,7 +585,7 @@ class MASSModel(nn.Module):
         if task is not None:
             return self._given(batch, task, return_features)
         routing = self.route(batch)
-        feats = self.second_pass_features(batch, group_by_task_set(routing.selected))
+        feats = self.second_pass_features(batch, group_by_task_set(routing.selected), routing.restart)
         pred_task, label = self.choose(feats, routing.selected, routing.probs)
         return MASSOutput(pred_task, label, routing.probs, routing.selected, routing.residuals,
                           feats if return_features else None)

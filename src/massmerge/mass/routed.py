@@ -80,6 +80,26 @@ class RoutedGeneric:
         return active.generic(self, args, kwargs)
 
 
+class RoutedBlock:
+    """Mixin of a transformer block the active pass may skip (made per block class by :func:`block_class`): a
+    second pass that restarts at block j returns the first pass's output of block j - 1 from every block before
+    j instead of computing it (``restart_block``)."""
+
+    mass_block_index: int
+    mass_block_plain: type[nn.Module]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        active = ACTIVE.get()
+        if active is None:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        return active.block(self, args, kwargs)
+
+
+def run_block(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A routed block's own forward (whatever routed class it had before it became a block)."""
+    return super(RoutedBlock, module).forward(*args, **kwargs)  # type: ignore[misc]
+
+
 ROUTED_TYPES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: RoutedLinear, nn.Embedding: RoutedEmbedding, nn.LayerNorm: RoutedLayerNorm,
 }
@@ -93,9 +113,21 @@ def generic_class(cls: type[nn.Module]) -> type[nn.Module]:
     return _GENERIC_CLASSES[cls]
 
 
+_BLOCK_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def block_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """The skippable subclass of a block class (cached per class; ``cls`` may itself be a routed class)."""
+    if cls not in _BLOCK_CLASSES:
+        _BLOCK_CLASSES[cls] = type(f"Block{cls.__name__}", (RoutedBlock, cls), {"mass_block_plain": cls})
+    return _BLOCK_CLASSES[cls]
+
+
 def plain_class(module: nn.Module) -> type[nn.Module]:
     """The module's class before :func:`install` swapped it."""
     cls = type(module)
+    if issubclass(cls, RoutedBlock):
+        cls = cls.mass_block_plain
     if issubclass(cls, RoutedGeneric):
         return cls.mass_plain
     for plain, routed in ROUTED_TYPES.items():
@@ -146,6 +178,17 @@ def install(model: nn.Module, keys: Sequence[str], routing_layers: Sequence[str]
     for layer in routing_layers:
         _swap(modules[layer], RoutedLinear, layer)
     return Installed(frozenset(generic_keys), frozenset(generic_owners))
+
+
+def install_blocks(model: nn.Module, blocks: Sequence[str]) -> None:
+    """Make the model's transformer blocks (names in forward order) skippable; after :func:`install` (a block
+    that owns a factored parameter keeps its routed class underneath). Idempotent."""
+    modules = dict(model.named_modules())
+    for index, name in enumerate(blocks):
+        module = modules[name]
+        if not isinstance(module, RoutedBlock):
+            module.__class__ = block_class(type(module))
+        module.mass_block_index = index  # type: ignore[attr-defined]
 
 
 def _swap(module: nn.Module, cls: type[nn.Module], name: str) -> None:
@@ -213,8 +256,13 @@ class Pass:
     def generic(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         raise NotImplementedError
 
+    def block(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A transformer block: computed as it is by default (its routed children do the pass's work)."""
+        return run_block(module, args, kwargs)
+
 
 __all__ = [
-    "ACTIVE", "Installed", "Pass", "RoutedEmbedding", "RoutedGeneric", "RoutedLayerNorm", "RoutedLinear",
-    "StopForward", "Unbatchable", "active", "install", "plain_class", "shallow_copy", "split_key", "subtree_keys",
+    "ACTIVE", "Installed", "Pass", "RoutedBlock", "RoutedEmbedding", "RoutedGeneric", "RoutedLayerNorm",
+    "RoutedLinear", "StopForward", "Unbatchable", "active", "block_class", "install", "install_blocks",
+    "plain_class", "run_block", "shallow_copy", "split_key", "subtree_keys",
 ]

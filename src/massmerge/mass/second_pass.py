@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from massmerge.mass.lru import LRU
+from massmerge.mass.restart import RestartState
 from massmerge.mass.routed import (
     Pass,
     RoutedEmbedding,
@@ -32,6 +33,7 @@ from massmerge.mass.routed import (
     RoutedLinear,
     Unbatchable,
     active,
+    run_block,
     shallow_copy,
     subtree_keys,
 )
@@ -120,7 +122,14 @@ class SecondPass(Pass):
     # strategies). Why: serving sends a set's batches one after another, so forming its weights once instead of
     # once per batch saves k m n flops per matrix and batch (about 7% of predict at T = 8)
     kept: LRU[tuple[TaskSet, float], dict[str, torch.Tensor]] | None = None
+    restart: RestartState | None = None  # blocks before restart.block return the first pass's hidden states
     _whole: bool = field(init=False)
+
+    # -- blocks ---------------------------------------------------------------------------------------------
+    def block(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.restart is not None and module.mass_block_index < self.restart.block:  # type: ignore[attr-defined]
+            return self.restart.output()
+        return run_block(module, args, kwargs)
 
     def __post_init__(self) -> None:
         self._whole = len(self.groups) == 1 and self.groups[0].start == 0 and self.groups[0].stop == self.size
@@ -279,8 +288,9 @@ class SecondPass(Pass):
         for g in self.groups:
             sub_args = tuple(_rows_of(a, g, self.size) for a in args)
             sub_kwargs = {k: _rows_of(v, g, self.size) for k, v in kwargs.items()}
+            restart = None if self.restart is None else self.restart.rows(slice(g.start, g.stop))
             narrowed = SecondPass([Group(0, g.size, g.data)], g.size, self.merger, self.alpha, self.generic_keys,
-                                  self.dense_value, self.strategy, self.kept)
+                                  self.dense_value, self.strategy, self.kept, restart)
             with active(narrowed):
                 outputs.append(self._copy_for(module, g.data)(*sub_args, **sub_kwargs))
         return _concat(outputs)

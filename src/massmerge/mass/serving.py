@@ -62,15 +62,19 @@ def serve_window(model: MASSModel, items: Sequence[Any], collate: Collate, *, ba
     order = _by_size(list(range(len(items))), sizes)
     probs: list[torch.Tensor | None] = [None] * len(items)
     selected: list[torch.Tensor | None] = [None] * len(items)
+    hidden: list[torch.Tensor | None] = [None] * len(items)  # restart_block: each input's first-pass states
     for rows in _chunks(order, batch_size):
         routing = model.route(collate([items[i] for i in rows]))
         for row, i in enumerate(rows):
             probs[i], selected[i] = routing.probs[row], routing.selected[row]
+            if routing.restart is not None:
+                hidden[i] = routing.restart[row]
     chosen = torch.stack(selected)  # type: ignore[arg-type]
     out: list[Prediction | None] = [None] * len(items)
     for rows in second_pass_batches(chosen, order, batch_size):
+        restart = None if hidden[rows[0]] is None else [hidden[i] for i in rows]
         _answer(model, items, collate, rows, torch.stack([probs[i] for i in rows]), chosen[rows],  # type: ignore[misc]
-                out, return_features)
+                out, return_features, restart)
     return out  # type: ignore[return-value]
 
 
@@ -90,9 +94,10 @@ def second_pass_batches(selected: torch.Tensor, order: list[int], batch_size: in
 
 
 def _answer(model: MASSModel, items: Sequence[Any], collate: Collate, rows: list[int], probs: torch.Tensor,
-            selected: torch.Tensor, out: list[Prediction | None], return_features: bool) -> None:
+            selected: torch.Tensor, out: list[Prediction | None], return_features: bool,
+            restart: list[torch.Tensor] | None) -> None:
     batch = collate([items[i] for i in rows])
-    features = model.second_pass_features(batch, group_by_task_set(selected))
+    features = model.second_pass_features(batch, group_by_task_set(selected), restart)
     task, label = model.choose(features, selected, probs)
     # one copy to the host per batch (not one sync per sample): predictions hold CPU tensors and ints
     tasks, labels, probs, selected = task.tolist(), label.tolist(), probs.cpu(), selected.cpu()

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from massmerge.experiments.report import plots
-from massmerge.experiments.report.stats import ablation_key
+from massmerge.experiments.report.stats import ablation_key, frontier_key
 from massmerge.experiments.report.text import (
     KIND_NOTE,
     LOSS_COLUMNS,
@@ -178,6 +178,26 @@ def _md_ablation(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _md_frontier(report: Mapping[str, Any]) -> list[str]:
+    """Every (routing block, restart block) point: accuracy on val and test against throughput."""
+    rows = report.get("frontier")
+    if not rows:
+        return []
+    bounds = report["intervals"]["frontier"]
+    lines = ["", "## Beyond two passes: the cost/accuracy frontier", "",
+             "The second pass restarts at block j from the first pass's hidden states; the first pass routes at "
+             "block l (the family's router exiting there). Normalized accuracy with the task hidden (% of each "
+             "expert; 95% ±); throughput: the served model (`massmerge.mass.serving.serve`, what `massmerge "
+             "predict` runs) over a plain forward of the same inputs, batched alike, measured in the same run; "
+             "cost: forwards of the base, about (l + 1 + L - j) / L. Defaults are chosen on val.", "",
+             *_md_head(["routing block l", "restart block j", "val", "test", "throughput", "cost"])]
+    for r in rows:
+        cells = [pm(r[split]["avg_normalized"], bounds[frontier_key(r, split)]) for split in ("val", "test")]
+        lines.append(_md_row([str(r["routing_block"]), str(r["restart_block"]), *cells, f"{r['throughput']:.2f}x",
+                              f"{r['cost']:.2f}"]))
+    return lines
+
+
 def _md_tasks(report: Mapping[str, Any]) -> list[str]:
     lines = ["## Tasks", "", *_md_head(["task", "description", "classes", "train", "val", "test"])]
     for t in report["tasks"]:
@@ -214,7 +234,8 @@ def markdown(report: Mapping[str, Any]) -> str:
               "## Normalized accuracy (% of each expert on the same test split)", "",
               *_md_methods(report, "normalized")]
     sections = [_md_setup(report), _md_targets(report), [""], _md_loss(report), [""], _md_tasks(report), tables,
-                _md_layers(report), [""], _md_sweep(report), _md_ablation(report), [""], _md_footer(report)]
+                _md_layers(report), [""], _md_sweep(report), _md_ablation(report), _md_frontier(report), [""],
+                _md_footer(report)]
     return "\n".join(line for section in sections for line in section)
 
 

@@ -232,11 +232,30 @@ def layer_sweep(report: Mapping[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+def frontier(report: Mapping[str, Any], path: Path) -> None:
+    """Normalized accuracy (task hidden, val and test) against throughput, one point per (l, j)."""
+    rows = report["frontier"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for split, marker in (("val", "o"), ("test", "s")):
+        xs = [r["throughput"] for r in rows]
+        ys = [100 * r[split]["avg_normalized"] for r in rows]
+        ax.scatter(xs, ys, marker=marker, label=f"{split} split", alpha=0.8)
+        if split == "test":
+            for r, x, y in zip(rows, xs, ys):
+                ax.annotate(f"l={r['routing_block']} j={r['restart_block']}", (x, y), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("throughput: served MASS / plain forward (same run)")
+    ax.set_ylabel("normalized accuracy, task hidden (%)")
+    ax.set_title("beyond two passes: restart block j, routing block l", fontsize=9)
+    _legend_outside(ax)
+    _save(fig, path)
+
+
 #: File name -> the function that draws it.
 PLOTS: dict[str, Callable[[Mapping[str, Any], Path], None]] = {
     "per_task.png": per_task_bars, "oracle_gap.png": oracle_gap, "mass_loss.png": mass_loss,
     "routing_accuracy.png": routing_accuracy, "routing_confusion.png": routing_confusion,
-    "layer_sweep.png": layer_sweep,
+    "layer_sweep.png": layer_sweep, "frontier.png": frontier,
 }  # fmt: skip
 #: What a plot needs of the report (a plot without its data is left out, not drawn empty).
 NEEDS: dict[str, Callable[[Mapping[str, Any]], bool]] = {
@@ -245,6 +264,7 @@ NEEDS: dict[str, Callable[[Mapping[str, Any]], bool]] = {
     "routing_accuracy.png": lambda r: bool(r["mass_loss"]),
     "routing_confusion.png": lambda r: r["mass"] is not None,
     "layer_sweep.png": lambda r: bool(r["layer_sweep"]),
+    "frontier.png": lambda r: bool(r.get("frontier")),
 }
 
 

@@ -34,6 +34,8 @@ report.json, ``schema_version`` 3 (fractions 0-1 throughout; ``units`` says what
     layer_sweep: [{layer, routing_accuracy: {task: frac}, mean, selection_recall}]
     ablation: [{name, settings, split, avg_normalized, normalized, routing_accuracy, seconds_per_input,
                 accuracy?}] | null
+    frontier: [{routing_layer, routing_block, restart_block, cost, throughput,
+                val|test: {avg_normalized, normalized: {task: frac}, accuracy: {task: frac}}}] | null
     throughput: {base_samples_per_s, mass_samples_per_s, ratio, path} | null
     storage: {base_numel, factor_numel, base_dtype, factor_dtype, bytes_ratio} | null
     timing: {name_seconds: float}
@@ -61,7 +63,8 @@ SUITE_ROWS = ("zero-shot", "zero-shot max-logit", "experts", "MASS oracle-head",
 SUITE_SECTIONS = ("finetune", "mass", "throughput", "storage")
 #: What a section a front end leaves out reads as.
 DEFAULTS: dict[str, Any] = {"preset": None, "finetune": None, "experts": None, "mass": None, "mass_layers": [],
-                            "dropped": {}, "layer_sweep": [], "throughput": None, "storage": None, "ablation": None}
+                            "dropped": {}, "layer_sweep": [], "throughput": None, "storage": None, "ablation": None,
+                            "frontier": None}
 #: Tolerance of the check "MASS accuracy = task choice x class given task" (both come from counts).
 CONSISTENCY_TOL = 1e-6
 
@@ -171,6 +174,22 @@ class AblationRow(_Closed):
     accuracy: PerTask | None = None
 
 
+class FrontierSplit(_Closed):
+    avg_normalized: Positive
+    normalized: dict[str, Positive]
+    accuracy: PerTask
+
+
+class FrontierRow(_Closed):
+    routing_layer: str
+    routing_block: int
+    restart_block: int
+    cost: Positive  # forwards of the base, about (l + 1 + L - j) / L
+    val: FrontierSplit
+    test: FrontierSplit
+    throughput: Positive  # served MASS / plain forward, measured in the same run
+
+
 class Throughput(_Closed):
     base_samples_per_s: Positive
     mass_samples_per_s: Positive
@@ -215,6 +234,7 @@ class Report(_Closed):
     timing: dict[str, Positive]
     threads: int
     ablation: list[AblationRow] | None = None
+    frontier: list[FrontierRow] | None = None
     targets: dict[str, Target]
 
     @model_validator(mode="after")
@@ -302,6 +322,7 @@ class Intervals(_Closed):
     methods: dict[str, RowIntervals]
     layer_sweep: dict[str, Interval]
     ablation: dict[str, Interval] | None
+    frontier: dict[str, Interval] | None = None
 
 
 class WrittenReport(Report):

@@ -243,9 +243,22 @@ def intervals(report: Mapping[str, Any]) -> dict[str, Any]:
     for row in report["layer_sweep"]:
         ses = [_se(wilson(p, n[t])) for t, p in row["routing_accuracy"].items()]
         sweep[row["layer"]] = normal_interval(row["mean"], mean_se(ses))
+    frontier = report.get("frontier")
     return {"methods": {name: row_intervals(report, row) for name, row in report["methods"].items()},
             "layer_sweep": sweep,
-            "ablation": None if ablation is None else {ablation_key(r): _ablation_interval(report, r) for r in ablation}}
+            "ablation": None if ablation is None else {ablation_key(r): _ablation_interval(report, r) for r in ablation},
+            "frontier": None if frontier is None else {frontier_key(r, split): _split_interval(report, r[split], split)
+                                                         for r in frontier for split in ("val", "test")}}
+
+
+def frontier_key(row: Mapping[str, Any], split: str) -> str:
+    """A frontier point's key in ``intervals.frontier``: ``l=4 j=2 (val)``."""
+    return f"l={row['routing_block']} j={row['restart_block']} ({split})"
+
+
+def _split_interval(report: Mapping[str, Any], part: Mapping[str, Any], split: str) -> tuple[float, float]:
+    """Interval of a frontier point's avg_normalized on ``split`` (as an ablation row's)."""
+    return _ablation_interval(report, {**part, "split": split})
 
 
 def ablation_key(row: Mapping[str, Any]) -> str:
@@ -254,5 +267,5 @@ def ablation_key(row: Mapping[str, Any]) -> str:
 
 
 __all__ = ["AVERAGE_GOAL", "MET", "MISSED", "TASK_GOAL", "TSV_M_MARGIN", "UNCLEAR", "UNMEASURED", "Z95",
-           "ablation_key", "below_zero_shot", "intervals", "mass_loss", "mean_se", "normal_interval", "row_intervals",
+           "ablation_key", "below_zero_shot", "frontier_key", "intervals", "mass_loss", "mean_se", "normal_interval", "row_intervals",
            "status", "targets", "wilson"]
