@@ -120,3 +120,26 @@ def test_vision_keeps_the_papers_router_by_default() -> None:
                       "layer_combine": "standardized"}
     other = "vision_model.encoder.layers.0.mlp.fc1"
     assert adapter.default_router(model, other)["routing_layers"] == (other,)  # one layer, wherever it exits
+
+
+def test_t5_checkpoints_saved_by_transformers_align_with_the_tied_embedding_once(tmp_path: Path) -> None:
+    """``save_pretrained`` writes T5's tied embedding once (``shared.weight``); the encoder keys name it once,
+    so an expert's file aligns and its embedding delta is read from that one tensor."""
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(0)
+    base = T5EncoderModel(t5_config()).eval()
+    base.save_pretrained(str(tmp_path / "base"))
+    expert = T5EncoderModel(t5_config()).eval()
+    expert.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        expert.shared.weight.add_(0.1)
+    expert.save_pretrained(str(tmp_path / "expert"))
+    adapter = TextEncoderAdapter()
+    model = adapter.load_model(str(tmp_path / "base"))
+    keys = adapter.encoder_keys(model)
+    assert "shared.weight" in keys and "encoder.embed_tokens.weight" not in keys
+    assert len(keys) == len(set(id(v) for v in model.state_dict(keep_vars=True).values()))
+    aligned = adapter.load_weights(str(tmp_path / "expert"), model)
+    torch.testing.assert_close(aligned["shared.weight"] - model.shared.weight.detach(),
+                               torch.full_like(model.shared.weight, 0.1))

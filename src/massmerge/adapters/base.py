@@ -196,8 +196,9 @@ class BaseAdapter:
 
     # -- weights -----------------------------------------------------------------------------------------
     def encoder_keys(self, model: nn.Module) -> list[str]:
-        """State-dict keys of the part of ``model`` that is merged (all of them unless a family says otherwise)."""
-        return list(model.state_dict())
+        """State-dict keys of the part of ``model`` that is merged (all of them unless a family says otherwise),
+        each tied tensor once (:func:`untied_keys`)."""
+        return untied_keys(model)
 
     def load_weights(
         self, source: str, model: nn.Module, *, revision: str | None = None, trust_pickle: bool = False
@@ -212,6 +213,22 @@ class BaseAdapter:
     def describe(self) -> dict[str, Any]:
         """Settings for reports and cache keys."""
         return {"adapter": self.name, "routing_layer": self.routing_override, "pooling": self.pooling, "layout": self.layout}
+
+
+def untied_keys(model: nn.Module) -> list[str]:
+    """``model``'s state-dict keys with each tied tensor once, under its first name.
+
+    Why: a tied tensor is one set of weights with two names (T5's ``shared.weight`` is also
+    ``encoder.embed_tokens.weight``), and ``save_pretrained`` writes it once, under the first; asking a
+    checkpoint for the alias would fail, and merging both names would merge the same weights twice.
+    """
+    seen: set[int] = set()
+    keys = []
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            keys.append(key)
+    return keys
 
 
 def check_linear(model: nn.Module, name: str) -> str:
