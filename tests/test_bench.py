@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-SCRIPTS = sorted(BENCH.rglob("*.py"))
+SCRIPTS = sorted(p for p in BENCH.rglob("*.py") if ".venvs" not in p.parts)  # not the peers' venvs
 
 
 def massmerge_names(tree: ast.AST) -> set[str]:
