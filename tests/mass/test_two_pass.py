@@ -102,6 +102,19 @@ def test_routing_activation_is_the_first_pass_input_of_the_routing_layer(mass_se
     assert rel(early, expected.detach()) < 1e-8
 
 
+def test_pretrained_first_pass_routes_on_the_base_activation(mass_setup, rng):
+    """proj-PRE (``first_pass="pretrained"``): the routing activation is the base model's own, and routing
+    projects it on the same subspaces; the default first pass differs from it."""
+    net, base, _, _, _, model = mass_setup
+    x = torch.from_numpy(rng.standard_normal((5, D_IN)))
+    pre = model.with_settings(first_pass="pretrained")
+    expected = net.block[1](net.block[0](torch.tanh(net.embed(x)))).detach()
+    assert rel(pre.routing_activations(x)["block.2"], expected) < 1e-12
+    assert rel(model.routing_activations(x)["block.2"], expected) > 1e-3
+    probs = pre.route(x).probs
+    assert probs.shape == (5, T) and torch.allclose(probs.sum(-1), torch.ones(5, dtype=probs.dtype))
+
+
 def test_early_exit_stops_before_later_layers(mass_setup, rng):
     _, _, _, _, _, model = mass_setup
     calls = []

@@ -23,6 +23,9 @@ HeadRule = Literal["max_logit", "posterior", "joint"]
 Pooling = Literal["cls", "mean", "content", "tokens"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 LayerCombine = Literal["standardized", "ppca"]
+#: The weights the first pass (the router's) runs with: ``merged``, theta_0 + alpha * TSV-M of all tasks (the
+#: paper's rule); ``pretrained``, the base theta_0 itself (the paper's proj-PRE ablation row).
+FirstPassWeights = Literal["merged", "pretrained"]
 ServeDtype = Literal["float32", "float16", "bfloat16"]
 
 DEFAULT_EPS = 0.3
@@ -82,6 +85,8 @@ class ServeSettings(_Settings):
     dtype: ServeDtype | None = Field(default=None, description="serving precision; None = the base's own")
     restart_block: int = Field(default=0, ge=0, description="the block the second pass restarts at from the "
                                                             "first pass's hidden states; 0 = two full passes")
+    first_pass: FirstPassWeights = Field(default="merged", description="the router's weights: TSV-M of all tasks "
+                                                                       "(merged) or the base (pretrained, proj-PRE)")
 
     def updated(self, **overrides: Any) -> ServeSettings:
         """A copy with the given fields replaced (None values are ignored), validated like the original."""
@@ -146,7 +151,7 @@ def check_pooling(pooling: str | None) -> None:
 
 __all__ = [
     "BuildSettings", "DEFAULT_ALPHA", "DEFAULT_BATCH_SIZE", "DEFAULT_EPS", "DEFAULT_ETA", "DEFAULT_MAX_SIZE",
-    "DEFAULT_TAU", "DEFAULT_TOP_K", "HeadRule", "LayerCombine", "POOLINGS", "Pooling", "ROUTER_PROFILES", "RoutingMode",
+    "DEFAULT_TAU", "DEFAULT_TOP_K", "FirstPassWeights", "HeadRule", "LayerCombine", "POOLINGS", "Pooling", "ROUTER_PROFILES", "RoutingMode",
     "ServeSettings", "apply_profile", "check_pooling", "default_routing_block", "make_build_settings",
     "make_serve_settings",
 ]

@@ -446,7 +446,7 @@ class MASSModel(nn.Module):
 
     def _first_pass(self, batch: Batch) -> FirstPass:
         layers, restart = self.settings.routing_layers, self.settings.restart_block
-        first = FirstPass(self._shared.first_pass_value(self.settings.alpha), layers,
+        first = FirstPass(self._first_pass_weights(), layers,
                           self._shared.installed.generic_keys, record_block=restart - 1 if restart else None)
         with active(first):
             try:
@@ -457,6 +457,12 @@ class MASSModel(nn.Module):
         if missing:
             raise OptionError(f"--routing-layer '{missing[0]}' was never called in the forward pass")
         return first
+
+    def _first_pass_weights(self) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        """(key, base tensor) -> the first pass's tensor: TSV-M of all tasks, or the base itself (proj-PRE)."""
+        if self.settings.first_pass == "pretrained":
+            return lambda key, base: base
+        return self._shared.first_pass_value(self.settings.alpha)
 
     @torch.no_grad()
     def layer_residuals(self, batch: Batch) -> dict[str, torch.Tensor]:
