@@ -435,3 +435,24 @@ def test_router_paper_restores_the_papers_rule(hf_setup, tmp_path):
     default = load(tmp_path / "art")
     assert default.settings.routing_layers[-1] == layer and len(default.settings.routing_layers) > 1
     assert (default.settings.pooling, default.settings.layer_combine) == ("content", "ppca")
+
+
+def test_cli_build_notes_experts_the_router_cannot_tell_apart(hf_setup, tmp_path, capsys):
+    """An expert equal to the base and two copies of one expert build, with one note line naming them."""
+    root = hf_setup
+    experts = [str(root / "base"), str(root / "expert1"), str(root / "expert1"), str(root / "expert2")]
+    heads = [str(root / f"head{t}.safetensors") for t in (0, 1, 1, 2)]
+    names = ["zero", "copy_a", "copy_b", "other"]
+    run_cli(["build", "--base", str(root / "base"), "--experts", *experts, "--heads", *heads,
+             "--task-names", *names, "--output", str(tmp_path / "art"), "--max-size", "0"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if "cannot tell them apart" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: ")
+    assert "of zero are all zero" in notes[0] and "copy_a = copy_b" in notes[0] and "other" not in notes[0]
+
+
+def test_cli_build_of_distinct_experts_has_no_such_note(hf_setup, tmp_path, capsys):
+    root = hf_setup
+    run_cli(["build", "--base", str(root / "base"), "--experts", *[str(root / f"expert{t}") for t in range(3)],
+             "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--output", str(tmp_path / "art"),
+             "--max-size", "0"])
+    assert "cannot tell them apart" not in capsys.readouterr().err

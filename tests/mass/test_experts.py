@@ -59,3 +59,19 @@ def test_factor_build_rejects_bad_task_lists(rng, names, error):
     tvs = [{"w": low_rank(rng, 4, 4, 1)} for _ in names]
     with pytest.raises(OptionError, match=error):
         ExpertFactors.build(iter(tvs), names)
+
+
+def test_indistinct_tasks_name_zero_and_identical_experts() -> None:
+    """A zero task vector and two equal ones are found (and nothing else); the note names them once."""
+    from massmerge.mass.experts import indistinct_note, indistinct_tasks
+
+    gen = torch.Generator().manual_seed(0)
+    tv = lambda: {"w": torch.randn(6, 5, generator=gen), "b": torch.randn(6, generator=gen)}  # noqa: E731
+    twin, other = tv(), tv()
+    zero = {"w": torch.zeros(6, 5), "b": torch.zeros(6)}
+    factors = ExpertFactors.build(iter([twin, zero, dict(twin), other]), ["a", "z", "a2", "other"], eps=None)
+    assert indistinct_tasks(factors) == (["z"], [("a", "a2")])
+    note = indistinct_note(factors)
+    assert note is not None and "of z are all zero" in note and "a = a2" in note and "other" not in note
+    distinct = ExpertFactors.build(iter([tv(), tv()]), ["x", "y"], eps=None)
+    assert indistinct_tasks(distinct) == ([], []) and indistinct_note(distinct) is None

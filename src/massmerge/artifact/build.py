@@ -141,8 +141,9 @@ def build_artifact(base: Path, experts: Sequence[Path], heads: HeadSet, output: 
     echo(f"device: {describe_device(device or torch.device('cpu'))}", err=True)
     parts = assemble(model, stream, heads.names, heads.heads, build=settings, router=adapter.default_router(model),
                      max_length=length, dtype=dtype, device=device)
-    if parts.note:
-        echo(f"note: {parts.note}", err=True)
+    for note in (parts.expert_note, parts.note):
+        if note:
+            echo(f"note: {note}", err=True)
     write_parts(output, model, parts, adapter=adapter, tokenizer_dir=base_path if base_path.is_dir() else None,
                 class_names=heads.class_names)
     echo(summary(output, heads.names, layer, parts.store, settings, design_rank=parts.design_rank,

@@ -21,7 +21,7 @@ from torch import nn
 
 from massmerge.mass.budget import stored_factors, tensor_bytes
 from massmerge.mass.config import BuildSettings, ServeSettings, make_serve_settings
-from massmerge.mass.experts import ExpertFactors
+from massmerge.mass.experts import ExpertFactors, indistinct_note
 from massmerge.mass.model import FeatureFn, MASSModel, check_parts, default_features
 from massmerge.mass.pooling import PoolFn, identity_pool
 from massmerge.mass.storage import factor_storage, float_dtype
@@ -40,6 +40,7 @@ class MASSParts:
     size_factor: float  # the artifact's size in base sizes, as estimated by the budget
     design_rank: int  # the sum of every task's design rank over every matrix, before the cut
     note: str | None = None  # why the design ranks were kept above the default budget, if they were
+    expert_note: str | None = None  # experts the router cannot tell apart (all-zero or identical), if any
 
     def model(self, base_model: nn.Module, *, settings: ServeSettings | None = None, pool: PoolFn = identity_pool,
               features: FeatureFn = default_features, **options: Any) -> MASSModel:
@@ -75,14 +76,14 @@ def assemble(base_model: nn.Module, experts: Iterable[Mapping[str, torch.Tensor]
         factors = ExpertFactors.build(experts, task_names, rank_fraction=build.rank_fraction, eps=build.eps,
                                       svd=build.svd, device=device)
     store = factor_storage(build.factor_dtype, float_dtype(state))
-    design_rank = total_rank(factors)
+    design_rank, expert_note = total_rank(factors), indistinct_note(factors)
     stored = stored_factors(factors, list(heads), tensor_bytes(state.values()), store, build.max_size)  # consumes
     layers = tuple(router["routing_layers"])
     kept = tuple(name for name in layers if f"{name}.weight" in stored.factors.matrices)
     serve = make_serve_settings(**{**router, "routing_layers": kept or layers[-1:]}, max_length=max_length, dtype=dtype)
     check_parts(base_model, stored.factors, list(heads), serve)
     return MASSParts(stored.factors, list(heads), build, serve, store, stored.rank_scale, stored.size_factor,
-                     design_rank, stored.note)
+                     design_rank, stored.note, expert_note)
 
 
 __all__ = ["MASSParts", "assemble", "total_rank"]

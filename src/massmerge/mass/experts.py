@@ -46,6 +46,47 @@ def deredundant_tasks(factors: Sequence[LowRank], eps: float) -> list[int]:
     return accepted
 
 
+def _same(a: LowRank, b: LowRank) -> bool:
+    return a.rank == b.rank and all(torch.equal(x, y) for x, y in ((a.s, b.s), (a.U, b.U), (a.V, b.V)))
+
+
+def indistinct_tasks(factors: ExpertFactors) -> tuple[list[str], list[tuple[str, str]]]:
+    """(tasks whose every factor and delta is zero, pairs of tasks whose factors and deltas are all equal).
+
+    Why: such experts build without error, but the router cannot tell them apart (a zero expert has no subspace
+    to project on; two equal experts share one), so it answers 50/50 between them. The SVD is deterministic, so
+    equal task vectors give bitwise-equal factors; a fingerprint (every singular-value sum) finds candidate
+    pairs cheaply and ``torch.equal`` confirms them.
+    """
+    names, T = factors.task_names, factors.num_tasks
+    zero = [names[t] for t in range(T)
+            if all(per[t].rank == 0 or not bool(per[t].s.any()) for per in factors.matrices.values())
+            and all(not bool(per[t].any()) for per in factors.non_matrix.values())]  # fmt: skip
+    prints = [tuple(float(per[t].s.sum()) for per in factors.matrices.values()) for t in range(T)]
+    twins = []
+    for i in range(T):
+        for j in range(i + 1, T):
+            if names[i] in zero or names[j] in zero or prints[i] != prints[j]:
+                continue
+            if all(_same(per[i], per[j]) for per in factors.matrices.values()) and all(
+                    torch.equal(per[i], per[j]) for per in factors.non_matrix.values()):
+                twins.append((names[i], names[j]))
+    return zero, twins
+
+
+def indistinct_note(factors: ExpertFactors) -> str | None:
+    """One line naming the experts the router cannot tell apart (:func:`indistinct_tasks`), or None."""
+    zero, twins = indistinct_tasks(factors)
+    parts = []
+    if zero:
+        parts.append(f"the task vectors of {', '.join(zero)} are all zero (those experts equal the base)")
+    if twins:
+        parts.append("these experts are identical: " + ", ".join(f"{a} = {b}" for a, b in twins))
+    if not parts:
+        return None
+    return "; ".join(parts) + "; the router cannot tell them apart and will split their inputs between them"
+
+
 @dataclass
 class ExpertFactors:
     """Per-task rank-k factors of every matrix and the non-matrix deltas of every other key.
