@@ -60,15 +60,26 @@ class SmileLinear(nn.Module):
             gates.append(_pad(factor.V[:, :min(gate_k, factor.rank)], gate_k))
             biases.append(torch.zeros(base.out_features) if bias is None else bias.float())
         dtype = base.weight.dtype
-        self.register_buffer("U", torch.stack(us).to(dtype))  # [T, m, k]
-        self.register_buffer("SV", torch.stack(svs).to(dtype))  # [T, n, k]
+        self.k, self.gate_k = k, gate_k
+        # every expert side by side: [m, T * k] and [n, T * k], so all of them run as two matmuls (below)
+        self.register_buffer("U_all", torch.cat(us, dim=1).to(dtype))
+        self.register_buffer("SV_all", torch.cat(svs, dim=1).to(dtype))
         self.register_buffer("gate", torch.cat(gates, dim=1).T.contiguous().to(dtype))  # [T * gate_k, n]
         self.register_buffer("bias_deltas", torch.stack(biases).to(dtype))  # [T, m]
-        self.gate_k = gate_k
 
     @property
     def num_experts(self) -> int:
-        return int(self.U.shape[0])
+        return int(self.bias_deltas.shape[0])
+
+    @property
+    def U(self) -> torch.Tensor:
+        """Each expert's left factor, [T, m, k] (a view)."""
+        return self.U_all.view(self.U_all.shape[0], self.num_experts, self.k).permute(1, 0, 2)
+
+    @property
+    def SV(self) -> torch.Tensor:
+        """Each expert's ``(diag(s) V^T)^T``, [T, n, k] (a view)."""
+        return self.SV_all.view(self.SV_all.shape[0], self.num_experts, self.k).permute(1, 0, 2)
 
     def routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [N, top_k], experts [N, top_k]) of tokens ``x`` [N, n]."""
@@ -77,22 +88,21 @@ class SmileLinear(nn.Module):
         return weights / weights.sum(dim=1, keepdim=True), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every token through its top-k experts. Unpicked experts get weight 0, so running all T rank-k experts
+        as two matmuls of width T * k (about min(m, n): two base layers' work) equals FusionBench's gather per
+        expert, without a Python loop over experts."""
         out = self.base(x)
         tokens = x.reshape(-1, x.shape[-1])
         weights, experts = self.routing(tokens)
-        extra = torch.zeros(tokens.shape[0], out.shape[-1], dtype=out.dtype, device=out.device)
-        for e in range(self.num_experts):
-            rows, slot = torch.where(experts == e)
-            if rows.numel() == 0:
-                continue
-            picked = tokens[rows]
-            update = (picked @ self.SV[e]) @ self.U[e].T + self.bias_deltas[e]
-            extra.index_add_(0, rows, update * weights[rows, slot, None])
-        return out + extra.view(out.shape)
+        mix = torch.zeros(tokens.shape[0], self.num_experts, dtype=weights.dtype, device=weights.device)
+        mix.scatter_(1, experts, weights)  # [N, T]: the renormalized weight of each picked expert, else 0
+        inner = (tokens @ self.SV_all).view(tokens.shape[0], self.num_experts, self.k) * mix[..., None]
+        extra = inner.reshape(tokens.shape[0], -1) @ self.U_all.T + mix @ self.bias_deltas
+        return out + extra.view(out.shape).to(out.dtype)
 
     def stored_numel(self) -> int:
         """Numbers SMILE keeps beyond the base layer: experts, gate and bias deltas."""
-        return self.U.numel() + self.SV.numel() + self.gate.numel() + self.bias_deltas.numel()
+        return self.U_all.numel() + self.SV_all.numel() + self.gate.numel() + self.bias_deltas.numel()
 
 
 def _pad(columns: torch.Tensor, width: int) -> torch.Tensor:
@@ -109,7 +119,7 @@ def build_smile(base_model: nn.Module, task_vectors: Iterable[Mapping[str, torch
     vectors = list(task_vectors)
     fraction = rank_fraction_for(len(vectors), None)
     model = copy.deepcopy(base_model).eval()
-    linears = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name, module in track(linears, "building SMILE"):
         key = f"{name}.weight"
         if not all(key in tv for tv in vectors):
@@ -119,10 +129,21 @@ def build_smile(base_model: nn.Module, task_vectors: Iterable[Mapping[str, torch
             continue
         k = settings.k or rank_for(tuple(module.weight.shape), fraction)
         biases = [tv.get(f"{name}.bias") if module.bias is not None else None for tv in vectors]
-        smile = SmileLinear(module, deltas, biases, k=k, gate_k=settings.gate_k or k, top_k=settings.top_k)
+        smile = SmileLinear(plain_linear(module), deltas, biases, k=k, gate_k=settings.gate_k or k,
+                            top_k=settings.top_k)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, smile)
     return model
+
+
+def plain_linear(module: nn.Linear) -> nn.Linear:
+    """An ``nn.Linear`` sharing ``module``'s parameters (a subclass, e.g. a MASS-routed one, becomes plain)."""
+    if type(module) is nn.Linear:
+        return module
+    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    plain.weight = module.weight
+    plain.bias = module.bias
+    return plain
 
 
 def storage_factor(model: nn.Module, base_model: nn.Module) -> float:
