@@ -74,3 +74,35 @@ def _ablation() -> list[dict[str, Any]]:
     return [{"name": name, "settings": {"top_k": k}, "split": "val", "avg_normalized": avg,
              "normalized": {"a": avg, "b": avg, "c": avg}, "routing_accuracy": {"a": 0.8, "b": 0.6, "c": 0.9},
              "seconds_per_input": 0.004} for name, k, avg in variants]  # fmt: skip
+
+
+def _router_row(name: str, routing: float, accuracy: dict[str, float], data: str = "none",
+                **extra: Any) -> dict[str, Any]:
+    normalized = {t: accuracy[t] / EXPERT[t] for t in accuracy}
+    return {"name": name, "rule": "top-1 task, then that task's MASS model", "data": data,
+            "routing_accuracy": {t: routing for t in TASKS}, "accuracy": accuracy, "normalized": normalized,
+            "avg_accuracy": sum(accuracy.values()) / 3, "avg_normalized": sum(normalized.values()) / 3,
+            "val_routing_accuracy": routing, **extra}  # fmt: skip
+
+
+def routers_section() -> dict[str, Any]:
+    """MASS, proj-PRE and two trained routers; the logistic one is the ceiling (best val accuracy)."""
+    rows = [_router_row("MASS (ours)", 0.78, {"a": 0.8, "b": 0.5, "c": 0.9}),
+            _router_row("proj-PRE", 0.7, {"a": 0.7, "b": 0.45, "c": 0.85}),
+            _router_row("kNN on base embedding", 0.74, {"a": 0.75, "b": 0.5, "c": 0.88}, data="val inputs",
+                        classifier="kNN", features="base embedding", setting=5.0),
+            _router_row("logistic on all three", 0.8, {"a": 0.82, "b": 0.55, "c": 0.9}, data="val inputs",
+                        classifier="logistic", features="all three", setting=0.01)]
+    split = {t: {"task_given": 0.9, "task_hidden": 0.7, "lost": 0.25, "lost_by_best_router_too": 0.15,
+                 "lost_only_without_data": 0.1} for t in TASKS}
+    return {"rows": rows, "ceiling": "logistic on all three", "loss_split": split}
+
+
+def scaling_points() -> list[dict[str, Any]]:
+    """Two subsets at T = 2 and the one of T = 3, with MASS and TSV-M rows on each subset's tasks."""
+    def point(tasks: list[str], mass: float, tsv: float) -> dict[str, Any]:
+        rows = {"MASS": _row("task hidden", {t: mass * EXPERT[t] for t in tasks}),
+                "tsv_m": _row("oracle head", {t: tsv * EXPERT[t] for t in tasks})}
+        return {"T": len(tasks), "tasks": tasks, "rows": rows}
+
+    return [point(["a", "b"], 0.95, 0.9), point(["a", "c"], 0.97, 0.88), point(["a", "b", "c"], 0.93, 0.8)]

@@ -270,3 +270,64 @@ def test_frontier_rows_get_intervals_a_table_and_a_plot(tmp_path: Path) -> None:
     text = (tmp_path / "report.md").read_text()
     assert "## Beyond two passes: the cost/accuracy frontier" in text and "| 4 | 4 | 89.5 ±" in text
     assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_router_rows_get_intervals_a_table_and_the_loss_split(tmp_path: Path) -> None:
+    from report_fixtures import routers_section
+
+    full = write_report(fake_report(routers=routers_section()), tmp_path, show=False)
+    bounds = full["intervals"]["routers"]
+    assert set(bounds) == {r["name"] for r in full["routers"]["rows"]}
+    low, high = bounds["proj-PRE"]
+    assert low < full["routers"]["rows"][1]["avg_normalized"] < high
+    text = (tmp_path / "report.md").read_text()
+    assert "## Routers: data-free against routers that use data" in text
+    assert "| **logistic on all three** (ceiling) (L2 0.01) | val inputs | 80.0 |" in text
+    assert "lost by the best data router too" in text and "| a | 90.0 | 70.0 | 25.0 | 15.0 | 10.0 |" in text
+
+
+def test_router_section_refuses_a_ceiling_that_is_no_row(tmp_path: Path) -> None:
+    from report_fixtures import routers_section
+
+    section = {**routers_section(), "ceiling": "oracle"}
+    with pytest.raises(ValidationError, match="ceiling"):
+        write_report(fake_report(routers=section), tmp_path, show=False)
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_scaling_points_are_summarized_tabled_and_plotted(tmp_path: Path) -> None:
+    from report_fixtures import scaling_points
+
+    full = write_report(fake_report(scaling=scaling_points()), tmp_path, show=False)
+    summary = {(r["method"], r["T"]): r for r in full["scaling_summary"]}
+    assert summary[("MASS", 2)]["values"] == pytest.approx([0.95, 0.97])
+    assert summary[("MASS", 2)]["mean"] == pytest.approx(0.96)
+    low, high = summary[("MASS", 3)]["interval"]  # one subset: its own per-task interval
+    assert low < 0.93 < high
+    text = (tmp_path / "report.md").read_text()
+    assert "## Task scaling" in text and "T=2 (2 subsets)" in text and "T=3: a, b, c" in text
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_scaling_point_must_cover_its_own_tasks(tmp_path: Path) -> None:
+    from report_fixtures import scaling_points
+
+    points = scaling_points()
+    points[0]["tasks"] = ["a", "c"]  # its rows cover a and b
+    with pytest.raises(ValidationError, match="does not cover"):
+        write_report(fake_report(scaling=points), tmp_path, show=False)
+
+
+def test_batch_routing_and_smile_rows_are_method_rows(tmp_path: Path) -> None:
+    from report_fixtures import EXPERT, _row
+
+    extra = {"MASS (batch routing)": _row("batch routing", {"a": 0.85, "b": 0.7, "c": 0.9}, batch_size=64),
+             "SMILE-2": _row("oracle head", dict(EXPERT), storage_factor=1.9, serving_ratio=0.3),
+             "SMILE-2 max-logit": _row("task hidden", {"a": 0.6, "b": 0.5, "c": 0.7}, storage_factor=1.9,
+                                       serving_ratio=0.3)}
+    report = fake_report()
+    report["methods"].update(extra)
+    write_report(report, tmp_path, show=False)
+    text = (tmp_path / "report.md").read_text()
+    assert "| MASS (batch routing) | batch routing |" in text
+    assert "SMILE-2: stores 1.90x the base's numbers; its forward runs at 0.30x" in text

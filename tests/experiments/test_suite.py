@@ -83,6 +83,33 @@ def test_ci_preset_invariants(ci_report: tuple[dict, Path]) -> None:
 
 
 @pytest.mark.slow
+def test_ci_preset_has_the_papers_comparison_rows(ci_report: tuple[dict, Path]) -> None:
+    """SMILE, batch routing and the router study: present, consistent with each other and with MASS's rows."""
+    report, root = ci_report
+    methods, tasks = report["methods"], [t["name"] for t in report["tasks"]]
+    smile, hidden = methods["SMILE-2"], methods["SMILE-2 max-logit"]
+    assert smile["storage_factor"] > 1.0 and smile["serving_ratio"] > 0
+    assert all(smile["accuracy"][t] >= hidden["accuracy"][t] for t in tasks)  # task hidden can only lose
+    assert methods["MASS (batch routing)"]["kind"] == "batch routing"
+    routers = report["routers"]
+    rows = {r["name"]: r for r in routers["rows"]}
+    assert {"MASS (ours)", "MASS router, top-1", "proj-PRE", "kNN on base embedding"} <= set(rows)
+    assert routers["ceiling"] in rows and rows[routers["ceiling"]]["data"] != "none"
+    assert rows["MASS (ours)"]["accuracy"] == methods["MASS"]["accuracy"]
+    for t in tasks:  # MASS's own top-1 routing, through the router study's batches, is the served one's
+        assert rows["MASS router, top-1"]["routing_accuracy"][t] == pytest.approx(
+            report["mass"]["routing_accuracy"][t], abs=0.02)
+        split = routers["loss_split"][t]
+        assert split["task_given"] == pytest.approx(methods["MASS (task given)"]["accuracy"][t], abs=1e-6)
+        assert split["lost"] == pytest.approx(split["lost_by_best_router_too"] + split["lost_only_without_data"])
+        for r in rows.values():  # a hard router cannot beat MASS with the task given
+            if r["rule"].startswith("top-1"):
+                assert r["accuracy"][t] <= split["task_given"] + 1e-6
+    text = (root / "out" / "report.md").read_text()
+    assert "## Routers: data-free against routers that use data" in text and "| SMILE-2 max-logit |" in text
+
+
+@pytest.mark.slow
 def test_ci_preset_rerun_reuses_cached_experts(ci_report: tuple[dict, Path]) -> None:
     """A second run with the same cache trains nothing and reproduces the report's figures."""
     from massmerge.experiments.suite import SuiteConfig, run_suite

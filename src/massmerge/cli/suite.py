@@ -97,6 +97,16 @@ def suite_cmd(
     max_size: Annotated[float | None, typer.Option(metavar="FLOAT", help=MAX_SIZE_HELP)] = None,
     ablation: Annotated[bool, typer.Option("--ablation/--no-ablation", help="score the router variants on the "
                                                                             "validation and test splits")] = True,
+    smile: Annotated[bool, typer.Option("--smile/--no-smile", help="score SMILE-2 (oracle head and max-logit), "
+                                                                    "its storage and serving cost")] = True,
+    routers: Annotated[bool, typer.Option("--routers/--no-routers", help="the router study: routers trained on "
+                                                                          "labelled val inputs, proj-PRE, the "
+                                                                          "identifiability ceiling")] = True,
+    batch_routing: Annotated[bool, typer.Option("--batch-routing/--no-batch-routing", help="the paper's batch "
+                                                                                          "routing row")] = True,
+    scaling: Annotated[bool | None, typer.Option("--scaling/--no-scaling", help="the task-scaling curve (T = 2..16, "
+                                                                               "3 seeded subsets each) [default: "
+                                                                               "on for the wide preset]")] = None,
     threads: Annotated[int | None, typer.Option(metavar="INT", help="torch threads [default: all cores]")] = None,
     seed: Annotated[int, typer.Option(metavar="INT", help="split and training seed")] = 0,
     device: Annotated[str | None, typer.Option(metavar="NAME", help="where experts train and every method is "
@@ -107,6 +117,7 @@ def suite_cmd(
     from massmerge.data.tasks import DEFAULT_PRESET, TASKS, get_preset
     from massmerge.mass.config import ROUTER_PROFILES, make_build_settings, make_serve_settings
     from massmerge.experiments.suite import SuiteConfig, preset_finetune, run_suite
+    from massmerge.smile import SmileSettings
 
     check_positive("--steps", steps)
     check_positive("--n-test", n_test)
@@ -138,6 +149,7 @@ def suite_cmd(
         preset=preset, tasks=tuple(tasks.split(",")) if tasks else None, n_test=n_test, finetune=finetune,
         routing_layer=routing_layer[-1] if routing_layer else None, mass_layers=tuple(mass_layer or ()),
         eps=build.eps, max_size=build.max_size, router=router, serve=serve, ablation=ablation, frontier=frontier,
+        smile=SmileSettings() if smile else None, routers=routers, batch_routing=batch_routing, scaling=scaling,
         seed=seed,
         device=None if target.type == "cpu" else str(target), dtype=dtype,
     )  # fmt: skip

@@ -65,5 +65,13 @@ class TaskPool:
     def num_tasks(self) -> int:
         return len(self.names)
 
+    def subset(self, indices: Sequence[int]) -> TaskPool:
+        """The pool of tasks ``indices`` alone (in that order), sharing every split and head."""
+        pick = list(indices)
+        return TaskPool([self.names[i] for i in pick], [self.heads[i] for i in pick],
+                        {name: [tasks[i] for i in pick] for name, tasks in self.splits.items()}, self.collate,
+                        self.features, self.size_of, [self.descriptions[i] for i in pick] if self.descriptions else [],
+                        [self.classes[i] for i in pick] if self.classes else [])  # fmt: skip
+
 
 __all__ = ["Batch", "FeatureFn", "TaskPool", "TaskSplit"]

@@ -34,6 +34,7 @@ from massmerge.mass.model import FeatureRunner, MASSModel
 from massmerge.mass.serving import first_pass_batches, serve
 from massmerge.mass.storage import dtype_name, float_dtype
 from massmerge.merging import merge
+from massmerge.smile import SmileSettings, build_smile, storage_factor
 
 Params = Mapping[str, torch.Tensor]
 
@@ -209,31 +210,67 @@ def score_mass(pool: TaskPool, mass: MASSModel, split: str = "test", label: str 
         "task_choice": per_task(right_task), "class_given_task": per_task(label_pred == labels, right_task),
         "confusion": confusion.tolist(), "mean_selected": float(selected.sum(1).float().mean()),
         "task_sets": len({tuple(r.nonzero().flatten().tolist()) for r in selected}),
-        "seconds_per_input": seconds / len(items),
+        "seconds_per_input": seconds / len(items), "correct": correct.int().tolist(),
     }
 
 
 @torch.inference_mode()
 def score_mass_task_given(pool: TaskPool, mass: MASSModel, split: str = "test") -> dict[str, Any]:
-    """MASS's second pass with the true task as the only selected task (routing made perfect)."""
-    oracle = {}
+    """MASS's second pass with the true task as the only selected task (routing made perfect); ``correct``:
+    per input, in task order (the order :func:`score_mass` serves them)."""
+    oracle, correct = {}, []
     for t, (name, task) in enumerate(zip(pool.names, pool.split(split))):
-        correct, start = 0, 0
+        right = []
         for batch in progress.track(task.batches(), f"MASS task given {name}"):
             out = mass(batch, task=t)
-            correct += int((out.label.cpu() == task.labels[start:start + len(out.label)]).sum())
+            start = sum(len(r) for r in right)
+            right.append(out.label.cpu() == task.labels[start:start + len(out.label)])
+        hits = torch.cat(right)
+        oracle[name] = float(hits.float().mean())
+        correct += hits.int().tolist()
+    return {"oracle": oracle, "correct": correct}
+
+
+@torch.inference_mode()
+def score_mass_batch_routing(pool: TaskPool, mass: MASSModel, split: str = "test") -> dict[str, Any]:
+    """The paper's batch routing: each batch holds one task's inputs and is routed once (``mode="batch"``:
+    residuals averaged over the batch, one task set for all of it); strict (task, class) accuracy per task."""
+    view = mass.with_settings(mode="batch")
+    accuracy = {}
+    for t, (name, task) in enumerate(zip(pool.names, pool.split(split))):
+        correct, start = 0, 0
+        for batch in progress.track(task.batches(), f"MASS batch routing {name}"):
+            out = view(batch)
+            labels = task.labels[start:start + len(out.label)]
+            correct += int(((out.task.cpu() == t) & (out.label.cpu() == labels)).sum())
             start += len(out.label)
-        oracle[name] = correct / task.size
-    return {"oracle": oracle}
+        accuracy[name] = correct / task.size
+    return {"accuracy": accuracy, "batch_size": view.settings.batch_size}
+
+
+def mass_scores(pool: TaskPool, served: ServedMASS, mass: MASSModel, cache: EvalCache
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(task hidden, task given) test scores of a MASS view, with their per-input correctness, cached."""
+    settings = {**served.build_key, **mass.settings.model_dump(mode="json")}
+    hidden = cache.get_or_run("mass-v2", lambda: score_mass(pool, mass), **settings)
+    given = cache.get_or_run("mass_task_given-v2", lambda: score_mass_task_given(pool, mass), **served.build_key,
+                             alpha=mass.settings.alpha)
+    return hidden, given
+
+
+def batch_routing_row(pool: TaskPool, served: ServedMASS, cache: EvalCache, expert: Mapping[str, float]
+                      ) -> dict[str, Any]:
+    """The paper's batch-routing row: one routing per single-task batch (:func:`score_mass_batch_routing`)."""
+    settings = {**served.build_key, **served.mass.settings.model_dump(mode="json")}
+    result = cache.get_or_run("mass_batch_routing", lambda: score_mass_batch_routing(pool, served.mass), **settings)
+    return row("batch routing", result["accuracy"], expert, storage_factor=served.storage["bytes_ratio"],
+               batch_size=result["batch_size"])
 
 
 def mass_rows(pool: TaskPool, served: ServedMASS, mass: MASSModel, cache: EvalCache, expert: Mapping[str, float],
               suffix: str = "") -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The MASS rows (task given, oracle head on routed features, task hidden) and the routing details."""
-    settings = {**served.build_key, **mass.settings.model_dump(mode="json")}
-    hidden = cache.get_or_run("mass", lambda: score_mass(pool, mass), **settings)
-    given = cache.get_or_run("mass_task_given", lambda: score_mass_task_given(pool, mass), **served.build_key,
-                             alpha=mass.settings.alpha)
+    hidden, given = mass_scores(pool, served, mass, cache)
     storage = served.storage["bytes_ratio"]
     rows = {
         f"MASS (task given){suffix}": row("oracle routing", given["oracle"], expert, storage_factor=storage),
@@ -346,29 +383,41 @@ def frontier_rows(pool: TaskPool, model: nn.Module, served: ServedMASS, adapter:
     return rows
 
 
-def throughput(pool: TaskPool, model: nn.Module, mass: MASSModel, count: int = 512) -> dict[str, Any]:
-    """Inputs/s of the served MASS model (:func:`~massmerge.mass.serving.serve`, as ``massmerge predict``) and of
-    the plain base forward to the features, on the same ``count`` test inputs of mixed tasks, same batch size."""
+def mixed_inputs(pool: TaskPool, count: int, batch_size: int) -> tuple[list[Any], list[list[int]]]:
+    """``count`` test inputs of mixed tasks in a seeded order, and the size-sorted windows ``serve`` batches
+    its first pass in (so a plain forward pads exactly as the served model does)."""
     items = [item for task in pool.split("test") for item in task.items()]
     random.Random(0).shuffle(items)
     items = items[:count]
-    size = mass.settings.batch_size
     sizes = [pool.size_of(item) for item in items] if pool.size_of else [0] * len(items)
-    batches = first_pass_batches(sizes, size, pool.num_tasks)
+    return items, first_pass_batches(sizes, batch_size, pool.num_tasks)
 
+
+def forward_runner(pool: TaskPool, model: nn.Module, items: Sequence[Any], batches: Sequence[Sequence[int]]
+                   ) -> Callable[[], None]:
+    """A call that runs ``model`` to the features over ``items`` in ``batches`` (and waits for the device)."""
     device, dtype = placement(model)
 
-    def base() -> None:  # batched as serve batches its first pass: the same padding
+    def run() -> None:
         with torch.inference_mode():
             for rows in batches:
                 pool.features(model, to_device(pool.collate([items[i] for i in rows]), device, dtype))
         sync(device)
 
+    return run
+
+
+def throughput(pool: TaskPool, model: nn.Module, mass: MASSModel, count: int = 512) -> dict[str, Any]:
+    """Inputs/s of the served MASS model (:func:`~massmerge.mass.serving.serve`, as ``massmerge predict``) and of
+    the plain base forward to the features, on the same ``count`` test inputs of mixed tasks, same batch size."""
+    size = mass.settings.batch_size
+    items, batches = mixed_inputs(pool, count, size)
+
     def served() -> None:
         list(serve(mass, items, pool.collate, batch_size=size, size_of=pool.size_of))
-        sync(device)
+        sync(mass.device)
 
-    plain = ev.throughput(base, len(items), repeats=1)
+    plain = ev.throughput(forward_runner(pool, model, items, batches), len(items), repeats=1)
     routed = ev.throughput(served, len(items), repeats=1)
     return {"base_samples_per_s": plain, "mass_samples_per_s": routed, "ratio": routed / plain,
             "path": f"massmerge.mass.serving.serve (what massmerge predict runs), {len(items)} test inputs of mixed "
@@ -376,6 +425,36 @@ def throughput(pool: TaskPool, model: nn.Module, mass: MASSModel, count: int = 5
                     "serve batches its first pass (size-sorted windows)"}
 
 
-__all__ = ["ServedMASS", "ablation_rows", "frontier_rows", "mass_rows", "router_variants", "routing_sweep", "row",
+def forward_ratio(pool: TaskPool, model: nn.Module, other: nn.Module, batch_size: int, count: int = 512) -> float:
+    """Throughput of ``other``'s forward over the plain ``model``'s, same mixed inputs and batches, one run."""
+    items, batches = mixed_inputs(pool, count, batch_size)
+    plain = ev.throughput(forward_runner(pool, model, items, batches), len(items), repeats=1)
+    return ev.throughput(forward_runner(pool, other, items, batches), len(items), repeats=1) / plain
+
+
+# ----- SMILE ----------------------------------------------------------------------------------------------------
+
+def smile_rows(pool: TaskPool, model: nn.Module, task_vectors: Callable[[], Sequence[Params]], cache: EvalCache,
+               expert: Mapping[str, float], settings: SmileSettings, batch_size: int) -> dict[str, dict[str, Any]]:
+    """SMILE with the oracle head (as the paper reports it) and with max-logit heads (task hidden), its storage
+    over the base's and its serving throughput over a plain forward (:func:`forward_ratio`)."""
+    name = f"SMILE-{settings.top_k}"
+
+    def run() -> dict[str, Any]:
+        start = time.perf_counter()
+        smile = build_smile(model, task_vectors(), settings)
+        seconds = time.perf_counter() - start
+        scores = score_static(pool, smile, None, label=f"evaluate {name}")
+        return {**scores, "merge_seconds": seconds, "storage_factor": storage_factor(smile, model),
+                "serving_ratio": forward_ratio(pool, model, smile, batch_size)}
+
+    result = cache.get_or_run("smile", run, **settings.model_dump())
+    costs = {"storage_factor": result["storage_factor"], "serving_ratio": result["serving_ratio"]}
+    return {name: row("oracle head", result["oracle"], expert, merge_seconds=result["merge_seconds"], **costs),
+            f"{name} max-logit": row("task hidden", result["max_logit"], expert, **costs)}
+
+
+__all__ = ["ServedMASS", "ablation_rows", "batch_routing_row", "forward_ratio", "forward_runner", "frontier_rows",
+           "mass_rows", "mass_scores", "mixed_inputs", "score_mass_batch_routing", "smile_rows", "router_variants", "routing_sweep", "row",
            "score_experts", "score_features", "score_mass", "score_mass_task_given", "score_static", "serve_parts",
            "split_features", "static_rows", "throughput", "tsv_c_accuracy"]

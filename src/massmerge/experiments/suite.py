@@ -25,7 +25,7 @@ from massmerge.adapters.text import TextEncoderAdapter
 from massmerge.artifact.build import write_parts
 from massmerge.data.tasks import DEFAULT_PRESET, TaskData, get_preset, load_task
 from massmerge.device import resolve_device, resolve_dtype
-from massmerge.experiments import runner
+from massmerge.experiments import runner, scaling
 from massmerge.experiments.cache import EvalCache, stable_hash
 from massmerge.experiments.finetune import (
     Backbone,
@@ -39,12 +39,14 @@ from massmerge.experiments.finetune import (
 from massmerge.experiments.pool import TaskPool, TaskSplit
 from massmerge.experiments.report import write_report
 from massmerge.experiments.report.stats import targets
+from massmerge.experiments.router_study import router_study
 from massmerge.heads.files import write_head_file
 from massmerge.heads.modules import ZeroShotHead
 from massmerge.io.atomic import write_text_atomically
 from massmerge.mass.build import MASSParts, assemble
 from massmerge.mass.config import DEFAULT_EPS, BuildSettings, ServeSettings, apply_profile, default_routing_block
 from massmerge.merging import STATIC_MERGES
+from massmerge.smile import SmileSettings
 from massmerge.task_vectors import task_vector
 
 #: Training budgets: ``ci`` is cut so the whole pipeline fits 10 minutes on 2 cores; every other preset trains
@@ -77,6 +79,10 @@ class SuiteConfig(BaseModel):
     serve: dict[str, Any] = {}  # serve-setting overrides of MASS (eta, top_k, pooling, head_rule, ...)
     ablation: bool = True  # score the router variants on val and test
     frontier: bool = False  # score every restart block and earlier routing layers (issue 21)
+    smile: SmileSettings | None = SmileSettings()  # SMILE's rows (None: left out)
+    routers: bool = True  # the router study: routers that use data, the ceiling, MASS's loss split
+    batch_routing: bool = True  # the paper's batch-routing row (one routing per single-task batch)
+    scaling: bool | None = None  # the task-scaling curve; None: on for the wide preset only
     methods: tuple[str, ...] = STATIC_MERGES
     seed: int = 0
     eval_batch_size: int = 64
@@ -85,6 +91,9 @@ class SuiteConfig(BaseModel):
 
     def finetune_config(self) -> FinetuneConfig:
         return self.finetune or preset_finetune(self.preset)
+
+    def runs_scaling(self) -> bool:
+        return self.preset == "wide" if self.scaling is None else self.scaling
 
 
 
@@ -224,6 +233,37 @@ def layer_rows(zoo: Zoo, served: runner.ServedMASS, cache: EvalCache, layer: str
                             suffix=f" @ {layer}")
 
 
+def subset_zoo(zoo: Zoo, indices: Sequence[int]) -> Zoo:
+    """The zoo of tasks ``indices`` alone: their data, heads and experts, the same backbone and adapter."""
+    pick = list(indices)
+    return Zoo([zoo.tasks[i] for i in pick], [zoo.heads[i] for i in pick], [zoo.experts[i] for i in pick],
+               zoo.backbone, zoo.adapter, zoo.pool.subset(pick))
+
+
+def scaling_point(zoo: Zoo, cfg: SuiteConfig, cache_dir: Path, layer: str, indices: Sequence[int],
+                  expert: dict[str, float]) -> dict[str, Any]:
+    """Every scaling method rebuilt from the experts of tasks ``indices`` alone, scored on those tasks."""
+    sub = subset_zoo(zoo, indices)
+    cache = EvalCache(cache_dir, stable_hash(["scaling", [e.meta["key"] for e in sub.experts],
+                                              cfg.finetune_config().model_dump()]))
+    base = sub.model.state_dict()
+    tvs = [task_vector(base, e.state_dict()) for e in sub.experts]
+    sub_expert = {name: expert[name] for name in sub.names}
+    rows = runner.static_rows(sub.pool, sub.model, base, lambda: tvs, ("task_arithmetic", "tsv_m"), cache, sub_expert)
+    parts, settings, seconds = assemble_mass(sub, tvs, cfg, layer)
+    served = serve_mass(sub, parts, settings, cfg, seconds)
+    rows.update(runner.mass_rows(sub.pool, served, served.mass, cache, sub_expert)[0])
+    return {"T": len(sub.names), "tasks": sub.names,
+            "rows": {name: rows[name] for name in scaling.SCALING_METHODS if name in rows}}
+
+
+def scaling_points(zoo: Zoo, cfg: SuiteConfig, cache_dir: Path, layer: str, expert: dict[str, float]
+                   ) -> list[dict[str, Any]]:
+    """One scaling point per seeded task subset (:func:`massmerge.experiments.scaling.task_subsets`)."""
+    subsets = scaling.task_subsets(len(zoo.tasks), seed=cfg.seed)
+    return [scaling_point(zoo, cfg, cache_dir, layer, indices, expert) for _, indices in subsets]
+
+
 # ----- orchestration ---------------------------------------------------------------------------------------------
 
 
@@ -262,6 +302,8 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
         "experts": runner.row("oracle head", expert, expert, storage_factor=float(T)),
     }
     rows.update(runner.static_rows(pool, model, base, lambda: tvs, cfg.methods, cache, expert))
+    if cfg.smile is not None:
+        rows.update(runner.smile_rows(pool, model, lambda: tvs, cache, expert, cfg.smile, cfg.eval_batch_size))
     rows["tsv_c (task given)"] = runner.row("oracle head", runner.tsv_c_accuracy(pool, model, base, lambda: tvs, cache),
                                             expert, storage_factor=parts.size_factor)
     served = serve_mass(zoo, parts, settings, cfg, factor_seconds)
@@ -270,6 +312,12 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
         new_rows, details = layer_rows(zoo, served, cache, candidate, expert)
         rows.update(new_rows)
         mass_details.append(details)
+    if cfg.batch_routing:
+        rows["MASS (batch routing)"] = runner.batch_routing_row(pool, served, cache, expert)
+    routers = None
+    if cfg.routers:
+        hidden, given = runner.mass_scores(pool, served, served.mass, cache)
+        routers = router_study(pool, model, served, hidden, given, cache, expert)
     sweep = cache.get_or_run("routing_sweep", lambda: {"rows": runner.routing_sweep(pool, served.mass, sweep_layers(
         model))}, **served.build_key, **served.mass.settings.model_dump(mode="json"))["rows"]
     ablation = None
@@ -282,6 +330,7 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
         routing = zoo.adapter.block_of(model, layer)
         frontier = runner.frontier_rows(pool, model, served, zoo.adapter, sorted({routing, 3, 2} - {0}, reverse=True),
                                         cache, {"test": expert, "val": experts["val"]})
+    points = scaling_points(zoo, cfg, cache_dir, layer, expert) if cfg.runs_scaling() else None
     timing = {**zoo.timing, "evaluate_seconds": time.perf_counter() - start,
               "factorize_seconds": served.factor_seconds, "total_seconds": time.perf_counter() - wall}
     settings = served.mass.settings
@@ -296,7 +345,8 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
         "methods": rows, "mass": mass_details[0], "mass_layers": mass_details, "dropped": served.mass.factors.dropped(),
         "layer_sweep": sweep, "throughput": throughput,
         "storage": {k: v for k, v in served.storage.items() if k != "rank_scale"}, "timing": timing,
-        "threads": torch.get_num_threads(), "ablation": ablation, "frontier": frontier,
+        "threads": torch.get_num_threads(), "ablation": ablation, "frontier": frontier, "routers": routers,
+        "scaling": points,
     }  # fmt: skip
     report["targets"] = targets(report)
     write_serving_files(zoo, out_dir)

@@ -198,6 +198,69 @@ def _md_frontier(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _md_loss_split(report: Mapping[str, Any]) -> list[str]:
+    """MASS's lost items split by whether the best router with data (the ceiling) loses them too."""
+    routers = report.get("routers")
+    if not routers:
+        return []
+    lines = ["", f"Could a router with data recover them? MASS's lost items (right with the task given, wrong with "
+             f"it hidden) split by whether the identifiability ceiling (**{routers['ceiling']}**, the best task "
+             "classifier trained on labelled val inputs, chosen on val) loses them too (% of each task's test "
+             "items):", "",
+             *_md_head(["task", "MASS task given", "MASS task hidden", "lost", "lost by the best data router too",
+                        "lost only without data"])]  # fmt: skip
+    for task, row in routers["loss_split"].items():
+        lines.append(_md_row([task, *(pct(row[k]) for k in ("task_given", "task_hidden", "lost",
+                                                            "lost_by_best_router_too", "lost_only_without_data"))]))
+    total = {k: mean_of({t: r[k] for t, r in routers["loss_split"].items()})
+             for k in ("lost", "lost_by_best_router_too", "lost_only_without_data")}
+    lines.append(_md_row(["mean", "", "", *(pct(v) for v in total.values())]))
+    return lines
+
+
+def _md_routers(report: Mapping[str, Any]) -> list[str]:
+    """MASS's data-free router beside routers that use data, each labelled with the data it needs."""
+    routers = report.get("routers")
+    if not routers:
+        return []
+    tasks, bounds = tasks_of(report), report["intervals"]["routers"]
+    lines = ["", "## Routers: data-free against routers that use data", "",
+             "Test split. Hard routers pick one task and answer with MASS's second pass for that task alone, so an "
+             "item counts only with task and class right; \"MASS (ours)\" and proj-PRE are served as MASS (selected "
+             "set, max-logit heads). val routing: top-1 on val, cross-validated for the trained routers (their "
+             "settings are chosen there). Normalized accuracy in % of each expert (95% ±); **ceiling** = the best "
+             "val accuracy among the trained routers.", "",
+             *_md_head(["router", "data it needs", "val routing", "test routing", "avg normalized", *tasks])]
+    for r in routers["rows"]:
+        name = f"**{r['name']}** (ceiling)" if r["name"] == routers["ceiling"] else r["name"]
+        setting = f" ({'k' if r.get('classifier') == 'kNN' else 'L2'} {r['setting']:g})" if r.get("setting") else ""
+        lines.append(_md_row([name + setting, r["data"], pct(r["val_routing_accuracy"]),
+                              pct(mean_of(r["routing_accuracy"])), pm(r["avg_normalized"], bounds[r["name"]]),
+                              *(pct(r["normalized"][t]) for t in tasks)]))
+    return lines
+
+
+def _md_scaling(report: Mapping[str, Any]) -> list[str]:
+    """Normalized accuracy per method and task count: the mean over subsets and its 95% interval."""
+    summary, points = report.get("scaling_summary"), report.get("scaling")
+    if not summary:
+        return []
+    sizes = sorted({r["T"] for r in summary})
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    cell = {(r["method"], r["T"]): r for r in summary}
+    counts = {T: sum(1 for p in points if p["T"] == T) for T in sizes}
+    lines = ["", "## Task scaling", "",
+             "Normalized accuracy (% of each expert, averaged over the subset's tasks), every method rebuilt from "
+             "each seeded task subset's experts alone; mean over the subsets, 95% interval across them (t over "
+             "subsets; one subset: its own interval). Rows without max-logit use the oracle head.", "",
+             *_md_head(["method", *(f"T={T} ({counts[T]} subsets)" for T in sizes)])]
+    for method in methods:
+        lines.append(_md_row([method, *(pm(cell[(method, T)]["mean"], cell[(method, T)]["interval"])
+                                        if (method, T) in cell else "-" for T in sizes)]))
+    lines += ["", "Subsets: " + "; ".join(f"T={p['T']}: {', '.join(p['tasks'])}" for p in points) + "."]
+    return lines
+
+
 def _md_tasks(report: Mapping[str, Any]) -> list[str]:
     lines = ["## Tasks", "", *_md_head(["task", "description", "classes", "train", "val", "test"])]
     for t in report["tasks"]:
@@ -219,6 +282,10 @@ def _md_footer(report: Mapping[str, Any]) -> list[str]:
     if thr is not None:
         lines.append(f"- Throughput ({thr['path']}): base {thr['base_samples_per_s']:.1f} samples/s, MASS "
                      f"{thr['mass_samples_per_s']:.1f} samples/s (MASS / base = {thr['ratio']:.2f}).")
+    for name, row in report["methods"].items():
+        if row.get("serving_ratio") is not None and row["kind"] == "oracle head":
+            lines.append(f"- {name}: stores {row['storage_factor']:.2f}x the base's numbers; its forward runs at "
+                         f"{row['serving_ratio']:.2f}x a plain forward's throughput (same inputs and batches).")
     lines += [f"- Merge time: {merges or '-'}.",
               "- Wall time: " + ", ".join(f"{k.removesuffix('_seconds')} {v:.0f} s" for k, v in tm.items())
               + f" on {report['threads']} threads."]
@@ -233,9 +300,9 @@ def markdown(report: Mapping[str, Any]) -> str:
               "† MASS (task hidden) below zero-shot max-logit on this task.", "",
               "## Normalized accuracy (% of each expert on the same test split)", "",
               *_md_methods(report, "normalized")]
-    sections = [_md_setup(report), _md_targets(report), [""], _md_loss(report), [""], _md_tasks(report), tables,
-                _md_layers(report), [""], _md_sweep(report), _md_ablation(report), _md_frontier(report), [""],
-                _md_footer(report)]
+    sections = [_md_setup(report), _md_targets(report), [""], _md_loss(report), _md_loss_split(report), [""],
+                _md_tasks(report), tables, _md_layers(report), [""], _md_sweep(report), _md_routers(report),
+                _md_ablation(report), _md_frontier(report), _md_scaling(report), [""], _md_footer(report)]
     return "\n".join(line for section in sections for line in section)
 
 

@@ -251,11 +251,32 @@ def frontier(report: Mapping[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+def scaling(report: Mapping[str, Any], path: Path) -> None:
+    """Normalized accuracy against T, one line per method: the mean over task subsets, 95% interval bars, and
+    each subset's value as a faint dot."""
+    summary = report["scaling_summary"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in summary)):
+        rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["T"])
+        xs = np.array([r["T"] for r in rows], dtype=float) + 0.12 * (i - 2)  # a small offset keeps bars apart
+        ys = np.array(percents([r["mean"] for r in rows]))
+        low = np.maximum(0.0, ys - np.array(percents([r["interval"][0] for r in rows])))
+        high = np.maximum(0.0, np.array(percents([r["interval"][1] for r in rows])) - ys)
+        line = ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=method, linewidth=1.2)
+        for x, r in zip(xs, rows):
+            ax.scatter([x] * len(r["values"]), percents(r["values"]), s=6, alpha=0.35, color=line[0].get_color())
+    ax.set_xlabel("tasks merged (T)")
+    ax.set_ylabel("normalized accuracy (%)")
+    ax.set_title("task scaling: mean over seeded task subsets, 95% intervals", fontsize=9)
+    _legend_outside(ax)
+    _save(fig, path)
+
+
 #: File name -> the function that draws it.
 PLOTS: dict[str, Callable[[Mapping[str, Any], Path], None]] = {
     "per_task.png": per_task_bars, "oracle_gap.png": oracle_gap, "mass_loss.png": mass_loss,
     "routing_accuracy.png": routing_accuracy, "routing_confusion.png": routing_confusion,
-    "layer_sweep.png": layer_sweep, "frontier.png": frontier,
+    "layer_sweep.png": layer_sweep, "frontier.png": frontier, "scaling.png": scaling,
 }  # fmt: skip
 #: What a plot needs of the report (a plot without its data is left out, not drawn empty).
 NEEDS: dict[str, Callable[[Mapping[str, Any]], bool]] = {
@@ -265,6 +286,7 @@ NEEDS: dict[str, Callable[[Mapping[str, Any]], bool]] = {
     "routing_confusion.png": lambda r: r["mass"] is not None,
     "layer_sweep.png": lambda r: bool(r["layer_sweep"]),
     "frontier.png": lambda r: bool(r.get("frontier")),
+    "scaling.png": lambda r: bool(r.get("scaling_summary")),
 }
 
 

@@ -15,13 +15,14 @@ report.json, ``schema_version`` 3 (fractions 0-1 throughout; ``units`` says what
     finetune: {steps, batch_size, lr, max_length, logit_scale, ...} | null   # the suite's expert training
     tasks: [{name, description, classes: [str], sizes: {train, val, test}, source?: {expert, dataset, ...}}]
     experts?: {task: the expert's cache metadata}
-    methods: {row: {kind: "oracle head" | "task hidden" | "oracle routing", accuracy: {task: frac},
-                    normalized: {task: frac}, avg_accuracy, avg_normalized, storage_factor, merge_seconds?,
-                    options?}}
+    methods: {row: {kind: "oracle head" | "task hidden" | "oracle routing" | "batch routing",
+                    accuracy: {task: frac}, normalized: {task: frac}, avg_accuracy, avg_normalized, storage_factor,
+                    merge_seconds?, options?, serving_ratio?, batch_size?}}
     intervals: {methods: {row: {accuracy: {task: [low, high]}, normalized: {task: [low, high]},
                                 avg_accuracy: [low, high], avg_normalized: [low, high]}},
                 layer_sweep: {layer: [low, high]},          # of the mean top-1 routing accuracy
-                ablation: {"name (split)": [low, high]} | null}  # of avg_normalized
+                ablation: {"name (split)": [low, high]} | null,  # of avg_normalized
+                frontier: {"l=L j=J (split)": [low, high]} | null, routers: {name: [low, high]} | null}
     mass: {layer, routing_accuracy, selection_recall, task_choice, class_given_task: {task: frac},
            confusion: [[int]], mean_selected, task_sets} | null       # null when MASS was not run
     mass_layers: [same as mass, one per routing layer evaluated with the full model]
@@ -36,6 +37,12 @@ report.json, ``schema_version`` 3 (fractions 0-1 throughout; ``units`` says what
                 accuracy?}] | null
     frontier: [{routing_layer, routing_block, restart_block, cost, throughput,
                 val|test: {avg_normalized, normalized: {task: frac}, accuracy: {task: frac}}}] | null
+    routers: {rows: [{name, rule, data, routing_accuracy, accuracy, normalized: {task: frac}, avg_accuracy,
+                      avg_normalized, val_routing_accuracy, classifier?, features?, setting?}],
+              ceiling: row name, loss_split: {task: {task_given, task_hidden, lost, lost_by_best_router_too,
+                                                     lost_only_without_data}}} | null
+    scaling: [{T, tasks: [str], rows: {method: method row}}] | null      # one per seeded task subset
+    scaling_summary: [{method, T, mean, interval: [low, high], values: [float]}] | null   # derived
     throughput: {base_samples_per_s, mass_samples_per_s, ratio, path} | null
     storage: {base_numel, factor_numel, base_dtype, factor_dtype, bytes_ratio} | null
     timing: {name_seconds: float}
@@ -52,7 +59,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from massmerge.experiments.report.stats import below_zero_shot, intervals, mass_loss
+from massmerge.experiments.report.stats import below_zero_shot, intervals, mass_loss, scaling_summary
 
 SCHEMA_VERSION = 3
 #: Rows every report has: the experts are the normalizer of every other row.
@@ -64,7 +71,7 @@ SUITE_SECTIONS = ("finetune", "mass", "throughput", "storage")
 #: What a section a front end leaves out reads as.
 DEFAULTS: dict[str, Any] = {"preset": None, "finetune": None, "experts": None, "mass": None, "mass_layers": [],
                             "dropped": {}, "layer_sweep": [], "throughput": None, "storage": None, "ablation": None,
-                            "frontier": None}
+                            "frontier": None, "routers": None, "scaling": None}
 #: Tolerance of the check "MASS accuracy = task choice x class given task" (both come from counts).
 CONSISTENCY_TOL = 1e-6
 
@@ -81,6 +88,12 @@ UNITS = {
     "storage.bytes_ratio": "the MASS artifact's bytes as `massmerge build` writes it (base tensors in base_dtype, "
     "low-rank factors in factor_dtype) over the base model's bytes; the one storage figure",
     "storage_factor": "per method row: stored tensor elements over the base's (counts, not bytes)",
+    "serving_ratio": "per method row: its forward's throughput over a plain forward of the base, same inputs and "
+    "batches, measured in the same run",
+    "routers": "test split; routing_accuracy: top-1 task; accuracy: strict (task and class right); "
+    "val_routing_accuracy: cross-validated on val for trained routers; loss_split: shares 0-1 of each task's "
+    "test items",
+    "scaling": "avg_normalized over each subset's own tasks; intervals across subsets: mean +- t x sd / sqrt(n)",
     "throughput": "samples per second",
     "timing": "seconds (wall clock)",
     "merge_seconds": "seconds",
@@ -135,7 +148,7 @@ class FinetuneSettings(_Open):
 
 
 class MethodRow(_Closed):
-    kind: Literal["oracle head", "task hidden", "oracle routing"]
+    kind: Literal["oracle head", "task hidden", "oracle routing", "batch routing"]
     accuracy: PerTask
     normalized: dict[str, Positive]
     avg_accuracy: Fraction
@@ -143,6 +156,8 @@ class MethodRow(_Closed):
     storage_factor: Positive
     merge_seconds: Positive | None = None
     options: dict[str, Any] | None = None  # a static merge's options, when not the method's defaults
+    serving_ratio: Positive | None = None  # a served model's throughput over a plain forward (SMILE)
+    batch_size: int | None = None  # batch routing: inputs per single-task batch
 
 
 class MassDetails(_Closed):
@@ -190,6 +205,64 @@ class FrontierRow(_Closed):
     throughput: Positive  # served MASS / plain forward, measured in the same run
 
 
+class RouterRow(_Closed):
+    name: str
+    rule: str
+    data: str  # what the router needs beyond the experts ("none": data-free)
+    routing_accuracy: PerTask
+    accuracy: PerTask
+    normalized: dict[str, Positive]
+    avg_accuracy: Fraction
+    avg_normalized: Positive
+    val_routing_accuracy: Fraction
+    classifier: str | None = None
+    features: str | None = None
+    setting: float | None = None
+
+
+class LossSplit(_Closed):
+    task_given: Fraction
+    task_hidden: Fraction
+    lost: Fraction
+    lost_by_best_router_too: Fraction
+    lost_only_without_data: Fraction
+
+
+class Routers(_Closed):
+    rows: Annotated[list[RouterRow], Field(min_length=1)]
+    ceiling: str
+    loss_split: dict[str, LossSplit]
+
+    @model_validator(mode="after")
+    def _ceiling_is_a_row(self) -> Routers:
+        if self.ceiling not in {r.name for r in self.rows}:
+            raise ValueError(f"routers.ceiling {self.ceiling!r} is not one of the rows")
+        return self
+
+
+class ScalingPoint(_Closed):
+    T: Annotated[int, Field(ge=1)]
+    tasks: list[str]
+    rows: dict[str, MethodRow]
+
+    @model_validator(mode="after")
+    def _rows_cover_the_subset(self) -> ScalingPoint:
+        if len(self.tasks) != self.T:
+            raise ValueError(f"a scaling point of T = {self.T} lists {len(self.tasks)} tasks")
+        for name, row in self.rows.items():
+            if set(row.accuracy) != set(self.tasks):
+                raise ValueError(f"scaling row {name!r} (T = {self.T}) does not cover its subset's tasks")
+        return self
+
+
+class ScalingSummary(_Closed):
+    method: str
+    T: int
+    mean: Positive
+    interval: Interval
+    values: list[Positive]
+
+
 class Throughput(_Closed):
     base_samples_per_s: Positive
     mass_samples_per_s: Positive
@@ -235,6 +308,8 @@ class Report(_Closed):
     threads: int
     ablation: list[AblationRow] | None = None
     frontier: list[FrontierRow] | None = None
+    routers: Routers | None = None
+    scaling: list[ScalingPoint] | None = None
     targets: dict[str, Target]
 
     @model_validator(mode="after")
@@ -276,6 +351,9 @@ class Report(_Closed):
             out += [(f"{label}.{k}", getattr(m, k)) for k in ("routing_accuracy", "selection_recall", "task_choice",
                                                               "class_given_task")]  # fmt: skip
         out += [(f"layer_sweep[{r.layer!r}]", r.routing_accuracy) for r in self.layer_sweep]
+        if self.routers is not None:
+            out += [(f"routers[{r.name!r}].accuracy", r.accuracy) for r in self.routers.rows]
+            out.append(("routers.loss_split", self.routers.loss_split))
         return out
 
 
@@ -323,6 +401,7 @@ class Intervals(_Closed):
     layer_sweep: dict[str, Interval]
     ablation: dict[str, Interval] | None
     frontier: dict[str, Interval] | None = None
+    routers: dict[str, Interval] | None = None
 
 
 class WrittenReport(Report):
@@ -333,6 +412,7 @@ class WrittenReport(Report):
     intervals: Intervals
     mass_loss: dict[str, LossRow]
     below_zero_shot: list[BelowZeroShot]
+    scaling_summary: list[ScalingSummary] | None = None
 
 
 def complete(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -340,7 +420,8 @@ def complete(report: Mapping[str, Any]) -> dict[str, Any]:
     Report.model_validate(report)
     report = {**report, **{key: value for key, value in DEFAULTS.items() if key not in report}}
     full = {"schema_version": SCHEMA_VERSION, "units": UNITS, **report, "intervals": intervals(report),
-            "mass_loss": mass_loss(report), "below_zero_shot": below_zero_shot(report)}  # fmt: skip
+            "mass_loss": mass_loss(report), "below_zero_shot": below_zero_shot(report),
+            "scaling_summary": scaling_summary(report)}  # fmt: skip
     WrittenReport.model_validate(full)
     return full
 

@@ -21,6 +21,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from massmerge.experiments.scaling import summarize
+
 #: Two-sided 95% normal quantile.
 Z95 = 1.959963984540054
 #: Design.md section 7: MASS keeps this share of the experts on average ...
@@ -243,12 +245,27 @@ def intervals(report: Mapping[str, Any]) -> dict[str, Any]:
     for row in report["layer_sweep"]:
         ses = [_se(wilson(p, n[t])) for t, p in row["routing_accuracy"].items()]
         sweep[row["layer"]] = normal_interval(row["mean"], mean_se(ses))
-    frontier = report.get("frontier")
+    frontier, routers = report.get("frontier"), report.get("routers")
     return {"methods": {name: row_intervals(report, row) for name, row in report["methods"].items()},
+            "routers": None if routers is None else {r["name"]: row_intervals(report, r)["avg_normalized"]
+                                                     for r in routers["rows"]},
             "layer_sweep": sweep,
             "ablation": None if ablation is None else {ablation_key(r): _ablation_interval(report, r) for r in ablation},
             "frontier": None if frontier is None else {frontier_key(r, split): _split_interval(report, r[split], split)
                                                          for r in frontier for split in ("val", "test")}}
+
+
+def scaling_summary(report: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """Per (method, T) of the task-scaling points: the mean over subsets and its interval
+    (:func:`massmerge.experiments.scaling.summarize`); each subset's own interval as every average's."""
+    points = report.get("scaling")
+    if not points:
+        return None
+    flat = [{"T": p["T"], "tasks": p["tasks"],
+             "avg_normalized": {m: r["avg_normalized"] for m, r in p["rows"].items()},
+             "intervals": {m: row_intervals(report, r)["avg_normalized"] for m, r in p["rows"].items()}}
+            for p in points]  # fmt: skip
+    return summarize(flat)
 
 
 def frontier_key(row: Mapping[str, Any], split: str) -> str:
@@ -267,5 +284,5 @@ def ablation_key(row: Mapping[str, Any]) -> str:
 
 
 __all__ = ["AVERAGE_GOAL", "MET", "MISSED", "TASK_GOAL", "TSV_M_MARGIN", "UNCLEAR", "UNMEASURED", "Z95",
-           "ablation_key", "below_zero_shot", "frontier_key", "intervals", "mass_loss", "mean_se", "normal_interval", "row_intervals",
-           "status", "targets", "wilson"]
+           "ablation_key", "below_zero_shot", "frontier_key", "intervals", "mass_loss", "mean_se", "normal_interval",
+           "row_intervals", "scaling_summary", "status", "targets", "wilson"]

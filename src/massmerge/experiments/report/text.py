@@ -72,7 +72,8 @@ def method_cells(report: Mapping[str, Any], name: str, metric: str) -> list[str]
 METRIC_TITLES = {"accuracy": "absolute accuracy (%)", "normalized": "normalized accuracy (% of each expert)"}
 KIND_NOTE = ("kinds: oracle head = the true task's head is given; task hidden = every task's head competes "
              "(max-logit) and an item counts only with task and class right; oracle routing = MASS's second "
-             "pass with the true task as the only selected one.")  # fmt: skip
+             "pass with the true task as the only selected one; batch routing = MASS routing once per batch of one "
+             "task's inputs (the paper's setting; counted as task hidden).")  # fmt: skip
 PM_NOTE = ("± = the wider side of the 95% interval, in points (Wilson per task, n = test items; normal over the "
            "task average); exact bounds in report.json.")  # fmt: skip
 
