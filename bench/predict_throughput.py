@@ -18,7 +18,7 @@ experts, so the routing and the task-set mix are real); without it, one is built
 experts of the real base and the suite's zero-shot heads (routing is then not meaningful, only its cost).
 
     python bench/predict_throughput.py --artifact massmerge-suite/artifact [--inputs 1024] [--rounds 3]
-        [--restart-block 4] [--device cuda]
+        [--restart-block 4] [--device cuda] [--dtype float16]
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ BASE_SCRIPT = """
 import json, sys, torch
 from transformers import AutoModel, AutoTokenizer
 from massmerge.mass.pooling import masked_mean
-bench_dir, model_dir, inputs, output, batch, length, tasks, device = sys.argv[1:9]
+bench_dir, model_dir, inputs, output, batch, length, tasks, device, dtype = sys.argv[1:10]
 sys.path.insert(0, bench_dir)
 from predict_throughput import base_batches
-tok = AutoTokenizer.from_pretrained(model_dir); model = AutoModel.from_pretrained(model_dir).eval().to(device)
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModel.from_pretrained(model_dir).eval().to(device=device, dtype=getattr(torch, dtype))
 texts = [json.loads(line)["text"] for line in open(inputs, encoding="utf-8")]
 with torch.inference_mode(), open(output, "w") as out:
     for enc in base_batches(texts, tok, int(batch), int(length), int(tasks)):
@@ -148,7 +149,7 @@ def timed(fn) -> tuple[float, float]:  # noqa: ANN001
 
 
 def steady_state(artifact: Path, texts: list[str], batch: int, length: int, rounds: int, restarts: list[int],
-                 device: str) -> dict:
+                 device: str, dtype: str) -> dict:
     """Interleaved rounds of predict_texts (fresh caches: a new load each round), one per restart block, and the
     base's forward + pool, all on ``device``."""
     from massmerge.artifact import MODEL_DIR, load
@@ -159,7 +160,7 @@ def steady_state(artifact: Path, texts: list[str], batch: int, length: int, roun
 
     tokenizer = AutoTokenizer.from_pretrained(str(artifact / MODEL_DIR))
     target = torch.device(device)
-    base = AutoModel.from_pretrained(str(artifact / MODEL_DIR)).eval().to(target)
+    base = AutoModel.from_pretrained(str(artifact / MODEL_DIR)).eval().to(device=target, dtype=getattr(torch, dtype))
     numbered = list(enumerate(texts, start=1))
     tasks = task_count(artifact)
 
@@ -175,7 +176,7 @@ def steady_state(artifact: Path, texts: list[str], batch: int, length: int, roun
     for _ in range(rounds):
         samples["base"].append(timed(plain))
         for j in restarts:
-            model = load(artifact, device=target, restart_block=j)
+            model = load(artifact, device=target, restart_block=j, dtype=dtype)
             list(predict_texts(model, tokenizer, numbered[:batch], batch_size=batch, max_length=length))  # warm-up
             with model.timed() as seconds:
                 samples[point_name(j)].append(timed(lambda m=model: list(predict_texts(
@@ -200,16 +201,16 @@ def run_process(command: list[str]) -> tuple[float, float]:
 
 
 def end_to_end(artifact: Path, texts: list[str], batch: int, length: int, rounds: int, tmp: Path,
-               restarts: list[int], device: str) -> dict:
+               restarts: list[int], device: str, dtype: str) -> dict:
     inputs = tmp / "inputs.jsonl"
     inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     script = tmp / "plain_forward.py"
     script.write_text(BASE_SCRIPT)
     commands = {point_name(j): [sys.executable, "-m", "massmerge", "predict", str(artifact), str(inputs), "--output",
                                 str(tmp / "mass.jsonl"), "--batch-size", str(batch), "--max-length", str(length),
-                                "--restart-block", str(j), "--device", device] for j in restarts}
+                                "--restart-block", str(j), "--device", device, "--dtype", dtype] for j in restarts}
     plain = [sys.executable, str(script), str(Path(__file__).resolve().parent), str(artifact / "model"), str(inputs),
-             str(tmp / "base.jsonl"), str(batch), str(length), str(task_count(artifact)), device]
+             str(tmp / "base.jsonl"), str(batch), str(length), str(task_count(artifact)), device, dtype]
     samples: dict[str, list[tuple[float, float]]] = {"base": [], **{name: [] for name in commands}}
     for _ in range(rounds):
         samples["base"].append(run_process(plain))
@@ -239,6 +240,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=None, help="[default: the artifact's serve.max_length]")
     parser.add_argument("--restart-block", type=int, default=None, help="also measure this restart block beside 0")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (the base runs there too)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="serving precision of MASS and of the plain base")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -252,8 +255,10 @@ def main() -> None:
         tmp = Path(tmp_name)
         artifact = args.artifact or synthetic_artifact(tmp / "artifact")
         args.batch_size, args.max_length = served_lengths(artifact, args.batch_size, args.max_length)
-        steady = steady_state(artifact, texts, args.batch_size, args.max_length, args.rounds, restarts, args.device)
-        whole = end_to_end(artifact, texts, args.batch_size, args.max_length, args.rounds, tmp, restarts, args.device)
+        steady = steady_state(artifact, texts, args.batch_size, args.max_length, args.rounds, restarts, args.device,
+                              args.dtype)
+        whole = end_to_end(artifact, texts, args.batch_size, args.max_length, args.rounds, tmp, restarts, args.device,
+                           args.dtype)
     rows = [summary("steady state (predict_texts)", steady["samples"], point_name(j), len(texts)) for j in restarts]
     rows += [summary("end to end (massmerge predict)", whole["samples"], point_name(j), len(texts)) for j in restarts]
     print(table(rows, list(rows[0])))
