@@ -41,7 +41,7 @@ def _bench(tmp_path: Path) -> Path:
         data = _image_folder(tmp_path / f"data_{task}" / "test", classes, seed=seed)
         tasks.append({"name": task, "expert": str(expert), "dataset": str(data.parent), "classnames": classes})
     config = {"family": "clip", "base": str(base_dir), "heads": "linear", "tasks": tasks,
-              "methods": ["zeroshot", "experts", "task_arithmetic", "tsv_m", "mass"],
+              "methods": ["zeroshot", "experts", "task_arithmetic", "tsv_m", "smile", "mass"],
               "mass": {"rank_fraction": 0.5}, "eval": {"batch_size": 4}, "output": str(tmp_path / "out")}
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -60,7 +60,10 @@ def test_evaluate_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert report["config"]["routing_layer"] == "encoder.layers.3.mlp.fc1"
     rows = report["methods"]
     assert list(rows) == ["zero-shot", "zero-shot max-logit", "experts", "task_arithmetic", "task_arithmetic max-logit",
-                          "tsv_m", "tsv_m max-logit", "MASS (task given)", "MASS oracle-head", "MASS"]
+                          "tsv_m", "tsv_m max-logit", "SMILE-2", "SMILE-2 max-logit", "MASS (task given)",
+                          "MASS oracle-head", "MASS", "MASS (batch routing)"]
+    assert rows["SMILE-2"]["storage_factor"] > 1.0 and rows["SMILE-2"]["serving_ratio"] > 0
+    assert rows["MASS (batch routing)"]["kind"] == "batch routing"
     assert rows["experts"]["normalized"] == {t: 1.0 for t, v in rows["experts"]["accuracy"].items() if v > 0}
     assert rows["task_arithmetic"]["options"] == {"alpha": 0.3}
     assert rows["MASS"]["kind"] == "task hidden" and 1.0 < rows["MASS"]["storage_factor"] < 3.0

@@ -49,6 +49,7 @@ from massmerge.heads.zoo import (
 )
 from massmerge.mass.build import MASSParts, assemble
 from massmerge.mass.config import BuildSettings, ServeSettings
+from massmerge.smile import SmileSettings
 from massmerge.sources import resolve_source
 from massmerge.task_vectors import CheckedTaskVector, add_delta
 
@@ -261,6 +262,10 @@ def run_benchmark(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path 
     rows.update(runner.static_rows(pool, model, wb.base_state,
                                    lambda: [expert_vector(wb, t) for t in range(T)], merges, cache, expert,
                                    options=config.merge_options))
+    if "smile" in methods:
+        log("method smile")
+        rows.update(runner.smile_rows(pool, model, lambda: [expert_vector(wb, t) for t in range(T)], cache, expert,
+                                      SmileSettings(), config.eval.batch_size))
     details, storage, dropped = None, None, {}
     settings = ServeSettings(routing_layers=(wb.adapter.routing_layer(model),)).updated(**config.serve_overrides())
     if assembled is not None:
@@ -268,6 +273,7 @@ def run_benchmark(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path 
         served = serve_mass(wb, *assembled)
         mass_rows, details = runner.mass_rows(pool, served, served.mass, cache, expert)
         rows.update(mass_rows)
+        rows["MASS (batch routing)"] = runner.batch_routing_row(pool, served, cache, expert)
         storage = {k: v for k, v in served.storage.items() if k != "rank_scale"}
         dropped, settings = served.mass.factors.dropped(), served.mass.settings
     report = {

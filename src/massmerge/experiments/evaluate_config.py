@@ -26,7 +26,7 @@ from massmerge.merging.task_arithmetic import default_alpha
 
 BASELINES = ("zeroshot", "experts")
 MERGES = ("weight_average", "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts")
-METHODS = (*BASELINES, *MERGES, "mass")
+METHODS = (*BASELINES, *MERGES, "smile", "mass")  # smile: SMILE-2 (massmerge.smile); mass adds batch routing
 
 
 class _Strict(BaseModel):
