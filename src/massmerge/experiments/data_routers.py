@@ -152,6 +152,12 @@ def train_router(classifier: str, x: torch.Tensor, y: torch.Tensor, classes: int
 CLASSIFIERS = ("kNN", "logistic", "MLP")
 
 
+def settings() -> dict[str, object]:
+    """Every constant that shapes a trained router (a cache key of the router study)."""
+    return {"knn": KNN_GRID, "l2": L2_GRID, "decay": DECAY_GRID, "folds": FOLDS, "mlp": [MLP_WIDTH, MLP_STEPS],
+            "lbfgs": LBFGS_STEPS, "classifiers": CLASSIFIERS}
+
+
 def data_needed(classifier: str) -> str:
     """What a router needs beyond the experts, in the report's words."""
     if classifier == "kNN":
@@ -182,4 +188,4 @@ def ceiling_of(rows: Sequence[Mapping[str, object]]) -> int:
 
 
 __all__ = ["CLASSIFIERS", "DECAY_GRID", "KNN_GRID", "L2_GRID", "TrainedRouter", "ceiling_of", "cross_validated", "data_needed",
-           "fit_logistic", "fit_mlp", "folds", "knn_predict", "router_predictions", "train_router"]
+           "fit_logistic", "fit_mlp", "folds", "knn_predict", "router_predictions", "settings", "train_router"]

@@ -115,7 +115,7 @@ def router_study(pool: TaskPool, model: nn.Module, served: ServedMASS, hidden: M
     correctness (:func:`~massmerge.experiments.runner.mass_scores`)."""
     mass = served.mass
     key = {**served.build_key, **mass.settings.model_dump(mode="json")}
-    fitted = cache.get_or_run("router_study", lambda: fit_routers(pool, model, mass), **key)
+    fitted = cache.get_or_run("router_study", lambda: fit_routers(pool, model, mass), **key, routers=dr.settings())
     given_t, hidden_t = torch.tensor(given["correct"], dtype=torch.bool), torch.tensor(hidden["correct"], dtype=torch.bool)
     pre = mass.with_settings(first_pass="pretrained")
     pre_key = {**served.build_key, **pre.settings.model_dump(mode="json")}

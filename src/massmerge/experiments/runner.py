@@ -448,7 +448,7 @@ def smile_rows(pool: TaskPool, model: nn.Module, task_vectors: Callable[[], Sequ
         return {**scores, "merge_seconds": seconds, "storage_factor": storage_factor(smile, model),
                 "serving_ratio": forward_ratio(pool, model, smile, batch_size)}
 
-    result = cache.get_or_run("smile", run, **settings.model_dump())
+    result = cache.get_or_run("smile-v2", run, **settings.model_dump())  # v2: the batched expert forward
     costs = {"storage_factor": result["storage_factor"], "serving_ratio": result["serving_ratio"]}
     return {name: row("oracle head", result["oracle"], expert, merge_seconds=result["merge_seconds"], **costs),
             f"{name} max-logit": row("task hidden", result["max_logit"], expert, **costs)}
