@@ -8,8 +8,10 @@ storage and SVD time (a real fine-tuning delta is numerically full rank too).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -115,6 +117,18 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     times.sort()
     return times[len(times) // 2]
 
+
+
+def timed_process(command: list[str]) -> tuple[float, float]:
+    """(wall, CPU seconds of the child) of one whole process, from ``os.wait4``; a failed child stops the run
+    with its stderr's tail."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A plain Markdown table (also readable on a terminal)."""

@@ -13,18 +13,16 @@ Wall and CPU seconds are both printed; T = 8 and 20 by default.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DELTA_SCALE, table, write_heads, write_json  # noqa: E402
+from _common import DELTA_SCALE, table, timed_process, write_heads, write_json  # noqa: E402
 
 PEAK = """
 import sys, torch
@@ -64,17 +62,6 @@ def zoo(root: Path, depth: int, count: int) -> tuple[Path, list[Path]]:
         experts.append(root / f"expert{t:02d}")
         expert.save_pretrained(str(experts[-1]))
     return base, experts
-
-
-def timed_process(command: list[str]) -> tuple[float, float]:
-    """(wall, CPU seconds of the child) of one whole process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:

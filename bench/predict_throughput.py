@@ -28,7 +28,6 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import table, write_json  # noqa: E402
+from _common import table, timed_process, write_json  # noqa: E402
 
 BASE_SCRIPT = """
 import json, sys, torch
@@ -189,17 +188,6 @@ def point_name(restart: int) -> str:
     return "mass" if restart == 0 else f"mass, restart block {restart}"
 
 
-def run_process(command: list[str]) -> tuple[float, float]:
-    """(wall, CPU seconds of the child) of one whole process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime
-
-
 def end_to_end(artifact: Path, texts: list[str], batch: int, length: int, rounds: int, tmp: Path,
                restarts: list[int], device: str, dtype: str) -> dict:
     inputs = tmp / "inputs.jsonl"
@@ -213,9 +201,9 @@ def end_to_end(artifact: Path, texts: list[str], batch: int, length: int, rounds
              str(tmp / "base.jsonl"), str(batch), str(length), str(task_count(artifact)), device, dtype]
     samples: dict[str, list[tuple[float, float]]] = {"base": [], **{name: [] for name in commands}}
     for _ in range(rounds):
-        samples["base"].append(run_process(plain))
+        samples["base"].append(timed_process(plain))
         for name, command in commands.items():
-            samples[name].append(run_process(command))
+            samples[name].append(timed_process(command))
     return {"samples": samples}
 
 
