@@ -218,6 +218,10 @@ def _md_loss_split(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+#: What a trained router's chosen setting is, per classifier (report.md's router table).
+SETTING_NAMES = {"kNN": "k", "logistic": "L2", "MLP": "weight decay"}
+
+
 def _md_routers(report: Mapping[str, Any]) -> list[str]:
     """MASS's data-free router beside routers that use data, each labelled with the data it needs."""
     routers = report.get("routers")
@@ -233,7 +237,8 @@ def _md_routers(report: Mapping[str, Any]) -> list[str]:
              *_md_head(["router", "data it needs", "val routing", "test routing", "avg normalized", *tasks])]
     for r in routers["rows"]:
         name = f"**{r['name']}** (ceiling)" if r["name"] == routers["ceiling"] else r["name"]
-        setting = f" ({'k' if r.get('classifier') == 'kNN' else 'L2'} {r['setting']:g})" if r.get("setting") else ""
+        label = SETTING_NAMES.get(r.get("classifier") or "", "setting")
+        setting = f" ({label} {r['setting']:g})" if r.get("setting") else ""
         lines.append(_md_row([name + setting, r["data"], pct(r["val_routing_accuracy"]),
                               pct(mean_of(r["routing_accuracy"])), pm(r["avg_normalized"], bounds[r["name"]]),
                               *(pct(r["normalized"][t]) for t in tasks)]))
