@@ -121,6 +121,28 @@ def test_ci_preset_rerun_reuses_cached_experts(ci_report: tuple[dict, Path]) -> 
 
 
 @pytest.mark.slow
+def test_ci_preset_scaling_points_rebuild_from_each_subset(ci_report: tuple[dict, Path]) -> None:
+    """--scaling on the cached ci run: the seeded subsets, each scored on its own tasks, and the subset of every
+    task rebuilds exactly the models of the full run, so its rows equal the report's."""
+    from massmerge.experiments.scaling import SCALING_METHODS, task_subsets
+    from massmerge.experiments.suite import SuiteConfig, run_suite
+
+    report, root = ci_report
+    scaled = run_suite(SuiteConfig(preset="ci", scaling=True), cache_dir=root / "cache", out_dir=root / "out3")
+    points = scaled["scaling"]
+    tasks = list(report["methods"]["MASS"]["accuracy"])
+    assert [(p["T"], p["tasks"]) for p in points] == [
+        (size, [tasks[i] for i in subset]) for size, subset in task_subsets(len(tasks))]
+    for point in points:
+        for name in SCALING_METHODS:
+            assert list(point["rows"][name]["accuracy"]) == point["tasks"]
+    whole = next(p for p in points if p["T"] == len(tasks))
+    for name in SCALING_METHODS:
+        assert whole["rows"][name]["accuracy"] == pytest.approx(report["methods"][name]["accuracy"], abs=1e-9)
+    assert (root / "out3" / "scaling.png").stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_suite_experts_serve_through_build_and_predict(ci_report: tuple[dict, Path], capsys) -> None:
     """suite -> the exported artifact and `massmerge build` from serve.json -> `massmerge predict`: the served
     predictions score what the suite reports for MASS (same engine, same factors, same settings)."""
