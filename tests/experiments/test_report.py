@@ -305,7 +305,8 @@ def test_scaling_points_are_summarized_tabled_and_plotted(tmp_path: Path) -> Non
     low, high = summary[("MASS", 3)]["interval"]  # one subset: its own per-task interval
     assert low < 0.93 < high
     text = (tmp_path / "report.md").read_text()
-    assert "## Task scaling" in text and "T=2 (2 subsets)" in text and "T=3: a, b, c" in text
+    assert "## Task scaling" in text and "T=2 (2 subsets)" in text and "T=3 (1 subset)" in text
+    assert "T=3: a, b, c" in text
     assert (tmp_path / "scaling.png").stat().st_size > 0
 
 

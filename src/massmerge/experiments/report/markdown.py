@@ -258,7 +258,7 @@ def _md_scaling(report: Mapping[str, Any]) -> list[str]:
              "Normalized accuracy (% of each expert, averaged over the subset's tasks), every method rebuilt from "
              "each seeded task subset's experts alone; mean over the subsets, 95% interval across them (t over "
              "subsets; one subset: its own interval). Rows without max-logit use the oracle head.", "",
-             *_md_head(["method", *(f"T={T} ({counts[T]} subsets)" for T in sizes)])]
+             *_md_head(["method", *(f"T={T} ({counts[T]} subset{'' if counts[T] == 1 else 's'})" for T in sizes)])]
     for method in methods:
         lines.append(_md_row([method, *(pm(cell[(method, T)]["mean"], cell[(method, T)]["interval"])
                                         if (method, T) in cell else "-" for T in sizes)]))
