@@ -2,7 +2,7 @@
 
 What it measures (issue 13), on real texts of the suite's tasks shuffled so batches mix task sets:
 
-- steady state, in one process: ``predict_texts`` (the function the CLI runs) on a loaded artifact after a
+- steady state, in one process: the Predictor (what the CLI runs) on a loaded artifact after a
   warm-up batch, against the base model's forward + mean pool of the same texts, tokenized once as predict
   tokenizes them and batched as predict batches its first pass (:func:`base_batches`); rounds interleaved, each
   timed on fresh merged-set caches (a new ``load``) and repeated, medians reported;
@@ -149,12 +149,12 @@ def timed(fn) -> tuple[float, float]:  # noqa: ANN001
 
 def steady_state(artifact: Path, texts: list[str], batch: int, length: int, rounds: int, restarts: list[int],
                  device: str, dtype: str) -> dict:
-    """Interleaved rounds of predict_texts (fresh caches: a new load each round), one per restart block, and the
+    """Interleaved rounds of the Predictor's rows (what predict runs; fresh caches: a new load each round), one per restart block, and the
     base's forward + pool, all on ``device``."""
-    from massmerge.artifact import MODEL_DIR, load
+    from massmerge.artifact import MODEL_DIR
+    from massmerge.artifact.predictor import Predictor, predict_file_rows
     from massmerge.device import sync, to_device
     from massmerge.mass.pooling import masked_mean
-    from massmerge.mass.serving import predict_texts
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(artifact / MODEL_DIR))
@@ -175,11 +175,11 @@ def steady_state(artifact: Path, texts: list[str], batch: int, length: int, roun
     for _ in range(rounds):
         samples["base"].append(timed(plain))
         for j in restarts:
-            model = load(artifact, device=target, restart_block=j, dtype=dtype)
-            list(predict_texts(model, tokenizer, numbered[:batch], batch_size=batch, max_length=length))  # warm-up
-            with model.timed() as seconds:
-                samples[point_name(j)].append(timed(lambda m=model: list(predict_texts(
-                    m, tokenizer, numbered, batch_size=batch, max_length=length))))
+            predictor = Predictor(artifact, device=target, restart_block=j, dtype=dtype, batch_size=batch,
+                                  max_length=length)
+            list(predict_file_rows(predictor, numbered[:batch]))  # warm-up
+            with predictor.model.timed() as seconds:
+                samples[point_name(j)].append(timed(lambda p=predictor: list(predict_file_rows(p, numbered))))
             shares[point_name(j)].append(dict(seconds))
     return {"samples": samples, "shares": shares}
 
@@ -247,7 +247,7 @@ def main() -> None:
                               args.dtype)
         whole = end_to_end(artifact, texts, args.batch_size, args.max_length, args.rounds, tmp, restarts, args.device,
                            args.dtype)
-    rows = [summary("steady state (predict_texts)", steady["samples"], point_name(j), len(texts)) for j in restarts]
+    rows = [summary("steady state (Predictor)", steady["samples"], point_name(j), len(texts)) for j in restarts]
     rows += [summary("end to end (massmerge predict)", whole["samples"], point_name(j), len(texts)) for j in restarts]
     print(table(rows, list(rows[0])))
     for point, per_round in steady["shares"].items():

@@ -2,7 +2,7 @@
 per input").
 
 One artifact, loaded once per variant with serve-setting overrides (``load(dir, router=..., pooling=...)``, as
-``massmerge predict --router/--pooling`` does), then ``predict_texts`` (the function the CLI runs) on real mixed
+``massmerge predict --router/--pooling`` does), then the Predictor (what the CLI runs) on real mixed
 texts after a warm-up batch, and the first pass + router alone (``MASSModel.route``, on batches tokenized
 beforehand). The base is a plain HF forward + mean pool of the same pre-tokenized batches, formed as
 ``predict`` forms its first-pass batches (by length within windows). Rounds interleave every row;
@@ -43,8 +43,8 @@ def main() -> None:
 
     from transformers import AutoModel, AutoTokenizer
 
-    from massmerge.artifact import MODEL_DIR, load
-    from massmerge.mass.serving import predict_texts
+    from massmerge.artifact import MODEL_DIR
+    from massmerge.artifact.predictor import Predictor, predict_file_rows
     from massmerge.mass.pooling import masked_mean
 
     args.batch_size, args.max_length = served_lengths(args.artifact, args.batch_size, args.max_length)
@@ -64,11 +64,12 @@ def main() -> None:
         cpu["base"].append(timed(plain)[1])
         for name, overrides in VARIANTS.items():
             kwargs = dict(overrides)
-            model = load(args.artifact, router=kwargs.pop("router", None), **kwargs)
-            list(predict_texts(model, tokenizer, numbered[:args.batch_size], batch_size=args.batch_size,
-                               max_length=args.max_length))  # warm-up
-            cpu.setdefault(f"{name}: predict", []).append(timed(lambda m=model: list(predict_texts(
-                m, tokenizer, numbered, batch_size=args.batch_size, max_length=args.max_length)))[1])
+            predictor = Predictor(args.artifact, router=kwargs.pop("router", None), batch_size=args.batch_size,
+                                  max_length=args.max_length, **kwargs)
+            model = predictor.model
+            list(predict_file_rows(predictor, numbered[:args.batch_size]))  # warm-up
+            cpu.setdefault(f"{name}: predict", []).append(timed(lambda p=predictor: list(predict_file_rows(
+                p, numbered)))[1])
             cpu.setdefault(f"{name}: first pass + router", []).append(
                 timed(lambda m=model: [m.route(enc) for enc in batches])[1])
     best = {name: min(values) for name, values in cpu.items()}

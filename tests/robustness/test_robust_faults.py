@@ -172,7 +172,7 @@ import pathlib, sys, time
 ready, point = pathlib.Path(sys.argv.pop(1)), sys.argv.pop(1)
 import massmerge.artifact.build as build
 import massmerge.artifact.save as save
-import massmerge.mass.serving as serving
+import massmerge.artifact.predictor as serving
 
 def pause():
     ready.write_text(str(__import__("os").getpid()))

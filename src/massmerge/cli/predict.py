@@ -111,8 +111,10 @@ def predict_cmd(
 ) -> None:
     """Predict (task, class) for every input with a MASS artifact."""
     from massmerge.artifact import read_manifest, serve_settings
-    from massmerge.artifact.serve import predict_rows, read_inputs
+    from massmerge.artifact.predictor import Predictor, predict_file_rows
+    from massmerge.artifact.serve import read_inputs
     from massmerge.device import resolve_device
+    from massmerge.progress import track
 
     check_positive("--batch-size", batch_size)
     check_positive("--max-length", max_length)
@@ -128,6 +130,6 @@ def predict_cmd(
         typer.echo(f"note: {inputs} holds no inputs; nothing to predict", err=True)
         write_rows(iter(()), output)
         return
-    rows = predict_rows(artifact, manifest, items, router=router, strategy=strategy, overrides=overrides,
-                        device=target, note=lambda line: typer.echo(line, err=True))
-    write_rows(rows, output)
+    predictor = Predictor(artifact, router=router, strategy=strategy, device=target,
+                          note=lambda line: typer.echo(line, err=True), **overrides)
+    write_rows(predict_file_rows(predictor, items, track=track), output)

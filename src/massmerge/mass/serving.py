@@ -17,14 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from massmerge.data.images import image_collate, open_image
 from massmerge.mass.model import MASSModel, group_by_task_set
-from massmerge.progress import track
 
 WINDOW_BATCHES = 8  # a window routes at least this many batches before the second pass ...
 WINDOW_BATCHES_PER_TASK = 4  # ... and 4 per task: each set leaves at most one partial batch per window, so
@@ -145,56 +142,5 @@ def _window(model: MASSModel, items: list[Any], collate: Collate, batch_size: in
         yield Prediction(start + p.index, p.task, p.label, p.probs, p.selected, p.features)
 
 
-# ----- what massmerge predict serves: rows of text and image inputs ----------------------------------------
-
-def prediction_row(model: MASSModel, prediction: Prediction, number: int) -> dict[str, Any]:
-    """The JSON row ``massmerge predict`` writes for one input: ``index`` (``number``), ``task``, ``label``,
-    ``class`` (the class name when the head has them), ``selected`` and ``probs``."""
-    names = model.task_names
-    task, label = prediction.task, prediction.label
-    class_names = model.class_names[task] if model.class_names else None
-    return {"index": number, "task": names[task], "label": label,
-            "class": class_names[label] if class_names else label,
-            "selected": [names[t] for t in prediction.selected.nonzero().flatten().tolist()],
-            "probs": {names[t]: round(float(p), 6) for t, p in enumerate(prediction.probs)}}
-
-
-def text_items(tokenizer: Any, texts: Sequence[tuple[int, str]], max_length: int, chunk: int = 1024
-               ) -> Iterator[dict[str, list[int]]]:
-    """Each text tokenized (truncated, not padded), a chunk at a time, so a long file is not held tokenized."""
-    for start in range(0, len(texts), chunk):
-        encoded = tokenizer([text for _, text in texts[start:start + chunk]], truncation=True, max_length=max_length)
-        keys = list(encoded.keys())
-        for row in range(len(encoded["input_ids"])):
-            yield {key: encoded[key][row] for key in keys}
-
-
-def predict_texts(model: MASSModel, tokenizer: Any, texts: Sequence[tuple[int, str]], *, batch_size: int,
-                  max_length: int) -> Iterator[dict[str, Any]]:
-    """One row (:func:`prediction_row`) per ``(line number, text)``, in input order, as each window is done:
-    ``massmerge predict``'s text path."""
-    def collate(items: Any) -> dict:
-        return dict(tokenizer.pad(list(items), return_tensors="pt"))
-
-    predictions = serve(model, text_items(tokenizer, texts, max_length), collate, batch_size=batch_size,
-                        size_of=lambda item: len(item["input_ids"]))
-    for prediction in track(predictions, "predicting", total=len(texts)):
-        yield prediction_row(model, prediction, texts[prediction.index][0])
-
-
-def predict_images(model: MASSModel, preprocess: Callable[[Any], torch.Tensor], paths: Sequence[Path], *,
-                   batch_size: int) -> Iterator[dict[str, Any]]:
-    """One row per image, in input order, with its path as ``input``: ``massmerge predict``'s image path."""
-    def images() -> Iterator[Any]:
-        for path in paths:
-            yield preprocess(open_image(path))
-
-    predictions = serve(model, images(), image_collate, batch_size=batch_size)
-    for prediction in track(predictions, "predicting", total=len(paths)):
-        row = prediction_row(model, prediction, prediction.index + 1)
-        yield {**row, "input": str(paths[prediction.index])}
-
-
-
-__all__ = ["FULL_GROUP_FRACTION", "Prediction", "WINDOW_BATCHES", "WINDOW_BATCHES_PER_TASK", "predict_images",
-           "predict_texts", "prediction_row", "text_items", "first_pass_batches", "second_pass_batches", "serve", "serve_window", "window_batches"]
+__all__ = ["FULL_GROUP_FRACTION", "Prediction", "WINDOW_BATCHES", "WINDOW_BATCHES_PER_TASK", "first_pass_batches",
+           "second_pass_batches", "serve", "serve_window", "window_batches"]
