@@ -83,7 +83,9 @@ class BenchmarkConfig(_Strict):
     base: str = Field(min_length=1)
     revision: str | None = None
     arch: str | None = Field(default=None, description="open_clip architecture, e.g. ViT-B-32")
-    trust_pickle: bool = False
+    trust_pickle: bool | list[str] = Field(default=False, description="read pickle (.bin) weights, weights-only: "
+                                           "true for every source, or a list of the sources (base, heads_from, "
+                                           "experts, as written here) whose pickle is trusted")
     routing_layer: str | int | None = None
     pooling: Literal["cls", "mean"] | None = None
     heads: Literal["zeroshot", "linear"] = "zeroshot"
@@ -111,7 +113,18 @@ class BenchmarkConfig(_Strict):
         stray = sorted(set(self.method_options) - set(MERGES))
         if stray:
             raise ValueError(f"method_options: '{stray[0]}' is not a static merge ({', '.join(MERGES)})")
+        if isinstance(self.trust_pickle, list):
+            named = {self.base, self.heads_from, *(t.expert for t in self.tasks)}
+            unknown = [s for s in self.trust_pickle if s not in named]
+            if unknown:
+                raise ValueError(f"trust_pickle: '{unknown[0]}' is not the base, heads_from or an expert of this config")
         return self
+
+    def trusts_pickle(self, source: str | None) -> bool:
+        """Whether pickle weights of ``source`` (the base, heads_from or an expert, as written) may be read."""
+        if isinstance(self.trust_pickle, bool):
+            return self.trust_pickle
+        return source in self.trust_pickle
 
     def serve_overrides(self) -> dict[str, Any]:
         """The serve settings this config sets explicitly (the rest stay the family's), and the batch size."""
