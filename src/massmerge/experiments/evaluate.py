@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from massmerge.device import resolve_device, resolve_dtype
 from massmerge.errors import OptionError
 from massmerge.experiments import runner
 from massmerge.experiments.cache import EvalCache, stable_hash
-from massmerge.experiments.evaluate_config import MERGES, BenchmarkConfig
+from massmerge.experiments.evaluate_config import EPS_OFF, MERGES, BenchmarkConfig
 from massmerge.experiments.pool import TaskPool, TaskSplit
 from massmerge.experiments.report import write_report
 from massmerge.experiments.report.stats import targets
@@ -240,6 +240,17 @@ def serve_mass(wb: Workbench, parts: MASSParts, seconds: float) -> runner.Served
     return runner.serve_parts(wb.model, parts, mass, seconds)
 
 
+def eps_off_rows(wb: Workbench, pool: TaskPool, parts: MASSParts, seconds: float, cache: EvalCache,
+                 expert: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """MASS with de-redundancy off beside the configured run (``mass.eps_off_row``): the same stored factors (no
+    second SVD) with every task merged in the first pass, as the released MASS code ran."""
+    every = list(range(len(wb.task_names)))
+    factors = replace(parts.factors, accepted={key: every for key in parts.factors.matrices}, eps=None)
+    variant = replace(parts, factors=factors, build=parts.build.model_copy(update={"eps": None}))
+    served = serve_mass(wb, variant, seconds)
+    return runner.mass_rows(pool, served, served.mass, cache, expert, suffix=EPS_OFF)[0]
+
+
 # ----- the run ---------------------------------------------------------------------------------------------------
 
 def cache_key(config: BenchmarkConfig) -> str:
@@ -296,6 +307,9 @@ def run_benchmark(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path 
         mass_rows, details = runner.mass_rows(pool, served, served.mass, cache, expert)
         rows.update(mass_rows)
         rows["MASS (batch routing)"] = runner.batch_routing_row(pool, served, cache, expert)
+        if config.mass.eps_off_row and config.mass.eps is not None:
+            log("method mass (eps off)")
+            rows.update(eps_off_rows(wb, pool, *assembled, cache, expert))
         storage = {k: v for k, v in served.storage.items() if k != "rank_scale"}
         dropped, settings = served.mass.factors.dropped(), served.mass.settings
     report = {
