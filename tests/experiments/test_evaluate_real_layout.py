@@ -164,3 +164,13 @@ def test_eps_off_rows_reuse_the_factors_with_every_task_merged(replica: dict, tm
     assert all(tasks == [0, 1] for tasks in off.factors.accepted.values())
     assert any(tasks != [0, 1] for tasks in paper.factors.accepted.values())  # eps 0 drops somewhere
     assert {"MASS", "MASS (eps off)", "MASS (task given) (eps off)"} <= set(report["methods"])
+
+
+def test_reference_figures_and_the_eps_off_switch_keep_the_cache_key() -> None:
+    """Editing a published figure or adding the eps-off rows shapes no score, so the cached scores stay valid."""
+    config = parse_benchmark_config(yaml.safe_load(EXAMPLE.read_text()))
+    raw = config.model_dump()
+    raw["reference"], raw["mass"]["eps_off_row"] = raw["reference"][:1], False
+    assert evaluate_module.cache_key(parse_benchmark_config(raw)) == evaluate_module.cache_key(config)
+    raw["mass"]["eps"] = 0.5
+    assert evaluate_module.cache_key(parse_benchmark_config(raw)) != evaluate_module.cache_key(config)

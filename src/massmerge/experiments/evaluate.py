@@ -254,9 +254,10 @@ def eps_off_rows(wb: Workbench, pool: TaskPool, parts: MASSParts, seconds: float
 # ----- the run ---------------------------------------------------------------------------------------------------
 
 def cache_key(config: BenchmarkConfig) -> str:
-    """The run's cache key: the config (less where the report goes) and, for local files, their sizes and times,
-    so an expert or dataset changed in place misses the cache."""
-    payload = config.model_dump(mode="json", exclude={"output"})
+    """The run's cache key: the config (less where the report goes, the reference figures and whether the eps-off
+    rows are added, which shape no score) and, for local files, their sizes and times, so an expert or dataset
+    changed in place misses the cache."""
+    payload = config.model_dump(mode="json", exclude={"output": True, "reference": True, "mass": {"eps_off_row"}})
     sources = [config.base, config.heads_from, *(s for t in config.tasks for s in (t.expert, t.dataset))]
     return stable_hash([payload, [_fingerprint(s) for s in sources if s]])
 
