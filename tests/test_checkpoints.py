@@ -15,6 +15,7 @@ from massmerge.checkpoints import (
     load_state_dict,
     open_checkpoint,
     save_state_dict,
+    safetensors_model_dir,
     validate_compatible,
 )
 from massmerge.errors import CheckpointError
@@ -169,3 +170,66 @@ def test_lazy_reads_are_fresh_copies_and_borrow_is_zero_copy(tmp_path: Path):
     with lazy.borrow("w") as view:
         assert torch.equal(view, torch.arange(6.0).reshape(2, 3))
     assert lazy["e"].shape == (0,)
+
+
+# ----- a pytorch_model.bin-only HF directory, converted once to safetensors ---------------------------------------
+
+def _pickle_dir(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    folder = tmp_path / "openai"
+    folder.mkdir()
+    tied = torch.randn(5, 3)
+    state = {"a.weight": tied, "b.weight": tied, "view": torch.arange(12.0)[2:6], "ids": torch.arange(7)[None]}
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text('{"model_type": "clip"}')
+    (folder / "vocab.json").write_text("{}")
+    (folder / "tf_model.h5").write_bytes(b"junk")
+    return folder, state
+
+
+def test_pickle_dir_is_refused_in_one_line_naming_file_and_option(tmp_path: Path) -> None:
+    folder, _ = _pickle_dir(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        safetensors_model_dir(folder, trust_pickle=False, cache=tmp_path / "cache")
+    message = str(info.value)
+    assert message.startswith(f"{folder / 'pytorch_model.bin'}: pickle") and "\n" not in message
+    assert "--trust-pickle" in message and "trust_pickle" in message
+    assert not (tmp_path / "cache").exists()
+
+
+def test_pickle_dir_converts_once_and_is_read_as_safetensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, state = _pickle_dir(tmp_path)
+    converted = safetensors_model_dir(folder, trust_pickle=True, cache=tmp_path / "cache")
+    assert converted.parent == tmp_path / "cache"
+    assert sorted(p.name for p in converted.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    lazy = open_checkpoint(converted)  # the safetensors reader, no pickle
+    assert sorted(lazy) == sorted(state)
+    for key, value in state.items():
+        assert torch.equal(lazy[key], value) and lazy[key].dtype == value.dtype, key
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("the pickle was read again"))
+    assert safetensors_model_dir(folder, trust_pickle=True, cache=tmp_path / "cache") == converted
+
+
+def test_conversion_is_keyed_by_the_pickles_content(tmp_path: Path) -> None:
+    folder, state = _pickle_dir(tmp_path)
+    first = safetensors_model_dir(folder, trust_pickle=True, cache=tmp_path / "cache")
+    torch.save({**state, "ids": torch.arange(8)[None]}, folder / "pytorch_model.bin")
+    second = safetensors_model_dir(folder, trust_pickle=True, cache=tmp_path / "cache")
+    assert second != first and open_checkpoint(second)["ids"].shape == (1, 8)
+
+
+def test_a_pickle_that_is_not_tensors_leaves_no_cache_entry(tmp_path: Path) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    torch.save({"w": torch.zeros(2), "note": Path("x")}, folder / "pytorch_model.bin")  # not weights-only
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot load as a weights-only torch file"):
+        safetensors_model_dir(folder, trust_pickle=True, cache=tmp_path / "cache")
+    assert not any(p.name.endswith("model.safetensors") for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_safetensors_beside_a_pickle_are_used_as_they_are(tmp_path: Path) -> None:
+    folder = tmp_path / "l14"
+    folder.mkdir()
+    save_state_dict({"w": torch.ones(2)}, folder / "model.safetensors")
+    (folder / "pytorch_model.bin").write_bytes(b"junk: never opened")
+    assert safetensors_model_dir(folder, trust_pickle=False, cache=tmp_path / "cache") == folder
+    assert not (tmp_path / "cache").exists()

@@ -7,10 +7,12 @@ problem is reported as a :class:`CheckpointError` naming the file and the key. E
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
 import os
+import shutil
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from massmerge.errors import CheckpointError
-from massmerge.io.atomic import WriteError, atomic_write, short_reason
+from massmerge.io.atomic import WriteError, atomic_write, short_reason, write_directory_atomically
 from massmerge.io.tensors import canonicalize_metadata_order
 
 StateDict = dict[str, torch.Tensor]
@@ -31,6 +33,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HF_SINGLE_FILE = "model.safetensors"
 HF_SHARD_INDEX = "model.safetensors.index.json"
 HF_PICKLE_FILE = "pytorch_model.bin"
+CONVERTED_ENV = "MASSMERGE_CONVERTED_DIR"  # where converted pickles go; default ~/.cache/massmerge/safetensors
 
 
 class LazyCheckpoint(Mapping[str, torch.Tensor]):
@@ -156,10 +159,7 @@ def _safetensors_files(path: Path) -> dict[str, Path]:
     """Map every key to the safetensors file holding it, for a file or an HF model directory."""
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
-            raise CheckpointError(
-                f"{path}: pickle checkpoints can run arbitrary code and are refused; convert it to safetensors "
-                "or pass --trust-pickle (trust_pickle=True) if you trust its author"
-            )
+            raise pickle_refusal(path)
         return _keys_of_file(path)
     if path.is_dir():
         index = path / HF_SHARD_INDEX
@@ -230,10 +230,19 @@ def is_pickle_source(path: Path) -> bool:
     return path.is_dir() and not (path / HF_SINGLE_FILE).exists() and (path / HF_PICKLE_FILE).is_file()
 
 
-def _load_pickle(path: Path) -> StateDict:
+def pickle_refusal(file: Path) -> CheckpointError:
+    """The one-line refusal of a pickle file nobody opted in to: names the file and every way to opt in."""
+    return CheckpointError(
+        f"{file}: pickle checkpoints can run arbitrary code and are refused; if you trust its author pass "
+        "--trust-pickle (evaluate config: trust_pickle: true, or a list naming this source; Python: "
+        "trust_pickle=True), or convert it to safetensors"
+    )
+
+
+def _load_pickle(path: Path, *, mapped: bool = False) -> StateDict:
     file = path / HF_PICKLE_FILE if path.is_dir() else path
     try:
-        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+        obj = _torch_load(file, mapped=mapped)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad input file
         raise CheckpointError(f"{file}: cannot load as a weights-only torch file ({short_reason(exc)})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -241,6 +250,88 @@ def _load_pickle(path: Path) -> StateDict:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{file}: does not hold a flat state dict of tensors")
     return dict(obj)
+
+
+def _torch_load(file: Path, *, mapped: bool) -> object:
+    """``torch.load`` weights-only; ``mapped`` maps a zip-format file's tensors instead of reading them (a legacy
+    non-zip file cannot be mapped and is read)."""
+    if mapped:
+        try:
+            return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc).lower() and "zip" not in str(exc).lower():
+                raise
+    return torch.load(str(file), map_location="cpu", weights_only=True)
+
+
+# ----- a pickle-only HF directory, converted once ----------------------------------------------------------------
+
+def converted_cache() -> Path:
+    """Where converted pickle directories live: ``$MASSMERGE_CONVERTED_DIR``, else ~/.cache/massmerge/safetensors."""
+    override = os.environ.get(CONVERTED_ENV, "").strip()
+    return Path(override).expanduser() if override else Path.home() / ".cache" / "massmerge" / "safetensors"
+
+
+def safetensors_model_dir(path: Path, *, trust_pickle: bool, cache: Path | None = None) -> Path:
+    """``path`` itself unless it is an HF directory whose only weights are ``pytorch_model.bin``; then, when the
+    user trusts pickle, a copy of the directory with the weights as ``model.safetensors``, converted once and kept
+    in ``cache`` (:func:`converted_cache`) under the pickle's sha256 and size; a refusal naming the file otherwise.
+
+    Why convert rather than read the pickle on every load: the OpenAI CLIP bases (B/32, B/16) hold only
+    ``pytorch_model.bin``, and a run reads the base several times (vision tower, projection, text tower).
+    Converting unpickles it exactly once, here, with ``torch.load(weights_only=True)``; everything after (our
+    lazy reader, transformers) sees safetensors only and never runs its own unpickler (docs/real_checkpoints.md).
+    """
+    if not (path.is_dir() and is_pickle_source(path)):
+        return path
+    file = path / HF_PICKLE_FILE
+    if not trust_pickle:
+        raise pickle_refusal(file)
+    digest = _file_digest(file)
+    sides = _side_files(path)
+    key = hashlib.sha256(json.dumps([digest, file.stat().st_size, [(p.name, _file_digest(p)) for p in sides]])
+                         .encode()).hexdigest()[:32]
+    target = (cache or converted_cache()) / key
+    if (target / HF_SINGLE_FILE).is_file():
+        return target
+    write_directory_atomically(target, lambda tmp: _convert_into(tmp, file, sides, digest),
+                               what=f"the safetensors copy of {file}")
+    return target
+
+
+def _side_files(path: Path) -> list[Path]:
+    """The directory's files other than weights (configs, tokenizer and processor files) that a copy needs."""
+    weights = (".safetensors", ".msgpack", ".h5", *PICKLE_SUFFIXES)
+    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.endswith(weights) and not p.name.startswith("."))
+
+
+def _file_digest(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _convert_into(folder: Path, file: Path, sides: list[Path], digest: str) -> None:
+    """Fill ``folder``: the side files copied, the pickle's tensors as ``model.safetensors`` (weights-only load,
+    memory-mapped; tensors that share storage are copied apart, as safetensors requires)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for side in sides:
+        shutil.copyfile(side, folder / side.name)
+    state = _load_pickle(file, mapped=True)
+    seen: set[int] = set()
+    tensors = {}
+    for key, value in state.items():
+        storage = value.untyped_storage()
+        shared = storage.data_ptr() in seen or storage.nbytes() != value.numel() * value.element_size()
+        seen.add(storage.data_ptr())
+        tensors[key] = value.detach().contiguous().clone() if shared else value.detach().contiguous()
+    try:
+        save_file(tensors, str(folder / HF_SINGLE_FILE), metadata={"format": "pt", "converted_from": file.name,
+                                                                    "sha256": digest})
+    except SafetensorError as exc:
+        raise WriteError.of(folder / HF_SINGLE_FILE, exc) from None
 
 
 def validate_compatible(base: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], *, name: str) -> None:

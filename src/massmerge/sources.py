@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 from massmerge.errors import MassMergeError
@@ -23,11 +25,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HUB_PREFIXES = ("hf://", "hf-hub:")
 _TRUE = {"1", "true", "yes", "on"}
 
-# Files a model snapshot needs; pickle weights are fetched too so --trust-pickle can use them, but safetensors
-# are preferred by the loaders. Tokenizer/processor files are needed for CLIP zero-shot heads.
-DEFAULT_PATTERNS = (
-    "*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "vocab*", "merges*", "*.bin", "*.pt",
-)
+# Files a model snapshot needs: configs and tokenizer/processor files (CLIP zero-shot heads need them) and the
+# weights in ONE format (:func:`model_patterns`): safetensors where the repo has them, else its pickle files
+# (read only under --trust-pickle). TF and Flax weights are never fetched.
+MODEL_FILES = ("*.json", "*.txt", "*.model", "tokenizer*", "vocab*", "merges*")
+SAFETENSORS_FILES = ("*.safetensors",)
+PICKLE_FILES = ("*.bin", "*.pt")
+DEFAULT_PATTERNS = (*MODEL_FILES, *SAFETENSORS_FILES, *PICKLE_FILES)
 
 
 class SourceNotAvailable(MassMergeError):
@@ -75,7 +79,31 @@ def resolve_source(
     repo_id, spec_revision = parsed
     if revision and spec_revision and revision != spec_revision:
         raise MassMergeError(f"{text}: revision '{spec_revision}' in the id conflicts with revision='{revision}'")
-    return _snapshot(repo_id, revision or spec_revision, allow_patterns, repo_type)
+    revision = revision or spec_revision
+    if repo_type == "model" and allow_patterns == DEFAULT_PATTERNS and not is_offline():
+        allow_patterns = model_patterns(list_repo_files(repo_id, revision))
+    return _snapshot(repo_id, revision, allow_patterns, repo_type)
+
+
+def model_patterns(files: Sequence[str]) -> tuple[str, ...]:
+    """What to fetch of a model repo holding ``files``: its configs and tokenizer files, and its weights in one
+    format, safetensors when it has any, else pickle (openai/clip-vit-large-patch14 holds a 1.7 GB
+    ``pytorch_model.bin`` beside a 1.7 GB ``model.safetensors``: only the latter is fetched).
+    Offline the snapshot holds what it holds; the loaders then prefer safetensors the same way."""
+    has_safetensors = any(name.endswith(".safetensors") for name in files)
+    return (*MODEL_FILES, *(SAFETENSORS_FILES if has_safetensors else PICKLE_FILES))
+
+
+@lru_cache(maxsize=256)
+def list_repo_files(repo_id: str, revision: str | None, repo_type: str = "model") -> tuple[str, ...]:
+    """The file names of a hub repo at ``revision`` (one API call per process; no file is downloaded)."""
+    try:
+        from huggingface_hub import list_repo_files as listing
+
+        return tuple(listing(repo_id, revision=revision, repo_type=repo_type))
+    except Exception as exc:  # noqa: BLE001 - network, auth and 404 all need the same advice
+        raise SourceNotAvailable(f"{repo_id}: cannot download (listing its files: {_reason(exc)}); "
+                                 f"{how_to_fetch(repo_id, revision, repo_type)}") from None
 
 
 def how_to_fetch(repo_id: str, revision: str | None, repo_type: str = "model") -> str:

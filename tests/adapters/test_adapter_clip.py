@@ -139,3 +139,51 @@ def test_clip_experts_through_mass_reproduce_each_expert(tmp_path: Path) -> None
 
 
 HIDDEN_OUT = 32  # a CLIPVisionModel without a projection outputs the pooled hidden state
+
+
+# ----- the real hub layouts: openai bases (pickle only, or both formats) ------------------------------------------
+
+def _image_features(clip: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    out = clip.get_image_features(pixel_values=images)
+    return getattr(out, "pooler_output", out)  # transformers 5 may wrap it
+
+
+def test_projection_comes_from_a_pickle_only_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """openai/clip-vit-base-patch32's layout: the features are the projected embedding, projection_dim wide."""
+    from hub_model_fixtures import PROJECTION_DIM, VISION_WIDTH, write_openai_base
+
+    monkeypatch.setenv("MASSMERGE_CONVERTED_DIR", str(tmp_path / "converted"))
+    clip, base = write_openai_base(tmp_path / "openai")
+    adapter = CLIPAdapter()
+    model = adapter.load_model(str(base), trust_pickle=True)
+    assert adapter.projection is not None and adapter.feature_dim(model) == PROJECTION_DIM != VISION_WIDTH
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.features(model, images), _image_features(clip, images), atol=1e-5, rtol=1e-5)
+
+
+def test_pickle_only_base_refusal_names_the_file_and_the_option(tmp_path: Path) -> None:
+    from hub_model_fixtures import write_openai_base
+
+    _, base = write_openai_base(tmp_path / "openai")
+    with pytest.raises(CheckpointError) as info:
+        CLIPAdapter().load_model(str(base))
+    message = str(info.value)
+    assert message.startswith(str(base / "pytorch_model.bin")) and "\n" not in message
+    assert "--trust-pickle" in message and "trust_pickle" in message
+
+
+def test_both_formats_read_safetensors_and_never_open_the_bin(tmp_path: Path) -> None:
+    """openai/clip-vit-large-patch14's layout, with the .bin replaced by junk bytes: nothing may open it."""
+    from hub_model_fixtures import PROJECTION_DIM, write_openai_base
+
+    from massmerge.heads.zoo import load_hf_clip_text
+
+    clip, base = write_openai_base(tmp_path / "l14", safetensors=True)
+    adapter = CLIPAdapter()
+    model = adapter.load_model(str(base))  # not trusting pickle: the .bin is not needed
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.features(model, images), _image_features(clip, images), atol=1e-5, rtol=1e-5)
+    encode, _ = load_hf_clip_text(str(base))
+    assert encode(["a photo of a cat."]).shape == (1, PROJECTION_DIM)

@@ -20,8 +20,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 from massmerge.adapters.base import BaseAdapter, Batch
-from massmerge.adapters.weights import check_pickle_policy, refuse_remote_code
-from massmerge.checkpoints import open_checkpoint
+from massmerge.adapters.weights import check_pickle_policy, open_weights, refuse_remote_code
+from massmerge.checkpoints import safetensors_model_dir
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.sources import resolve_source
 
@@ -80,25 +80,30 @@ class CLIPAdapter(BaseAdapter):
         return self.projection(pooled) if self.projection is not None else pooled
 
     def load_model(self, source: str, *, revision: str | None = None, trust_pickle: bool = False) -> nn.Module:
-        """The vision tower (``CLIPVisionModel``) from a CLIP or CLIP-vision directory / hub id; keeps the projection."""
+        """The vision tower (``CLIPVisionModel``) from a CLIP or CLIP-vision directory / hub id; keeps the base's
+        projection aside. A directory holding only ``pytorch_model.bin`` (the OpenAI B/32 and B/16 bases) is read
+        from its safetensors copy, converted once when the user trusts pickle
+        (:func:`~massmerge.checkpoints.safetensors_model_dir`), so the projection comes from the same weights."""
         from transformers import CLIPVisionModel
 
         path = _resolve(source, revision)
-        check_pickle_policy(path, trust_pickle=trust_pickle)
         refuse_remote_code(path)
+        path = safetensors_model_dir(path, trust_pickle=trust_pickle)
+        check_pickle_policy(path, trust_pickle=trust_pickle)
         try:
             model = CLIPVisionModel.from_pretrained(str(path))
         except (OSError, ValueError, RuntimeError, UnpicklingError, SafetensorError) as exc:
             raise MassMergeError(f"{path}: cannot load a CLIP vision model ({_first_line(exc)})") from None
         if self.projection is None:
-            self.projection = load_visual_projection(path)
+            self.projection = load_visual_projection(path, trust_pickle=trust_pickle)
         return model.eval()
 
 
-def load_visual_projection(path: Path) -> nn.Linear | None:
-    """The base's ``visual_projection`` (a bias-free Linear) if the checkpoint at ``path`` has one."""
+def load_visual_projection(path: Path, *, trust_pickle: bool = False) -> nn.Linear | None:
+    """The base's ``visual_projection`` (a bias-free Linear) if the checkpoint at ``path`` has one, in whichever
+    format its weights are (safetensors lazily, a trusted pickle weights-only)."""
     try:
-        ckpt = open_checkpoint(path)
+        ckpt = open_weights(path, trust_pickle=trust_pickle)
     except MassMergeError:
         return None
     key = next((k for k in ckpt if k == "visual_projection.weight" or k.endswith(".visual_projection.weight")), None)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from massmerge.checkpoints import PICKLE_SUFFIXES, load_state_dict, open_checkpoint
+from massmerge.checkpoints import PICKLE_SUFFIXES, load_state_dict, open_checkpoint, pickle_refusal
 from massmerge.errors import CheckpointError
 from massmerge.io.jsonfile import read_json_file
 
@@ -38,10 +38,7 @@ def check_pickle_policy(path: Path, *, trust_pickle: bool) -> None:
     if path.is_dir() and not any(path.glob("*.safetensors")) and not trust_pickle:
         pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise CheckpointError(
-                f"{pickles[0]}: pickle checkpoints can run arbitrary code and are refused; pass --trust-pickle "
-                "(trust_pickle=True) if you trust its author, or convert it to safetensors"
-            )
+            raise pickle_refusal(pickles[0])
 
 
 def read_json_config(path: Path) -> Any:

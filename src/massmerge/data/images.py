@@ -28,16 +28,28 @@ from massmerge.sources import parse_hub_id, resolve_source
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, CLIP's resample
+RESCALE = 1 / 255  # uint8 -> [0, 1], CLIPImageProcessor's rescale_factor
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """CLIP eval transform: shorter side to ``size`` (bicubic), center crop ``crop``, normalize."""
+    """CLIP's eval transform, exactly as ``transformers.CLIPImageProcessor`` computes it (its PIL path).
+
+    RGB (transparency composited onto white), the shorter side resized to ``size`` with the longer side's length
+    truncated (``int(size * long / short)``, as CLIPImageProcessor and torchvision do; rounding it moved half of
+    the non-square images by one pixel), PIL ``resample`` (3: bicubic), a centre crop ``crop`` (zero padding where
+    the image is smaller), ``uint8 * rescale`` in float64 cast to float32, then ``(x - mean) / std`` in float32.
+    ``exact``: ``size`` is a fixed square (a config's ``{"height", "width"}`` size), not the shorter side.
+    """
 
     size: int = 224
     crop: int = 224
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
+    resample: int = BICUBIC
+    rescale: float = RESCALE
+    exact: bool = False
 
     @classmethod
     def from_model_dir(cls, path: Path | None, *, image_size: int | None = None) -> Preprocess:
@@ -46,33 +58,78 @@ class Preprocess:
         if file is None or not file.is_file():
             return cls(image_size, image_size) if image_size else cls()
         cfg = read_json_file(file, "a preprocessor config")
-        cfg = cfg if isinstance(cfg, dict) else {}
-        size = _edge(cfg.get("size"), 224)
-        crop = _edge(cfg.get("crop_size"), size)
-        return cls(size, crop, tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD)))
+        return cls.from_config(cfg if isinstance(cfg, dict) else {}, name=str(file))
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], *, name: str = "preprocessor config") -> Preprocess:
+        """The transform a ``preprocessor_config.json`` mapping describes; a setting it cannot honour exactly
+        (a step switched off, a non-square size or crop) is refused in one line naming the field."""
+        for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+            if cfg.get(flag, True) is not True:
+                raise OptionError(f"{name}: field '{flag}' is {cfg[flag]!r}; massmerge runs CLIP's full eval transform")
+        size, exact = _edge(cfg.get("size"), 224, name, "size")
+        crop, _ = _edge(cfg.get("crop_size"), size, name, "crop_size")
+        return cls(size, crop, tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD)),
+                   int(cfg.get("resample", BICUBIC)), float(cfg.get("rescale_factor", RESCALE)), exact)
 
     def __call__(self, image: Any) -> torch.Tensor:
         """PIL image -> float tensor [3, crop, crop]."""
-        from PIL import Image
+        return self.normalize(self.to_uint8(image))
 
-        image = image.convert("RGB")
-        w, h = image.size
-        scale = self.size / min(w, h)
-        image = image.resize((max(self.crop, round(w * scale)), max(self.crop, round(h * scale))), Image.BICUBIC)
+    def to_uint8(self, image: Any) -> torch.Tensor:
+        """The geometric half: PIL image -> uint8 tensor [3, crop, crop] (RGB, resized, centre-cropped); what a
+        decoded-image cache can hold at a quarter of the float size."""
+        image = to_rgb(image)
+        image = image.resize(self.resized_size(*image.size), resample=self.resample)
         w, h = image.size
         left, top = (w - self.crop) // 2, (h - self.crop) // 2
-        image = image.crop((left, top, left + self.crop, top + self.crop))
+        image = image.crop((left, top, left + self.crop, top + self.crop))  # outside the image: zeros, as HF pads
         data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(self.crop, self.crop, 3)
-        pixels = data.permute(2, 0, 1).float() / 255.0
-        return (pixels - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+        return data.permute(2, 0, 1).contiguous()
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize: the shorter side ``size``, the longer one truncated, not rounded."""
+        if self.exact:
+            return self.size, self.size
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.size * long / short)
+        return (self.size, new_long) if width <= height else (new_long, self.size)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The arithmetic half: uint8 ``[..., 3, H, W]`` -> float32, as HF computes it (rescale in float64, then
+        mean and std in float32), on the tensor's own device."""
+        scaled = (pixels.to(torch.float64) * self.rescale).to(torch.float32)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+        return (scaled - mean) / std
 
 
-def _edge(value: Any, default: int) -> int:
+def to_rgb(image: Any) -> Any:
+    """A PIL image as RGB the way CLIPImageProcessor converts it: any transparency (an alpha band, or a palette
+    or grayscale image's ``transparency``) composited onto white, every other mode converted directly."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _edge(value: Any, default: int, name: str, field_name: str) -> tuple[int, bool]:
+    """(edge, exact) of a config's ``size`` / ``crop_size``: an int or ``shortest_edge`` is the shorter side, a
+    ``{"height", "width"}`` square a fixed size."""
     if isinstance(value, int):
-        return value
+        return value, False
     if isinstance(value, dict):
-        return int(value.get("shortest_edge") or value.get("height") or default)
-    return default
+        if value.get("shortest_edge"):
+            return int(value["shortest_edge"]), False
+        if value.get("height") and value.get("width"):
+            if value["height"] != value["width"]:
+                raise OptionError(f"{name}: field '{field_name}' is not square ({value}); massmerge crops squares")
+            return int(value["height"]), True
+    return default, False
 
 
 def image_size_of(module: Any) -> int | None:

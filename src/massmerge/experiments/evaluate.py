@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,11 @@ from massmerge.device import resolve_device, resolve_dtype
 from massmerge.errors import OptionError
 from massmerge.experiments import runner
 from massmerge.experiments.cache import EvalCache, stable_hash
-from massmerge.experiments.evaluate_config import MERGES, BenchmarkConfig
+from massmerge.experiments.evaluate_config import EPS_OFF, MERGES, BenchmarkConfig
 from massmerge.experiments.pool import TaskPool, TaskSplit
 from massmerge.experiments.report import write_report
 from massmerge.experiments.report.stats import targets
+from massmerge.heads.files import head_width
 from massmerge.heads.zoo import (
     clip_task,
     clip_zero_shot_heads,
@@ -86,11 +87,12 @@ def prepare(config: BenchmarkConfig, *, log: Log = print) -> Workbench:
         options["arch"] = config.arch
     adapter = get_adapter(family, **options)
     log(f"loading base {config.base}")
-    model = adapter.load_model(config.base, revision=config.revision, trust_pickle=config.trust_pickle)
+    model = adapter.load_model(config.base, revision=config.revision, trust_pickle=config.trusts_pickle(config.base))
     adapter.bind(model)
     base_state = {k: model.state_dict()[k].detach().clone() for k in adapter.encoder_keys(model)}
     lora = _load_lora(config, base_state)
     heads = build_heads(config, lora)
+    check_feature_width(config, adapter, model, heads)
     preprocess = Preprocess.from_model_dir(resolve_source(config.base, config.revision), image_size=image_size_of(model))
     datasets = []
     for task, head in zip(config.tasks, heads, strict=True):
@@ -124,7 +126,8 @@ def _load_lora(config: BenchmarkConfig, base_state: dict[str, torch.Tensor]) -> 
         return None
     if not all(is_lora):
         raise OptionError("tasks: mix of LoRA adapters and full checkpoints; use one kind of expert")
-    return [load_lora_expert(p, list(base_state), base_state, trust_pickle=config.trust_pickle) for p in paths]
+    return [load_lora_expert(p, list(base_state), base_state, trust_pickle=config.trusts_pickle(t.expert))
+            for p, t in zip(paths, config.tasks, strict=True)]
 
 
 def build_heads(config: BenchmarkConfig, lora: list[LoraExpert] | None) -> list[nn.Module]:
@@ -137,13 +140,31 @@ def build_heads(config: BenchmarkConfig, lora: list[LoraExpert] | None) -> list[
         return heads
     if config.family == "open_clip":
         raise OptionError("heads: zero-shot heads for open_clip need open_clip's tokenizer; use heads: linear")
-    encode, scale = load_hf_clip_text(config.heads_from or config.base, revision=None if config.heads_from else config.revision)
+    source = config.heads_from or config.base
+    encode, scale = load_hf_clip_text(source, revision=None if config.heads_from else config.revision,
+                                      trust_pickle=config.trusts_pickle(source))
     overrides = {t.name: {"classnames": t.classnames, "templates": t.templates} for t in config.tasks}
     return clip_zero_shot_heads(encode, [t.name for t in config.tasks], logit_scale=scale, overrides=overrides)
 
 
+def check_feature_width(config: BenchmarkConfig, adapter: BaseAdapter, model: nn.Module,
+                        heads: list[nn.Module]) -> None:
+    """Every head must read the base's feature width, checked before the first SVD as ``build`` does: a CLIP
+    base read without its ``visual_projection`` gives vision-width features that no zero-shot head can score."""
+    width = adapter.feature_dim(model)
+    for task, head in zip(config.tasks, heads, strict=True):
+        if width is None or head_width(head) == width:
+            continue
+        missing = getattr(adapter, "projection", "") is None and not hasattr(model, "visual_projection")
+        where = (f"the zero-shot head of task '{task.name}' (text tower of {config.heads_from or config.base})"
+                 if config.heads == "zeroshot" else f"the linear head of task '{task.name}' (from {task.expert})")
+        raise OptionError(f"base {config.base}: its image features are {width} wide"
+                          f"{' (it has no visual_projection)' if missing else ''}, but {where} reads "
+                          f"{head_width(head)}")
+
+
 def _raw_expert(config: BenchmarkConfig, task: Any) -> Mapping[str, torch.Tensor]:
-    return open_weights(resolve_source(task.expert, task.expert_revision), trust_pickle=config.trust_pickle)
+    return open_weights(resolve_source(task.expert, task.expert_revision), trust_pickle=config.trusts_pickle(task.expert))
 
 
 # ----- the task pool and the experts ---------------------------------------------------------------------------
@@ -171,7 +192,8 @@ def expert_vector(wb: Workbench, task: int) -> Mapping[str, torch.Tensor]:
     if wb.lora is not None:
         return wb.lora[task].task_vector(wb.base_state)
     spec = wb.config.tasks[task]
-    expert = wb.adapter.load_weights(spec.expert, wb.model, revision=spec.expert_revision, trust_pickle=wb.config.trust_pickle)
+    expert = wb.adapter.load_weights(spec.expert, wb.model, revision=spec.expert_revision,
+                                     trust_pickle=wb.config.trusts_pickle(spec.expert))
     return CheckedTaskVector(wb.base_state, expert, name=spec.expert)
 
 
@@ -218,12 +240,24 @@ def serve_mass(wb: Workbench, parts: MASSParts, seconds: float) -> runner.Served
     return runner.serve_parts(wb.model, parts, mass, seconds)
 
 
+def eps_off_rows(wb: Workbench, pool: TaskPool, parts: MASSParts, seconds: float, cache: EvalCache,
+                 expert: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """MASS with de-redundancy off beside the configured run (``mass.eps_off_row``): the same stored factors (no
+    second SVD) with every task merged in the first pass, as the released MASS code ran."""
+    every = list(range(len(wb.task_names)))
+    factors = replace(parts.factors, accepted={key: every for key in parts.factors.matrices}, eps=None)
+    variant = replace(parts, factors=factors, build=parts.build.model_copy(update={"eps": None}))
+    served = serve_mass(wb, variant, seconds)
+    return runner.mass_rows(pool, served, served.mass, cache, expert, suffix=EPS_OFF)[0]
+
+
 # ----- the run ---------------------------------------------------------------------------------------------------
 
 def cache_key(config: BenchmarkConfig) -> str:
-    """The run's cache key: the config (less where the report goes) and, for local files, their sizes and times,
-    so an expert or dataset changed in place misses the cache."""
-    payload = config.model_dump(mode="json", exclude={"output"})
+    """The run's cache key: the config (less where the report goes, the reference figures and whether the eps-off
+    rows are added, which shape no score) and, for local files, their sizes and times, so an expert or dataset
+    changed in place misses the cache."""
+    payload = config.model_dump(mode="json", exclude={"output": True, "reference": True, "mass": {"eps_off_row"}})
     sources = [config.base, config.heads_from, *(s for t in config.tasks for s in (t.expert, t.dataset))]
     return stable_hash([payload, [_fingerprint(s) for s in sources if s]])
 
@@ -274,6 +308,9 @@ def run_benchmark(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path 
         mass_rows, details = runner.mass_rows(pool, served, served.mass, cache, expert)
         rows.update(mass_rows)
         rows["MASS (batch routing)"] = runner.batch_routing_row(pool, served, cache, expert)
+        if config.mass.eps_off_row and config.mass.eps is not None:
+            log("method mass (eps off)")
+            rows.update(eps_off_rows(wb, pool, *assembled, cache, expert))
         storage = {k: v for k, v in served.storage.items() if k != "rank_scale"}
         dropped, settings = served.mass.factors.dropped(), served.mass.settings
     report = {

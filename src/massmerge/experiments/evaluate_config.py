@@ -23,6 +23,7 @@ from massmerge.choices import task_name_problem
 from massmerge.errors import OptionError, first_validation_error
 from massmerge.mass.config import DEFAULT_EPS, HeadRule, Pooling, RoutingMode
 from massmerge.merging.task_arithmetic import default_alpha
+from massmerge.smile import SmileSettings
 
 BASELINES = ("zeroshot", "experts")
 MERGES = ("weight_average", "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts")
@@ -64,6 +65,25 @@ class MassOptions(_Strict):
     head_rule: HeadRule | None = None
     pooling: Pooling | None = None
     restart_block: int | None = Field(default=None, ge=0, description="the second pass's restart block")
+    eps_off_row: bool = Field(default=False, description="also score MASS with de-redundancy off (eps null) from "
+                              "the same factors, as the rows '... (eps off)': the released MASS code ran so "
+                              "(evaluate_pipeline.py: 'TODO: restore no redundancy')")
+
+
+EPS_OFF = " (eps off)"  # the suffix of the rows of MASS with de-redundancy off (``mass.eps_off_row``)
+
+
+class ReferenceFigure(_Strict):
+    """A published figure this run is compared with: one report row's average absolute accuracy (%), where it
+    comes from, and a flag when it looks wrong (a transcription error) rather than copying it silently."""
+
+    row: str = Field(min_length=1, description="the report row it belongs to: experts, zero-shot, a merge, "
+                     "SMILE-2, MASS, 'MASS (eps off)', ...")
+    value: float = Field(ge=0.0, le=100.0, description="average absolute accuracy over the config's tasks, %")
+    normalized: float | None = Field(default=None, ge=0.0, le=200.0, description="normalized accuracy, %, if given")
+    source: str = Field(min_length=1, description="where the figure is printed (paper table, repository file)")
+    note: str | None = Field(default=None, description="what to keep in mind comparing with it")
+    flag: str | None = Field(default=None, description="why the figure itself looks wrong, if it does")
 
 
 class EvalOptions(_Strict):
@@ -83,7 +103,9 @@ class BenchmarkConfig(_Strict):
     base: str = Field(min_length=1)
     revision: str | None = None
     arch: str | None = Field(default=None, description="open_clip architecture, e.g. ViT-B-32")
-    trust_pickle: bool = False
+    trust_pickle: bool | list[str] = Field(default=False, description="read pickle (.bin) weights, weights-only: "
+                                           "true for every source, or a list of the sources (base, heads_from, "
+                                           "experts, as written here) whose pickle is trusted")
     routing_layer: str | int | None = None
     pooling: Literal["cls", "mean"] | None = None
     heads: Literal["zeroshot", "linear"] = "zeroshot"
@@ -94,6 +116,7 @@ class BenchmarkConfig(_Strict):
     mass: MassOptions = Field(default_factory=MassOptions)
     eval: EvalOptions = Field(default_factory=EvalOptions)
     output: str = "massmerge-evaluate"
+    reference: list[ReferenceFigure] = Field(default_factory=list, description="published figures to compare with")
 
     @field_validator("methods")
     @classmethod
@@ -111,7 +134,27 @@ class BenchmarkConfig(_Strict):
         stray = sorted(set(self.method_options) - set(MERGES))
         if stray:
             raise ValueError(f"method_options: '{stray[0]}' is not a static merge ({', '.join(MERGES)})")
+        rows = report_rows(METHODS, eps_off=True)  # not only this run's: --methods may run fewer
+        stray_rows = [r.row for r in self.reference if r.row not in rows]
+        if stray_rows:
+            raise ValueError(f"reference: row '{stray_rows[0]}' is not a row of an evaluate report "
+                             f"({', '.join(rows)})")
+        if isinstance(self.trust_pickle, list):
+            named = {self.base, self.heads_from, *(t.expert for t in self.tasks)}
+            unknown = [s for s in self.trust_pickle if s not in named]
+            if unknown:
+                raise ValueError(f"trust_pickle: '{unknown[0]}' is not the base, heads_from or an expert of this config")
         return self
+
+    def report_rows(self) -> list[str]:
+        """The rows (oracle-head, task-given and task-hidden ones) the report of this config holds."""
+        return report_rows(self.methods, eps_off=self.mass.eps_off_row and self.mass.eps is not None)
+
+    def trusts_pickle(self, source: str | None) -> bool:
+        """Whether pickle weights of ``source`` (the base, heads_from or an expert, as written) may be read."""
+        if isinstance(self.trust_pickle, bool):
+            return self.trust_pickle
+        return source in self.trust_pickle
 
     def serve_overrides(self) -> dict[str, Any]:
         """The serve settings this config sets explicitly (the rest stay the family's), and the batch size."""
@@ -126,6 +169,17 @@ class BenchmarkConfig(_Strict):
         if method == "task_arithmetic":
             options.setdefault("alpha", default_alpha(len(self.tasks)))
         return options
+
+
+def report_rows(methods: list[str] | tuple[str, ...], *, eps_off: bool) -> list[str]:
+    """The report rows ``methods`` produce (``eps_off``: with MASS's de-redundancy-off rows)."""
+    smile = f"SMILE-{SmileSettings().top_k}"
+    names = {"zeroshot": ["zero-shot", "zero-shot max-logit"], "experts": ["experts"],
+             "smile": [smile, f"{smile} max-logit"]}
+    mass = ["MASS", "MASS (task given)", "MASS oracle-head", "MASS (batch routing)"]
+    rows = [row for method in methods
+            for row in names.get(method, mass if method == "mass" else [method, f"{method} max-logit"])]
+    return rows + [row + EPS_OFF for row in mass[:3]] if "mass" in methods and eps_off else rows
 
 
 def load_benchmark_config(path: str | Path, **overrides: Any) -> BenchmarkConfig:

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from massmerge.adapters.weights import check_pickle_policy, refuse_remote_code
+from massmerge.checkpoints import safetensors_model_dir
 from massmerge.errors import CheckpointError, OptionError
 from massmerge.heads.modules import LinearHead, ZeroShotHead
 from massmerge.sources import resolve_source
@@ -88,18 +90,24 @@ def hf_clip_text_encoder(model: nn.Module, tokenizer: Callable, *, batch_size: i
     return encode
 
 
-def load_hf_clip_text(source: str, *, revision: str | None = None) -> tuple[TextEncoder, float]:
-    """(text encoder, logit scale) of a full HF CLIP checkpoint (e.g. ``openai/clip-vit-base-patch32``)."""
+def load_hf_clip_text(source: str, *, revision: str | None = None, trust_pickle: bool = False
+                      ) -> tuple[TextEncoder, float]:
+    """(text encoder, logit scale) of a full HF CLIP checkpoint (e.g. ``openai/clip-vit-base-patch32``); a
+    ``pytorch_model.bin``-only directory is read from its safetensors copy when pickle is trusted, as the
+    vision tower is (:func:`~massmerge.checkpoints.safetensors_model_dir`)."""
     from transformers import AutoTokenizer, CLIPModel
 
     path = resolve_source(source, revision)
+    refuse_remote_code(path)
+    path = safetensors_model_dir(path, trust_pickle=trust_pickle)
+    check_pickle_policy(path, trust_pickle=trust_pickle)
     try:
         model = CLIPModel.from_pretrained(str(path)).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: zero-shot heads need a full CLIP model with its tokenizer ({reason})") from None
-    return hf_clip_text_encoder(model, tokenizer), float(model.logit_scale.exp())
+    return hf_clip_text_encoder(model, tokenizer), float(model.logit_scale.detach().exp())
 
 
 def clip_zero_shot_heads(encode: TextEncoder, task_names: Sequence[str], *, logit_scale: float = 100.0,
