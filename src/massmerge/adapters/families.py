@@ -22,13 +22,14 @@ from massmerge.mass.routed import register_scale_norm
 
 NormKind = Literal["layer", "rms"]
 
-# where the blocks and the routing matrix are in the HF text encoders (BERT-likes and T5 encoders)
-BERT_BLOCKS = ("encoder.layer",)
-BERT_MLP = ("intermediate.dense",)
-T5_BLOCKS = ("encoder.block",)
-T5_MLP = ("layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi")  # gated (Flan-T5) first
+# where the blocks and the routing matrix are: the HF text encoders (BERT-likes and T5 encoders) share one list
+# of block names and of first-MLP names (the longest block list named so; a generic MLP rule after the names)
+TEXT_BLOCKS = ("encoder.layer", "encoder.block", "transformer.layer", "encoder.layers", "layers")
+TEXT_MLP = ("intermediate.dense", "ffn.lin1", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi", "mlp.fc1")
 CLIP_BLOCKS = ("encoder.layers",)
 CLIP_MLP = ("mlp.fc1",)
+OPEN_CLIP_BLOCKS = ("transformer.resblocks",)
+OPEN_CLIP_MLP = ("mlp.c_fc",)
 
 
 @dataclass(frozen=True)
@@ -46,26 +47,24 @@ class Family:
     auto_class: str = "AutoModel"  # the transformers class that loads the family's encoder
 
 
-def _bert_like(model_type: str, blocks: tuple[str, ...] = BERT_BLOCKS, routing: tuple[str, ...] = BERT_MLP
-               ) -> Family:
-    return Family(model_type, "text", blocks, routing)
+def _bert_like(model_type: str) -> Family:
+    return Family(model_type, "text", TEXT_BLOCKS, TEXT_MLP)
 
 
 def _t5(model_type: str, norm_class: str) -> Family:
-    return Family(model_type, "text", T5_BLOCKS, T5_MLP, "rms", norm_class, ("shared.weight",
-                  "encoder.embed_tokens.weight"), auto_class="T5EncoderModel")
+    """A T5 encoder (as today; the seq2seq row comes with issue 29): scale-only norms, the embedding tied."""
+    return Family(model_type, "text", TEXT_BLOCKS, TEXT_MLP, "rms", norm_class,
+                  ("shared.weight", "encoder.embed_tokens.weight"), auto_class="T5EncoderModel")
 
 
 FAMILIES: dict[str, Family] = {row.model_type: row for row in (
     _bert_like("bert"), _bert_like("roberta"), _bert_like("xlm-roberta"), _bert_like("camembert"),
     _bert_like("electra"), _bert_like("deberta"), _bert_like("deberta-v2"), _bert_like("mpnet"),
-    _bert_like("albert", ("encoder.albert_layer_groups",), ("albert_layers.0.ffn",)),
-    _bert_like("distilbert", ("transformer.layer",), ("ffn.lin1",)),
-    _bert_like("modernbert", ("layers",), ("mlp.Wi",)),
+    _bert_like("albert"), _bert_like("distilbert"), _bert_like("modernbert"),
     _t5("t5", "T5LayerNorm"), _t5("mt5", "MT5LayerNorm"), _t5("umt5", "UMT5LayerNorm"),
     Family("clip", "clip", CLIP_BLOCKS, CLIP_MLP, pooling="cls", auto_class="CLIPVisionModel"),
     Family("clip_vision_model", "clip", CLIP_BLOCKS, CLIP_MLP, pooling="cls", auto_class="CLIPVisionModel"),
-    Family("open_clip", "open_clip", ("transformer.resblocks",), ("mlp.c_fc",), pooling="cls",
+    Family("open_clip", "open_clip", OPEN_CLIP_BLOCKS, OPEN_CLIP_MLP, pooling="cls",
            auto_class="open_clip.create_model"),
 )}
 
