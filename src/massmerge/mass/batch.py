@@ -126,24 +126,30 @@ class Layout:
 class RowSets:
     """Each of ``B`` rows' task set id (``ids``), with spans ordered by ``order`` (set ids, span order)."""
 
-    def __init__(self, ids: torch.Tensor, order: Sequence[int]) -> None:
+    def __init__(self, ids: torch.Tensor, order: Sequence[int], counts: Sequence[int] | None = None) -> None:
+        """``counts`` (rows per set id), when the caller knows them, says the rows are already in span order
+        (the engine's batches): no host sync and no permutation."""
         self.ids = ids
         self.size = int(ids.shape[0])
         self.order = tuple(order)
         rank = torch.empty(max(self.order) + 1, dtype=torch.long)
         rank[list(self.order)] = torch.arange(len(self.order))
         self._rank = rank.to(ids.device)
-        counts = torch.bincount(ids, minlength=len(rank)).tolist()  # one host sync per batch
+        contiguous = counts is not None
+        if counts is None:
+            counts = torch.bincount(ids, minlength=len(rank)).tolist()  # one host sync per batch
         self.counts = {s: counts[s] for s in self.order if counts[s]}
-        key = self._rank[ids]
-        self.contiguous = bool(self.size < 2 or bool((key[1:] >= key[:-1]).all()))
+        if not contiguous:
+            key = self._rank[ids]
+            contiguous = self.size < 2 or bool((key[1:] >= key[:-1]).all())
+        self.contiguous = contiguous
         self._layouts: dict[int, Layout] = {}
         self._seen = threading.local()  # the row count last seen by this thread (broadcast inputs)
 
     @classmethod
     def single(cls, size: int, device: torch.device | None = None) -> RowSets:
         """``size`` rows of one set (id 0)."""
-        return cls(torch.zeros(size, dtype=torch.long, device=device), (0,))
+        return cls(torch.zeros(size, dtype=torch.long, device=device), (0,), (size,))
 
     @property
     def whole(self) -> bool:

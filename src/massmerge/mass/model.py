@@ -273,23 +273,27 @@ class MASSModel(nn.Module):
         return self._per_group(batch, groups, restart, self._group_features)
 
     def _pass(self, tasks: Sequence[TaskSet], ids: torch.Tensor, restart: RestartState | None, *,
-              fallback: bool = True) -> SecondPass:
-        """The second pass of rows ``ids`` (an index into ``tasks`` per row)."""
+              counts: Sequence[int] | None = None, fallback: bool = True) -> SecondPass:
+        """The second pass of rows ``ids`` (an index into ``tasks`` per row; ``counts``: rows per set, when the
+        rows are already contiguous in that order)."""
         shared, alpha = self._shared, self.settings.alpha
         sets = [shared.set_data(t, alpha) for t in tasks]
         return SecondPass.of(sets, ids, shared.merger, alpha, shared.installed.generic_keys,
-                             shared.dense_value(alpha), kept=shared.kept, restart=restart, fallback=fallback)
+                             shared.dense_value(alpha), counts=counts, kept=shared.kept, restart=restart,
+                             fallback=fallback)
 
     def _batched_features(self, batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]],
                           restart: RestartState | None) -> torch.Tensor:
         plan = Plan.of(groups)
         ordered = None if restart is None else restart.rows(plan.order)
-        with active(self._pass([tasks for tasks, _, _ in plan.spans], plan.row_ids(), ordered)):
+        counts = [stop - start for _, start, stop in plan.spans]
+        with active(self._pass([tasks for tasks, _, _ in plan.spans], plan.row_ids(), ordered, counts=counts)):
             return plan.unpermute(self._shared.runner(index_batch(batch, plan.order)))
 
     def _group_features(self, tasks: TaskSet, batch: Batch, restart: RestartState | None) -> torch.Tensor:
-        ids = torch.zeros(batch_size_of(batch), dtype=torch.long, device=self.device)
-        with active(self._pass([tasks], ids, restart)):
+        size = batch_size_of(batch)
+        ids = torch.zeros(size, dtype=torch.long, device=self.device)
+        with active(self._pass([tasks], ids, restart, counts=[size])):
             return self._shared.runner(batch)
 
     def _reference_features(self, tasks: TaskSet, batch: Batch, restart: RestartState | None) -> torch.Tensor:

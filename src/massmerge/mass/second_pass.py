@@ -112,10 +112,11 @@ class SecondPass(Pass):
     @classmethod
     def of(cls, sets: Sequence[SetData], ids: torch.Tensor, merger: SetMerger, alpha: float,
            generic_keys: frozenset[str], dense_value: Callable[[str, torch.Tensor, SetData], torch.Tensor],
-           **options: Any) -> SecondPass:
-        """The pass of rows ``ids`` (a set index per sample) over ``sets``, spans in :func:`span_order`."""
-        return cls(list(sets), RowSets(ids, span_order(sets, ids)), merger, alpha, generic_keys, dense_value,
-                   **options)
+           counts: Sequence[int] | None = None, **options: Any) -> SecondPass:
+        """The pass of rows ``ids`` (a set index per sample) over ``sets``, spans in :func:`span_order`; with
+        ``counts`` (rows per set), the rows are already in that order: set i's are the i-th span."""
+        order = list(range(len(sets))) if counts is not None else span_order(sets, ids)
+        return cls(list(sets), RowSets(ids, order, counts), merger, alpha, generic_keys, dense_value, **options)
 
     def __post_init__(self) -> None:
         self._whole = self.sets[next(iter(self.rows.counts))] if self.rows.whole else None
