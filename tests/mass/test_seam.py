@@ -27,8 +27,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).detach().norm() / b.detach().norm())
 
 
-def mass_of(model: torch.nn.Module, routing_layer: str, width: int, seed: int, scale: float = 0.05, **settings
-            ) -> tuple[MASSModel, torch.nn.Module]:
+def mass_of(model: torch.nn.Module, routing_layer: str, width: int, seed: int, scale: float = 0.05, features=None,
+            **settings) -> tuple[MASSModel, torch.nn.Module]:
     """A MASS model over ``model`` (float64, 3 random experts on every floating tensor, tied ones once) and a
     plain copy of the base taken before the routed modules were installed."""
     from massmerge.adapters.base import untied_keys
@@ -43,7 +43,8 @@ def mass_of(model: torch.nn.Module, routing_layer: str, width: int, seed: int, s
     factors = ExpertFactors.build(iter(vectors), ["a", "b", "c"], eps=0.3, dtype=torch.float64)
     heads = [LinearHead(torch.randn(3, width, generator=gen, dtype=torch.float64)) for _ in range(3)]
     settings = make_serve_settings(routing_layers=(routing_layer,), **settings)
-    return MASSModel(model, factors, heads, settings), plain
+    extra = {} if features is None else {"features": features}
+    return MASSModel(model, factors, heads, settings, **extra), plain
 
 
 def dense(mass: MASSModel, plain: torch.nn.Module, tasks: tuple[int, ...]) -> torch.nn.Module:
@@ -212,6 +213,32 @@ def test_the_context_follows_an_explicit_hand_off_and_a_copied_context_into_work
         bare = pool.submit(mass.model.generate, **batch, **GENERATE["greedy"]).result()
     assert torch.equal(out["handed"], inline) and torch.equal(in_context, inline)
     assert torch.equal(bare, plain.generate(**batch, **GENERATE["greedy"]))  # no hand-off: the base model
+
+
+def test_the_engine_on_a_t5_encoder_uses_each_sets_relative_bias_and_embedding_even_when_length_is_batch() -> None:
+    """The engine's own mixed second pass on a T5 encoder: the relative-bias table (indexed by [q, k] positions,
+    no batch) is computed per set, and the tied embedding (``shared`` is ``encoder.embed_tokens``) is merged, with a
+    sequence as long as the batch (where reading positions as rows went unnoticed)."""
+    from massmerge.mass.batch import group_by_task_set, index_batch
+
+    config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                                   dropout_rate=0.0)
+    torch.manual_seed(0)
+    mass, _ = mass_of(transformers.T5EncoderModel(config), "encoder.block.1.layer.1.DenseReluDense.wi", 16, 8,
+                      features=lambda model, batch: model(**batch).last_hidden_state.mean(1))
+    assert mass.batched_off_reason is None
+    batch = prompts(len(ROWS))
+    assert batch["input_ids"].shape == (6, 6)  # length == batch size
+    selected = torch.zeros(len(ROWS), 3, dtype=torch.bool)
+    for row, tasks in enumerate(ROWS):
+        selected[row, list(tasks)] = True
+    groups = group_by_task_set(selected)
+    got = mass.second_pass_features(batch, groups)
+    assert mass.batched_off_reason is None  # one forward, no fallback
+    reference = mass.with_settings(strategy="reference")
+    for tasks, index in groups:
+        expected = reference.features_with(tasks, index_batch(batch, index))
+        assert rel(got[index], expected) < 1e-10, tasks
 
 
 # ----- restart_block: the prompt's one forward, never a second ----------------------------------------------------
