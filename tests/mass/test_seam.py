@@ -241,6 +241,21 @@ def test_the_engine_on_a_t5_encoder_uses_each_sets_relative_bias_and_embedding_e
         assert rel(got[index], expected) < 1e-10, tasks
 
 
+def test_a_sequence_first_model_takes_one_task_set_per_call_and_refuses_a_mix_in_one_line() -> None:
+    from toy_mass import make_batch, make_parts
+
+    base, factors, heads, settings = make_parts(3)
+    base.batch_first = False  # declares [L, B, D] tensors: rows cannot be read from dim 0
+    mass = MASSModel(base, factors, heads, settings)
+    batch = make_batch(4)
+    with mass.task_sets([(0, 1)] * 4):
+        one = mass.model(batch)
+    assert torch.allclose(one, mass.features_with((0, 1), batch), atol=1e-6)
+    with pytest.raises(OptionError, match=r"task_sets: this model cannot run mixed task sets in one forward "
+                                          r"\(module '.*' is sequence-first"):
+        mass.task_sets([(0,), (1,), (0,), (2,)])
+
+
 # ----- restart_block: the prompt's one forward, never a second ----------------------------------------------------
 
 def test_restart_block_is_refused_when_a_second_forward_would_run_past_the_prompt(bert) -> None:

@@ -312,7 +312,7 @@ class MASSModel(nn.Module):
         (:mod:`massmerge.mass.seam`). ``rows``: ``Routing.selected`` ``[B, T]``, a task per row, or per row an
         iterable of tasks (indices or names). ``restart`` (``Routing.restart``, with its ``batch``): the prompt's
         first-pass hidden states when ``restart_block`` is set; only one forward may use them (a decode step under
-        the same context is refused)."""
+        the same context is refused). The seam always runs the routed kernels, whatever the view's strategy."""
         sets, ids = row_sets(rows, self.task_names, self.device)
         if len(sets) > 1 and self._shared.batched_off_reason:
             raise OptionError(f"task_sets: this model cannot run mixed task sets in one forward "
