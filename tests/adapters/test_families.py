@@ -57,3 +57,11 @@ def test_adapter_options_are_checked_against_their_declaration() -> None:
         check_adapter_options("text", {"arch": "ViT-B-32"})
     with pytest.raises(OptionError, match="unknown adapter option 'depth'"):
         check_adapter_options("clip", {"depth": 3})
+
+
+def test_a_bound_adapter_records_its_declared_options() -> None:
+    from massmerge.adapters.families import recorded_options
+
+    adapter = get_adapter("text", special_ids=(0, 2), feature_pooling="cls")
+    assert recorded_options(adapter) == {"pooling": "content", "feature_pooling": "cls", "special_ids": [0, 2]}
+    assert recorded_options(get_adapter("open_clip", arch="ViT-B-32")) == {"pooling": "cls", "arch": "ViT-B-32"}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from massmerge.errors import OptionError
+from massmerge.mass.config import POOLINGS
 from massmerge.mass.routed import register_scale_norm
 
 NormKind = Literal["layer", "rms"]
@@ -102,12 +103,24 @@ class AdapterOption:
 
 FEATURE_POOLINGS = ("mean", "cls", "pooler")
 ADAPTER_OPTIONS: dict[str, AdapterOption] = {option.name: option for option in (
+    AdapterOption("pooling", ("text", "clip", "open_clip"), tuple(POOLINGS),
+                  "how the routing layer's input becomes one vector per sample"),
     AdapterOption("feature_pooling", ("text",), FEATURE_POOLINGS,
                   "text features the heads read: mean over the mask, cls (token 0) or pooler (BERT's tanh pooler)"),
     AdapterOption("special_ids", ("text",), None, "the tokenizer's special token ids (content pooling leaves "
                   "them out); read from the model directory"),
     AdapterOption("arch", ("open_clip",), None, "the open_clip architecture name (e.g. ViT-B-32)"),
 )}
+
+
+def recorded_options(adapter: Any) -> dict[str, Any]:
+    """The declared options a bound adapter holds (what an artifact's manifest records), tuples as lists."""
+    out = {}
+    for name in ADAPTER_OPTIONS:
+        value = getattr(adapter, name, None)
+        if value is not None:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def check_adapter_options(family: str, options: Mapping[str, Any], where: str = "adapter") -> dict[str, Any]:
@@ -128,4 +141,4 @@ def check_adapter_options(family: str, options: Mapping[str, Any], where: str = 
 
 
 __all__ = ["ADAPTER_OPTIONS", "AdapterOption", "FAMILIES", "FEATURE_POOLINGS", "Family", "NormKind",
-           "check_adapter_options", "family_row", "model_type_of"]
+           "check_adapter_options", "family_row", "model_type_of", "recorded_options"]
