@@ -215,11 +215,19 @@ def test_the_context_follows_an_explicit_hand_off_and_a_copied_context_into_work
     assert torch.equal(bare, plain.generate(**batch, **GENERATE["greedy"]))  # no hand-off: the base model
 
 
-def test_the_engine_on_a_t5_encoder_uses_each_sets_relative_bias_and_embedding_even_when_length_is_batch() -> None:
+@pytest.mark.parametrize("norm_kernel", [True, False])
+def test_the_engine_on_a_t5_encoder_uses_each_sets_relative_bias_and_embedding_even_when_length_is_batch(
+        norm_kernel, monkeypatch) -> None:
     """The engine's own mixed second pass on a T5 encoder: the relative-bias table (indexed by [q, k] positions,
     no batch) is computed per set, and the tied embedding (``shared`` is ``encoder.embed_tokens``) is merged, with a
-    sequence as long as the batch (where reading positions as rows went unnoticed)."""
+    sequence as long as the batch (where reading positions as rows went unnoticed). Without the scale-norm kernel
+    T5's norms take the generic path, exact too."""
+    from massmerge.adapters import families  # noqa: F401 - declares T5's scale-only norm kernel
+    from massmerge.mass import routed
     from massmerge.mass.batch import group_by_task_set, index_batch
+
+    if not norm_kernel:
+        monkeypatch.setattr(routed, "SCALE_NORMS", set())
 
     config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
                                    dropout_rate=0.0)
@@ -227,6 +235,7 @@ def test_the_engine_on_a_t5_encoder_uses_each_sets_relative_bias_and_embedding_e
     mass, _ = mass_of(transformers.T5EncoderModel(config), "encoder.block.1.layer.1.DenseReluDense.wi", 16, 8,
                       features=lambda model, batch: model(**batch).last_hidden_state.mean(1))
     assert mass.batched_off_reason is None
+    assert isinstance(mass.model.encoder.final_layer_norm, routed.RoutedScaleNorm) == norm_kernel
     batch = prompts(len(ROWS))
     assert batch["input_ids"].shape == (6, 6)  # length == batch size
     selected = torch.zeros(len(ROWS), 3, dtype=torch.bool)
