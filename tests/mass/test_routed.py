@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lowrank_fixtures import rel
 from torch import nn
 from torch.nn import functional as F
 
+from massmerge.mass.batch import Plan, RowSets
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.first_pass import FirstPass
 from massmerge.mass.routed import (
@@ -24,11 +26,8 @@ from massmerge.mass.routed import (
     install,
     plain_class,
 )
-from massmerge.mass.batch import Plan, RowSets
 from massmerge.mass.second_pass import SecondPass, SetData, use_dense
 from massmerge.mass.setmerge import SetMerger
-
-from lowrank_fixtures import rel
 
 WIDTH, VOCAB, T, ALPHA = 12, 30, 3, 0.7
 

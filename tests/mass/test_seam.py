@@ -158,8 +158,8 @@ def padded(tokens: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(tokens, (0, length - tokens.shape[1]), value=0)
 
 
-GENERATE = {"greedy": dict(max_new_tokens=5, do_sample=False),
-            "beams": dict(max_new_tokens=5, do_sample=False, num_beams=3, num_return_sequences=2)}
+GENERATE = {"greedy": {"max_new_tokens": 5, "do_sample": False},
+            "beams": {"max_new_tokens": 5, "do_sample": False, "num_beams": 3, "num_return_sequences": 2}}
 
 
 @pytest.mark.parametrize("mode", list(GENERATE))

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
+from toy_mass import make_batch, make_parts
 
 from massmerge.mass import MASSModel, mean_pool
 from massmerge.mass.serving import FULL_GROUP_FRACTION, second_pass_batches, serve
-
-from toy_mass import make_batch, make_parts
 
 
 def toy() -> MASSModel:

@@ -140,5 +140,15 @@ def check_adapter_options(family: str, options: Mapping[str, Any], where: str = 
     return out
 
 
-__all__ = ["ADAPTER_OPTIONS", "AdapterOption", "FAMILIES", "FEATURE_POOLINGS", "Family", "NormKind",
-           "check_adapter_options", "family_row", "model_type_of", "recorded_options"]
+__all__ = [
+    "ADAPTER_OPTIONS",
+    "FAMILIES",
+    "FEATURE_POOLINGS",
+    "AdapterOption",
+    "Family",
+    "NormKind",
+    "check_adapter_options",
+    "family_row",
+    "model_type_of",
+    "recorded_options",
+]

@@ -372,5 +372,19 @@ class MASSModel(nn.Module):
         return MASSOutput(pred_task, label, selected.float(), selected, None, feats if return_features else None)
 
 
-__all__ = ["FeatureFn", "FeatureRunner", "MASSModel", "MASSOutput", "Routing", "STRATEGIES", "StageClock", "Strategy",
-           "TaskSets", "check_parts", "default_features", "group_by_task_set", "index_batch", "place"]
+__all__ = [
+    "STRATEGIES",
+    "FeatureFn",
+    "FeatureRunner",
+    "MASSModel",
+    "MASSOutput",
+    "Routing",
+    "StageClock",
+    "Strategy",
+    "TaskSets",
+    "check_parts",
+    "default_features",
+    "group_by_task_set",
+    "index_batch",
+    "place",
+]

@@ -140,5 +140,12 @@ def seq_first_module(model: nn.Module) -> str | None:
     return None
 
 
-__all__ = ["DENSE_SETS_KEPT", "FeatureFn", "FeatureRunner", "SET_CACHE_SIZE", "Shared", "default_features",
-           "seq_first_module"]
+__all__ = [
+    "DENSE_SETS_KEPT",
+    "SET_CACHE_SIZE",
+    "FeatureFn",
+    "FeatureRunner",
+    "Shared",
+    "default_features",
+    "seq_first_module",
+]
