@@ -26,14 +26,15 @@ import pytest
 import massmerge
 
 PACKAGE = Path(massmerge.__file__).resolve().parent
-ENGINE = ("routed", "restart", "first_pass", "second_pass", "model", "serving", "build")
+ENGINE = ("routed", "restart", "first_pass", "second_pass", "seam", "shared", "reference", "checks", "clock", "outputs",
+          "model", "serving", "build")
 LAYERS: list[tuple[str, ...]] = [
     ("massmerge", "massmerge.errors", "massmerge.lazy", "massmerge.progress", "massmerge.memory", "massmerge.choices",
      "massmerge.sources", "massmerge.device", "massmerge.io"),
     ("massmerge.checkpoints", "massmerge.task_vectors", "massmerge.lowrank", "massmerge.data"),
     ("massmerge.merging", "massmerge.smile", "massmerge.heads", "massmerge.mass.config", "massmerge.mass.experts", "massmerge.mass.stream",
      "massmerge.mass.storage", "massmerge.mass.budget", "massmerge.mass.lru", "massmerge.mass.setmerge",
-     "massmerge.mass.router", "massmerge.mass.pooling"),
+     "massmerge.mass.router", "massmerge.mass.pooling", "massmerge.mass.batch"),
     ("massmerge.mass", *(f"massmerge.mass.{name}" for name in ENGINE)),
     ("massmerge.adapters", "massmerge.heads.zoo"),
     ("massmerge.artifact",),

@@ -33,10 +33,6 @@ def set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
-def is_enabled() -> bool:
-    return _enabled
-
-
 def clock(seconds: float) -> str:
     """``3725`` -> ``'1:02:05'``."""
     seconds = int(round(seconds))

@@ -12,7 +12,7 @@ import torch
 from massmerge.errors import OptionError
 from massmerge.heads import LinearHead, ZeroShotHead
 from massmerge.mass import ExpertFactors, MASSModel, make_serve_settings, mean_pool
-from massmerge.mass.model import group_by_task_set, index_batch
+from massmerge.mass.batch import group_by_task_set, index_batch
 from massmerge.mass.routed import RoutedLinear, plain_class
 
 from toy_mass import make_batch, make_parts
@@ -233,7 +233,7 @@ def test_bert_mixed_sets_with_padding_match_reference(bert, strategy):
 def test_dense_weights_are_kept_for_the_next_batches_of_a_set(bert, monkeypatch):
     """A set's dense weights are formed once and reused by its next batches (serving sends them one after
     another), the results stay the reference's, and only DENSE_SETS_KEPT sets are kept."""
-    from massmerge.mass import model as engine
+    from massmerge.mass import shared as engine
     from massmerge.mass import second_pass as routed
 
     model = bert.with_settings(strategy="auto")

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from massmerge.errors import OptionError
+from massmerge.mass.batch import batch_size_of
 from massmerge.mass.pooling import (
     TokenPooler,
-    batch_size_of,
+
     content_mask,
     identity_pool,
     masked_mean,

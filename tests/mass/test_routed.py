@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lowrank_fixtures import rel
 from torch import nn
 from torch.nn import functional as F
 
+from massmerge.mass.batch import Plan, RowSets
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.first_pass import FirstPass
 from massmerge.mass.routed import (
@@ -24,10 +26,8 @@ from massmerge.mass.routed import (
     install,
     plain_class,
 )
-from massmerge.mass.second_pass import Group, Plan, SecondPass, SetData, align_batch, use_dense
+from massmerge.mass.second_pass import SecondPass, SetData, use_dense
 from massmerge.mass.setmerge import SetMerger
-
-from lowrank_fixtures import rel
 
 WIDTH, VOCAB, T, ALPHA = 12, 30, 3, 0.7
 
@@ -79,16 +79,16 @@ def dense(base: dict, delta: dict, key: str) -> torch.Tensor:
     return base[key] + ALPHA * delta[key]
 
 
-def second_pass(merger, factors, base, sets, sizes, strategy="auto") -> SecondPass:
-    groups, start = [], 0
-    for tasks, size in zip(sets, sizes):
-        groups.append(Group(start, start + size, set_data(merger, factors, base, tasks)))
-        start += size
+def dense_value(key, value, data):  # generic owners: not used by this model
+    raise AssertionError("no generic owner here")
 
-    def dense_value(key, value, data):  # generic owners: not used by this model
-        raise AssertionError("no generic owner here")
 
-    return SecondPass(groups, start, merger, ALPHA, frozenset(), dense_value, strategy)
+def second_pass(merger, factors, base, sets, sizes, strategy="auto", ids=None, fallback=True) -> SecondPass:
+    """Rows of set i contiguous (``sizes[i]`` each), or laid out by ``ids`` (a set index per row)."""
+    data = [set_data(merger, factors, base, tasks) for tasks in sets]
+    if ids is None:
+        ids = torch.arange(len(sets)).repeat_interleave(torch.tensor(sizes))
+    return SecondPass.of(data, ids, merger, ALPHA, frozenset(), dense_value, strategy=strategy, fallback=fallback)
 
 
 # ----- the wrappers ----------------------------------------------------------------------------------------------
@@ -167,7 +167,8 @@ def test_dense_weights_are_kept_for_the_next_batch_of_the_same_set(parts) -> Non
     model, base, factors, merger, _ = parts
     kept = LRU(1)
     data = set_data(merger, factors, base, (0, 1, 2))
-    run = SecondPass([Group(0, 3, data)], 3, merger, ALPHA, frozenset(), None, "dense", kept)
+    run = SecondPass.of([data], torch.zeros(3, dtype=torch.long), merger, ALPHA, frozenset(), None,
+                        strategy="dense", kept=kept)
     with active(run):
         first = model.fc(torch.randn(3, 2, WIDTH, dtype=torch.float64))
     weight = kept.peek(((0, 1, 2), ALPHA))["fc.weight"]
@@ -187,11 +188,51 @@ def test_plan_orders_largest_group_first_and_unpermutes() -> None:
     assert torch.equal(plan.unpermute(rows), torch.arange(6.0))
 
 
-def test_align_batch_expands_a_broadcast_dim_and_refuses_others() -> None:
-    assert align_batch(torch.zeros(4, 3), 4).shape == (4, 3)
-    assert align_batch(torch.zeros(1, 3), 4).shape == (4, 3)
+def test_row_sets_lay_out_rows_expand_for_beams_and_broadcast_one_row() -> None:
+    rows = RowSets(torch.tensor([1, 0, 1]), order=(1, 0))
+    assert not rows.contiguous and not rows.whole
+    layout = rows.layout(6)  # 2 beams per row: rows r -> ids[r // 2]
+    assert layout.ids.tolist() == [1, 1, 0, 0, 1, 1]
+    assert layout.spans == ((1, 0, 4), (0, 4, 6))
+    x = torch.arange(6.0)
+    assert layout.sort(x).tolist() == [0, 1, 4, 5, 2, 3] and torch.equal(layout.unsort(layout.sort(x)), x)
+    assert rows.rows_of(torch.zeros(6, 2), Unbatchable)[1] == 6
+    assert rows.rows_of(torch.zeros(1, 2), Unbatchable)[0].shape == (6, 2)  # broadcast over the rows last seen
     with pytest.raises(Unbatchable):
-        align_batch(torch.zeros(2, 3), 4)
+        rows.rows_of(torch.zeros(4, 2), Unbatchable)
+    assert RowSets(torch.tensor([0, 0, 1]), order=(0, 1)).layout(3).perm is None  # already contiguous
+
+
+@pytest.mark.parametrize("strategy", ["side", "dense", "auto"])
+def test_interleaved_and_beam_expanded_rows_are_each_rows_set(parts, strategy) -> None:
+    """Rows in any order (the seam's: the caller's batch), and B * n rows under beam search, row r -> ids[r // n]."""
+    model, base, factors, merger, reference = parts
+    sets, ids = [(0,), (1, 2), (0, 1, 2)], torch.tensor([2, 0, 1, 0, 2])
+    run = second_pass(merger, factors, base, sets, None, strategy, ids=ids)
+    for beams in (1, 3):
+        x = torch.randn(5 * beams, 4, WIDTH, dtype=torch.float64)
+        tokens = torch.randint(0, VOCAB, (5 * beams, 4))
+        with active(run):
+            got, normed, embedded = model.fc(x), model.norm(x), model.embed(tokens)
+        for row in range(5 * beams):
+            delta = reference[sets[int(ids[row // beams])]]
+            expected = F.linear(x[row], dense(base, delta, "fc.weight"), dense(base, delta, "fc.bias"))
+            assert rel(got[row], expected) < 1e-9, (strategy, beams, row)
+            norm = F.layer_norm(x[row], (WIDTH,), dense(base, delta, "norm.weight"), dense(base, delta, "norm.bias"))
+            assert rel(normed[row], norm) < 1e-12
+            assert rel(embedded[row], F.embedding(tokens[row], dense(base, delta, "embed.weight"))) < 1e-9
+
+
+def test_rows_that_are_no_multiple_of_the_batch_are_refused_in_one_line_under_the_seam(parts) -> None:
+    from massmerge.errors import OptionError
+
+    model, base, factors, merger, _ = parts
+    run = second_pass(merger, factors, base, [(0,), (1, 2)], [2, 2], fallback=False)
+    with active(run), pytest.raises(OptionError, match="task_sets: a routed module got input of shape \\[3, 12\\]"):
+        model.fc(torch.randn(3, WIDTH, dtype=torch.float64))
+    engine = second_pass(merger, factors, base, [(0,), (1, 2)], [2, 2])
+    with active(engine), pytest.raises(Unbatchable):
+        model.fc(torch.randn(3, WIDTH, dtype=torch.float64))
 
 
 def test_dense_pays_off_only_with_many_tokens() -> None:

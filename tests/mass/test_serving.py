@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
+from toy_mass import make_batch, make_parts
 
 from massmerge.mass import MASSModel, mean_pool
 from massmerge.mass.serving import FULL_GROUP_FRACTION, second_pass_batches, serve
-
-from toy_mass import make_batch, make_parts
 
 
 def toy() -> MASSModel:
@@ -78,3 +77,32 @@ def test_first_pass_batches_sort_by_size_within_windows():
         window = flat[start:start + 16]
         assert sorted(window) == list(range(start, min(start + 16, 100)))
         assert [sizes[i] for i in window] == sorted(sizes[i] for i in window)
+
+
+def test_a_deadline_flushes_a_slow_streams_window_before_it_is_full():
+    """A server's stream: each input arrives late, so with ``deadline_ms`` each window holds what came in time
+    (here one input: the first answer comes before the stream ends), and the answers stay the per-batch ones."""
+    import time
+
+    model = toy()
+    ids = list(make_batch(6, seed=2))
+    produced: list[int] = []
+
+    def slow():
+        for i, row in enumerate(ids):
+            produced.append(i)
+            time.sleep(0.03)
+            yield row
+
+    answers = []
+    for prediction in serve(model, slow(), lambda rows: torch.stack(list(rows)), batch_size=4, window=64,
+                            deadline_ms=20):
+        answers.append((prediction.index, len(produced)))
+    assert [index for index, _ in answers] == list(range(6))
+    assert answers[0][1] < len(ids)  # answered before the stream ended: the window did not wait to fill
+    waited = [p.index for p in serve(model, iter(ids), lambda rows: torch.stack(list(rows)), batch_size=4,
+                                          window=64)]
+    assert waited == list(range(6))
+    expected = model(torch.stack(ids))
+    got = list(serve(model, slow(), lambda rows: torch.stack(list(rows)), batch_size=4, window=64, deadline_ms=20))
+    assert [p.task for p in got] == expected.task.tolist() and [p.label for p in got] == expected.label.tolist()

@@ -14,6 +14,7 @@ from torch import nn
 
 from massmerge.adapters.base import Adapter, BaseAdapter
 from massmerge.adapters.clip import CLIPAdapter
+from massmerge.adapters.families import FAMILIES, Family, family_row, model_type_of
 from massmerge.adapters.open_clip import OpenCLIPAdapter
 from massmerge.adapters.text import TextEncoderAdapter
 from massmerge.adapters.weights import (
@@ -29,15 +30,12 @@ ADAPTERS: dict[str, type[BaseAdapter]] = {
     TextEncoderAdapter.name: TextEncoderAdapter,
 }
 
-CLIP_TYPES = ("clip", "clip_vision_model")
-TEXT_TYPES = (
-    "bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet", "albert",
-    "camembert", "modernbert", "t5", "mt5", "umt5",
-)
+CLIP_TYPES = tuple(t for t, row in FAMILIES.items() if row.adapter == "clip")
+TEXT_TYPES = tuple(t for t, row in FAMILIES.items() if row.adapter == "text")
 
 __all__ = [
-    "ADAPTERS", "Adapter", "BaseAdapter", "CLIPAdapter", "OpenCLIPAdapter", "TextEncoderAdapter",
-    "adapter_for", "detect_family", "family_of_model", "get_adapter",
+    "ADAPTERS", "Adapter", "BaseAdapter", "CLIPAdapter", "FAMILIES", "Family", "OpenCLIPAdapter",
+    "TextEncoderAdapter", "adapter_for", "detect_family", "family_of_model", "family_row", "get_adapter",
     "register_adapter",
 ]
 
@@ -56,17 +54,13 @@ def get_adapter(name: str, **options: Any) -> BaseAdapter:
 
 
 def family_of_model(model: nn.Module) -> str:
-    """The family of a built model, from its HF config or its module layout."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in CLIP_TYPES:
-        return "clip"
-    if model_type in TEXT_TYPES:
-        return "text"
+    """The family of a built model: its HF ``model_type``'s row in the family table, or open_clip's layout."""
+    model_type = model_type_of(model)
+    if model_type is not None:
+        return family_row(model_type, f"family: {type(model).__name__}").adapter
     visual = getattr(model, "visual", model)
     if hasattr(getattr(visual, "transformer", None), "resblocks"):
         return "open_clip"
-    if model_type is not None:
-        return "text"  # an unknown HF encoder: the generic text rules usually apply
     raise OptionError(f"family: cannot tell the model family of {type(model).__name__}; pass family=clip|open_clip|text")
 
 
@@ -83,10 +77,8 @@ def detect_family(path: str | Path) -> str:
     if config is not None and config.is_file():
         raw = read_json_config(config)
         model_type = raw.get("model_type") if isinstance(raw, dict) else None
-        if model_type in CLIP_TYPES:
-            return "clip"
         if model_type:
-            return "text"
+            return family_row(model_type, f"{config}: field 'model_type'").adapter
     if path.is_dir() and (path / "open_clip_config.json").is_file():
         return "open_clip"
     if path.is_dir() and (path / "adapter_config.json").is_file():

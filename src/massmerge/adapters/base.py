@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from massmerge.adapters.families import FAMILIES, model_type_of
 from massmerge.adapters.weights import AlignedCheckpoint, open_weights
 from massmerge.errors import OptionError
 from massmerge.mass.config import Pooling, check_pooling, default_routing_block
@@ -34,15 +35,42 @@ MLP_HINTS = ("mlp", "intermediate", "densereludense", "ffn", "feed_forward", "c_
 
 @runtime_checkable
 class Adapter(Protocol):
-    """The contract every model family implements (see module docstring)."""
+    """The contract of a model family, as the build, load, suite and evaluate code use it (every method below has a
+    caller); :class:`BaseAdapter` implements it and each family fills in loading and features."""
 
     name: str
+    pooling: Pooling  # the routing pooling this adapter was made with
+    paper_pooling: Pooling  # the paper's pooling for the family (``--router paper``)
+
+    def bind(self, model: nn.Module) -> Adapter:
+        """Learn model-specific facts (the token layout, the family row); returns ``self``."""
+        ...
 
     def routing_layer(self, model: nn.Module) -> str:
         """Dotted module name of the routing ``nn.Linear`` (its input is MASS's ``z``)."""
         ...
 
-    def pool(self, activation: torch.Tensor, batch: Batch, pooling: str | None = None) -> torch.Tensor:
+    def block_routing_layer(self, model: nn.Module, index: int) -> str:
+        """The routing matrix of block ``index``."""
+        ...
+
+    def block_of(self, model: nn.Module, layer: str) -> int:
+        """The index of the block that holds module ``layer``."""
+        ...
+
+    def block_names(self, model: nn.Module) -> list[str]:
+        """The transformer blocks' module names in forward order (``restart_block`` counts them)."""
+        ...
+
+    def evidence_layers(self, model: nn.Module, layer: str) -> tuple[str, ...]:
+        """The linear layers the first pass computes up to ``layer``, ``layer`` last."""
+        ...
+
+    def default_router(self, model: nn.Module, layer: str | None = None) -> dict[str, Any]:
+        """The serve settings the family routes with by default."""
+        ...
+
+    def pool(self, activation: torch.Tensor, batch: Batch, pooling: str | None = None) -> Any:
         """Turn the routing layer's input activation into ``[B, d]`` (``pooling`` overrides the default)."""
         ...
 
@@ -50,8 +78,25 @@ class Adapter(Protocol):
         """Run ``model`` on ``batch`` to the final features ``[B, d]`` that the heads consume."""
         ...
 
+    def feature_dim(self, model: nn.Module) -> int | None:
+        """Width of the final features (None when the family cannot tell without a forward)."""
+        ...
+
+    def encoder_keys(self, model: nn.Module) -> list[str]:
+        """State-dict keys of the part of ``model`` that is merged, each tied tensor once."""
+        ...
+
     def load_model(self, source: str, *, revision: str | None = None, trust_pickle: bool = False) -> nn.Module:
         """Build the family's encoder from a local path or hub id (the architecture, with the base weights)."""
+        ...
+
+    def load_weights(self, source: str, model: nn.Module, *, revision: str | None = None,
+                     trust_pickle: bool = False) -> AlignedCheckpoint:
+        """A checkpoint viewed lazily under ``model``'s encoder keys."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Settings for reports and cache keys."""
         ...
 
 
@@ -175,13 +220,13 @@ class BaseAdapter:
         prefix, blocks = self.blocks(model)
         return [f"{prefix}.{index}" for index in range(len(blocks))]
 
-    def depth(self, model: nn.Module) -> int:
-        """Number of transformer blocks of the encoder."""
-        return len(self.blocks(model)[1])
-
     # -- pooling -------------------------------------------------------------------------------------------
     def bind(self, model: nn.Module) -> BaseAdapter:
-        """Learn model-specific facts (e.g. the token layout) from the built model; returns ``self``."""
+        """Learn model-specific facts from the built model: its family row (where the blocks and the routing
+        matrix are: :mod:`massmerge.adapters.families`); families add theirs (e.g. the token layout)."""
+        row = FAMILIES.get(model_type_of(model) or "")
+        if row is not None and row.adapter == self.name:
+            self.block_suffixes, self.mlp_names = row.blocks, row.routing
         return self
 
     def pool(self, activation: torch.Tensor, batch: Batch, pooling: str | None = None) -> torch.Tensor:

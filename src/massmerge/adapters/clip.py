@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from massmerge.adapters.base import BaseAdapter, Batch
+from massmerge.adapters.families import CLIP_BLOCKS, CLIP_MLP
 from massmerge.adapters.weights import check_pickle_policy, open_weights, refuse_remote_code
 from massmerge.checkpoints import safetensors_model_dir
 from massmerge.errors import MassMergeError, OptionError
@@ -42,9 +43,9 @@ class CLIPAdapter(BaseAdapter):
     """HF CLIP vision tower: CLS at token 0, batch-first, routing at ``mlp.fc1``."""
 
     name = "clip"
-    block_suffixes = ("encoder.layers",)
+    block_suffixes = CLIP_BLOCKS
     block_exclude = ("text_model",)
-    mlp_names = ("mlp.fc1",)
+    mlp_names = CLIP_MLP
     default_pooling = "cls"
 
     def __init__(self, *, routing_layer: str | int | None = None, pooling=None, projection: nn.Linear | None = None) -> None:  # noqa: ANN001

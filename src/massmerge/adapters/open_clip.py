@@ -18,6 +18,7 @@ from torch import nn
 
 from massmerge.adapters.base import BaseAdapter, Batch
 from massmerge.adapters.clip import pixel_values_of
+from massmerge.adapters.families import OPEN_CLIP_BLOCKS, OPEN_CLIP_MLP
 from massmerge.adapters.weights import AlignedCheckpoint
 from massmerge.checkpoints import load_state_dict
 from massmerge.errors import MassMergeError
@@ -39,9 +40,9 @@ class OpenCLIPAdapter(BaseAdapter):
     """open_clip ViT visual tower; call :meth:`bind` (done by :func:`massmerge.adapters.adapter_for`) first."""
 
     name = "open_clip"
-    block_suffixes = ("transformer.resblocks",)
+    block_suffixes = OPEN_CLIP_BLOCKS
     block_exclude = ()
-    mlp_names = ("mlp.c_fc",)
+    mlp_names = OPEN_CLIP_MLP
     default_pooling = "cls"
 
     def blocks(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -51,6 +52,7 @@ class OpenCLIPAdapter(BaseAdapter):
 
     def bind(self, model: nn.Module) -> OpenCLIPAdapter:
         """Read the token layout from the model (``transformer.batch_first``)."""
+        super().bind(model)
         self.layout = "batch_first" if is_batch_first(model) else "seq_first"
         return self
 

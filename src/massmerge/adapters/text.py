@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from massmerge.adapters.base import BaseAdapter, Batch
+from massmerge.adapters.families import FEATURE_POOLINGS, TEXT_BLOCKS, TEXT_MLP, family_row, model_type_of
 from massmerge.adapters.weights import check_pickle_policy, refuse_remote_code
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.mass.pooling import masked_mean
@@ -95,9 +96,9 @@ class TextEncoderAdapter(BaseAdapter):
     """Encoder-only HF text models and T5 encoders; mean pooling over the attention mask."""
 
     name = "text"
-    block_suffixes = ("encoder.layer", "encoder.block", "transformer.layer", "encoder.layers", "layers")
+    block_suffixes = TEXT_BLOCKS
     block_exclude = ("decoder",)
-    mlp_names = ("intermediate.dense", "ffn.lin1", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi", "mlp.fc1")
+    mlp_names = TEXT_MLP
     default_pooling = "content"  # chosen on validation (docs/SUITE.md); the paper's rule pools the mean
     paper_pooling = "mean"
     multi_layer_default = True
@@ -109,14 +110,15 @@ class TextEncoderAdapter(BaseAdapter):
         super().__init__(routing_layer=routing_layer, pooling=pooling, special_ids=special_ids)
         if pooling is None and special_ids is None:
             self.pooling = self.paper_pooling  # content and token pooling need the special ids
-        if feature_pooling not in ("mean", "cls", "pooler"):
-            raise OptionError(f"feature_pooling: unknown value '{feature_pooling}' (choose mean, cls or pooler)")
+        if feature_pooling not in FEATURE_POOLINGS:
+            raise OptionError(f"feature_pooling: unknown value '{feature_pooling}' (choose {', '.join(FEATURE_POOLINGS)})")
         self.feature_pooling: FeaturePooling = feature_pooling
         self.t5 = False
 
     def bind(self, model: nn.Module) -> TextEncoderAdapter:
-        """T5 encoders take no ``token_type_ids``; remember whether this is one."""
-        self.t5 = getattr(getattr(model, "config", None), "model_type", "") in T5_TYPES
+        """The model's family row; T5 encoders take no ``token_type_ids``: remember whether this is one."""
+        super().bind(model)
+        self.t5 = model_type_of(model) in T5_TYPES
         return self
 
     def feature_dim(self, model: nn.Module) -> int | None:
@@ -147,9 +149,14 @@ class TextEncoderAdapter(BaseAdapter):
         refuse_remote_code(path)
         try:
             config = transformers.AutoConfig.from_pretrained(str(path))
-            # T5's modeling code is imported only for T5 configs: importing it costs seconds at every load
-            t5 = config.model_type in T5_TYPES
-            model = (transformers.T5EncoderModel if t5 else transformers.AutoModel).from_pretrained(str(path))
+        except (OSError, ValueError, KeyError) as exc:
+            raise MassMergeError(f"{path}: cannot load a text encoder ({str(exc).strip().splitlines()[0][:200]})") from None
+        row = family_row(config.model_type, f"{path}: config.json")
+        if row.adapter != self.name:
+            raise OptionError(f"{path}: model_type '{config.model_type}' is the {row.adapter} family, not {self.name}")
+        try:
+            # the row's class: T5's modeling code is imported only for T5 configs (it costs seconds at every load)
+            model = getattr(transformers, row.auto_class).from_pretrained(str(path))
         except (OSError, ValueError, KeyError, RuntimeError, UnpicklingError, SafetensorError) as exc:
             raise MassMergeError(f"{path}: cannot load a text encoder ({str(exc).strip().splitlines()[0][:200]})") from None
         self.bind(model)

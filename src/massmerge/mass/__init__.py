@@ -16,6 +16,7 @@ _EXPORTS = {
     "ExpertFactors": "massmerge.mass.experts",
     "MASSModel": "massmerge.mass.model",
     "MASSOutput": "massmerge.mass.model",
+    "TaskSets": "massmerge.mass.seam",
     "identity_pool": "massmerge.mass.pooling",
     "mean_pool": "massmerge.mass.pooling",
     "token_pool": "massmerge.mass.pooling",

@@ -25,21 +25,11 @@ from typing import Any, Literal
 import torch
 
 from massmerge.errors import OptionError
+from massmerge.mass.batch import batch_size_of
 from massmerge.mass.config import POOLINGS
 
 Layout = Literal["batch_first", "seq_first"]
 PoolFn = Callable[..., Any]  # (activation, batch, pooling=None) -> [B, d] (or ([B, L, d], [B, L]) for tokens)
-
-
-def batch_size_of(batch: Any) -> int:
-    """Number of samples in a batch: a tensor's first dim, or that of its first tensor value."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, Mapping):
-        for value in batch.values():
-            if isinstance(value, torch.Tensor):
-                return int(value.shape[0])
-    raise OptionError("batch: holds no tensor, cannot tell its size")
 
 
 def _tensor(batch: Any, key: str) -> torch.Tensor | None:
@@ -134,5 +124,5 @@ def identity_pool(activation: torch.Tensor, batch: Any, pooling: str | None = No
     return activation
 
 
-__all__ = ["POOLINGS", "PoolFn", "TokenPooler", "batch_size_of", "content_mask", "identity_pool", "masked_mean",
+__all__ = ["POOLINGS", "PoolFn", "TokenPooler", "content_mask", "identity_pool", "masked_mean",
            "mean_pool", "pool_tokens", "token_pool"]

@@ -18,13 +18,14 @@ attention masks out). Memory: the hidden states of one routing window (at most `
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from massmerge.errors import OptionError
+from massmerge.mass.batch import attention_mask_of
 
 
 @dataclass(frozen=True)
@@ -55,19 +56,12 @@ def block_hidden(output: Any) -> tuple[torch.Tensor, int | None]:
                       "use restart_block 0 for this model")
 
 
-def _mask(batch: Any, hidden: torch.Tensor) -> torch.Tensor | None:
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if isinstance(mask, torch.Tensor) and mask.shape == hidden.shape[:2]:
-        return mask.bool()
-    return None
-
-
 def split_rows(hidden: torch.Tensor, batch: Any) -> list[torch.Tensor]:
     """Each sample's hidden states at its non-padding positions ([n_i, D]; every position without a mask)."""
     if hidden.ndim != 3:
         raise OptionError(f"restart_block: block outputs of shape {list(hidden.shape)} are not [batch, tokens, "
                           "width] (a sequence-first model cannot restart; use restart_block 0)")
-    mask = _mask(batch, hidden)
+    mask = attention_mask_of(batch, hidden.shape[:2])
     return [hidden[b] if mask is None else hidden[b][mask[b]] for b in range(hidden.shape[0])]
 
 
@@ -76,7 +70,7 @@ def join_rows(rows: Sequence[torch.Tensor], batch: Any, tokens: int) -> torch.Te
     zeros elsewhere."""
     width = rows[0].shape[-1]
     hidden = rows[0].new_zeros(len(rows), tokens, width)
-    mask = _mask(batch, hidden)
+    mask = attention_mask_of(batch, hidden.shape[:2])
     for b, row in enumerate(rows):
         if mask is None:
             if row.shape[0] != tokens:
@@ -89,10 +83,4 @@ def join_rows(rows: Sequence[torch.Tensor], batch: Any, tokens: int) -> torch.Te
     return hidden
 
 
-def batch_tokens(batch: Any, rows: Sequence[torch.Tensor]) -> int:
-    """Positions per sample of a second-pass batch: its mask's width, else the samples' own length."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    return int(mask.shape[1]) if isinstance(mask, torch.Tensor) and mask.ndim == 2 else int(rows[0].shape[0])
-
-
-__all__ = ["RestartState", "batch_tokens", "block_hidden", "join_rows", "split_rows"]
+__all__ = ["RestartState", "block_hidden", "join_rows", "split_rows"]

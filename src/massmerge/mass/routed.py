@@ -27,12 +27,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from massmerge.mass.batch import Unbatchable
+
+
 class StopForward(Exception):
     """Raised inside the first pass once every routing layer's input is captured."""
-
-
-class Unbatchable(Exception):
-    """This model cannot run a batch of several task sets in one forward; run one forward per set."""
 
 
 # ----- routed module classes ----------------------------------------------------------------------------------
@@ -80,6 +79,35 @@ class RoutedGeneric:
         return active.generic(self, args, kwargs)
 
 
+class RoutedScaleNorm(RoutedGeneric):
+    """Mixin of a scale-only norm, ``weight * normalize(x)`` (T5's ``T5LayerNorm``, Llama's ``RMSNorm``): the pass
+    normalizes once and scales each row by its set's weight (:data:`SCALE_NORMS` names the classes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        active = ACTIVE.get()
+        if active is None:
+            return self.mass_plain.forward(self, x)  # type: ignore[arg-type]
+        return active.scale_norm(self, x)
+
+
+class RoutedRelativeBias:
+    """Mixin of an attention module with a relative position bias table (T5's ``compute_bias``): the table is
+    indexed by positions, with no batch, so the pass computes each set's bias and gathers it per row."""
+
+    mass_bias_plain: type[nn.Module]
+
+    def compute_bias(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        active = ACTIVE.get()
+        if active is None:
+            return self.mass_bias_plain.compute_bias(self, *args, **kwargs)  # type: ignore[attr-defined]
+        return active.relative_bias(self, args, kwargs)
+
+
+def plain_compute_bias(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The relative-bias owner's own ``compute_bias``."""
+    return module.mass_bias_plain.compute_bias(module, *args, **kwargs)  # type: ignore[attr-defined]
+
+
 class RoutedBlock:
     """Mixin of a transformer block the active pass may skip (made per block class by :func:`block_class`): a
     second pass that restarts at block j returns the first pass's output of block j - 1 from every block before
@@ -114,6 +142,30 @@ def generic_class(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 _BLOCK_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+_NORM_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+_BIAS_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+SCALE_NORMS: set[str] = set()  # class names of scale-only norms; a family row adds its own (register_scale_norm)
+RELATIVE_BIAS_TABLE = "relative_attention_bias"  # the child Embedding of a T5-style attention's compute_bias
+
+
+def register_scale_norm(class_name: str) -> None:
+    """Declare ``class_name`` a scale-only norm (``weight * normalize(x)``, weight its only parameter): it gets
+    the :class:`RoutedScaleNorm` kernel. Without it such a norm takes the generic path (exact, one copy per set)."""
+    SCALE_NORMS.add(class_name)
+
+
+def scale_norm_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """The routed subclass of a scale-only norm class (cached per class)."""
+    if cls not in _NORM_CLASSES:
+        _NORM_CLASSES[cls] = type(f"Routed{cls.__name__}", (RoutedScaleNorm, cls), {"mass_plain": cls})
+    return _NORM_CLASSES[cls]
+
+
+def relative_bias_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """The routed subclass of a relative-bias owner class (cached per class)."""
+    if cls not in _BIAS_CLASSES:
+        _BIAS_CLASSES[cls] = type(f"Routed{cls.__name__}", (RoutedRelativeBias, cls), {"mass_bias_plain": cls})
+    return _BIAS_CLASSES[cls]
 
 
 def block_class(cls: type[nn.Module]) -> type[nn.Module]:
@@ -128,6 +180,8 @@ def plain_class(module: nn.Module) -> type[nn.Module]:
     cls = type(module)
     if issubclass(cls, RoutedBlock):
         cls = cls.mass_block_plain
+    if issubclass(cls, RoutedRelativeBias):
+        cls = cls.mass_bias_plain
     if issubclass(cls, RoutedGeneric):
         return cls.mass_plain
     for plain, routed in ROUTED_TYPES.items():
@@ -163,21 +217,45 @@ class Installed:
 
 
 def install(model: nn.Module, keys: Sequence[str], routing_layers: Sequence[str]) -> Installed:
-    """Make every owner of a factored key and every routing layer routed (idempotent; see module doc)."""
+    """Make every owner of a factored key and every routing layer routed (idempotent; see module doc).
+
+    A tied tensor (T5's ``shared.weight`` is also ``encoder.embed_tokens.weight`` and ``lm_head.weight``) is one
+    factored key under its first name; every module that holds it is routed under that name, since the module
+    the forward calls may be any of them."""
     modules = dict(model.named_modules())
+    aliases = _aliases(model)
     generic_keys, generic_owners = set(), set()
     for key in keys:
         owner_name, name = split_key(key)
-        owner = modules[owner_name]
-        if is_routed_kind(owner, name):
-            _swap(owner, ROUTED_TYPES[plain_class(owner)], owner_name)
-        else:
-            generic_keys.add(key)
-            generic_owners.add(owner_name)
-            _swap(owner, generic_class(plain_class(owner)), owner_name)
+        for holder in aliases.get(key, [owner_name]):
+            owner = modules[holder]
+            if is_routed_kind(owner, name):
+                _swap(owner, ROUTED_TYPES[plain_class(owner)], owner_name)
+            elif name == "weight" and plain_class(owner).__name__ in SCALE_NORMS:
+                generic_keys.add(key)
+                _swap(owner, scale_norm_class(plain_class(owner)), owner_name)
+            elif holder == owner_name:
+                generic_keys.add(key)
+                generic_owners.add(owner_name)
+                _swap(owner, generic_class(plain_class(owner)), owner_name)
+        parent_name, _, child = owner_name.rpartition(".")
+        parent = modules.get(parent_name)
+        if child == RELATIVE_BIAS_TABLE and parent is not None and hasattr(parent, "compute_bias") \
+                and not isinstance(parent, RoutedRelativeBias):
+            parent.__class__ = relative_bias_class(type(parent))
     for layer in routing_layers:
         _swap(modules[layer], RoutedLinear, layer)
     return Installed(frozenset(generic_keys), frozenset(generic_owners))
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """First state-dict name of each tied tensor -> the owner modules of all its names."""
+    first: dict[int, str] = {}
+    out: dict[str, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = first.setdefault(id(param), name)
+        out.setdefault(key, []).append(split_key(name)[0])
+    return out
 
 
 def install_blocks(model: nn.Module, blocks: Sequence[str]) -> None:
@@ -260,9 +338,39 @@ class Pass:
         """A transformer block: computed as it is by default (its routed children do the pass's work)."""
         return run_block(module, args, kwargs)
 
+    def scale_norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A scale-only norm: as a generic owner by default."""
+        return self.generic(module, (x,), {})
+
+    def relative_bias(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A relative position bias: the owner's own, by default (its table is a routed Embedding)."""
+        return plain_compute_bias(module, args, kwargs)
+
 
 __all__ = [
-    "ACTIVE", "Installed", "Pass", "RoutedBlock", "RoutedEmbedding", "RoutedGeneric", "RoutedLayerNorm",
-    "RoutedLinear", "StopForward", "Unbatchable", "active", "block_class", "install", "install_blocks",
-    "plain_class", "run_block", "shallow_copy", "split_key", "subtree_keys",
+    "ACTIVE",
+    "RELATIVE_BIAS_TABLE",
+    "SCALE_NORMS",
+    "Installed",
+    "Pass",
+    "RoutedBlock",
+    "RoutedEmbedding",
+    "RoutedGeneric",
+    "RoutedLayerNorm",
+    "RoutedLinear",
+    "RoutedRelativeBias",
+    "RoutedScaleNorm",
+    "StopForward",
+    "Unbatchable",
+    "active",
+    "block_class",
+    "install",
+    "install_blocks",
+    "plain_class",
+    "plain_compute_bias",
+    "register_scale_norm",
+    "run_block",
+    "shallow_copy",
+    "split_key",
+    "subtree_keys",
 ]

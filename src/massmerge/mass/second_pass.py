@@ -1,21 +1,25 @@
-"""The second pass: every sample under ``theta_0 + alpha * TSV-M(S)`` of its own task set S, in one forward.
+"""The second pass: every row under ``theta_0 + alpha * TSV-M(S)`` of its own task set S, in one forward.
 
-The batch is ordered so each task set's samples are contiguous rows ``[start, stop)`` (:class:`Plan`). A Linear
-runs ``x W_0^T`` once over all rows and adds each group's low-rank side branch ``alpha ((x_g V_S) C_S^T)
-U_S^T`` (:mod:`massmerge.mass.setmerge`), batched with ``bmm`` over groups of equal size and rank, or, for groups
-with many tokens, a transient dense weight (kept for the set's next batches). An Embedding adds ``alpha
-(U_S[ids] C_S) V_S^T``; a LayerNorm normalizes once and applies each group's affine. A generic owner runs, per
-group, a shallow copy of itself whose parameters (and those of generic owners below it) hold the group's dense
-values, on the group's rows. With one group covering the whole batch nothing is split, so that case works for
-any token layout (sequence-first models included).
+Row identity is per row (:class:`~massmerge.mass.batch.RowSets`: a set id per sample, expanded for beams), so the
+same pass runs the engine's second pass and any forward or ``generate()`` of the served module (the public seam,
+:meth:`massmerge.mass.model.MASSModel.task_sets`). A kernel sees its input's rows in span order (each set's rows
+contiguous; the engine's batches already are, the seam's are permuted per call and put back). A Linear runs
+``x W_0^T`` once over all rows and adds each span's low-rank side branch ``alpha ((x_g V_S) C_S^T) U_S^T``
+(:mod:`massmerge.mass.setmerge`), batched with ``bmm`` over spans of equal size and rank, or, for spans with many
+tokens, a transient dense weight (kept for the set's next batches). An Embedding adds ``alpha (U_S[ids] C_S)
+V_S^T``; a LayerNorm normalizes once and applies each span's affine; a scale-only norm (T5's, RMSNorm) normalizes
+once and scales each span; a relative position bias (T5) is computed per set and gathered per row. A generic
+owner runs, per span, a shallow copy of itself whose parameters hold the set's dense values. With one set for
+every row nothing is laid out, so that case works for any token layout (sequence-first models included).
 
-Sample identity is read from dim 0 of a routed module's input: it must be the batch size, or 1 (a tensor
-broadcast over the batch, e.g. BERT's ``position_ids`` ``[1, L]``); anything else raises
-:class:`~massmerge.mass.routed.Unbatchable` and the caller runs one forward per task set instead.
+Rows are read from dim 0 of a routed module's input: a multiple of the batch size, or 1 (broadcast); anything
+else raises :class:`~massmerge.mass.batch.Unbatchable` in the engine (which runs one forward per set instead)
+and a one-line :class:`~massmerge.errors.OptionError` under the seam, where nothing can fall back.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from massmerge.errors import OptionError
+from massmerge.mass.batch import Layout, RowSets, Unbatchable
 from massmerge.mass.lru import LRU
 from massmerge.mass.restart import RestartState
 from massmerge.mass.routed import (
@@ -31,8 +37,8 @@ from massmerge.mass.routed import (
     RoutedEmbedding,
     RoutedLayerNorm,
     RoutedLinear,
-    Unbatchable,
     active,
+    plain_compute_bias,
     run_block,
     shallow_copy,
     subtree_keys,
@@ -57,7 +63,7 @@ class SetData:
 
 @dataclass(frozen=True)
 class Group:
-    """Rows ``[start, stop)`` of the (ordered) batch share one task set."""
+    """Rows ``[start, stop)`` of a kernel's span-ordered input share one task set."""
 
     start: int
     stop: int
@@ -68,71 +74,89 @@ class Group:
         return self.stop - self.start
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A permutation that makes each task set's samples contiguous, largest group first (so the groups that
-    take a dense weight form a prefix), then by set size (so equal ranks are adjacent: one bmm)."""
-
-    order: torch.Tensor  # order[i] = original index of ordered row i
-    spans: list[tuple[TaskSet, int, int]]
-
-    @classmethod
-    def of(cls, groups: Sequence[tuple[TaskSet, torch.Tensor]]) -> Plan:
-        ordered = sorted(groups, key=lambda group: (-len(group[1]), len(group[0])))
-        spans, start = [], 0
-        for tasks, index in ordered:
-            spans.append((tasks, start, start + len(index)))
-            start += len(index)
-        return cls(torch.cat([index for _, index in ordered]), spans)
-
-    def unpermute(self, ordered: torch.Tensor) -> torch.Tensor:
-        """Rows of an ordered-batch output put back in the original sample order."""
-        out = torch.empty_like(ordered)
-        out[self.order] = ordered
-        return out
-
-
 def use_dense(tokens: int, rank: int, m: int, n: int) -> bool:
     """Whether forming ``W_0 + alpha U_S C_S V_S^T`` is cheaper than the side branch for ``tokens`` rows."""
     dense = rank * rank * m + rank * m * n + DENSE_OVERHEAD * m * n
     return dense < tokens * (rank * (m + n) + rank * rank)
 
 
-def align_batch(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``x`` with the batch on dim 0: as is, or expanded from a broadcast dim of 1; else :class:`Unbatchable`."""
-    if x.ndim >= 1 and x.shape[0] == size:
-        return x
-    if x.ndim >= 1 and x.shape[0] == 1:
-        return x.expand(size, *x.shape[1:])
-    raise Unbatchable(f"a routed module got input of shape {list(x.shape)}; the batch has {size} samples")
+def span_order(sets: Sequence[SetData], ids: torch.Tensor) -> list[int]:
+    """Set ids in span order: most rows first (so the spans that take a dense weight form a prefix), then by set
+    size (equal ranks adjacent: one bmm); the engine's :class:`~massmerge.mass.batch.Plan` order."""
+    counts = torch.bincount(ids, minlength=len(sets)).tolist()
+    return sorted(range(len(sets)), key=lambda s: (-counts[s], len(sets[s].tasks), s))
 
 
 @dataclass
 class SecondPass(Pass):
-    """The second pass over groups of rows, each with its task set's merged parameters (see module doc)."""
+    """The second pass over rows, each with its task set's merged parameters (see module doc)."""
 
-    groups: list[Group]
-    size: int
+    sets: list[SetData]
+    rows: RowSets
     merger: SetMerger
     alpha: float
     generic_keys: frozenset[str]
     dense_value: Callable[[str, torch.Tensor, SetData], torch.Tensor]  # generic keys: theta_0 + alpha delta_S
-    strategy: str = "auto"  # auto | side | dense: how a Linear applies a group's delta
+    strategy: str = "auto"  # auto | side | dense: how a Linear applies a set's delta
     # (set, alpha) -> key -> the set's dense weight W_0 + alpha U_S C_S V_S^T, kept across batches (auto and dense
     # strategies). Why: serving sends a set's batches one after another, so forming its weights once instead of
     # once per batch saves k m n flops per matrix and batch (about 7% of predict at T = 8)
     kept: LRU[tuple[TaskSet, float], dict[str, torch.Tensor]] | None = None
     restart: RestartState | None = None  # blocks before restart.block return the first pass's hidden states
-    _whole: bool = field(init=False)
+    fallback: bool = True  # the engine falls back to one forward per set (Unbatchable); the seam cannot
+    _whole: SetData | None = field(init=False)
+    _groups: dict[int, list[Group]] = field(init=False)
+    _restarted: set[int] = field(init=False)
+    _lock: threading.Lock = field(init=False)
+
+    @classmethod
+    def of(cls, sets: Sequence[SetData], ids: torch.Tensor, merger: SetMerger, alpha: float,
+           generic_keys: frozenset[str], dense_value: Callable[[str, torch.Tensor, SetData], torch.Tensor],
+           counts: Sequence[int] | None = None, **options: Any) -> SecondPass:
+        """The pass of rows ``ids`` (a set index per sample) over ``sets``, spans in :func:`span_order`; with
+        ``counts`` (rows per set), the rows are already in that order: set i's are the i-th span."""
+        order = list(range(len(sets))) if counts is not None else span_order(sets, ids)
+        return cls(list(sets), RowSets(ids, order, counts), merger, alpha, generic_keys, dense_value, **options)
+
+    def __post_init__(self) -> None:
+        self._whole = self.sets[next(iter(self.rows.counts))] if self.rows.whole else None
+        self._groups = {}
+        self._restarted = set()
+        self._lock = threading.Lock()
+
+    # -- rows -----------------------------------------------------------------------------------------------
+    def _refuse(self, message: str) -> Exception:
+        return Unbatchable(message) if self.fallback else OptionError(f"task_sets: {message}; run one task "
+                                                                      "set per call")
+
+    def _align(self, x: torch.Tensor) -> tuple[torch.Tensor, Layout, list[Group]]:
+        """``x`` in span order, its layout and its groups (``x`` carries the rows on dim 0, see module doc)."""
+        x, size = self.rows.rows_of(x, self._refuse)
+        layout = self.rows.layout(size)
+        return layout.sort(x), layout, self._groups_of(layout)
+
+    def _groups_of(self, layout: Layout) -> list[Group]:
+        found = self._groups.get(layout.size)
+        if found is None:
+            found = self._groups[layout.size] = [Group(start, stop, self.sets[s]) for s, start, stop in layout.spans]
+        return found
+
+    def narrowed(self, data: SetData, size: int, restart: RestartState | None = None) -> SecondPass:
+        """A pass of ``size`` rows all under ``data`` (the whole-batch path)."""
+        return SecondPass([data], RowSets.single(size, self.rows.ids.device), self.merger, self.alpha,
+                          self.generic_keys, self.dense_value, self.strategy, self.kept, restart, self.fallback)
 
     # -- blocks ---------------------------------------------------------------------------------------------
     def block(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self.restart is not None and module.mass_block_index < self.restart.block:  # type: ignore[attr-defined]
-            return self.restart.output()
-        return run_block(module, args, kwargs)
-
-    def __post_init__(self) -> None:
-        self._whole = len(self.groups) == 1 and self.groups[0].start == 0 and self.groups[0].stop == self.size
+        index = module.mass_block_index  # type: ignore[attr-defined]
+        if self.restart is None or index >= self.restart.block:
+            return run_block(module, args, kwargs)
+        with self._lock:
+            again, _ = index in self._restarted, self._restarted.add(index)
+        if again:
+            raise OptionError(f"restart_block {self.restart.block}: a second forward under the same task sets (a "
+                              "decode step) would run past the prompt; use restart_block 0 to generate")
+        return self.restart.output()
 
     # -- Linear ---------------------------------------------------------------------------------------------
     def _dense(self, tokens: int, st: Stacked, data: SetData, key: str, rank: int) -> bool:
@@ -163,8 +187,8 @@ class SecondPass(Pass):
         name = module.mass_name
         wkey, bkey = f"{name}.weight", f"{name}.bias"
         st = self.merger.stacked.get(wkey)
-        if self._whole:
-            data = self.groups[0].data
+        data = self._whole
+        if data is not None:
             bias = data.values.get(bkey, module.bias)
             rank = 0 if st is None else int(data.rows[wkey].numel())
             if rank == 0:
@@ -173,11 +197,11 @@ class SecondPass(Pass):
                 return F.linear(x, self._dense_weight(module.weight, st, data, wkey), bias)
             out = F.linear(x, module.weight, bias)
             return out.add_(self._side(x, st, data, wkey).to(out.dtype))
-        return self._linear_groups(module, align_batch(x, self.size), st, wkey, bkey)
+        x, layout, groups = self._align(x)
+        return layout.unsort(self._linear_groups(module, x, groups, st, wkey, bkey))
 
-    def _linear_groups(self, module: RoutedLinear, x: torch.Tensor, st: Stacked | None, wkey: str, bkey: str
-                       ) -> torch.Tensor:
-        groups = self.groups
+    def _linear_groups(self, module: RoutedLinear, x: torch.Tensor, groups: list[Group], st: Stacked | None,
+                       wkey: str, bkey: str) -> torch.Tensor:
         per_sample = x[:1].numel() // x.shape[-1]
         split = 0  # leading (largest) groups that take a transient dense weight
         while st is not None and split < len(groups):
@@ -223,54 +247,86 @@ class SecondPass(Pass):
     def embedding(self, module: RoutedEmbedding, ids: torch.Tensor) -> torch.Tensor:
         key = f"{module.mass_name}.weight"
         st = self.merger.stacked.get(key)
-        if not self._whole:
-            ids = align_batch(ids, self.size)
+        whole = self._whole
+        if whole is not None:
+            layout, groups = None, [Group(0, int(ids.shape[0]) if ids.ndim else 1, whole)]
+        else:
+            ids, layout, groups = self._align(ids)
         out = F.embedding(ids, module.weight, module.padding_idx, module.max_norm, module.norm_type,
                           module.scale_grad_by_freq, module.sparse)
-        if st is None:
-            return out
-        if self.strategy == "dense":
-            return torch.cat([F.embedding(ids[g.start:g.stop] if not self._whole else ids,
-                                          self._dense_weight(module.weight, st, g.data, key), module.padding_idx)
-                              for g in self.groups])
+        if st is not None and self.strategy == "dense":
+            out = torch.cat([F.embedding(ids if whole is not None else ids[g.start:g.stop],
+                                         self._dense_weight(module.weight, st, g.data, key), module.padding_idx)
+                             for g in groups])
+        elif st is not None:
+            self._add_embedding_deltas(out, ids, groups, st, key, whole is not None)
+        return out if layout is None else layout.unsort(out)
+
+    def _add_embedding_deltas(self, out: torch.Tensor, ids: torch.Tensor, groups: list[Group], st: Stacked,
+                              key: str, whole: bool) -> None:
         flat_ids = ids.reshape(-1)
         per_sample = ids[:1].numel() if ids.ndim else 1
         flat = out.view(-1, out.shape[-1])
-        for g in self.groups:
+        for g in groups:
             rows = g.data.rows[key]
             if rows.numel() == 0:
                 continue
-            lo, hi = (0, flat.shape[0]) if self._whole else (g.start * per_sample, g.stop * per_sample)
+            lo, hi = (0, flat.shape[0]) if whole else (g.start * per_sample, g.stop * per_sample)
             # [tokens_g, K]: only the set's own U rows at the group's ids (gathering every task's rows of a
             # 30522-row table cost 30x more: the columns of Ut are strided)
             u = st.Ut[rows.unsqueeze(1), flat_ids[lo:hi].unsqueeze(0)].T
             flat[lo:hi] += ((u @ (self.alpha * g.data.cores[key])) @ st.Vt[rows]).to(out.dtype)
-        return out
 
-    # -- LayerNorm -----------------------------------------------------------------------------------------
+    # -- norms ----------------------------------------------------------------------------------------------
     def layer_norm(self, module: RoutedLayerNorm, x: torch.Tensor) -> torch.Tensor:
         name = module.mass_name
         wkey, bkey = f"{name}.weight", f"{name}.bias"
-        if self._whole:
-            values = self.groups[0].data.values
+        if self._whole is not None:
+            values = self._whole.values
             return F.layer_norm(x, module.normalized_shape, values.get(wkey, module.weight),
                                 values.get(bkey, module.bias), module.eps)
-        x = align_batch(x, self.size)
+        x, layout, groups = self._align(x)
         out = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
         if len(module.normalized_shape) != 1:  # rare: several normalized dims, apply per group
-            for g in self.groups:
+            for g in groups:
                 part = out[g.start:g.stop]
                 weight, bias = g.data.values.get(wkey, module.weight), g.data.values.get(bkey, module.bias)
                 if weight is not None:
                     part.mul_(weight)
                 if bias is not None:
                     part.add_(bias)
-            return out
+            return layout.unsort(out)
         if module.weight is not None:
-            out.mul_(_group_rows([g.data.values.get(wkey, module.weight) for g in self.groups], self.groups, out.ndim))
+            out.mul_(_group_rows([g.data.values.get(wkey, module.weight) for g in groups], groups, out.ndim))
         if module.bias is not None:
-            out.add_(_group_rows([g.data.values.get(bkey, module.bias) for g in self.groups], self.groups, out.ndim))
-        return out
+            out.add_(_group_rows([g.data.values.get(bkey, module.bias) for g in groups], groups, out.ndim))
+        return layout.unsort(out)
+
+    def scale_norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``weight * normalize(x)`` (T5's norm, RMSNorm): normalized once with a unit weight, scaled per row."""
+        if self._whole is not None:
+            return self.generic(module, (x,), {})
+        key = f"{module.mass_name}.weight"
+        x, layout, groups = self._align(x)
+        unit = shallow_copy(module, "", {"weight": torch.ones_like(module.weight)}, frozenset())(x)
+        weights = [g.data.values.get(key, module.weight).to(unit.dtype) for g in groups]
+        return layout.unsort(unit * _group_rows(weights, groups, unit.ndim))
+
+    # -- relative position bias -----------------------------------------------------------------------------
+    def relative_bias(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """T5's ``compute_bias`` (``[1, heads, q, k]``, from a table indexed by positions, no batch): each set's
+        bias, gathered per row of the attention that asked (``[N, heads, q, k]``)."""
+        if self._whole is not None:
+            return plain_compute_bias(module, args, kwargs)
+        layout = self.rows.layout(self.rows.seen)
+        present = [s for s, _, _ in layout.spans]
+        biases = []
+        for s in present:
+            with active(self.narrowed(self.sets[s], 1)):
+                biases.append(plain_compute_bias(module, args, kwargs))
+        where = torch.zeros(len(self.sets), dtype=torch.long, device=layout.ids.device)
+        where[present] = torch.arange(len(present), device=where.device)
+        return torch.cat(biases)[where[layout.ids]]
 
     # -- generic owners -------------------------------------------------------------------------------------
     def _copy_for(self, module: nn.Module, data: SetData) -> nn.Module:
@@ -282,18 +338,51 @@ class SecondPass(Pass):
         return shallow_copy(module, prefix, values, self.generic_keys)
 
     def generic(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self._whole:
-            return self._copy_for(module, self.groups[0].data)(*args, **kwargs)
+        if self._whole is not None:
+            return self._copy_for(module, self._whole)(*args, **kwargs)
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.ndim
+                      and v.shape[0] != 1), None)
+        size = self.rows.seen if first is None else self.rows.rows_of(first, self._refuse)[1]
+        layout = self.rows.layout(size)
+        args = tuple(self._sorted_arg(a, layout) for a in args)
+        kwargs = {k: self._sorted_arg(v, layout) for k, v in kwargs.items()}
         outputs = []
-        for g in self.groups:
-            sub_args = tuple(_rows_of(a, g, self.size) for a in args)
-            sub_kwargs = {k: _rows_of(v, g, self.size) for k, v in kwargs.items()}
-            restart = None if self.restart is None else self.restart.rows(slice(g.start, g.stop))
-            narrowed = SecondPass([Group(0, g.size, g.data)], g.size, self.merger, self.alpha, self.generic_keys,
-                                  self.dense_value, self.strategy, self.kept, restart)
-            with active(narrowed):
+        for g in self._groups_of(layout):
+            sub_args = tuple(_rows_of(a, g, size) for a in args)
+            sub_kwargs = {k: _rows_of(v, g, size) for k, v in kwargs.items()}
+            restart = None
+            if self.restart is not None and size == self.rows.size:
+                restart = self.restart.rows(layout.rows(g.start, g.stop))
+            with active(self.narrowed(g.data, g.size, restart)):
                 outputs.append(self._copy_for(module, g.data)(*sub_args, **sub_kwargs))
-        return _concat(outputs)
+        return self._join(outputs, self._groups_of(layout), layout)
+
+    def _sorted_arg(self, value: Any, layout: Layout) -> Any:
+        if not isinstance(value, torch.Tensor) or not value.ndim or value.shape[0] == 1:
+            return value
+        if value.shape[0] != layout.size:
+            raise self._refuse(f"a routed module got an argument of shape {list(value.shape)}; it sees "
+                               f"{layout.size} rows")
+        return layout.sort(value)
+
+    def _join(self, outputs: list[Any], groups: list[Group], layout: Layout) -> Any:
+        """Per-group outputs of a generic owner joined over the rows, in the batch's order (tensors, or tuples of
+        tensors and Nones); an output of one row is that group's for each of its rows."""
+        first = outputs[0]
+        if isinstance(first, torch.Tensor):
+            return layout.unsort(torch.cat([_expand(out, g.size, self._refuse) for out, g in zip(outputs, groups)]))
+        if isinstance(first, tuple) and all(item is None or isinstance(item, torch.Tensor) for item in first):
+            return tuple(None if items[0] is None else self._join(list(items), groups, layout)
+                         for items in zip(*outputs))
+        raise self._refuse(f"a routed module returned {type(first).__name__}, which cannot be joined over task sets")
+
+
+def _expand(out: torch.Tensor, size: int, refuse: Callable[[str], Exception]) -> torch.Tensor:
+    if out.ndim and out.shape[0] == size:
+        return out
+    if out.ndim and out.shape[0] == 1:
+        return out.expand(size, *out.shape[1:])
+    raise refuse(f"a routed module returned shape {list(out.shape)} for {size} rows")
 
 
 def _runs(groups: Sequence[Group], key: str) -> list[list[Group]]:
@@ -320,25 +409,10 @@ def _group_rows(values: Sequence[torch.Tensor], groups: Sequence[Group], ndim: i
 
 
 def _rows_of(value: Any, group: Group, size: int) -> Any:
-    """A generic owner's argument cut to one group's rows (tensors with the batch on dim 0)."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    if value.ndim >= 1 and value.shape[0] == size:
+    """A generic owner's (span-ordered) argument cut to one group's rows; broadcast rows pass as they are."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == size:
         return value[group.start:group.stop]
-    if value.ndim == 0 or value.shape[0] == 1:
-        return value
-    raise Unbatchable(f"a routed module got an argument of shape {list(value.shape)}; the batch has {size} samples")
+    return value
 
 
-def _concat(outputs: list[Any]) -> Any:
-    """Per-group outputs of a generic owner joined along the batch (tensors, or tuples of tensors)."""
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(outputs)
-    if isinstance(first, tuple) and all(isinstance(item, torch.Tensor) for item in first):
-        return tuple(torch.cat(items) for items in zip(*outputs))
-    raise Unbatchable(f"a routed module returned {type(first).__name__}, which cannot be joined over groups")
-
-
-
-__all__ = ["DENSE_OVERHEAD", "Group", "Plan", "SecondPass", "SetData", "align_batch", "use_dense"]
+__all__ = ["DENSE_OVERHEAD", "Group", "SecondPass", "SetData", "span_order", "use_dense"]

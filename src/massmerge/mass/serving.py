@@ -15,13 +15,15 @@ its own set (strategies agree to float rounding).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from massmerge.mass.model import MASSModel, group_by_task_set
+from massmerge.mass.batch import group_by_task_set
+from massmerge.mass.model import MASSModel
 
 WINDOW_BATCHES = 8  # a window routes at least this many batches before the second pass ...
 WINDOW_BATCHES_PER_TASK = 4  # ... and 4 per task: each set leaves at most one partial batch per window, so
@@ -106,14 +108,20 @@ def _answer(model: MASSModel, items: Sequence[Any], collate: Collate, rows: list
 
 def serve(model: MASSModel, items: Iterable[Any], collate: Collate, *, batch_size: int,
           size_of: Callable[[Any], int] | None = None, window: int | None = None,
-          return_features: bool = False) -> Iterator[Prediction]:
-    """Predictions for a stream of inputs, in input order, one window at a time (indices count from 0)."""
+          return_features: bool = False, deadline_ms: float | None = None) -> Iterator[Prediction]:
+    """Predictions for a stream of inputs, in input order, one window at a time (indices count from 0).
+
+    ``deadline_ms``: a window is also flushed once its first input has waited that long (checked as each input
+    arrives), so a server feeding a slow stream bounds its latency; None waits for a full window."""
     window = window or window_batches(len(model.factors.task_names)) * batch_size
     buffer: list[Any] = []
-    start = 0
+    start, opened = 0, 0.0
     for item in items:
+        if not buffer:
+            opened = time.monotonic()
         buffer.append(item)
-        if len(buffer) == window:
+        late = deadline_ms is not None and (time.monotonic() - opened) * 1000.0 >= deadline_ms
+        if len(buffer) == window or late:
             yield from _window(model, buffer, collate, batch_size, size_of, return_features, start)
             start, buffer = start + len(buffer), []
     if buffer:

@@ -114,10 +114,6 @@ class SetMerger:
             factors.matrices[key] = self.stacked[key].views()
         self._cores: LRU[TaskSet, dict[str, torch.Tensor]] = LRU(CORE_CACHE_SETS)
 
-    @property
-    def keys(self) -> list[str]:
-        return list(self.stacked)
-
     def cores(self, tasks: TaskSet) -> dict[str, torch.Tensor]:
         """Matrix key -> core [K, K] of ``TSV-M(tasks)`` (tasks in increasing order), cached (LRU)."""
         return self._cores.get_or_make(tasks, lambda: self.compute_cores(tasks))

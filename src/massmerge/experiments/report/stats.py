@@ -81,11 +81,6 @@ def _tasks(report: Mapping[str, Any]) -> list[str]:
     return [t["name"] for t in report["tasks"]]
 
 
-def _mean(per_task: Mapping[str, float]) -> float:
-    """Unweighted mean over tasks, as the suite averages."""
-    return sum(per_task.values()) / len(per_task)
-
-
 def row_intervals(report: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
     """95% intervals of one method row: per task and averaged, absolute and normalized."""
     n, expert = _sizes(report), report["methods"]["experts"]["accuracy"]

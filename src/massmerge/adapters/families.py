@@ -1,0 +1,154 @@
+"""Families from a table: each supported HF ``model_type`` is one declared row, never a guess.
+
+A row says which adapter serves it, where its transformer blocks are, which linear of a block is the routing
+matrix by default, its norm kind (``layer``: ``nn.LayerNorm``, routed by a dedicated kernel; ``rms``: a scale-only
+norm, ``weight * normalize(x)``, whose class gets the scale-norm kernel of :mod:`massmerge.mass.routed`), the
+tensors it ties, the routing pooling and the HF Auto class that loads it. An unsupported ``model_type`` is one
+line naming it and the supported ones. Adding a family (Llama, Qwen2, Mistral, GPT-2, T5 seq2seq) is a row plus
+the kernels it needs.
+
+The adapter options (what ``build`` takes for a family and an artifact's manifest records) are declared here once
+too (:data:`ADAPTER_OPTIONS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from massmerge.errors import OptionError
+from massmerge.mass.config import POOLINGS
+from massmerge.mass.routed import register_scale_norm
+
+NormKind = Literal["layer", "rms"]
+
+# where the blocks and the routing matrix are: the HF text encoders (BERT-likes and T5 encoders) share one list
+# of block names and of first-MLP names (the longest block list named so; a generic MLP rule after the names)
+TEXT_BLOCKS = ("encoder.layer", "encoder.block", "transformer.layer", "encoder.layers", "layers")
+TEXT_MLP = ("intermediate.dense", "ffn.lin1", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi", "mlp.fc1")
+CLIP_BLOCKS = ("encoder.layers",)
+CLIP_MLP = ("mlp.fc1",)
+OPEN_CLIP_BLOCKS = ("transformer.resblocks",)
+OPEN_CLIP_MLP = ("mlp.c_fc",)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One supported ``model_type``: everything MASS needs to know about it (module doc)."""
+
+    model_type: str
+    adapter: str  # the adapter that serves it: text, clip or open_clip
+    blocks: tuple[str, ...]  # names of the nn.ModuleList of transformer blocks (suffixes)
+    routing: tuple[str, ...]  # the routing matrix in a block: its first MLP linear, names in order of preference
+    norm: NormKind = "layer"
+    norm_class: str | None = None  # the scale-only norm's class (norm "rms")
+    tied: tuple[str, ...] = ()  # tensors that are one tensor under several names (merged once)
+    pooling: str = "content"  # the routing pooling by default (text: content when the special ids are known)
+    auto_class: str = "AutoModel"  # the transformers class that loads the family's encoder
+
+
+def _bert_like(model_type: str) -> Family:
+    return Family(model_type, "text", TEXT_BLOCKS, TEXT_MLP)
+
+
+def _t5(model_type: str, norm_class: str) -> Family:
+    """A T5 encoder (as today; the seq2seq row comes with issue 29): scale-only norms, the embedding tied."""
+    return Family(model_type, "text", TEXT_BLOCKS, TEXT_MLP, "rms", norm_class,
+                  ("shared.weight", "encoder.embed_tokens.weight"), auto_class="T5EncoderModel")
+
+
+FAMILIES: dict[str, Family] = {row.model_type: row for row in (
+    _bert_like("bert"), _bert_like("roberta"), _bert_like("xlm-roberta"), _bert_like("camembert"),
+    _bert_like("electra"), _bert_like("deberta"), _bert_like("deberta-v2"), _bert_like("mpnet"),
+    _bert_like("albert"), _bert_like("distilbert"), _bert_like("modernbert"),
+    _t5("t5", "T5LayerNorm"), _t5("mt5", "MT5LayerNorm"), _t5("umt5", "UMT5LayerNorm"),
+    Family("clip", "clip", CLIP_BLOCKS, CLIP_MLP, pooling="cls", auto_class="CLIPVisionModel"),
+    Family("clip_vision_model", "clip", CLIP_BLOCKS, CLIP_MLP, pooling="cls", auto_class="CLIPVisionModel"),
+    Family("open_clip", "open_clip", OPEN_CLIP_BLOCKS, OPEN_CLIP_MLP, pooling="cls",
+           auto_class="open_clip.create_model"),
+)}
+
+for _row in FAMILIES.values():
+    if _row.norm == "rms" and _row.norm_class:
+        register_scale_norm(_row.norm_class)
+
+
+def family_row(model_type: str | None, where: str = "model") -> Family:
+    """The row of ``model_type``; an unsupported one is one line naming it and the supported ones."""
+    row = FAMILIES.get(model_type or "")
+    if row is None:
+        raise OptionError(f"{where}: model_type '{model_type}' is not a supported family (supported: "
+                          f"{', '.join(sorted(FAMILIES))})")
+    return row
+
+
+def model_type_of(model: Any) -> str | None:
+    """The HF ``config.model_type`` of a built model (None for a model without an HF config)."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+# ----- adapter options, declared once ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AdapterOption:
+    """One option an adapter takes at build (and a manifest records): its name, the families that take it, its
+    closed choices (None: free) and its help."""
+
+    name: str
+    families: tuple[str, ...]
+    choices: tuple[str, ...] | None
+    help: str
+
+
+FEATURE_POOLINGS = ("mean", "cls", "pooler")
+ADAPTER_OPTIONS: dict[str, AdapterOption] = {option.name: option for option in (
+    AdapterOption("pooling", ("text", "clip", "open_clip"), tuple(POOLINGS),
+                  "how the routing layer's input becomes one vector per sample"),
+    AdapterOption("feature_pooling", ("text",), FEATURE_POOLINGS,
+                  "text features the heads read: mean over the mask, cls (token 0) or pooler (BERT's tanh pooler)"),
+    AdapterOption("special_ids", ("text",), None, "the tokenizer's special token ids (content pooling leaves "
+                  "them out); read from the model directory"),
+    AdapterOption("arch", ("open_clip",), None, "the open_clip architecture name (e.g. ViT-B-32)"),
+)}
+
+
+def recorded_options(adapter: Any) -> dict[str, Any]:
+    """The declared options a bound adapter holds (what an artifact's manifest records), tuples as lists."""
+    out = {}
+    for name in ADAPTER_OPTIONS:
+        value = getattr(adapter, name, None)
+        if value is not None:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_adapter_options(family: str, options: Mapping[str, Any], where: str = "adapter") -> dict[str, Any]:
+    """The options a family takes, checked against the declaration (one line naming the option at fault)."""
+    out = {}
+    for name, value in options.items():
+        option = ADAPTER_OPTIONS.get(name)
+        if option is None:
+            raise OptionError(f"{where}: unknown adapter option '{name}' (known: {', '.join(ADAPTER_OPTIONS)})")
+        if value is None:
+            continue
+        if family not in option.families:
+            raise OptionError(f"{where}: option '{name}' is for the {', '.join(option.families)} family, not {family}")
+        if option.choices is not None and value not in option.choices:
+            raise OptionError(f"{where}: {name} '{value}' is not one of {', '.join(option.choices)}")
+        out[name] = value
+    return out
+
+
+__all__ = [
+    "ADAPTER_OPTIONS",
+    "FAMILIES",
+    "FEATURE_POOLINGS",
+    "AdapterOption",
+    "Family",
+    "NormKind",
+    "check_adapter_options",
+    "family_row",
+    "model_type_of",
+    "recorded_options",
+]

@@ -1,0 +1,33 @@
+"""What the engine answers: a batch's predictions (:class:`MASSOutput`) and the router's view (:class:`Routing`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MASSOutput:
+    """Predictions for a batch: the chosen task and class, and how the router saw each sample."""
+
+    task: torch.Tensor  # [B] long, index into task_names
+    label: torch.Tensor  # [B] long, class index in that task's label space
+    probs: torch.Tensor  # [B, T] router probabilities (one-hot when the task is given)
+    selected: torch.Tensor  # [B, T] bool, the task set S of each sample
+    residuals: dict[str, torch.Tensor] | None  # routing layer -> [B, T] residuals (None when the task is given)
+    features: torch.Tensor | None = None  # [B, d] second-pass features (when asked for)
+
+
+@dataclass
+class Routing:
+    """The router's view of a batch (and, with ``restart_block``, each sample's first-pass hidden states at the
+    restart block, for its second pass: :mod:`massmerge.mass.restart`)."""
+
+    residuals: dict[str, torch.Tensor]
+    probs: torch.Tensor
+    selected: torch.Tensor
+    restart: list[torch.Tensor] | None = None
+
+
+__all__ = ["MASSOutput", "Routing"]
