@@ -224,7 +224,8 @@ def cache_key(config: BenchmarkConfig) -> str:
     """The run's cache key: the config (less where the report goes) and, for local files, their sizes and times,
     so an expert or dataset changed in place misses the cache."""
     payload = config.model_dump(mode="json", exclude={"output"})
-    sources = [config.base, config.heads_from, *(s for t in config.tasks for s in (t.expert, t.dataset))]
+    sources = [config.base, config.heads_from, config.tokenizer,
+               *(s for t in config.tasks for s in (t.expert, t.dataset))]
     return stable_hash([payload, [_fingerprint(s) for s in sources if s]])
 
 
@@ -296,6 +297,11 @@ def run_benchmark(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path 
 def evaluate(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path | None = None,
              show: bool = True) -> dict[str, Any]:
     """Run the benchmark and write report.json, report.md and the plots to the config's output folder."""
+    if config.family == "seq2seq":  # experts that generate: FusionBench's GLUE protocol, its own report
+        from massmerge.experiments.generation_eval import evaluate_generation
+
+        cache = EvalCache(cache_dir or DEFAULT_CACHE, cache_key(config))
+        return evaluate_generation(config, cache=cache, log=log, show=show)
     return write_report(run_benchmark(config, log=log, cache_dir=cache_dir), Path(config.output), show=show)
 
 

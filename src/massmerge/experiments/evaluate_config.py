@@ -79,7 +79,8 @@ class EvalOptions(_Strict):
 class BenchmarkConfig(_Strict):
     """The whole benchmark (one base, T experts, T test sets)."""
 
-    family: Literal["clip", "open_clip", "text"] | None = Field(default=None, description="default: detected")
+    family: Literal["clip", "open_clip", "text", "seq2seq"] | None = Field(default=None, description="default: "
+                                                                            "detected; seq2seq: Flan-T5 on GLUE")
     base: str = Field(min_length=1)
     revision: str | None = None
     arch: str | None = Field(default=None, description="open_clip architecture, e.g. ViT-B-32")
@@ -88,6 +89,9 @@ class BenchmarkConfig(_Strict):
     pooling: Literal["cls", "mean"] | None = None
     heads: Literal["zeroshot", "linear"] = "zeroshot"
     heads_from: str | None = Field(default=None, description="full CLIP checkpoint for zero-shot heads (default: base)")
+    tokenizer: str | None = Field(default=None, description="seq2seq: the tokenizer's repo or folder (default: base)")
+    reference: dict[str, Any] = Field(default_factory=dict, description="published figures the run should "
+                                                                        "reproduce, copied into the report")
     tasks: list[TaskSpec] = Field(min_length=2)
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
