@@ -72,10 +72,22 @@ def t5_config(vocab_size: int, **changes):  # noqa: ANN003, ANN201
 
     options = dict(vocab_size=vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2,
                    num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
-                   pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+                   feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                   dropout_rate=0.0)
     options.update(changes)
-    return T5Config(**options)
+    config = T5Config(**options)
+    # transformers 5's T5Config forces the tie on in its constructor (and reads the saved `false` of T5 v1.1 /
+    # Flan-T5 as "do not scale the decoder output"); set both as loading flan-t5-base's config.json leaves them
+    config.tie_word_embeddings = False
+    config.scale_decoder_outputs = False
+    return config
+
+
+def retie(model) -> None:  # noqa: ANN001
+    """Give T5's embedding aliases the shared embedding's values, as every real T5 checkpoint holds them."""
+    with torch.no_grad():
+        model.encoder.embed_tokens.weight.copy_(model.shared.weight)
+        model.decoder.embed_tokens.weight.copy_(model.shared.weight)
 
 
 def save_base(out: Path, seed: int = 0) -> Path:
@@ -85,6 +97,7 @@ def save_base(out: Path, seed: int = 0) -> Path:
     vocab = tokenizer_files(out)
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(t5_config(((vocab + 7) // 8) * 8))
+    retie(model)
     model.save_pretrained(out)
     return out
 
@@ -94,10 +107,12 @@ def save_full_expert(base: Path, out: Path, seed: int, scale: float = 0.2, **con
     from transformers import T5ForConditionalGeneration
 
     model = T5ForConditionalGeneration.from_pretrained(base)
+    model.config.tie_word_embeddings = False  # as FusionBench's experts (transformers 4) saved it
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn(param.shape, generator=gen) * scale * param.abs().mean().clamp(min=1e-3))
+    retie(model)
     if config_changes:
         for key, value in config_changes.items():
             setattr(model.config, key, value)
@@ -129,6 +144,8 @@ def train_expert(base: Path, glue: Path, task: str, out: Path, *, steps: int = 1
         optimizer.step()
         if float(loss.detach()) < 2e-3:
             break
+    retie(model)
+    model.config.tie_word_embeddings = False
     model.eval().save_pretrained(out)
     (out / "generation_config.json").unlink(missing_ok=True)
     return out

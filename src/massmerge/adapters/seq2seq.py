@@ -46,15 +46,20 @@ from massmerge.sources import parse_hub_id, resolve_source
 
 SEQ2SEQ_TYPES = ("t5",)
 #: config.json fields that fix the architecture: an expert must agree with the base on every one.
+#: ``tie_word_embeddings`` is not among them: transformers 5 saves it as true for every T5 it builds, so an
+#: expert saved there disagrees with Flan-T5's ``false`` about a tie the files decide (a saved lm_head is read).
 ARCH_FIELDS = ("model_type", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers",
                "vocab_size", "feed_forward_proj", "relative_attention_num_buckets",
-               "relative_attention_max_distance", "tie_word_embeddings", "is_encoder_decoder")
+               "relative_attention_max_distance", "is_encoder_decoder")
 LORA_TASK_TYPE = "SEQ_2_SEQ_LM"
 #: The official MASS code routes at the input of ``encoder.block.10.layer.0.SelfAttention.o`` (Flan-T5-base,
 #: 12 blocks); deeper or shallower encoders take the same relative depth.
 OFFICIAL_ROUTING_BLOCK = (10, 12)
 OFFICIAL_ROUTING_MODULE = "layer.0.SelfAttention.o"
 _NON_MATRIX = re.compile(r"(^|\.)relative_attention_bias\.weight$")
+#: T5 reads its token embedding through these names too; transformers 5 may build them as separate tensors,
+#: so the tie is declared here by name rather than found by identity.
+EMBED_ALIASES = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
 
 
 def is_factored(key: str, tensor: torch.Tensor) -> bool:
@@ -82,6 +87,10 @@ class Seq2SeqAdapter(BaseAdapter):
         block, of = OFFICIAL_ROUTING_BLOCK
         index = min(len(blocks) - 1, round(block * len(blocks) / of))
         return f"encoder.block.{index}.{OFFICIAL_ROUTING_MODULE}"
+
+    def encoder_keys(self, model: nn.Module) -> list[str]:
+        """Every merged key (encoder, decoder, an untied LM head), each tied tensor once (``shared.weight``)."""
+        return merged_keys(model)
 
     def load_model(self, source: str, *, revision: str | None = None, trust_pickle: bool = False) -> nn.Module:
         """The base ``T5ForConditionalGeneration`` from an HF directory or hub id (safetensors, no custom code)."""
@@ -118,8 +127,7 @@ def model_config(path: Path) -> dict[str, Any]:
 def arch_value(config: Mapping[str, Any], field: str) -> Any:
     """A config field with transformers' T5 defaults filled in (``num_decoder_layers`` = ``num_layers``, ties on,
     feed-forward ``relu``), so an expert that spells a default out agrees with a base that leaves it out."""
-    defaults = {"num_decoder_layers": config.get("num_layers"), "tie_word_embeddings": True,
-                "feed_forward_proj": "relu", "is_encoder_decoder": True, "relative_attention_max_distance": 128}
+    defaults = {"num_decoder_layers": config.get("num_layers"), "feed_forward_proj": "relu", "is_encoder_decoder": True, "relative_attention_max_distance": 128}
     value = config.get(field)
     return defaults.get(field) if value is None else value
 
@@ -138,30 +146,42 @@ def load_seq2seq_model(source: str, *, revision: str | None = None, trust_pickle
 
     path = resolve_source(source, revision)
     refuse_remote_code(path)
-    model_config(path)
+    config = model_config(path)
     open_weights(path, trust_pickle=trust_pickle)  # the pickle policy, before transformers reads anything
     try:
         model = T5ForConditionalGeneration.from_pretrained(path, use_safetensors=None if trust_pickle else True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot load T5ForConditionalGeneration ({str(exc).splitlines()[0]})") from None
+    _check_tied_copies(model.state_dict(), tied_aliases(model), name=str(path))
+    model.source_config = config  # what experts are checked against (see base_config)
     return model.eval()
 
 
 def base_config(model: nn.Module) -> dict[str, Any]:
-    """The built model's config as a dict (what experts are checked against)."""
-    return model.config.to_dict()
+    """The base's config.json as saved (what experts are checked against): transformers 5 rewrites some
+    fields when it builds T5's config (``tie_word_embeddings`` always true), so the built config would not do."""
+    saved = getattr(model, "source_config", None)
+    return dict(saved) if isinstance(saved, dict) else model.config.to_dict()
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
-    """Every state-dict name of a tied tensor that is not its first name -> the first name."""
+    """Every state-dict name of a tied tensor that is not its first name -> the first name: T5's embedding
+    aliases by name, and any other tensor shared by identity (the LM head when ``tie_word_embeddings``)."""
+    state = model.state_dict(keep_vars=True)
+    aliases = {alias: first for alias, first in EMBED_ALIASES.items() if alias in state and first in state}
     first: dict[int, str] = {}
-    aliases = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        if id(value) in first:
+    for key, value in state.items():
+        if id(value) in first and key not in aliases:
             aliases[key] = first[id(value)]
         else:
-            first[id(value)] = key
+            first.setdefault(id(value), key)
     return aliases
+
+
+def merged_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys that are merged: every tensor once, under its first name."""
+    aliases = tied_aliases(model)
+    return [k for k in untied_keys(model) if k not in aliases]
 
 
 def load_full_expert(source: str, model: nn.Module, *, revision: str | None = None,
@@ -176,7 +196,7 @@ def load_full_expert(source: str, model: nn.Module, *, revision: str | None = No
     if path.is_dir():
         check_same_architecture(base_config(model), model_config(path), name=str(path))
     weights = open_weights(path, trust_pickle=trust_pickle)
-    keys = untied_keys(model)
+    keys = merged_keys(model)
     aligned = AlignedCheckpoint(weights, keys, name=str(path))
     _check_tied_copies(weights, tied_aliases(model), name=str(path))
     return aligned
@@ -245,7 +265,8 @@ def load_lora_seq2seq(source: str, model: nn.Module, *, base: str, revision: str
     """A PEFT LoRA adapter of ``model`` (hub id or directory), checked against the base before its weights."""
     path = resolve_source(source, revision)
     check_lora_config(read_adapter_config(path), model, base=base, name=str(path))
-    state = {k: v for k, v in model.state_dict().items() if k in set(untied_keys(model))}
+    keys = set(merged_keys(model))
+    state = {k: v for k, v in model.state_dict().items() if k in keys}
     return load_lora_expert(path, list(state), state, trust_pickle=trust_pickle)
 
 
@@ -304,7 +325,8 @@ def _check_count(factors: ExpertFactors, task_names: Sequence[str]) -> None:
         raise OptionError(f"tasks: {len(task_names)} names for {factors.num_tasks} experts")
 
 
-__all__ = ["ARCH_FIELDS", "LORA_TASK_TYPE", "OFFICIAL_ROUTING_BLOCK", "SEQ2SEQ_TYPES", "Seq2SeqAdapter",
+__all__ = ["ARCH_FIELDS", "EMBED_ALIASES", "LORA_TASK_TYPE", "OFFICIAL_ROUTING_BLOCK", "SEQ2SEQ_TYPES", "Seq2SeqAdapter",
            "check_lora_config", "check_same_architecture", "full_expert_factors", "is_factored",
-           "load_full_expert", "load_lora_seq2seq", "load_seq2seq_model", "lora_seq2seq_factors", "model_config",
+           "load_full_expert", "load_lora_seq2seq", "load_seq2seq_model", "lora_seq2seq_factors", "merged_keys",
+           "model_config",
            "seq2seq_factors", "tied_aliases"]

@@ -18,7 +18,7 @@ engine seam of issue 28); asking for them is one line naming that, before anythi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +28,8 @@ import torch
 from torch import nn
 
 from massmerge import progress
-from massmerge.adapters.base import untied_keys
 from massmerge.adapters.lora import LoraExpert
-from massmerge.adapters.seq2seq import Seq2SeqAdapter, load_full_expert, load_lora_seq2seq
+from massmerge.adapters.seq2seq import Seq2SeqAdapter, load_full_expert, load_lora_seq2seq, tied_aliases
 from massmerge.data.glue import MAX_INPUT_LENGTH, MAX_LENGTH, PROTOCOL, GlueSplit, check_task, read_glue_split
 from massmerge.device import describe as describe_device
 from massmerge.device import resolve_device, resolve_dtype
@@ -93,7 +92,7 @@ def prepare(config: Any, *, log: Log = print) -> GenerationBench:
     model = Seq2SeqAdapter().load_model(config.base, revision=config.revision, trust_pickle=config.trust_pickle)
     tokenizer_dir = resolve_source(config.tokenizer or config.base, None if config.tokenizer else config.revision)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    keys = untied_keys(model)
+    keys = Seq2SeqAdapter().encoder_keys(model)
     state = model.state_dict()
     base_state = {k: state[k].detach().clone() for k in keys}
     splits = []
@@ -153,18 +152,24 @@ def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, 
 @contextmanager
 def weights(model: nn.Module, base: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None
             ) -> Iterator[nn.Module]:
-    """``model`` with ``params`` copied into its tensors (tied tensors once), the base's put back on exit."""
+    """``model`` with ``params`` copied into its tensors (and into the aliases of a tied one), the base's put
+    back on exit."""
     own = model.state_dict(keep_vars=True)
-    try:
+    copies: dict[str, list[str]] = {}
+    for alias, first in tied_aliases(model).items():
+        copies.setdefault(first, []).append(alias)
+
+    def put(values: Mapping[str, torch.Tensor], keys: Iterable[str]) -> None:
         with torch.no_grad():
-            for key, value in (params or {}).items():
-                own[key].copy_(value)
+            for key in keys:
+                for name in (key, *copies.get(key, ())):
+                    own[name].copy_(values[key])
+
+    try:
+        put(params or {}, list(params or {}))
         yield model
     finally:
-        if params:
-            with torch.no_grad():
-                for key in params:
-                    own[key].copy_(base[key])
+        put(base, list(params or {}))
 
 
 def score_one(bench: GenerationBench, task: int, params: Mapping[str, torch.Tensor] | None, label: str
