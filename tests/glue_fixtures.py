@@ -66,14 +66,14 @@ def tokenizer_files(out: Path) -> int:
     return len(pieces)
 
 
-def t5_config(vocab_size: int, **changes):  # noqa: ANN003, ANN201
+def t5_config(vocab_size: int, **changes):
     """Flan-T5-base's config in miniature (gated-gelu, untied LM head), 2 + 2 blocks, width 16."""
     from transformers import T5Config
 
-    options = dict(vocab_size=vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2,
-                   num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                   feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-                   dropout_rate=0.0)
+    options = {"vocab_size": vocab_size, "d_model": 16, "d_kv": 4, "d_ff": 32, "num_layers": 2,
+               "num_decoder_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8,
+               "relative_attention_max_distance": 16, "feed_forward_proj": "gated-gelu", "decoder_start_token_id": 0,
+               "pad_token_id": 0, "eos_token_id": 1, "dropout_rate": 0.0}
     options.update(changes)
     config = T5Config(**options)
     # transformers 5's T5Config forces the tie on in its constructor (and reads the saved `false` of T5 v1.1 /
@@ -83,7 +83,7 @@ def t5_config(vocab_size: int, **changes):  # noqa: ANN003, ANN201
     return config
 
 
-def retie(model) -> None:  # noqa: ANN001
+def retie(model) -> None:
     """Give T5's embedding aliases the shared embedding's values, as every real T5 checkpoint holds them."""
     with torch.no_grad():
         model.encoder.embed_tokens.weight.copy_(model.shared.weight)
@@ -102,7 +102,7 @@ def save_base(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def save_full_expert(base: Path, out: Path, seed: int, scale: float = 0.2, **config_changes) -> Path:  # noqa: ANN003
+def save_full_expert(base: Path, out: Path, seed: int, scale: float = 0.2, **config_changes) -> Path:
     """A full fine-tune in FusionBench's layout: config.json + float32 model.safetensors, nothing else."""
     from transformers import T5ForConditionalGeneration
 
@@ -221,7 +221,7 @@ def build_hub(tmp: Path, tasks: tuple[str, ...] = ("cola", "rte", "stsb"), *, lo
     return hf_home
 
 
-def glue_config(tasks: tuple[str, ...], *, lora: bool = False, output: Path, **extra) -> dict:  # noqa: ANN003
+def glue_config(tasks: tuple[str, ...], *, lora: bool = False, output: Path, **extra) -> dict:
     """The tiny counterpart of examples/flan_t5_base_glue8*.yaml."""
     suffix = "_lora-16" if lora else ""
     return {"family": "seq2seq", "base": BASE_ID, "tokenizer": BASE_ID,

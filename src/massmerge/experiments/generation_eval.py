@@ -286,8 +286,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     """report.md: one table of scores (x100), averages and normalized averages, then the notes."""
     names = [t["name"] for t in report["tasks"]]
     lines = ["# Flan-T5 GLUE generation (FusionBench's protocol)", "",
-             f"Greedy generate(max_length={MAX_LENGTH}), prompts padded to {MAX_INPUT_LENGTH}; exact match, STS-B: "
-             "Spearman over the split. Scores x100.", "",
+             (f"Greedy generate(max_length={MAX_LENGTH}), prompts padded to {MAX_INPUT_LENGTH}; exact match, "
+              "STS-B: Spearman over the split. Scores x100."), "",
              "| row | " + " | ".join(names) + " | avg | normalized |",
              "|---|" + "---|" * (len(names) + 2)]
     for row, data in report["methods"].items():
