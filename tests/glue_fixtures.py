@@ -203,7 +203,7 @@ def save_glue(out: Path, rows: int = 6, seed: int = 0, tasks: tuple[str, ...] = 
 
 
 def build_hub(tmp: Path, tasks: tuple[str, ...] = ("cola", "rte", "stsb"), *, lora: bool = True,
-              rows: int = 6, trained: tuple[str, ...] = ("cola",)) -> Path:
+              rows: int = 4, trained: tuple[str, ...] = ("cola",)) -> Path:
     """An HF_HOME whose hub cache holds the base, the full and LoRA experts of ``tasks`` and nyu-mll/glue; the
     ``trained`` experts have learned their split, the others are random perturbations of the base."""
     hf_home = tmp / "hf"
