@@ -80,6 +80,8 @@ def prepare(config: BenchmarkConfig, *, log: Log = print) -> Workbench:
     """Load the base model, heads and test sets; check that the label spaces agree."""
     if config.family == "text":
         raise OptionError("family: `massmerge evaluate` runs image benchmarks; evaluate text experts with `massmerge suite`")
+    if config.family == "seq2seq":
+        raise OptionError("family: seq2seq experts generate; run them with evaluate() (experiments/generation_eval.py)")
     family = config.family or _detect(config)
     options: dict[str, Any] = {"routing_layer": config.routing_layer, "pooling": config.pooling}
     if family == "open_clip":
