@@ -81,6 +81,8 @@ def prepare(config: BenchmarkConfig, *, log: Log = print) -> Workbench:
     """Load the base model, heads and test sets; check that the label spaces agree."""
     if config.family == "text":
         raise OptionError("family: `massmerge evaluate` runs image benchmarks; evaluate text experts with `massmerge suite`")
+    if config.family == "seq2seq":
+        raise OptionError("family: seq2seq experts generate; run them with evaluate() (experiments/generation_eval.py)")
     family = config.family or _detect(config)
     options: dict[str, Any] = {"routing_layer": config.routing_layer, "pooling": config.pooling}
     if family == "open_clip":
@@ -258,7 +260,8 @@ def cache_key(config: BenchmarkConfig) -> str:
     rows are added, which shape no score) and, for local files, their sizes and times, so an expert or dataset
     changed in place misses the cache."""
     payload = config.model_dump(mode="json", exclude={"output": True, "reference": True, "mass": {"eps_off_row"}})
-    sources = [config.base, config.heads_from, *(s for t in config.tasks for s in (t.expert, t.dataset))]
+    sources = [config.base, config.heads_from, config.tokenizer,
+               *(s for t in config.tasks for s in (t.expert, t.dataset))]
     return stable_hash([payload, [_fingerprint(s) for s in sources if s]])
 
 
@@ -333,6 +336,11 @@ def run_benchmark(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path 
 def evaluate(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path | None = None,
              show: bool = True) -> dict[str, Any]:
     """Run the benchmark and write report.json, report.md and the plots to the config's output folder."""
+    if config.family == "seq2seq":  # experts that generate: FusionBench's GLUE protocol, its own report
+        from massmerge.experiments.generation_eval import evaluate_generation
+
+        cache = EvalCache(cache_dir or DEFAULT_CACHE, cache_key(config))
+        return evaluate_generation(config, cache=cache, log=log, show=show)
     return write_report(run_benchmark(config, log=log, cache_dir=cache_dir), Path(config.output), show=show)
 
 

@@ -70,6 +70,7 @@ class MassOptions(_Strict):
                               "(evaluate_pipeline.py: 'TODO: restore no redundancy')")
 
 
+PRETRAINED_ROW = "pretrained"  # the generation report's name of the base's own row (FusionBench's word)
 EPS_OFF = " (eps off)"  # the suffix of the rows of MASS with de-redundancy off (``mass.eps_off_row``)
 
 
@@ -99,7 +100,8 @@ class EvalOptions(_Strict):
 class BenchmarkConfig(_Strict):
     """The whole benchmark (one base, T experts, T test sets)."""
 
-    family: Literal["clip", "open_clip", "text"] | None = Field(default=None, description="default: detected")
+    family: Literal["clip", "open_clip", "text", "seq2seq"] | None = Field(default=None, description="default: "
+                                                                            "detected; seq2seq: Flan-T5 on GLUE")
     base: str = Field(min_length=1)
     revision: str | None = None
     arch: str | None = Field(default=None, description="open_clip architecture, e.g. ViT-B-32")
@@ -110,6 +112,7 @@ class BenchmarkConfig(_Strict):
     pooling: Literal["cls", "mean"] | None = None
     heads: Literal["zeroshot", "linear"] = "zeroshot"
     heads_from: str | None = Field(default=None, description="full CLIP checkpoint for zero-shot heads (default: base)")
+    tokenizer: str | None = Field(default=None, description="seq2seq: the tokenizer's repo or folder (default: base)")
     tasks: list[TaskSpec] = Field(min_length=2)
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -135,6 +138,8 @@ class BenchmarkConfig(_Strict):
         if stray:
             raise ValueError(f"method_options: '{stray[0]}' is not a static merge ({', '.join(MERGES)})")
         rows = report_rows(METHODS, eps_off=True)  # not only this run's: --methods may run fewer
+        if self.family == "seq2seq":
+            rows.append(PRETRAINED_ROW)
         stray_rows = [r.row for r in self.reference if r.row not in rows]
         if stray_rows:
             raise ValueError(f"reference: row '{stray_rows[0]}' is not a row of an evaluate report "
