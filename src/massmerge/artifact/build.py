@@ -26,7 +26,7 @@ from massmerge.device import describe as describe_device
 from massmerge.errors import CheckpointError, OptionError
 from massmerge.heads.files import HeadSet, head_width
 from massmerge.mass.build import MASSParts, assemble, total_rank
-from massmerge.mass.config import DEFAULT_MAX_SIZE, BuildSettings, ServeSettings
+from massmerge.mass.config import BuildSettings, ServeSettings, size_budget
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.storage import to_storage
 from massmerge.sources import resolve_source
@@ -74,7 +74,7 @@ def summary(output: Path, names: Sequence[str], layer: str, store: torch.dtype, 
     100%", or a size above the budget it claims to fit), so the ranks are compared as stored and the size is
     measured on disk against the same base files the artifact holds."""
     size = artifact_bytes(output) / base_file_bytes(output)
-    budget = settings.max_size if settings.max_size is not None else DEFAULT_MAX_SIZE
+    budget = size_budget(settings.max_size)
     named = f"--max-size {budget}" if settings.max_size is not None else f"the default {budget}x size budget"
     rule = "1/T" if settings.rank_fraction is None else f"--rank-fraction {settings.rank_fraction}"
     kept, full = total_rank(stored), design_rank

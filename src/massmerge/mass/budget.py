@@ -18,7 +18,7 @@ import torch
 
 from massmerge.errors import OptionError
 from massmerge.lowrank import LowRank
-from massmerge.mass.config import DEFAULT_MAX_SIZE
+from massmerge.mass.config import size_budget
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.storage import round_factors
 
@@ -146,7 +146,7 @@ def stored_factors(factors: ExpertFactors, heads: Sequence[torch.nn.Module], bas
     fit, note = BudgetFit(factors, 1.0, 0.0), None
     if max_size != 0:
         try:
-            fit = fit_to_size(factors, base_bytes=base_bytes, max_size=max_size or DEFAULT_MAX_SIZE, store=store,
+            fit = fit_to_size(factors, base_bytes=base_bytes, max_size=size_budget(max_size), store=store,
                               extra_bytes=extra)
         except OptionError as exc:
             if max_size is not None:

@@ -29,13 +29,19 @@ FirstPassWeights = Literal["merged", "pretrained"]
 ServeDtype = Literal["float32", "float16", "bfloat16"]
 
 DEFAULT_EPS = 0.3
-DEFAULT_ALPHA = 1.0
+DEFAULT_DELTA_SCALE = 1.0  # MASS's alpha: the merged deltas' scale in both passes (not a static merge's alpha)
 DEFAULT_ETA = 0.2
 DEFAULT_TOP_K = 3
 DEFAULT_TAU = 1.0
 DEFAULT_MAX_SIZE = 2.1  # an artifact at most 2.1x the base's bytes (design.md section 7)
 DEFAULT_BATCH_SIZE = 32
 ROUTING_DEPTH_FRACTION = 0.75  # the routing block: round(0.75 * depth), block 9 of a 12-block ViT
+
+
+def size_budget(max_size: float | None) -> float:
+    """The size budget a build cuts to, in base sizes: ``max_size`` as given (0: design ranks, no budget), or
+    :data:`DEFAULT_MAX_SIZE` when unset (then best effort: a build that cannot reach it keeps design ranks)."""
+    return DEFAULT_MAX_SIZE if max_size is None else max_size
 
 
 def default_routing_block(depth: int) -> int:
@@ -56,8 +62,8 @@ class BuildSettings(_Settings):
     eps: float | None = Field(default=DEFAULT_EPS, ge=0.0, le=1.0, description="de-redundancy cosine; None = off")
     svd: SVDMethod = "auto"
     factor_dtype: Literal["auto"] | DtypeName = "auto"
-    max_size: float | None = Field(default=None, ge=0.0, description="size budget x base; None = 2.1 where "
-                                                                      "reachable, 0 = design ranks")
+    max_size: float | None = Field(default=None, ge=0.0, description=f"size budget x base; None = {DEFAULT_MAX_SIZE} "
+                                                                      "where reachable, 0 = design ranks")
 
     @field_validator("max_size")
     @classmethod
@@ -79,7 +85,7 @@ class ServeSettings(_Settings):
     top_k: int = Field(default=DEFAULT_TOP_K, ge=1)
     tau: float = Field(default=DEFAULT_TAU, gt=0.0, allow_inf_nan=False)
     head_rule: HeadRule = "max_logit"
-    alpha: float = Field(default=DEFAULT_ALPHA, allow_inf_nan=False)
+    alpha: float = Field(default=DEFAULT_DELTA_SCALE, allow_inf_nan=False)
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
     max_length: int | None = Field(default=None, ge=1, description="text: tokens per input; None = the model's")
     dtype: ServeDtype | None = Field(default=None, description="serving precision; None = the base's own")
@@ -150,8 +156,8 @@ def check_pooling(pooling: str | None) -> None:
         raise OptionError(f"--pooling: unknown pooling '{pooling}' (choose {', '.join(POOLINGS)})")
 
 __all__ = [
-    "BuildSettings", "DEFAULT_ALPHA", "DEFAULT_BATCH_SIZE", "DEFAULT_EPS", "DEFAULT_ETA", "DEFAULT_MAX_SIZE",
+    "BuildSettings", "DEFAULT_BATCH_SIZE", "DEFAULT_DELTA_SCALE", "DEFAULT_EPS", "DEFAULT_ETA", "DEFAULT_MAX_SIZE",
     "DEFAULT_TAU", "DEFAULT_TOP_K", "FirstPassWeights", "HeadRule", "LayerCombine", "POOLINGS", "Pooling", "ROUTER_PROFILES", "RoutingMode",
     "ServeSettings", "apply_profile", "check_pooling", "default_routing_block", "make_build_settings",
-    "make_serve_settings",
+    "make_serve_settings", "size_budget",
 ]
