@@ -20,6 +20,7 @@ from torch import nn
 
 from massmerge.adapters import BaseAdapter, detect_family, get_adapter
 from massmerge.adapters.text import model_positions, special_token_ids
+from massmerge.artifact.manifest import factor_header_bytes
 from massmerge.artifact.save import check_output_directory, write_artifact
 from massmerge.artifact.size import artifact_bytes, base_file_bytes
 from massmerge.device import describe as describe_device
@@ -140,7 +141,7 @@ def build_artifact(base: Path, experts: Sequence[Path], heads: HeadSet, output: 
                                  key_filter=KeyFilter.from_patterns(include, exclude))
     echo(f"device: {describe_device(device or torch.device('cpu'))}", err=True)
     parts = assemble(model, stream, heads.names, heads.heads, build=settings, router=adapter.default_router(model),
-                     max_length=length, dtype=dtype, device=device)
+                     header_bytes=factor_header_bytes, max_length=length, dtype=dtype, device=device)
     for note in (parts.expert_note, parts.note):
         if note:
             echo(f"note: {note}", err=True)

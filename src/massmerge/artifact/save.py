@@ -33,7 +33,10 @@ from massmerge.artifact.manifest import (
     FileEntry,
     HeadEntry,
     Manifest,
+    factor_name,
+    head_name,
     model_file_allowed,
+    non_matrix_name,
 )
 from massmerge.artifact.verify import sha256_file
 from massmerge.choices import check_task_names
@@ -63,11 +66,11 @@ def factor_tensors(factors: ExpertFactors, dtype: torch.dtype) -> dict[str, torc
     for t, task in enumerate(factors.task_names):
         for key, per_task in factors.matrices.items():
             f = per_task[t]
-            out[f"factors/{task}/{key}/U"] = f.U.to(dtype)
-            out[f"factors/{task}/{key}/s"] = f.s.to(s_dtype)
-            out[f"factors/{task}/{key}/V"] = f.V.to(dtype)
+            out[factor_name(task, key, "U")] = f.U.to(dtype)
+            out[factor_name(task, key, "s")] = f.s.to(s_dtype)
+            out[factor_name(task, key, "V")] = f.V.to(dtype)
         for key, per_task in factors.non_matrix.items():
-            out[f"non_matrix/{task}/{key}"] = per_task[t].to(dtype)
+            out[non_matrix_name(task, key)] = per_task[t].to(dtype)
     return out
 
 
@@ -83,12 +86,12 @@ def head_entries(heads: Sequence[nn.Module], task_names: Sequence[str],
         elif isinstance(head, LinearHead):
             entries.append(HeadEntry(task=task, kind="linear", num_classes=head.num_classes, class_names=names))
             if head.bias is not None:
-                tensors[f"heads/{task}/bias"] = head.bias
+                tensors[head_name(task, "bias")] = head.bias
         else:
             raise OptionError(f"heads: task '{task}' has a {type(head).__name__}; only LinearHead/ZeroShotHead save")
         if names is not None and len(names) != head.num_classes:
             raise OptionError(f"heads: task '{task}' has {head.num_classes} classes but {len(names)} class names")
-        tensors[f"heads/{task}/weight"] = head.weight
+        tensors[head_name(task, "weight")] = head.weight
     return entries, tensors
 
 
