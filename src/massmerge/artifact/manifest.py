@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from massmerge.checkpoints import PICKLE_SUFFIXES
 from massmerge.choices import DtypeName, task_name_problem
@@ -159,10 +159,17 @@ class Manifest(_Strict):
     architecture: ArchitectureEntry
     heads: list[HeadEntry]
     files: dict[str, FileEntry]
+    _directory: Path | None = PrivateAttr(default=None)  # where read_manifest read it (not part of the file)
 
     @property
     def matrix_keys(self) -> list[str]:
         return list(self.ranks)
+
+    @property
+    def directory(self) -> Path | None:
+        """The artifact directory this manifest was read from (None for one made in memory): saving a loaded
+        model again takes its tokenizer files and HF config from there."""
+        return self._directory
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
@@ -187,6 +194,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         where, message, _ = first_validation_error(exc)
         raise MassMergeError(f"{path}: invalid manifest field '{where}' ({message})") from None
     check_manifest(manifest, path)
+    manifest._directory = directory
     return manifest
 
 
