@@ -34,7 +34,8 @@ from massmerge.artifact import artifact_bytes, save_artifact  # noqa: E402
 from massmerge.mass.storage import parse_dtype, storage_dtype  # noqa: E402
 from massmerge.heads import ZeroShotHead  # noqa: E402
 from massmerge.mass import MASSModel, make_serve_settings  # noqa: E402
-from massmerge.mass.budget import fit_to_size, metadata_bytes  # noqa: E402
+from massmerge.artifact.manifest import factor_header_bytes  # noqa: E402
+from massmerge.mass.budget import fit_to_size  # noqa: E402
 
 CONFIGS = [("float32", None), ("float32", "float32"), ("float16", None)]  # (base dtype, factor dtype; None=auto)
 
@@ -50,7 +51,7 @@ def measure(model_name: str, tasks: int, base_dtype: str, factor_dtype: str | No
     scale = 1.0
     if max_size:
         fit = fit_to_size(factors, base_bytes=base, max_size=max_size, store=store,
-                          extra_bytes=metadata_bytes(factors)
+                          extra_bytes=factor_header_bytes(factors)
                           + sum(h.weight.numel() * h.weight.element_size() for h in heads))
         factors, scale = fit.factors, fit.rank_scale
     mass = MASSModel(model, factors, heads, make_serve_settings(routing_layers=(routing_layer(model),)))

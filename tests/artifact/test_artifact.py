@@ -456,3 +456,57 @@ def test_cli_build_of_distinct_experts_has_no_such_note(hf_setup, tmp_path, caps
              "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--output", str(tmp_path / "art"),
              "--max-size", "0"])
     assert "cannot tell them apart" not in capsys.readouterr().err
+
+
+# ----- a load-save round trip keeps everything -------------------------------------------------------------------
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def assert_same_artifact(first: Path, second: Path) -> None:
+    """Equal manifests (less checksums) and bit-identical tensors in every safetensors file."""
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (first, second))
+    assert set(a["files"]) == set(b["files"])
+    for manifest in (a, b):
+        manifest["files"] = sorted(manifest["files"])
+    assert a == b
+    for name in a["files"]:
+        if name.endswith(".safetensors"):
+            left, right = _tensors(first / name), _tensors(second / name)
+            assert left.keys() == right.keys(), name
+            for key in left:
+                assert left[key].dtype == right[key].dtype and torch.equal(left[key], right[key]), (name, key)
+
+
+def test_save_of_a_loaded_adapter_artifact_writes_it_again(hf_setup, tmp_path):
+    """``save_artifact(load(x))`` keeps class names, the adapter and its options, serve and build settings (a
+    size-budget cut: rank scale below 1) and the tokenizer: the same artifact, byte for byte."""
+    root = hf_setup
+    run_cli(["build", "--base", str(root / "base"), "--experts", *[str(root / f"expert{t}") for t in range(3)],
+             "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--output", str(tmp_path / "art"),
+             "--max-size", "3.5", "--factor-dtype", "float32", "--eps", "0.5", "--pooling", "mean", "--max-length", "20"])
+    first = artifact.read_manifest(tmp_path / "art")
+    assert first.rank_scale < 1.0 and first.heads[0].class_names == ["c00", "c01", "c02"]
+    save_artifact(load(tmp_path / "art"), tmp_path / "again")
+    assert_same_artifact(tmp_path / "art", tmp_path / "again")
+    for name in first.files:
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "art" / name).read_bytes(), name
+    again = load(tmp_path / "again")
+    assert again.adapter.name == "text" and again.class_names == [h.class_names for h in first.heads]
+
+
+def test_save_of_a_loaded_generic_artifact_keeps_build_settings_and_class_names(tmp_path):
+    base, factors, heads, cfg = make_parts(3)
+    model = MASSModel(base, round_factors(factors, torch.float16), heads, cfg, pool=mean_pool(),
+                      class_names=[[f"c{t}{i}" for i in range(h.num_classes)] for t, h in enumerate(heads)])
+    from massmerge.mass.config import BuildSettings
+
+    save_artifact(model, tmp_path / "art", build=BuildSettings(eps=0.3, svd="randomized", max_size=3.0), rank_scale=0.5)
+    loaded = load(tmp_path / "art", base_model=ToyEncoder(), pool=mean_pool())
+    save_artifact(loaded, tmp_path / "again")
+    assert_same_artifact(tmp_path / "art", tmp_path / "again")
+    manifest = artifact.read_manifest(tmp_path / "again")
+    assert manifest.build.svd == "randomized" and manifest.rank_scale == 0.5 and manifest.heads[0].class_names

@@ -347,3 +347,16 @@ def test_help_imports_neither_torch_nor_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stderr.strip().splitlines()[-1] == "[]", result.stderr
     assert "Usage: massmerge" in result.stdout
+
+
+def test_predict_flags_are_the_serve_settings():
+    """predict's serve flags are derived from ServeSettings (one declaration): every flag, its metavar and its
+    help sentence; ``--routing-layer`` repeatable."""
+    from massmerge.mass.config import serve_flags
+
+    options = _options("predict")
+    for flag in serve_flags():
+        option = options[flag.flag]
+        assert option.metavar == flag.metavar and option.help.startswith(flag.help), flag.flag
+        assert option.multiple == flag.multiple and option.default is None
+    assert {"--router", "--strategy", "--device", "--output"} <= set(options)

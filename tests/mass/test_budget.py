@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from massmerge.artifact.manifest import factor_header_bytes, factor_names
 from massmerge.artifact.save import factor_tensors
 from massmerge.errors import OptionError
 from massmerge.lowrank import truncated_svd
 from massmerge.mass.budget import (
     factor_bytes,
     fit_to_size,
-    metadata_bytes,
     non_matrix_bytes,
     scaled_rank,
     truncate,
@@ -119,7 +119,25 @@ def test_metadata_estimate_covers_the_real_headers(tmp_path) -> None:
     tensors = factor_tensors(factors, torch.float32)
     save_file(tensors, tmp_path / "f.safetensors")
     headers = (tmp_path / "f.safetensors").stat().st_size - saved_factor_bytes(factors, torch.float32)
-    assert 0 < headers <= metadata_bytes(factors)
+    assert 0 < headers <= factor_header_bytes(factors)
+    assert sorted(tensors) == sorted(factor_names(factors.task_names, factors.matrices, factors.non_matrix))
+
+
+def test_budget_takes_the_header_estimate_and_knows_no_file_format() -> None:
+    """The header bytes are the caller's argument (the artifact layer's estimate): a larger one cuts deeper, and
+    budget.py spells no tensor name of the artifact format (layer 2 under layer 5)."""
+    import inspect
+
+    from massmerge.mass import budget
+
+    base = budget.tensor_bytes([torch.zeros(40, 40, dtype=torch.float64)])
+    light = budget.stored_factors(make_factors(shape=(40, 40), tasks=4), [], base, torch.float16, 1.5, header_bytes=0)
+    heavy = budget.stored_factors(make_factors(shape=(40, 40), tasks=4), [], base, torch.float16, 1.5,
+                                  header_bytes=base // 4)
+    assert heavy.rank_scale < light.rank_scale < 1.0
+    assert heavy.size_factor <= 1.5 and light.size_factor <= 1.5
+    source = inspect.getsource(budget)
+    assert "factors/" not in source and "non_matrix/" not in source and "safetensors" not in source
 
 
 @pytest.mark.parametrize("max_size", [0, 1.5])
@@ -135,7 +153,7 @@ def test_stored_factors_round_without_a_second_copy(max_size: float) -> None:
     expected = round_factors(copy.deepcopy(factors), torch.float16)
     original_u = factors.matrices["w"][0].U
     base = tensor_bytes([torch.zeros(40, 40, dtype=torch.float64), torch.zeros(40, dtype=torch.float64)])
-    stored = stored_factors(factors, [], base, torch.float16, max_size)
+    stored = stored_factors(factors, [], base, torch.float16, max_size, header_bytes=0)
     got = stored.factors.matrices["w"]
     if max_size == 0:
         assert got[0].U is original_u and stored.rank_scale == 1.0

@@ -20,13 +20,14 @@ from torch import nn
 
 from massmerge.adapters import BaseAdapter, detect_family, get_adapter
 from massmerge.adapters.text import model_positions, special_token_ids
+from massmerge.artifact.manifest import factor_header_bytes
 from massmerge.artifact.save import check_output_directory, write_artifact
 from massmerge.artifact.size import artifact_bytes, base_file_bytes
 from massmerge.device import describe as describe_device
 from massmerge.errors import CheckpointError, OptionError
 from massmerge.heads.files import HeadSet, head_width
 from massmerge.mass.build import MASSParts, assemble, total_rank
-from massmerge.mass.config import DEFAULT_MAX_SIZE, BuildSettings, ServeSettings
+from massmerge.mass.config import BuildSettings, ServeSettings, size_budget
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.storage import to_storage
 from massmerge.sources import resolve_source
@@ -74,7 +75,7 @@ def summary(output: Path, names: Sequence[str], layer: str, store: torch.dtype, 
     100%", or a size above the budget it claims to fit), so the ranks are compared as stored and the size is
     measured on disk against the same base files the artifact holds."""
     size = artifact_bytes(output) / base_file_bytes(output)
-    budget = settings.max_size if settings.max_size is not None else DEFAULT_MAX_SIZE
+    budget = size_budget(settings.max_size)
     named = f"--max-size {budget}" if settings.max_size is not None else f"the default {budget}x size budget"
     rule = "1/T" if settings.rank_fraction is None else f"--rank-fraction {settings.rank_fraction}"
     kept, full = total_rank(stored), design_rank
@@ -140,7 +141,7 @@ def build_artifact(base: Path, experts: Sequence[Path], heads: HeadSet, output: 
                                  key_filter=KeyFilter.from_patterns(include, exclude))
     echo(f"device: {describe_device(device or torch.device('cpu'))}", err=True)
     parts = assemble(model, stream, heads.names, heads.heads, build=settings, router=adapter.default_router(model),
-                     max_length=length, dtype=dtype, device=device)
+                     header_bytes=factor_header_bytes, max_length=length, dtype=dtype, device=device)
     for note in (parts.expert_note, parts.note):
         if note:
             echo(f"note: {note}", err=True)

@@ -18,7 +18,20 @@ from torch import nn
 
 from massmerge.adapters import get_adapter
 from massmerge.adapters.weights import refuse_remote_code
-from massmerge.artifact.manifest import BASE_FILE, FACTORS_FILE, HEADS_FILE, MANIFEST, MODEL_DIR, Manifest, read_manifest
+from massmerge.artifact.manifest import (
+    BASE_FILE,
+    FACTORS_FILE,
+    HEADS_FILE,
+    MANIFEST,
+    MODEL_DIR,
+    Manifest,
+    factor_name,
+    factor_names,
+    head_name,
+    head_names,
+    non_matrix_name,
+    read_manifest,
+)
 from massmerge.artifact.verify import verify_files
 from massmerge.checkpoints import all_finite, check_finite
 from massmerge.errors import MassMergeError, OptionError
@@ -48,9 +61,7 @@ def load_factors(directory: Path, manifest: Manifest, shapes: Mapping[str, Seque
     """Rebuild the :class:`ExpertFactors` (float32, or float64 if stored so), every tensor's shape checked
     against the model parameter it belongs to and the rank the manifest records."""
     path = directory / FACTORS_FILE
-    expected = [f"factors/{task}/{key}/{part}" for task in manifest.task_names for key in manifest.ranks
-                for part in "UsV"]
-    expected += [f"non_matrix/{task}/{key}" for task in manifest.task_names for key in manifest.non_matrix_keys]
+    expected = factor_names(manifest.task_names, manifest.ranks, manifest.non_matrix_keys)
     tensors, _ = read_safetensors(path, expected=expected)
     for key in [*manifest.ranks, *manifest.non_matrix_keys]:
         if key not in shapes:
@@ -64,11 +75,11 @@ def load_factors(directory: Path, manifest: Manifest, shapes: Mapping[str, Seque
         m, n = shapes[key]
         if any(k > min(m, n) for k in ranks):
             raise MassMergeError(f"{directory / MANIFEST}: field 'ranks.{key}' exceeds min(m, n) = {min(m, n)}")
-        matrices[key] = [LowRank(_need(tensors, f"factors/{task}/{key}/U", path, (m, k)),
-                                 _need(tensors, f"factors/{task}/{key}/s", path, (k,)),
-                                 _need(tensors, f"factors/{task}/{key}/V", path, (n, k)))
+        matrices[key] = [LowRank(_need(tensors, factor_name(task, key, "U"), path, (m, k)),
+                                 _need(tensors, factor_name(task, key, "s"), path, (k,)),
+                                 _need(tensors, factor_name(task, key, "V"), path, (n, k)))
                          for task, k in zip(manifest.task_names, ranks)]
-    non_matrix = {key: [_need(tensors, f"non_matrix/{task}/{key}", path, shapes[key]) for task in manifest.task_names]
+    non_matrix = {key: [_need(tensors, non_matrix_name(task, key), path, shapes[key]) for task in manifest.task_names]
                   for key in manifest.non_matrix_keys}
     accepted = {key: manifest.accepted.get(key, list(range(len(manifest.task_names)))) for key in manifest.ranks}
     return ExpertFactors(task_names=list(manifest.task_names), rank_fraction=manifest.rank_fraction,
@@ -79,25 +90,23 @@ def load_heads(directory: Path, manifest: Manifest, feature_dim: int | None) -> 
     """The heads, with their stored weights exactly (a zero-shot head's weight is not re-normalized), each
     checked: rows = num_classes, width = the model's feature size (or the other heads' width)."""
     path = directory / HEADS_FILE
-    expected = [f"heads/{h.task}/{part}" for h in manifest.heads
-                for part in (("weight", "bias") if h.kind == "linear" else ("weight",))]
-    tensors, _ = read_safetensors(path, expected=expected)
+    tensors, _ = read_safetensors(path, expected=head_names(manifest.heads))
     heads: list[nn.Module] = []
     width = feature_dim
     for entry in manifest.heads:
-        weight = _need(tensors, f"heads/{entry.task}/weight", path)
+        weight = _need(tensors, head_name(entry.task, "weight"), path)
         if weight.ndim != 2 or weight.shape[0] != entry.num_classes:
-            raise MassMergeError(f"{path}: tensor 'heads/{entry.task}/weight' has shape {list(weight.shape)}; "
+            raise MassMergeError(f"{path}: tensor '{head_name(entry.task, 'weight')}' has shape {list(weight.shape)}; "
                                  f"the manifest says {entry.num_classes} classes")
         width = width or int(weight.shape[1])
         if weight.shape[1] != width:
-            raise MassMergeError(f"{path}: tensor 'heads/{entry.task}/weight' is {weight.shape[1]} wide; the "
+            raise MassMergeError(f"{path}: tensor '{head_name(entry.task, 'weight')}' is {weight.shape[1]} wide; the "
                                  f"model's features are {width} wide")
         if entry.kind == "zero_shot":
             head: nn.Module = ZeroShotHead(weight, float(entry.logit_scale))  # type: ignore[arg-type]
             head.weight.copy_(weight)
         else:
-            bias_key = f"heads/{entry.task}/bias"
+            bias_key = head_name(entry.task, "bias")
             bias = _need(tensors, bias_key, path, (entry.num_classes,)) if bias_key in tensors else None
             head = LinearHead(weight, bias)
         heads.append(head)

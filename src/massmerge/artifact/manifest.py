@@ -26,16 +26,20 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from massmerge.checkpoints import PICKLE_SUFFIXES
 from massmerge.choices import DtypeName, task_name_problem
 from massmerge.errors import MassMergeError, first_validation_error
 from massmerge.io.jsonfile import read_json_file
 from massmerge.mass.config import BuildSettings, Pooling, ServeSettings
+
+if TYPE_CHECKING:  # torch-free at run time: `from massmerge.artifact import MANIFEST` stays cheap
+    from massmerge.mass.experts import ExpertFactors
 
 
 FORMAT_VERSION = 2
@@ -47,6 +51,49 @@ MODEL_DIR = "model"
 HF_WEIGHTS = "model.safetensors"
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.json", "*.model",
                       "preprocessor_config.json", "sentencepiece*", "added_tokens.json")
+
+
+FACTOR_PARTS = ("U", "s", "V")  # a matrix's factors: U [m, k], s [k], V [n, k]
+HEADER_BYTES_PER_TENSOR = 100  # a safetensors header's JSON per tensor besides its key: dtype, shape, offsets
+
+
+# ----- tensor names: the one place that spells them ------------------------------------------------------------
+
+def factor_name(task: str, key: str, part: str) -> str:
+    """``factors/{task}/{key}/{part}`` in ``factors.safetensors``: one of a matrix's :data:`FACTOR_PARTS`."""
+    return f"factors/{task}/{key}/{part}"
+
+
+def non_matrix_name(task: str, key: str) -> str:
+    """``non_matrix/{task}/{key}`` in ``factors.safetensors``: a task's delta of a key that is not a matrix."""
+    return f"non_matrix/{task}/{key}"
+
+
+def head_name(task: str, part: str) -> str:
+    """``heads/{task}/weight`` (or ``bias``) in ``heads.safetensors``."""
+    return f"heads/{task}/{part}"
+
+
+def factor_names(task_names: Sequence[str], matrix_keys: Iterable[str], non_matrix_keys: Iterable[str]
+                 ) -> list[str]:
+    """Every tensor name of ``factors.safetensors`` (what :func:`save_artifact` writes and :func:`load` expects)."""
+    matrix_keys, non_matrix_keys = list(matrix_keys), list(non_matrix_keys)
+    names = [factor_name(task, key, part) for task in task_names for key in matrix_keys for part in FACTOR_PARTS]
+    return names + [non_matrix_name(task, key) for task in task_names for key in non_matrix_keys]
+
+
+def head_names(heads: Iterable[HeadEntry]) -> list[str]:
+    """Every tensor name of ``heads.safetensors``: a weight per head, and a bias per linear head."""
+    return [head_name(h.task, part) for h in heads for part in (("weight", "bias") if h.kind == "linear"
+                                                                else ("weight",))]
+
+
+def factor_header_bytes(factors: ExpertFactors) -> int:
+    """A generous estimate of the safetensors header bytes of ``factors``, so that a
+    build fitted to a size budget stays under it on disk: per tensor, its name and
+    :data:`HEADER_BYTES_PER_TENSOR` bytes (tests/mass/test_budget.py checks it against a written file)."""
+    names = factor_names(factors.task_names, factors.matrices, factors.non_matrix)
+    return sum(len(name) + HEADER_BYTES_PER_TENSOR for name in names)
 
 
 class _Strict(BaseModel):
@@ -112,10 +159,17 @@ class Manifest(_Strict):
     architecture: ArchitectureEntry
     heads: list[HeadEntry]
     files: dict[str, FileEntry]
+    _directory: Path | None = PrivateAttr(default=None)  # where read_manifest read it (not part of the file)
 
     @property
     def matrix_keys(self) -> list[str]:
         return list(self.ranks)
+
+    @property
+    def directory(self) -> Path | None:
+        """The artifact directory this manifest was read from (None for one made in memory): saving a loaded
+        model again takes its tokenizer files and HF config from there."""
+        return self._directory
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
@@ -140,6 +194,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         where, message, _ = first_validation_error(exc)
         raise MassMergeError(f"{path}: invalid manifest field '{where}' ({message})") from None
     check_manifest(manifest, path)
+    manifest._directory = directory
     return manifest
 
 
@@ -225,5 +280,6 @@ def check_base_entry(manifest: Manifest, path: Path) -> None:
 
 
 
-__all__ = ["BASE_FILE", "FACTORS_FILE", "FORMAT_VERSION", "HEADS_FILE", "HF_WEIGHTS", "MANIFEST", "MODEL_DIR",
-           "Manifest", "allowed_name", "check_manifest", "model_file_allowed", "read_manifest"]
+__all__ = ["BASE_FILE", "FACTORS_FILE", "FACTOR_PARTS", "FORMAT_VERSION", "HEADS_FILE", "HF_WEIGHTS", "MANIFEST",
+           "MODEL_DIR", "Manifest", "allowed_name", "check_manifest", "factor_header_bytes", "factor_name",
+           "factor_names", "head_name", "head_names", "model_file_allowed", "non_matrix_name", "read_manifest"]

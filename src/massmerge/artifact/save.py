@@ -33,13 +33,17 @@ from massmerge.artifact.manifest import (
     FileEntry,
     HeadEntry,
     Manifest,
+    factor_name,
+    head_name,
     model_file_allowed,
+    non_matrix_name,
 )
 from massmerge.artifact.verify import sha256_file
 from massmerge.choices import check_task_names
 from massmerge.errors import OptionError
 from massmerge.heads.modules import LinearHead, ZeroShotHead
 from massmerge.io.atomic import fsync_file, write_directory_atomically
+from massmerge.io.jsonfile import read_json_file
 from massmerge.io.tensors import read_safetensors, save_tensors
 from massmerge.mass.config import BuildSettings, ServeSettings
 from massmerge.mass.experts import ExpertFactors
@@ -63,11 +67,11 @@ def factor_tensors(factors: ExpertFactors, dtype: torch.dtype) -> dict[str, torc
     for t, task in enumerate(factors.task_names):
         for key, per_task in factors.matrices.items():
             f = per_task[t]
-            out[f"factors/{task}/{key}/U"] = f.U.to(dtype)
-            out[f"factors/{task}/{key}/s"] = f.s.to(s_dtype)
-            out[f"factors/{task}/{key}/V"] = f.V.to(dtype)
+            out[factor_name(task, key, "U")] = f.U.to(dtype)
+            out[factor_name(task, key, "s")] = f.s.to(s_dtype)
+            out[factor_name(task, key, "V")] = f.V.to(dtype)
         for key, per_task in factors.non_matrix.items():
-            out[f"non_matrix/{task}/{key}"] = per_task[t].to(dtype)
+            out[non_matrix_name(task, key)] = per_task[t].to(dtype)
     return out
 
 
@@ -83,20 +87,47 @@ def head_entries(heads: Sequence[nn.Module], task_names: Sequence[str],
         elif isinstance(head, LinearHead):
             entries.append(HeadEntry(task=task, kind="linear", num_classes=head.num_classes, class_names=names))
             if head.bias is not None:
-                tensors[f"heads/{task}/bias"] = head.bias
+                tensors[head_name(task, "bias")] = head.bias
         else:
             raise OptionError(f"heads: task '{task}' has a {type(head).__name__}; only LinearHead/ZeroShotHead save")
         if names is not None and len(names) != head.num_classes:
             raise OptionError(f"heads: task '{task}' has {head.num_classes} classes but {len(names)} class names")
-        tensors[f"heads/{task}/weight"] = head.weight
+        tensors[head_name(task, "weight")] = head.weight
     return entries, tensors
 
 
 def save_artifact(model: MASSModel, directory: str | os.PathLike[str], **options: Any) -> Path:
     """Write ``model`` (with its serve settings as the artifact's defaults) as an artifact directory: its base,
-    factors, heads and settings, by :func:`write_artifact` (which documents the options)."""
+    factors, heads and settings, by :func:`write_artifact` (which documents the options).
+
+    What the model carries is kept (:func:`carried_options`): its class names, and for a model from ``load()``
+    its adapter (architecture and options), build settings, rank scale, factor dtype, HF config, tokenizer files
+    and base reference, so ``save_artifact(load(x), y)`` writes ``x`` again. ``options`` override any of them.
+    """
     return write_artifact(directory, base_model=model.model, factors=model.factors, heads=list(model.heads),
-                          serve=model.settings, **options)
+                          serve=model.settings, **{**carried_options(model), **options})
+
+
+def carried_options(model: MASSModel) -> dict[str, Any]:
+    """The :func:`write_artifact` options a model carries: class names, and what ``load()`` read from its
+    artifact (the manifest, the bound adapter and the artifact's ``model/`` directory)."""
+    options: dict[str, Any] = {}
+    if model.class_names is not None and any(names is not None for names in model.class_names):
+        options["class_names"] = model.class_names
+    if model.adapter is not None:
+        options["adapter"] = model.adapter
+    manifest: Manifest | None = model.manifest
+    if manifest is None:
+        return options
+    options.update(build=manifest.build, rank_scale=manifest.rank_scale, factor_dtype=manifest.factor_dtype)
+    if manifest.base.mode == "reference":
+        options["base_reference"] = manifest.base.path
+    model_dir = manifest.directory / MODEL_DIR if manifest.directory is not None else None
+    if manifest.architecture.kind == "adapter" and model_dir is not None and model_dir.is_dir():  # still there
+        options["tokenizer_dir"] = model_dir
+        if (model_dir / "config.json").is_file():
+            options["hf_config"] = read_json_file(model_dir / "config.json", "an HF config")
+    return options
 
 
 def write_artifact(
@@ -223,4 +254,4 @@ def _version() -> str:
 
 
 
-__all__ = ["check_output_directory", "factor_tensors", "save_artifact", "write_artifact"]
+__all__ = ["carried_options", "check_output_directory", "factor_tensors", "save_artifact", "write_artifact"]

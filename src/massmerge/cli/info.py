@@ -107,7 +107,7 @@ def _kept_ranks(path: Path, manifest: Any) -> str:
     """How much of the design rank (``rank_fraction`` of each matrix) the stored factors keep, from the factor
     shapes in the header: the honest figure (a build's size budget cuts ranks by a bisected scale that may
     read as 100% while every rank lost a direction)."""
-    from massmerge.artifact import FACTORS_FILE
+    from massmerge.artifact.manifest import FACTORS_FILE, factor_name
     from massmerge.checkpoints import open_checkpoint
     from massmerge.lowrank import rank_for
 
@@ -115,7 +115,7 @@ def _kept_ranks(path: Path, manifest: Any) -> str:
     task = manifest.task_names[0]
     design = kept = 0
     for key, ranks in manifest.ranks.items():
-        names = [f"factors/{task}/{key}/{part}" for part in "UV"]
+        names = [factor_name(task, key, part) for part in "UV"]
         missing = [name for name in names if name not in factors or len(factors.shape(name)) != 2]
         if missing:
             raise MassMergeError(f"{path / FACTORS_FILE}: tensor '{missing[0]}' is missing or not a matrix")

@@ -6,10 +6,13 @@ free of heavy imports: the CLI must start fast (``massmerge --help`` imports no 
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
 from massmerge.errors import OptionError
-from massmerge.mass.config import DEFAULT_MAX_SIZE, ServeSettings
+from massmerge.mass.config import DEFAULT_MAX_SIZE, SettingFlag, serve_flags
 
 RANK_FRACTION_HELP = "kept rank per task and matrix: floor(min(m, n) x FLOAT) [default: 1/T]"
 EPS_HELP = "de-redundancy: leave a task out of the first pass where its cosine with a kept task exceeds FLOAT"
@@ -20,43 +23,70 @@ DEVICE_HELP = "cpu, cuda, cuda:N or mps [default: cuda when a GPU is visible, el
 DTYPE_HELP = "serving precision: float32, float16 or bfloat16 [default: the model's own]"
 TRUST_PICKLE_HELP = "allow pickle checkpoints (.bin/.pt), loaded weights-only; only for files you trust"
 
-# Serve settings: what each flag does; the default is added per command (the artifact's, or the engine's).
-SERVE_HELP = {
-    "router": "a named router rule applied before the other router flags: paper (the paper's exact rule)",
-    "routing_layers": "routing nn.Linear name (repeat for multi-layer routing)",
-    "pooling": ("routing token pooling: cls, mean, content (mean without special tokens) or tokens (RMS of each "
-                "content token's residual)"),
-    "layer_combine": "how several routing layers combine: standardized or ppca",
-    "mode": "routing mode: topk, top1 or batch (the whole input is one task)",
-    "eta": "select tasks whose router probability exceeds FLOAT",
-    "top_k": "at most INT tasks per input",
-    "tau": "router softmax temperature",
-    "head_rule": ("how the task is chosen among the selected: max_logit (paper), posterior (router probability x "
-                  "head softmax) or joint (log router probability + logits)"),
-    "alpha": "scale of the merged deltas",
-    "batch_size": "inputs per batch, tasks mixed",
-    "dtype": "serving precision: float32, float16 or bfloat16",
-    "restart_block": ("the block the second pass restarts at from the first pass's hidden states (0: two full "
-                      "passes; at most the routing layer's block)"),
-}
+ROUTER_HELP = "a named router rule applied before the other router flags: paper (the paper's exact rule)"
 
 
-def serve_default(field: str) -> Any:
-    """The engine's default of a serve setting (``mass/config.py``)."""
-    return ServeSettings.model_fields[field].default
+# ----- serve settings: every flag derived from mass/config.py's ServeSettings ------------------------------------
+
+def serve_flag(field: str) -> SettingFlag:
+    """The command-line option of serve setting ``field``."""
+    found = next((flag for flag in serve_flags() if flag.field == field), None)
+    if found is None:
+        raise KeyError(f"'{field}' is not a serve setting with a flag")
+    return found
 
 
-def artifact_help(field: str) -> str:
+def artifact_help(flag: SettingFlag) -> str:
     """Help of a serve flag of ``predict``: unset means the artifact's value (shown with the engine default)."""
-    default = serve_default(field) if field in ServeSettings.model_fields else None
-    shown = f", {default}" if default is not None and not isinstance(default, tuple) else ""
-    return f"{SERVE_HELP[field]} [default: the artifact's{shown}]"
+    if flag.artifact_default is not None:
+        return f"{flag.help} [default: the artifact's: {flag.artifact_default}]"
+    shown = f", {flag.default}" if flag.default is not None and not isinstance(flag.default, tuple) else ""
+    return f"{flag.help} [default: the artifact's{shown}]"
 
 
 def engine_help(field: str, default: Any = None) -> str:
     """Help of a serve flag of ``suite``: unset means the engine's default (or ``default`` when given)."""
-    value = default if default is not None else serve_default(field)
-    return f"{SERVE_HELP[field]} [default: {value}]"
+    flag = serve_flag(field)
+    return f"{flag.help} [default: {default if default is not None else flag.default}]"
+
+
+def serve_parameters(help_of: Callable[[SettingFlag], str], fields: Sequence[str] | None = None
+                     ) -> list[inspect.Parameter]:
+    """Typer parameters of the serve flags (all, or ``fields``), each unset (None) by default: named and typed
+    from the settings' fields, with the help ``help_of`` writes."""
+    import typer
+
+    chosen = [flag for flag in serve_flags() if fields is None or flag.field in fields]
+    return [inspect.Parameter(flag.field, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        (list[str] if flag.multiple else flag.kind) | None,
+        typer.Option(flag.flag, metavar=flag.metavar, help=help_of(flag))]) for flag in chosen]
+
+
+def with_serve_flags(help_of: Callable[[SettingFlag], str], fields: Sequence[str] | None = None
+                     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the serve flags (all, or ``fields``) in place of its ``serve`` parameter; the command
+    receives them as ``serve``, a dict of setting -> value with unset ones None (``massmerge predict`` and
+    ``massmerge serve`` share this one list)."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(command, eval_str=True)
+        own = list(signature.parameters.values())
+        at = [p.name for p in own].index("serve")
+        added = serve_parameters(help_of, fields)
+        flags = {flag.field: flag for flag in serve_flags()}
+
+        @functools.wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            serve = {p.name: flags[p.name].value(kwargs.pop(p.name, None)) for p in added}
+            return command(*args, serve=serve, **kwargs)
+
+        keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        run.__signature__ = signature.replace(parameters=[*keyword[:at], *added, *keyword[at + 1:]])  # type: ignore[attr-defined]
+        run.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "serve"},
+                               **{p.name: p.annotation for p in added}}
+        return run
+
+    return decorate
 
 
 def check_positive(option: str, value: int | float | None) -> None:

@@ -20,14 +20,13 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated, Any, TextIO
 
 import typer
 
 from massmerge.cli.app import command
-from massmerge.cli.options import DEVICE_HELP, SERVE_HELP, artifact_help, check_positive
+from massmerge.cli.options import DEVICE_HELP, ROUTER_HELP, artifact_help, check_positive, with_serve_flags
 from massmerge.errors import MassMergeError
-
 
 SIGPIPE_EXIT = 141  # what a shell reports for a writer whose reader went away (128 + SIGPIPE)
 
@@ -81,6 +80,7 @@ def write_rows(rows: Iterator[dict], output: Path | None) -> int:
 
 
 @command("predict")
+@with_serve_flags(artifact_help)
 def predict_cmd(
     artifact: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="artifact directory written by massmerge build")],
     inputs: Annotated[Path, typer.Argument(metavar="INPUTS", help="text: a text file (one input per line) or "
@@ -88,26 +88,11 @@ def predict_cmd(
                                                                   "images or a file listing image paths")],
     output: Annotated[Path | None, typer.Option(metavar="PATH", help="write JSON lines here (atomically) "
                                                                      "[default: stdout]")] = None,
-    batch_size: Annotated[int | None, typer.Option(metavar="INT", help=artifact_help("batch_size"))] = None,
-    max_length: Annotated[int | None, typer.Option(metavar="INT", help="text: tokens per input, clipped to the "
-                                                                       "model's positions [default: the "
-                                                                       "artifact's: what the experts were "
-                                                                       "trained with]")] = None,
-    router: Annotated[str | None, typer.Option(metavar="NAME", help=SERVE_HELP["router"])] = None,
-    routing_layer: Annotated[list[str] | None, typer.Option(metavar="NAME", help=artifact_help("routing_layers"))] = None,
-    pooling: Annotated[str | None, typer.Option(metavar="NAME", help=artifact_help("pooling"))] = None,
-    layer_combine: Annotated[str | None, typer.Option(metavar="NAME", help=artifact_help("layer_combine"))] = None,
-    mode: Annotated[str | None, typer.Option(metavar="NAME", help=artifact_help("mode"))] = None,
-    eta: Annotated[float | None, typer.Option(metavar="FLOAT", help=artifact_help("eta"))] = None,
-    top_k: Annotated[int | None, typer.Option(metavar="INT", help=artifact_help("top_k"))] = None,
-    tau: Annotated[float | None, typer.Option(metavar="FLOAT", help=artifact_help("tau"))] = None,
-    head_rule: Annotated[str | None, typer.Option(metavar="NAME", help=artifact_help("head_rule"))] = None,
-    alpha: Annotated[float | None, typer.Option(metavar="FLOAT", help=artifact_help("alpha"))] = None,
+    router: Annotated[str | None, typer.Option(metavar="NAME", help=ROUTER_HELP)] = None,
+    serve: dict[str, Any] | None = None,  # every serve setting's flag (with_serve_flags), unset ones None
     strategy: Annotated[str, typer.Option(metavar="NAME", help="second pass: auto, batched, grouped or reference "
                                                                "(slow, for checks)")] = "auto",
-    restart_block: Annotated[int | None, typer.Option(metavar="INT", help=artifact_help("restart_block"))] = None,
     device: Annotated[str | None, typer.Option(metavar="NAME", help=DEVICE_HELP)] = None,
-    dtype: Annotated[str | None, typer.Option(metavar="DTYPE", help=artifact_help("dtype"))] = None,
 ) -> None:
     """Predict (task, class) for every input with a MASS artifact."""
     from massmerge.artifact import read_manifest, serve_settings
@@ -116,14 +101,11 @@ def predict_cmd(
     from massmerge.device import resolve_device
     from massmerge.progress import track
 
-    check_positive("--batch-size", batch_size)
-    check_positive("--max-length", max_length)
+    overrides = dict(serve or {})
+    check_positive("--batch-size", overrides.get("batch_size"))
+    check_positive("--max-length", overrides.get("max_length"))
     target = resolve_device(device)
     manifest = read_manifest(artifact)
-    overrides = {"routing_layers": tuple(routing_layer) if routing_layer else None, "pooling": pooling,
-                 "layer_combine": layer_combine, "mode": mode, "eta": eta, "top_k": top_k, "tau": tau,
-                 "head_rule": head_rule, "alpha": alpha, "batch_size": batch_size, "max_length": max_length,
-                 "dtype": dtype, "restart_block": restart_block}
     serve_settings(manifest, router=None, **overrides)  # every flag is checked before the model loads
     items = read_inputs(artifact, manifest, inputs)
     if not items:

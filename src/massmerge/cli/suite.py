@@ -19,7 +19,7 @@ from massmerge.cli.options import (
     DTYPE_HELP,
     EPS_HELP,
     MAX_SIZE_HELP,
-    SERVE_HELP,
+    ROUTER_HELP,
     check_positive,
     engine_help,
 )
@@ -81,7 +81,7 @@ def suite_cmd(
                                                                                  "MLP matrix]")] = None,
     mass_layer: Annotated[list[str] | None, typer.Option(metavar="NAME", help="extra routing layers scored with "
                                                                               "the full MASS model")] = None,
-    router: Annotated[str | None, typer.Option(metavar="NAME", help=SERVE_HELP["router"])] = None,
+    router: Annotated[str | None, typer.Option(metavar="NAME", help=ROUTER_HELP)] = None,
     pooling: Annotated[str | None, typer.Option(metavar="NAME", help=engine_help("pooling", "the text family's"))] = None,
     layer_combine: Annotated[str | None, typer.Option(metavar="NAME", help=engine_help(
         "layer_combine", "the family's: ppca for text, one layer for vision"))] = None,

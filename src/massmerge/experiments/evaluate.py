@@ -24,6 +24,7 @@ from torch import nn
 from massmerge.adapters import BaseAdapter, detect_family, get_adapter
 from massmerge.adapters.lora import LoraExpert, build_lora_factors, load_lora_expert
 from massmerge.adapters.weights import open_weights
+from massmerge.artifact.manifest import factor_header_bytes
 from massmerge.data.images import (
     ImageDataset,
     Preprocess,
@@ -228,7 +229,8 @@ def assemble_mass(wb: Workbench) -> tuple[MASSParts, float]:
                                           eps=build.eps)
     else:
         experts = (expert_vector(wb, t) for t in range(len(wb.task_names)))
-    parts = assemble(wb.model, experts, wb.task_names, wb.heads, build=build, router=wb.adapter.default_router(wb.model))
+    parts = assemble(wb.model, experts, wb.task_names, wb.heads, build=build, router=wb.adapter.default_router(wb.model),
+                     header_bytes=factor_header_bytes)
     return parts, time.perf_counter() - start
 
 

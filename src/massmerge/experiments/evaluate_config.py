@@ -15,13 +15,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from massmerge.choices import task_name_problem
 from massmerge.errors import OptionError, first_validation_error
-from massmerge.mass.config import DEFAULT_EPS, HeadRule, Pooling, RoutingMode
+from massmerge.mass.config import DEFAULT_EPS, ServeSettings, unset_serve_fields
 from massmerge.merging.task_arithmetic import default_alpha
 from massmerge.smile import SmileSettings
 
@@ -49,22 +50,11 @@ class TaskSpec(_Strict):
     templates: list[str] | None = Field(default=None, description="override the shipped prompt templates ('{}')")
 
 
-class MassOptions(_Strict):
-    """MASS settings (design.md section 2). Build settings default to ``massmerge build``'s; serve settings left
-    unset (None) are the family's default router, exactly what ``build`` records, and set ones override it."""
-
+class _MassBuildOptions(_Strict):
     rank_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
     eps: float | None = Field(default=DEFAULT_EPS, ge=0.0, le=1.0)
     max_size: float | None = Field(default=None, ge=0.0, description="artifact size budget x base, as build's "
                                                                     "--max-size; 0 keeps the design ranks")
-    alpha: float | None = None
-    eta: float | None = Field(default=None, ge=0.0, lt=1.0)
-    top_k: int | None = Field(default=None, ge=1)
-    tau: float | None = Field(default=None, gt=0.0)
-    mode: RoutingMode | None = None
-    head_rule: HeadRule | None = None
-    pooling: Pooling | None = None
-    restart_block: int | None = Field(default=None, ge=0, description="the second pass's restart block")
     eps_off_row: bool = Field(default=False, description="also score MASS with de-redundancy off (eps null) from "
                               "the same factors, as the rows '... (eps off)': the released MASS code ran so "
                               "(evaluate_pipeline.py: 'TODO: restore no redundancy')")
@@ -85,6 +75,15 @@ class ReferenceFigure(_Strict):
     source: str = Field(min_length=1, description="where the figure is printed (paper table, repository file)")
     note: str | None = Field(default=None, description="what to keep in mind comparing with it")
     flag: str | None = Field(default=None, description="why the figure itself looks wrong, if it does")
+
+
+#: Serve settings this file sets elsewhere (``eval.batch_size``, ``eval.dtype``, the top-level
+#: ``routing_layer``) or that mean nothing to an image benchmark (``max_length``); ``mass:`` takes every other.
+SERVE_SET_ELSEWHERE = ("routing_layers", "batch_size", "dtype", "max_length")
+MassOptions = create_model("MassOptions", __base__=_MassBuildOptions, **unset_serve_fields(SERVE_SET_ELSEWHERE))
+MassOptions.__doc__ = """MASS settings (design.md section 2). Build settings default to ``massmerge build``'s; serve
+settings (every :class:`~massmerge.mass.config.ServeSettings` field but :data:`SERVE_SET_ELSEWHERE`) left unset
+(None) are the family's default router, exactly what ``build`` records, and set ones override it."""
 
 
 class EvalOptions(_Strict):
@@ -163,7 +162,7 @@ class BenchmarkConfig(_Strict):
 
     def serve_overrides(self) -> dict[str, Any]:
         """The serve settings this config sets explicitly (the rest stay the family's), and the batch size."""
-        fields = ("alpha", "eta", "top_k", "tau", "mode", "head_rule", "pooling", "restart_block")
+        fields = [name for name in ServeSettings.model_fields if name not in SERVE_SET_ELSEWHERE]
         values = {name: getattr(self.mass, name) for name in fields if getattr(self.mass, name) is not None}
         return {**values, "batch_size": self.eval.batch_size, "dtype": self.eval.dtype}
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from massmerge.adapters.text import TextEncoderAdapter
 from massmerge.artifact.build import write_parts
+from massmerge.artifact.manifest import factor_header_bytes
 from massmerge.data.tasks import DEFAULT_PRESET, TaskData, get_preset, load_task
 from massmerge.device import resolve_device, resolve_dtype
 from massmerge.experiments import runner, scaling
@@ -206,7 +207,8 @@ def assemble_mass(zoo: Zoo, tvs: list[dict[str, torch.Tensor]], cfg: SuiteConfig
     start = time.perf_counter()
     build = BuildSettings(eps=cfg.eps, max_size=cfg.max_size)
     parts = assemble(zoo.model, tvs, zoo.names, zoo.heads, build=build,
-                     router=zoo.adapter.default_router(zoo.model, layer), max_length=cfg.finetune_config().max_length)
+                     router=zoo.adapter.default_router(zoo.model, layer), header_bytes=factor_header_bytes,
+                     max_length=cfg.finetune_config().max_length)
     settings = parts.serve
     if cfg.router is not None:
         settings = apply_profile(settings, cfg.router, default_layer=layer, family_pooling=zoo.adapter.paper_pooling)

@@ -18,7 +18,7 @@ import torch
 
 from massmerge.errors import OptionError
 from massmerge.lowrank import LowRank
-from massmerge.mass.config import DEFAULT_MAX_SIZE
+from massmerge.mass.config import size_budget
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.storage import round_factors
 
@@ -58,15 +58,6 @@ def non_matrix_bytes(factors: ExpertFactors, store: torch.dtype) -> int:
     return sum(t.numel() for per_task in factors.non_matrix.values() for t in per_task) * _itemsize(store)
 
 
-def metadata_bytes(factors: ExpertFactors) -> int:
-    """A generous estimate of the safetensors headers and manifest lines the factors add (JSON per tensor:
-    its key, dtype, shape and offsets; ~100 bytes besides the key), so a fitted artifact stays under budget."""
-    keys = [f"factors/{task}/{key}/{part}" for task in factors.task_names for key in factors.matrices
-            for part in "UsV"]
-    keys += [f"non_matrix/{task}/{key}" for task in factors.task_names for key in factors.non_matrix]
-    return sum(len(key) + 100 for key in keys)
-
-
 def truncate(factors: ExpertFactors, scale: float) -> ExpertFactors:
     """Every task's factors cut to its top ``scaled_rank(k, scale)`` directions.
 
@@ -86,7 +77,7 @@ def _slice(factor: LowRank, rank: int) -> LowRank:
 def fit_to_size(factors: ExpertFactors, *, base_bytes: int, max_size: float, store: torch.dtype,
                 extra_bytes: int = 0) -> BudgetFit:
     """The largest common rank scale whose artifact (base + factors + non-matrix deltas + ``extra_bytes``, e.g.
-    heads and :func:`metadata_bytes`) is at most ``max_size`` times ``base_bytes``; the factors unchanged when
+    heads and the files' header bytes) is at most ``max_size`` times ``base_bytes``; the factors unchanged when
     they already fit.
 
     Raises :class:`OptionError` naming ``--max-size`` when even one direction per task does not fit.
@@ -113,7 +104,7 @@ def fit_to_size(factors: ExpertFactors, *, base_bytes: int, max_size: float, sto
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the tensors' elements (what safetensors stores, headers aside)."""
+    """Bytes of the tensors' elements (what a tensor file stores besides its header)."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -130,11 +121,13 @@ class StoredFactors:
 
 
 def stored_factors(factors: ExpertFactors, heads: Sequence[torch.nn.Module], base_bytes: int, store: torch.dtype,
-                   max_size: float | None) -> StoredFactors:
+                   max_size: float | None, *, header_bytes: int) -> StoredFactors:
     """Cut to ``max_size`` (None: the default budget, best effort; 0: design ranks), then rounded to the
     storage dtype and back, so what is evaluated or served in memory is exactly what a saved artifact holds.
 
     The one path from built factors to stored ones: ``massmerge build`` and ``massmerge suite`` both use it.
+    ``header_bytes``: what the artifact's file headers add for these factors (the artifact layer knows its format:
+    :func:`massmerge.artifact.manifest.factor_header_bytes`).
     An explicit budget that cannot be met is an error; the default one keeps the design ranks with a note.
     The base's tokenizer and config files are left out of both sides of the ratio: on disk they count in the
     base's files too, and ``(B + E) / B >= (B + S + E) / (B + S)``, so leaving them out keeps the fit on the safe
@@ -142,11 +135,11 @@ def stored_factors(factors: ExpertFactors, heads: Sequence[torch.nn.Module], bas
     ``factors`` is consumed: rounded in place, or emptied when a cut copied what it keeps (why: two full sets
     of factors at once were the peak memory of ``massmerge build``).
     """
-    extra = metadata_bytes(factors) + tensor_bytes(p for h in heads for p in h.state_dict().values())
+    extra = header_bytes + tensor_bytes(p for h in heads for p in h.state_dict().values())
     fit, note = BudgetFit(factors, 1.0, 0.0), None
     if max_size != 0:
         try:
-            fit = fit_to_size(factors, base_bytes=base_bytes, max_size=max_size or DEFAULT_MAX_SIZE, store=store,
+            fit = fit_to_size(factors, base_bytes=base_bytes, max_size=size_budget(max_size), store=store,
                               extra_bytes=extra)
         except OptionError as exc:
             if max_size is not None:
@@ -158,5 +151,5 @@ def stored_factors(factors: ExpertFactors, heads: Sequence[torch.nn.Module], bas
     return StoredFactors(round_factors(fit.factors, store, in_place=True), fit.rank_scale, store, size, note)
 
 
-__all__ = ["BudgetFit", "StoredFactors", "stored_factors", "tensor_bytes", "factor_bytes", "fit_to_size", "metadata_bytes", "non_matrix_bytes", "scaled_rank",
-           "truncate"]
+__all__ = ["BudgetFit", "StoredFactors", "factor_bytes", "fit_to_size", "non_matrix_bytes", "scaled_rank",
+           "stored_factors", "tensor_bytes", "truncate"]

@@ -12,7 +12,7 @@ knows no model family (the adapters sit above the engine).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,14 +57,16 @@ def total_rank(factors: ExpertFactors) -> int:
 
 def assemble(base_model: nn.Module, experts: Iterable[Mapping[str, torch.Tensor]] | ExpertFactors,
              task_names: Sequence[str], heads: Sequence[nn.Module], *, build: BuildSettings,
-             router: Mapping[str, Any], max_length: int | None = None, dtype: str | None = None,
-             device: torch.device | str | None = None) -> MASSParts:
+             router: Mapping[str, Any], header_bytes: Callable[[ExpertFactors], int], max_length: int | None = None,
+             dtype: str | None = None, device: torch.device | str | None = None) -> MASSParts:
     """The parts of the MASS model of ``experts`` over ``base_model``.
 
     ``experts``: task vectors (each read once, one expert at a time) or factors built already (LoRA); ``router``:
     the family's default router as serve-setting values (``adapter.default_router(model)``), its routing layers
     kept where the experts have factors (a filtered-out layer cannot route); ``max_length``: the text length the
-    experts were trained with, and ``dtype``, the serving precision, recorded as serve defaults; ``device``: where
+    experts were trained with, and ``dtype``, the serving precision, recorded as serve defaults; ``header_bytes``:
+    the artifact's header bytes of given factors, counted in the size budget (the artifact layer's
+    ``factor_header_bytes``: this layer knows no file format); ``device``: where
     the SVDs run (the factors are kept
     on the CPU, so device memory holds one matrix at a time). The base's bytes (the budget's denominator) are its
     tensors' bytes. Checks the parts as the served model will (:func:`~massmerge.mass.model.check_parts`).
@@ -77,7 +79,8 @@ def assemble(base_model: nn.Module, experts: Iterable[Mapping[str, torch.Tensor]
                                       svd=build.svd, device=device)
     store = factor_storage(build.factor_dtype, float_dtype(state))
     design_rank, expert_note = total_rank(factors), indistinct_note(factors)
-    stored = stored_factors(factors, list(heads), tensor_bytes(state.values()), store, build.max_size)  # consumes
+    stored = stored_factors(factors, list(heads), tensor_bytes(state.values()), store, build.max_size,
+                            header_bytes=header_bytes(factors))  # consumes ``factors``
     layers = tuple(router["routing_layers"])
     kept = tuple(name for name in layers if f"{name}.weight" in stored.factors.matrices)
     serve = make_serve_settings(**{**router, "routing_layers": kept or layers[-1:]}, max_length=max_length, dtype=dtype)

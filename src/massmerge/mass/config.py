@@ -11,9 +11,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from massmerge.choices import DtypeName, SVDMethod
 from massmerge.errors import OptionError, first_validation_error
@@ -29,13 +34,19 @@ FirstPassWeights = Literal["merged", "pretrained"]
 ServeDtype = Literal["float32", "float16", "bfloat16"]
 
 DEFAULT_EPS = 0.3
-DEFAULT_ALPHA = 1.0
+DEFAULT_DELTA_SCALE = 1.0  # MASS's alpha: the merged deltas' scale in both passes (not a static merge's alpha)
 DEFAULT_ETA = 0.2
 DEFAULT_TOP_K = 3
 DEFAULT_TAU = 1.0
 DEFAULT_MAX_SIZE = 2.1  # an artifact at most 2.1x the base's bytes (design.md section 7)
 DEFAULT_BATCH_SIZE = 32
 ROUTING_DEPTH_FRACTION = 0.75  # the routing block: round(0.75 * depth), block 9 of a 12-block ViT
+
+
+def size_budget(max_size: float | None) -> float:
+    """The size budget a build cuts to, in base sizes: ``max_size`` as given (0: design ranks, no budget), or
+    :data:`DEFAULT_MAX_SIZE` when unset (then best effort: a build that cannot reach it keeps design ranks)."""
+    return DEFAULT_MAX_SIZE if max_size is None else max_size
 
 
 def default_routing_block(depth: int) -> int:
@@ -56,8 +67,8 @@ class BuildSettings(_Settings):
     eps: float | None = Field(default=DEFAULT_EPS, ge=0.0, le=1.0, description="de-redundancy cosine; None = off")
     svd: SVDMethod = "auto"
     factor_dtype: Literal["auto"] | DtypeName = "auto"
-    max_size: float | None = Field(default=None, ge=0.0, description="size budget x base; None = 2.1 where "
-                                                                      "reachable, 0 = design ranks")
+    max_size: float | None = Field(default=None, ge=0.0, description=f"size budget x base; None = {DEFAULT_MAX_SIZE} "
+                                                                      "where reachable, 0 = design ranks")
 
     @field_validator("max_size")
     @classmethod
@@ -67,26 +78,49 @@ class BuildSettings(_Settings):
         return value
 
 
+def _cli(**facts: Any) -> dict[str, Any]:
+    """Command-line facts of a serve setting beyond its type and description (see :class:`SettingFlag`)."""
+    return {"cli": facts}
+
+
 class ServeSettings(_Settings):
-    """How a MASS model routes and answers (overridable at serve time)."""
+    """How a MASS model routes and answers (overridable at serve time).
+
+    The ONE declaration of the serve settings: each field's type, default, bounds and ``description`` (the help
+    sentence) are what ``massmerge predict``'s flags (:func:`serve_flags`), the evaluate YAML's ``mass:`` fields,
+    the help texts and ``load(..., **serve)`` keywords are made from. A new setting is one new field here.
+    """
 
     routing_layers: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
-        default=(), description="routing nn.Linear names (several: multi-layer routing)")
-    pooling: Pooling | None = Field(default=None, description="routing token pooling; None = the family's")
-    layer_combine: LayerCombine = "standardized"
-    mode: RoutingMode = "topk"
-    eta: float = Field(default=DEFAULT_ETA, ge=0.0, lt=1.0)
-    top_k: int = Field(default=DEFAULT_TOP_K, ge=1)
-    tau: float = Field(default=DEFAULT_TAU, gt=0.0, allow_inf_nan=False)
-    head_rule: HeadRule = "max_logit"
-    alpha: float = Field(default=DEFAULT_ALPHA, allow_inf_nan=False)
-    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
-    max_length: int | None = Field(default=None, ge=1, description="text: tokens per input; None = the model's")
-    dtype: ServeDtype | None = Field(default=None, description="serving precision; None = the base's own")
-    restart_block: int = Field(default=0, ge=0, description="the block the second pass restarts at from the "
-                                                            "first pass's hidden states; 0 = two full passes")
-    first_pass: FirstPassWeights = Field(default="merged", description="the router's weights: TSV-M of all tasks "
-                                                                       "(merged) or the base (pretrained, proj-PRE)")
+        default=(), description="routing nn.Linear name (repeat for multi-layer routing)",
+        json_schema_extra=_cli(flag="--routing-layer"))  # one name per flag: the CLI spells it in the singular
+    pooling: Pooling | None = Field(default=None, description=(
+        "routing token pooling: cls, mean, content (mean without special tokens) or tokens (RMS of each content "
+        "token's residual)"))  # None: the family's
+    layer_combine: LayerCombine = Field(default="standardized",
+                                        description="how several routing layers combine: standardized or ppca")
+    mode: RoutingMode = Field(default="topk", description="routing mode: topk, top1 or batch (the whole input is "
+                                                          "one task)")
+    eta: float = Field(default=DEFAULT_ETA, ge=0.0, lt=1.0,
+                       description="select tasks whose router probability exceeds FLOAT")
+    top_k: int = Field(default=DEFAULT_TOP_K, ge=1, description="at most INT tasks per input")
+    tau: float = Field(default=DEFAULT_TAU, gt=0.0, allow_inf_nan=False, description="router softmax temperature")
+    head_rule: HeadRule = Field(default="max_logit", description=(
+        "how the task is chosen among the selected: max_logit (paper), posterior (router probability x head "
+        "softmax) or joint (log router probability + logits)"))
+    alpha: float = Field(default=DEFAULT_DELTA_SCALE, allow_inf_nan=False, description="scale of the merged deltas")
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, description="inputs per batch, tasks mixed")
+    max_length: int | None = Field(default=None, ge=1, description="text: tokens per input, clipped to the "
+                                   "model's positions", json_schema_extra=_cli(
+                                       artifact_default="what the experts were trained with"))  # None: the model's
+    dtype: ServeDtype | None = Field(default=None, description="serving precision: float32, float16 or bfloat16",
+                                     json_schema_extra=_cli(metavar="DTYPE"))  # None: the base's own
+    restart_block: int = Field(default=0, ge=0, description=(
+        "the block the second pass restarts at from the first pass's hidden states (0: two full passes; at most "
+        "the routing layer's block)"))
+    first_pass: FirstPassWeights = Field(default="merged", description=(
+        "the router's weights: TSV-M of all tasks (merged) or the base (pretrained, proj-PRE)"),
+        json_schema_extra=_cli(flag=None))  # an ablation of the suite's router study, not a serving choice
 
     def updated(self, **overrides: Any) -> ServeSettings:
         """A copy with the given fields replaced (None values are ignored), validated like the original."""
@@ -115,13 +149,77 @@ def apply_profile(settings: ServeSettings, profile: str, *, default_layer: str, 
     return make_serve_settings(**values)
 
 
-FLAG_NAMES = {"routing_layers": "--routing-layer"}  # the CLI spells some list settings in the singular
+@dataclass(frozen=True)
+class SettingFlag:
+    """A serve setting as a command-line option, derived from its :class:`ServeSettings` field.
+
+    ``kind`` is what the CLI parses (int, float or str; a tuple field is a repeatable ``str``); ``metavar`` is
+    INT, FLOAT or NAME unless the field says otherwise; ``help`` is the field's description and ``default`` the
+    engine's; ``artifact_default`` says what an artifact's unset value means, where that needs words.
+    """
+
+    field: str
+    flag: str
+    metavar: str
+    kind: type
+    multiple: bool
+    help: str
+    default: Any
+    artifact_default: str | None = None
+
+    def value(self, parsed: Any) -> Any:
+        """The setting's value from what the CLI parsed (None: unset; a repeated flag: a tuple, none given: None)."""
+        if self.multiple:
+            return tuple(parsed) if parsed else None
+        return parsed
+
+
+def _flag_of(name: str, info: FieldInfo) -> SettingFlag | None:
+    facts = (info.json_schema_extra or {}).get("cli", {}) if isinstance(info.json_schema_extra, dict) else {}
+    flag = facts.get("flag", "--" + name.replace("_", "-"))
+    if flag is None:
+        return None
+    annotation = info.annotation
+    multiple = get_origin(annotation) is tuple
+    optional = get_origin(annotation) in (Union, UnionType)
+    inner = next(a for a in get_args(annotation) if a is not type(None)) if optional else annotation
+    kind = inner if inner in (int, float) and not multiple else str  # a name, a choice or a repeated name
+    metavar = facts.get("metavar", {int: "INT", float: "FLOAT"}.get(kind, "NAME"))
+    return SettingFlag(name, flag, metavar, kind, multiple, info.description or "", info.default,
+                       facts.get("artifact_default"))
+
+
+@cache
+def serve_flags() -> tuple[SettingFlag, ...]:
+    """Every serve setting that is a command-line option, in field order (``massmerge predict`` and
+    ``massmerge serve`` take them all; a new :class:`ServeSettings` field is a new flag)."""
+    flags = (_flag_of(name, info) for name, info in ServeSettings.model_fields.items())
+    return tuple(flag for flag in flags if flag is not None)
+
+
+def unset_serve_fields(exclude: Iterable[str] = (), settings: type[BaseModel] | None = None) -> dict[str, Any]:
+    """:class:`ServeSettings`' fields (less ``exclude``) as ``pydantic.create_model`` definitions, each with the
+    same type, bounds and description but unset (None) by default: a config section that may override any serve
+    setting (``massmerge evaluate``'s ``mass:``), declared by the settings themselves (``settings``: a subclass)."""
+    out: dict[str, Any] = {}
+    for name, info in (settings or ServeSettings).model_fields.items():
+        if name in exclude:
+            continue
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        out[name] = (annotation | None, Field(default=None, description=info.description))
+    return out
+
+
+def flag_name(field: str) -> str:
+    """The option that names ``field`` in errors: its flag (``routing_layers`` -> ``--routing-layer``)."""
+    found = next((f.flag for f in serve_flags() if f.field == field), None)
+    return found or "--" + field.replace("_", "-")
 
 
 def _option_error(exc: ValidationError) -> OptionError:
     where, message, value = first_validation_error(exc)
     field = where.split(".")[0] or "settings"
-    option = FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
+    option = flag_name(field)
     return OptionError(f"{option}: {message} (got {value!r})")
 
 
@@ -150,8 +248,30 @@ def check_pooling(pooling: str | None) -> None:
         raise OptionError(f"--pooling: unknown pooling '{pooling}' (choose {', '.join(POOLINGS)})")
 
 __all__ = [
-    "BuildSettings", "DEFAULT_ALPHA", "DEFAULT_BATCH_SIZE", "DEFAULT_EPS", "DEFAULT_ETA", "DEFAULT_MAX_SIZE",
-    "DEFAULT_TAU", "DEFAULT_TOP_K", "FirstPassWeights", "HeadRule", "LayerCombine", "POOLINGS", "Pooling", "ROUTER_PROFILES", "RoutingMode",
-    "ServeSettings", "apply_profile", "check_pooling", "default_routing_block", "make_build_settings",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_DELTA_SCALE",
+    "DEFAULT_EPS",
+    "DEFAULT_ETA",
+    "DEFAULT_MAX_SIZE",
+    "DEFAULT_TAU",
+    "DEFAULT_TOP_K",
+    "POOLINGS",
+    "ROUTER_PROFILES",
+    "BuildSettings",
+    "FirstPassWeights",
+    "HeadRule",
+    "LayerCombine",
+    "Pooling",
+    "RoutingMode",
+    "ServeSettings",
+    "SettingFlag",
+    "apply_profile",
+    "check_pooling",
+    "default_routing_block",
+    "flag_name",
+    "make_build_settings",
     "make_serve_settings",
+    "serve_flags",
+    "size_budget",
+    "unset_serve_fields",
 ]

@@ -24,7 +24,7 @@ from itertools import pairwise
 
 import torch
 
-from massmerge.mass.config import LayerCombine, RoutingMode
+from massmerge.mass.config import DEFAULT_ETA, DEFAULT_TAU, DEFAULT_TOP_K, LayerCombine, RoutingMode
 
 STD_FLOOR = 1e-6
 
@@ -159,7 +159,7 @@ def standardize(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean(dim=1, keepdim=True)) / (scores.std(dim=1, keepdim=True) + STD_FLOOR)
 
 
-def probabilities(res: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def probabilities(res: torch.Tensor, tau: float = DEFAULT_TAU) -> torch.Tensor:
     """Softmax over tasks of the standardized scores ``-r`` (unbiased std + 1e-6), divided by tau."""
     return torch.softmax(standardize(-res) / tau, dim=1)
 
@@ -186,8 +186,8 @@ def combined_scores(res_per_layer: Sequence[torch.Tensor], combine: LayerCombine
 
 
 def route(res_per_layer: Sequence[torch.Tensor], *, combine: LayerCombine = "standardized",
-          free_dims: Sequence[float] | None = None, mode: RoutingMode = "topk", eta: float = 0.2, top_k: int = 3,
-          tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+          free_dims: Sequence[float] | None = None, mode: RoutingMode = "topk", eta: float = DEFAULT_ETA,
+          top_k: int = DEFAULT_TOP_K, tau: float = DEFAULT_TAU) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs [B, T], selected [B, T]) from one or several layers' residuals; one layer with ``standardized``
     is exactly :func:`select` (the paper's rule)."""
     if len(res_per_layer) == 1 and combine == "standardized":
@@ -217,7 +217,8 @@ def topk_selection(probs: torch.Tensor, eta: float, top_k: int) -> torch.Tensor:
 
 
 def select(
-    res: torch.Tensor, *, mode: RoutingMode = "topk", eta: float = 0.2, top_k: int = 3, tau: float = 1.0
+    res: torch.Tensor, *, mode: RoutingMode = "topk", eta: float = DEFAULT_ETA, top_k: int = DEFAULT_TOP_K,
+    tau: float = DEFAULT_TAU,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs [B, T], selected bool [B, T]) for the routing ``mode``.
 
