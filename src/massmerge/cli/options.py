@@ -1,7 +1,9 @@
 """Help texts and checks shared by several commands, so one idea has one flag and one wording everywhere.
 
-Every default a help text states is read from where it is defined (``mass/config.py``), never retyped. Kept
-free of heavy imports: the CLI must start fast (``massmerge --help`` imports no torch).
+Every default a help text states is read from where it is defined (``mass/config.py``), never retyped; the serve
+flags themselves (names, metavars, help sentences) are made from the fields of ``ServeSettings``
+(:func:`with_serve_flags`, which ``massmerge predict`` and ``massmerge serve`` share). Kept free of heavy imports:
+the CLI must start fast (``massmerge --help`` imports no torch).
 """
 
 from __future__ import annotations

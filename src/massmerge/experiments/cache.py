@@ -118,5 +118,15 @@ class EvalCache:
         return result
 
 
-__all__ = ["BuildKey", "CacheKey", "DIGEST_CHARS", "EvalCache", "MassKey", "MergeKey", "ResultKey", "RouterStudyKey",
-           "TaskGivenKey", "digest_of"]
+__all__ = [
+    "DIGEST_CHARS",
+    "BuildKey",
+    "CacheKey",
+    "EvalCache",
+    "MassKey",
+    "MergeKey",
+    "ResultKey",
+    "RouterStudyKey",
+    "TaskGivenKey",
+    "digest_of",
+]
