@@ -97,3 +97,18 @@ def test_features_average_over_non_padding_tokens() -> None:
 
     hidden = torch.tensor([[[1.0, 1.0], [3.0, 3.0], [100.0, 100.0]]])
     assert masked_mean(hidden, torch.tensor([[1, 1, 0]])).tolist() == [[2.0, 2.0]]
+
+
+def test_expert_key_object_keeps_the_digest_of_the_hand_built_key(tiny: ft.Backbone) -> None:
+    """Experts cached before keys became objects are reused: the digest is the old hand-built one."""
+    import hashlib
+    import json
+
+    task = _task()
+    for device, suffix in ((None, {}), (torch.device("cuda"), {"device": "cuda"})):
+        legacy = {"backbone": ft.fingerprint(tiny.path), "task": task.name, "classes": task.classes,
+                  "templates": list(task.templates),
+                  "train": hashlib.sha256(json.dumps([task.train.texts, task.train.labels]).encode()).hexdigest(),
+                  "config": CONFIG.model_dump(), **suffix}
+        expected = hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:20]
+        assert ft.expert_key(task, CONFIG, tiny.path, device) == expected

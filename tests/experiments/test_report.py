@@ -332,3 +332,28 @@ def test_batch_routing_and_smile_rows_are_method_rows(tmp_path: Path) -> None:
     text = (tmp_path / "report.md").read_text()
     assert "| MASS (batch routing) | batch routing |" in text
     assert "SMILE-2: stores 1.90x the base's numbers; its forward runs at 0.30x" in text
+
+
+def test_assemble_report_builds_what_write_report_checks(tmp_path: Path) -> None:
+    """The one assembly suite and evaluate share: served settings added to the config, MASS sections empty
+    when MASS was not run, targets computed; the result passes the schema and is written."""
+    from massmerge.experiments.report.assemble import assemble_report
+    from massmerge.mass.config import ServeSettings
+
+    fake = fake_report()
+    methods = {name: row for name, row in fake["methods"].items() if not name.startswith("MASS")}
+    settings = ServeSettings(routing_layers=(DEFAULT_LAYER,), eta=0.1)
+    report = assemble_report("evaluate", preset=None, config={"routing_layer": DEFAULT_LAYER, "eps": 0.3},
+                             settings=settings, served=None, tasks=fake["tasks"], methods=methods, mass_details=[],
+                             timing={"total_seconds": 1.0})
+    assert report["mass"] is None and report["mass_layers"] == [] and report["storage"] is None
+    assert report["dropped"] == {} and report["threads"] >= 1 and "targets" in report
+    assert report["config"]["eta"] == 0.1 and report["config"]["serve_settings"]["routing_layers"] == [DEFAULT_LAYER]
+    written = write_report(report, tmp_path, show=False)
+    assert json.loads((tmp_path / "report.json").read_text())["config"]["top_k"] == written["config"]["top_k"] == 3
+    suite = assemble_report("suite", preset="fake", config=fake["config"], settings=settings, served=None,
+                            tasks=fake["tasks"], methods=fake["methods"], mass_details=fake["mass_layers"],
+                            timing=fake["timing"], finetune=fake["finetune"], layer_sweep=fake["layer_sweep"],
+                            throughput=fake["throughput"], storage=fake["storage"])
+    assert suite["mass"] == fake["mass"] and suite["layer_sweep"] == fake["layer_sweep"]
+    write_report(suite, tmp_path / "suite", show=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from massmerge.errors import MassMergeError
+from massmerge.experiments.suite import CI_FINETUNE
 
 
 def _data_or_skip() -> None:
@@ -174,15 +175,81 @@ def test_suite_experts_serve_through_build_and_predict(ci_report: tuple[dict, Pa
 
 
 def test_eval_cache_keys_on_settings(tmp_path: Path) -> None:
-    from massmerge.experiments.cache import EvalCache
+    from massmerge.experiments.cache import BuildKey, EvalCache, MassKey
+    from massmerge.experiments.suite import SuiteRunKey
+    from massmerge.mass.config import ServeSettings
+
+    def run_key(name: str) -> SuiteRunKey:
+        return SuiteRunKey(scope="suite", experts=(name,), finetune=CI_FINETUNE, test_texts="t", device=None, dtype=None)
+
+    def mass(eta: float) -> MassKey:
+        return MassKey(build=BuildKey(eps=0.3, rank_scale=1.0, factor_dtype="float16"),
+                       serve=ServeSettings(routing_layers=("fc",), eta=eta))
 
     calls = []
-    cache = EvalCache(tmp_path, "zoo-key")
+    cache = EvalCache(tmp_path, run_key("zoo"))
     run = lambda: calls.append(1) or {"x": len(calls)}  # noqa: E731
-    assert cache.get_or_run("mass", run, eta=0.2) == {"x": 1}
-    assert cache.get_or_run("mass", run, eta=0.2) == {"x": 1}  # cached: not run again
-    assert cache.get_or_run("mass", run, eta=0.3) == {"x": 2}  # another setting: another entry
-    assert EvalCache(tmp_path, "other-zoo").get_or_run("mass", run, eta=0.2) == {"x": 3}
+    assert cache.get_or_run("mass", run, mass(0.2)) == {"x": 1}
+    assert cache.get_or_run("mass", run, mass(0.2)) == {"x": 1}  # cached: not run again
+    assert cache.get_or_run("mass", run, mass(0.3)) == {"x": 2}  # another setting: another entry
+    assert cache.get_or_run("mass", run, mass(0.2), revision=2) == {"x": 3}  # the code changed: recomputed
+    assert EvalCache(tmp_path, run_key("other-zoo")).get_or_run("mass", run, mass(0.2)) == {"x": 4}
+
+
+def _other(value: object) -> object:
+    """A different valid value of the same kind (for the key-covers-every-field test)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, float):
+        return value / 2 if value else 0.5
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, tuple):
+        return (*value, "other")
+    if isinstance(value, dict):
+        return {**value, "other": 1}
+    raise TypeError(type(value))
+
+
+VARIANTS = {"pooling": "content", "layer_combine": "ppca", "mode": "top1", "head_rule": "joint", "dtype": "float16",
+            "first_pass": "pretrained", "max_length": 12, "scope": "scaling", "device": "cuda", "dtype_run": "bfloat16",
+            "factor_dtype": "float32", "eps": None, "settings": {"eta": 0.1}}
+
+
+def test_a_key_changes_whenever_any_field_changes() -> None:
+    """Every field of every key object enters its digest (issue 28): change one field, and only it, and the
+    digest changes; equal fields, equal digests."""
+    from pydantic import BaseModel
+
+    from massmerge.experiments.cache import BuildKey, MassKey, MergeKey, ResultKey, RouterStudyKey, TaskGivenKey
+    from massmerge.experiments.suite import SuiteRunKey
+    from massmerge.mass.config import ServeSettings
+
+    build = BuildKey(eps=0.3, rank_scale=1.0, factor_dtype="float16")
+    mass = MassKey(build=build, serve=ServeSettings(routing_layers=("fc",)))
+    keys = [build, mass, TaskGivenKey(build=build, alpha=1.0), MergeKey(options={"alpha": 0.3}),
+            RouterStudyKey(mass=mass, routers={"knn": [1, 3]}), ResultKey(run="r", name="mass"),
+            SuiteRunKey(scope="suite", experts=("a", "b"), finetune=CI_FINETUNE, test_texts="t", device=None,
+                        dtype=None)]
+
+    def variants(key):  # (field path, key with that one field changed), nested models included
+        for name, value in key:
+            if isinstance(value, BaseModel):
+                for path, inner in variants(value):
+                    yield f"{name}.{path}", key.model_copy(update={name: inner})
+                continue
+            field = "dtype_run" if name == "dtype" and isinstance(key, SuiteRunKey) else name
+            new = VARIANTS[field] if field in VARIANTS else _other(value) if value is not None else "set"
+            yield name, key.model_validate({**key.model_dump(), name: new})
+
+    for key in keys:
+        assert key.digest() == type(key).model_validate(key.model_dump()).digest()
+        seen = {key.digest()}
+        for path, changed in variants(key):
+            assert changed.digest() not in seen, f"{type(key).__name__}.{path} does not change the key"
+            seen.add(changed.digest())
 
 
 def test_default_routing_layer_is_block_round_three_quarters() -> None:

@@ -1,7 +1,9 @@
 """Help texts and checks shared by several commands, so one idea has one flag and one wording everywhere.
 
-Every default a help text states is read from where it is defined (``mass/config.py``), never retyped. Kept
-free of heavy imports: the CLI must start fast (``massmerge --help`` imports no torch).
+Every default a help text states is read from where it is defined (``mass/config.py``), never retyped; the serve
+flags themselves (names, metavars, help sentences) are made from the fields of ``ServeSettings``
+(:func:`with_serve_flags`, which ``massmerge predict`` and ``massmerge serve`` share). Kept free of heavy imports:
+the CLI must start fast (``massmerge --help`` imports no torch).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from massmerge.errors import OptionError
-from massmerge.mass.config import DEFAULT_MAX_SIZE, SettingFlag, serve_flags
+from massmerge.mass.config import DEFAULT_MAX_SIZE, ServeSettings, SettingFlag, serve_flags
 
 RANK_FRACTION_HELP = "kept rank per task and matrix: floor(min(m, n) x FLOAT) [default: 1/T]"
 EPS_HELP = "de-redundancy: leave a task out of the first pass where its cosine with a kept task exceeds FLOAT"
@@ -20,7 +22,7 @@ DEREDUNDANCY_HELP = "drop redundant tasks from the first-pass merge (see --eps)"
 MAX_SIZE_HELP = ("cut every task's rank by one common fraction so the artifact is at most FLOAT x the base's "
                  f"bytes; 0 keeps the design ranks [default: {DEFAULT_MAX_SIZE} where reachable]")
 DEVICE_HELP = "cpu, cuda, cuda:N or mps [default: cuda when a GPU is visible, else cpu]"
-DTYPE_HELP = "serving precision: float32, float16 or bfloat16 [default: the model's own]"
+DTYPE_HELP = f"{ServeSettings.model_fields['dtype'].description} [default: the model's own]"
 TRUST_PICKLE_HELP = "allow pickle checkpoints (.bin/.pt), loaded weights-only; only for files you trust"
 
 ROUTER_HELP = "a named router rule applied before the other router flags: paper (the paper's exact rule)"

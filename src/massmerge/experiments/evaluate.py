@@ -37,11 +37,11 @@ from massmerge.device import describe as describe_device
 from massmerge.device import resolve_device, resolve_dtype
 from massmerge.errors import OptionError
 from massmerge.experiments import runner
-from massmerge.experiments.cache import EvalCache, stable_hash
+from massmerge.experiments.cache import CacheKey, EvalCache
 from massmerge.experiments.evaluate_config import EPS_OFF, MERGES, BenchmarkConfig
 from massmerge.experiments.pool import TaskPool, TaskSplit
 from massmerge.experiments.report import write_report
-from massmerge.experiments.report.stats import targets
+from massmerge.experiments.report.assemble import assemble_report
 from massmerge.heads.files import head_width
 from massmerge.heads.zoo import (
     clip_task,
@@ -257,14 +257,22 @@ def eps_off_rows(wb: Workbench, pool: TaskPool, parts: MASSParts, seconds: float
 
 # ----- the run ---------------------------------------------------------------------------------------------------
 
-def cache_key(config: BenchmarkConfig) -> str:
-    """The run's cache key: the config (less where the report goes, the reference figures and whether the eps-off
-    rows are added, which shape no score) and, for local files, their sizes and times, so an expert or dataset
-    changed in place misses the cache."""
-    payload = config.model_dump(mode="json", exclude={"output": True, "reference": True, "mass": {"eps_off_row"}})
+class EvaluateRunKey(CacheKey):
+    """What every cached result of an evaluate run shares: the config (less where the report goes, the reference
+    figures and whether the eps-off rows are added, which shape no score) and, for local files, their sizes and
+    times, so an expert or dataset changed in place misses the cache."""
+
+    config: dict[str, Any]
+    sources: list[Any]
+
+
+def cache_key(config: BenchmarkConfig) -> EvaluateRunKey:
+    """The run's cache key (:class:`EvaluateRunKey`)."""
     sources = [config.base, config.heads_from, config.tokenizer,
                *(s for t in config.tasks for s in (t.expert, t.dataset))]
-    return stable_hash([payload, [_fingerprint(s) for s in sources if s]])
+    return EvaluateRunKey(config=config.model_dump(mode="json", exclude={"output": True, "reference": True,
+                                                                         "mass": {"eps_off_row"}}),
+                          sources=[_fingerprint(s) for s in sources if s])
 
 
 def _fingerprint(source: str) -> Any:
@@ -305,7 +313,7 @@ def run_benchmark(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path 
         log("method smile")
         rows.update(runner.smile_rows(pool, model, lambda: [expert_vector(wb, t) for t in range(T)], cache, expert,
                                       SmileSettings(), config.eval.batch_size))
-    details, storage, dropped = None, None, {}
+    details, served = None, None
     settings = ServeSettings(routing_layers=(wb.adapter.routing_layer(model),)).updated(**config.serve_overrides())
     if assembled is not None:
         log("method mass")
@@ -316,23 +324,16 @@ def run_benchmark(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path 
         if config.mass.eps_off_row and config.mass.eps is not None:
             log("method mass (eps off)")
             rows.update(eps_off_rows(wb, pool, *assembled, cache, expert))
-        storage = {k: v for k, v in served.storage.items() if k != "rank_scale"}
-        dropped, settings = served.mass.factors.dropped(), served.mass.settings
-    report = {
-        "kind": "evaluate", "preset": None,
-        "config": {**config.model_dump(mode="json"), "routing_layer": settings.routing_layers[-1],
-                   "eta": settings.eta, "top_k": settings.top_k, "eps": config.mass.eps,
-                   "serve_settings": settings.model_dump(mode="json"), "adapter": wb.adapter.describe()},
-        "tasks": [{"name": t.name, "description": _description(t), "classes": list(d.classes),
-                   "sizes": {"train": 0, "val": 0, "test": len(d)},
-                   "source": {"expert": t.expert, "dataset": t.dataset, "split": t.split}}
-                  for t, d in zip(config.tasks, wb.datasets, strict=True)],
-        "methods": rows, "mass": details, "mass_layers": [details] if details else [], "dropped": dropped,
-        "storage": storage, "timing": {"total_seconds": time.perf_counter() - wall},
-        "threads": torch.get_num_threads(),
-    }
-    report["targets"] = targets(report)
-    return report
+        settings = served.mass.settings
+    return assemble_report(
+        "evaluate", preset=None, settings=settings, served=served, methods=rows,
+        config={**config.model_dump(mode="json"), "routing_layer": settings.routing_layers[-1], "eps": config.mass.eps,
+                "adapter": wb.adapter.describe()},
+        tasks=[{"name": t.name, "description": _description(t), "classes": list(d.classes),
+                "sizes": {"train": 0, "val": 0, "test": len(d)},
+                "source": {"expert": t.expert, "dataset": t.dataset, "split": t.split}}
+               for t, d in zip(config.tasks, wb.datasets, strict=True)],
+        mass_details=[details] if details else [], timing={"total_seconds": time.perf_counter() - wall})
 
 
 def evaluate(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path | None = None,

@@ -31,6 +31,7 @@ from massmerge import progress
 from massmerge.data.tasks import TaskData
 from massmerge.device import to_device
 from massmerge.errors import MassMergeError
+from massmerge.experiments.cache import CacheKey
 from massmerge.io.atomic import atomic_write, write_text_atomically
 from massmerge.mass.pooling import masked_mean
 
@@ -125,20 +126,27 @@ def class_embeddings(backbone: Backbone, classes: Sequence[str], templates: Sequ
     return nn.functional.normalize(emb, dim=-1)
 
 
+class ExpertKey(CacheKey):
+    """Every setting that shapes an expert: backbone weights, task, classes, prompts, train data, config, and the
+    kind of device it trained on when that is not the CPU (its kernels round differently). Its digest is the one
+    the hand-built key had, so experts trained before keys became objects are reused."""
+
+    backbone: str  # sha256 of the backbone's weights
+    task: str
+    classes: list[str]
+    templates: list[str]
+    train: str  # sha256 of the train texts and labels
+    config: FinetuneConfig
+    device: str | None = None
+
+
 def expert_key(task: TaskData, config: FinetuneConfig, backbone: Path, device: torch.device | None = None) -> str:
-    """Hash of every setting that shapes an expert: backbone weights, task, classes, prompts, train data, config,
-    and the kind of device it trained on when that is not the CPU (its kernels round differently)."""
-    payload = {
-        "backbone": fingerprint(backbone),
-        "task": task.name,
-        "classes": task.classes,
-        "templates": list(task.templates),
-        "train": hashlib.sha256(json.dumps([task.train.texts, task.train.labels]).encode()).hexdigest(),
-        "config": config.model_dump(),
-    }
-    if device is not None and device.type != "cpu":
-        payload["device"] = device.type
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    """The digest of the expert's :class:`ExpertKey` (its cache directory's suffix)."""
+    return ExpertKey(
+        backbone=fingerprint(backbone), task=task.name, classes=list(task.classes), templates=list(task.templates),
+        train=hashlib.sha256(json.dumps([task.train.texts, task.train.labels]).encode()).hexdigest(), config=config,
+        device=device.type if device is not None and device.type != "cpu" else None,
+    ).digest()
 
 
 def _batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict[int, np.ndarray]) -> list[int]:

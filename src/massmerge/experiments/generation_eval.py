@@ -34,7 +34,7 @@ from massmerge.data.glue import MAX_INPUT_LENGTH, MAX_LENGTH, PROTOCOL, GlueSpli
 from massmerge.device import describe as describe_device
 from massmerge.device import resolve_device, resolve_dtype
 from massmerge.errors import MassMergeError, OptionError
-from massmerge.experiments.cache import EvalCache
+from massmerge.experiments.cache import CacheKey, EvalCache
 from massmerge.experiments.glue_metrics import score_task
 from massmerge.io.atomic import write_text_atomically
 from massmerge.merging import merge
@@ -200,6 +200,15 @@ def expert_params(bench: GenerationBench, task: int) -> dict[str, torch.Tensor]:
     return {key: add_delta(bench.base_state[key], vector[key]) for key in vector}
 
 
+class GenerationScoreKey(CacheKey):
+    """What one cached score of a generation row depends on beyond the run's key: the task, the protocol and the
+    method's options."""
+
+    task: str
+    protocol: Any
+    options: dict[str, Any]
+
+
 def method_row(bench: GenerationBench, cache: EvalCache, method: str,
                params: Callable[[int], Mapping[str, torch.Tensor] | None], options: Mapping[str, Any]
                ) -> dict[str, dict[str, Any]]:
@@ -208,7 +217,7 @@ def method_row(bench: GenerationBench, cache: EvalCache, method: str,
     for task, name in enumerate(bench.names):
         bench.log(f"method {method} on {name}")
         out[name] = cache.get_or_run(f"generate-{method}", lambda task=task: score_one(bench, task, params(task), method),
-                                     task=name, protocol=PROTOCOL, options=dict(options))
+                                     GenerationScoreKey(task=name, protocol=PROTOCOL, options=dict(options)))
     return out
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from massmerge.experiments import data_routers as dr
 from massmerge.experiments import metrics as ev
-from massmerge.experiments.cache import EvalCache
+from massmerge.experiments.cache import EvalCache, RouterStudyKey
 from massmerge.experiments.pool import TaskPool
 from massmerge.experiments.runner import ServedMASS, score_mass, split_features
 from massmerge.mass.model import MASSModel
@@ -114,13 +114,12 @@ def router_study(pool: TaskPool, model: nn.Module, served: ServedMASS, hidden: M
     and MASS's loss split against it. ``hidden``/``given``: the served MASS's test scores with per-input
     correctness (:func:`~massmerge.experiments.runner.mass_scores`)."""
     mass = served.mass
-    key = {**served.build_key, **mass.settings.model_dump(mode="json")}
-    fitted = cache.get_or_run("router_study", lambda: fit_routers(pool, model, mass), **key, routers=dr.settings())
+    fitted = cache.get_or_run("router_study", lambda: fit_routers(pool, model, mass),
+                              RouterStudyKey(mass=served.key(), routers=dr.settings()))
     given_t, hidden_t = torch.tensor(given["correct"], dtype=torch.bool), torch.tensor(hidden["correct"], dtype=torch.bool)
     pre = mass.with_settings(first_pass="pretrained")
-    pre_key = {**served.build_key, **pre.settings.model_dump(mode="json")}
     pre_scores = {split: cache.get_or_run(f"proj_pre-{split}", lambda s=split: score_mass(pool, pre, s, "proj-PRE"),
-                                          **pre_key) for split in ("val", "test")}
+                                          served.key(pre)) for split in ("val", "test")}
     val_true = task_ids(pool, "val")
     pre_val = sum(pre_scores["val"]["routing_accuracy"][n] * int((val_true == t).sum())
                   for t, n in enumerate(pool.names)) / len(val_true)

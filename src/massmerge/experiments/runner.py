@@ -25,7 +25,7 @@ from torch.func import functional_call
 from massmerge import progress
 from massmerge.device import sync, to_device
 from massmerge.experiments import metrics as ev
-from massmerge.experiments.cache import EvalCache
+from massmerge.experiments.cache import BuildKey, EvalCache, MassKey, MergeKey, TaskGivenKey
 from massmerge.experiments.pool import TaskPool
 from massmerge.mass import router
 from massmerge.mass.build import MASSParts
@@ -117,7 +117,7 @@ def static_rows(pool: TaskPool, model: nn.Module, base: Params, task_vectors: Ca
             seconds = time.perf_counter() - start
             return {**score_static(pool, model, state, label=f"evaluate {name}"), "merge_seconds": seconds}
 
-        result = cache.get_or_run(name, run, **({"options": opts} if opts else {}))
+        result = cache.get_or_run(name, run, MergeKey(options=opts))
         extra = {"options": opts} if opts else {}
         rows[name] = row("oracle head", result["oracle"], expert, merge_seconds=result["merge_seconds"],
                          storage_factor=1.0, **extra)  # fmt: skip
@@ -148,8 +148,12 @@ class ServedMASS:
 
     mass: MASSModel
     storage: dict[str, Any]  # base_numel, factor_numel, base_dtype, factor_dtype, bytes_ratio, rank_scale
-    build_key: dict[str, Any]  # what the factors depend on beyond the experts (cache keys)
+    build_key: BuildKey  # what the factors depend on beyond the experts (cache keys)
     factor_seconds: float
+
+    def key(self, view: MASSModel | None = None) -> MassKey:
+        """The cache key of a view of the served model (default: the model itself)."""
+        return MassKey(build=self.build_key, serve=(view or self.mass).settings)
 
 
 def serve_parts(model: nn.Module, parts: MASSParts, mass: MASSModel, factor_seconds: float) -> ServedMASS:
@@ -159,7 +163,7 @@ def serve_parts(model: nn.Module, parts: MASSParts, mass: MASSModel, factor_seco
     storage = {"base_numel": base_numel, "factor_numel": parts.factors.numel(),
                "base_dtype": dtype_name(float_dtype(state)), "factor_dtype": dtype_name(parts.store),
                "bytes_ratio": parts.size_factor, "rank_scale": parts.rank_scale}
-    build_key = {"eps": parts.build.eps, "rank_scale": parts.rank_scale, "factor_dtype": storage["factor_dtype"]}
+    build_key = BuildKey(eps=parts.build.eps, rank_scale=parts.rank_scale, factor_dtype=storage["factor_dtype"])
     return ServedMASS(mass, storage, build_key, factor_seconds)
 
 
@@ -251,18 +255,16 @@ def score_mass_batch_routing(pool: TaskPool, mass: MASSModel, split: str = "test
 def mass_scores(pool: TaskPool, served: ServedMASS, mass: MASSModel, cache: EvalCache
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(task hidden, task given) test scores of a MASS view, with their per-input correctness, cached."""
-    settings = {**served.build_key, **mass.settings.model_dump(mode="json")}
-    hidden = cache.get_or_run("mass-v2", lambda: score_mass(pool, mass), **settings)
-    given = cache.get_or_run("mass_task_given-v2", lambda: score_mass_task_given(pool, mass), **served.build_key,
-                             alpha=mass.settings.alpha)
+    hidden = cache.get_or_run("mass", lambda: score_mass(pool, mass), served.key(mass))
+    given = cache.get_or_run("mass_task_given", lambda: score_mass_task_given(pool, mass),
+                             TaskGivenKey(build=served.build_key, alpha=mass.settings.alpha))
     return hidden, given
 
 
 def batch_routing_row(pool: TaskPool, served: ServedMASS, cache: EvalCache, expert: Mapping[str, float]
                       ) -> dict[str, Any]:
     """The paper's batch-routing row: one routing per single-task batch (:func:`score_mass_batch_routing`)."""
-    settings = {**served.build_key, **served.mass.settings.model_dump(mode="json")}
-    result = cache.get_or_run("mass_batch_routing", lambda: score_mass_batch_routing(pool, served.mass), **settings)
+    result = cache.get_or_run("mass_batch_routing", lambda: score_mass_batch_routing(pool, served.mass), served.key())
     return row("batch routing", result["accuracy"], expert, storage_factor=served.storage["bytes_ratio"],
                batch_size=result["batch_size"])
 
@@ -343,10 +345,9 @@ def ablation_rows(pool: TaskPool, served: ServedMASS, variants: Mapping[str, Map
     rows = []
     for name, overrides in variants.items():
         view = served.mass.with_settings(**overrides)
-        settings = {**served.build_key, **view.settings.model_dump(mode="json")}
         for split in ("val", "test"):
             result = cache.get_or_run(f"ablation-{split}", lambda v=view, s=split: score_mass(pool, v, s, name),
-                                      **settings)
+                                      served.key(view))
             normalized = ev.normalized_accuracy(result["max_logit"], expert[split])
             rows.append({"name": name, "settings": {k: overrides[k] for k in sorted(overrides)}, "split": split,
                          "accuracy": result["max_logit"], "normalized": normalized,
@@ -369,12 +370,11 @@ def frontier_rows(pool: TaskPool, model: nn.Module, served: ServedMASS, adapter:
         layers = adapter.evidence_layers(model, layer) if multi else (layer,)
         for restart in range(block + 1):
             view = served.mass.with_settings(routing_layers=layers, restart_block=restart)
-            settings = {**served.build_key, **view.settings.model_dump(mode="json")}
             found: dict[str, Any] = {"routing_layer": layer, "routing_block": block, "restart_block": restart,
                                      "cost": (block + 1 + depth - restart) / depth}
             for split in ("val", "test"):
                 result = cache.get_or_run(f"frontier-{split}", lambda v=view, s=split: score_mass(pool, v, s, "MASS"),
-                                          **settings)
+                                          served.key(view))
                 normalized = ev.normalized_accuracy(result["max_logit"], expert[split])
                 found[split] = {"avg_normalized": ev.mean(normalized), "normalized": normalized,
                                 "accuracy": result["max_logit"]}
@@ -448,7 +448,7 @@ def smile_rows(pool: TaskPool, model: nn.Module, task_vectors: Callable[[], Sequ
         return {**scores, "merge_seconds": seconds, "storage_factor": storage_factor(smile, model),
                 "serving_ratio": forward_ratio(pool, model, smile, batch_size)}
 
-    result = cache.get_or_run("smile-v2", run, **settings.model_dump())  # v2: the batched expert forward
+    result = cache.get_or_run("smile", run, settings)
     costs = {"storage_factor": result["storage_factor"], "serving_ratio": result["serving_ratio"]}
     return {name: row("oracle head", result["oracle"], expert, merge_seconds=result["merge_seconds"], **costs),
             f"{name} max-logit": row("task hidden", result["max_logit"], expert, **costs)}

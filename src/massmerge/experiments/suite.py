@@ -10,12 +10,13 @@ shapes it, so an interrupted run resumes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -27,7 +28,7 @@ from massmerge.artifact.manifest import factor_header_bytes
 from massmerge.data.tasks import DEFAULT_PRESET, TaskData, get_preset, load_task
 from massmerge.device import resolve_device, resolve_dtype
 from massmerge.experiments import runner, scaling
-from massmerge.experiments.cache import EvalCache, stable_hash
+from massmerge.experiments.cache import CacheKey, EvalCache
 from massmerge.experiments.finetune import (
     Backbone,
     ExpertResult,
@@ -39,7 +40,7 @@ from massmerge.experiments.finetune import (
 )
 from massmerge.experiments.pool import TaskPool, TaskSplit
 from massmerge.experiments.report import write_report
-from massmerge.experiments.report.stats import targets
+from massmerge.experiments.report.assemble import assemble_report
 from massmerge.experiments.router_study import router_study
 from massmerge.heads.files import write_head_file
 from massmerge.heads.modules import ZeroShotHead
@@ -246,8 +247,7 @@ def scaling_point(zoo: Zoo, cfg: SuiteConfig, cache_dir: Path, layer: str, indic
                   expert: dict[str, float]) -> dict[str, Any]:
     """Every scaling method rebuilt from the experts of tasks ``indices`` alone, scored on those tasks."""
     sub = subset_zoo(zoo, indices)
-    cache = EvalCache(cache_dir, stable_hash(["scaling", [e.meta["key"] for e in sub.experts],
-                                              cfg.finetune_config().model_dump()]))
+    cache = EvalCache(cache_dir, run_key(sub, cfg, scope="scaling"))
     base = sub.model.state_dict()
     tvs = [task_vector(base, e.state_dict()) for e in sub.experts]
     sub_expert = {name: expert[name] for name in sub.names}
@@ -268,6 +268,27 @@ def scaling_points(zoo: Zoo, cfg: SuiteConfig, cache_dir: Path, layer: str, expe
 
 # ----- orchestration ---------------------------------------------------------------------------------------------
 
+class SuiteRunKey(CacheKey):
+    """What every cached result of a suite run shares: the experts (each keyed by its training), the training
+    budget, the test texts, and where and in which precision methods are scored (kernels round differently)."""
+
+    scope: Literal["suite", "scaling"]
+    experts: tuple[str, ...]
+    finetune: FinetuneConfig
+    test_texts: str  # sha256 of every task's test texts, in task order
+    device: str | None  # the device type when not the CPU
+    dtype: str | None
+
+
+def run_key(zoo: Zoo, cfg: SuiteConfig, scope: Literal["suite", "scaling"] = "suite") -> SuiteRunKey:
+    """The cache key of a run over ``zoo`` (the whole zoo, or a scaling subset)."""
+    device = resolve_device(cfg.device) if cfg.device else None
+    texts = hashlib.sha256(json.dumps([t.test.texts for t in zoo.tasks]).encode()).hexdigest()
+    return SuiteRunKey(scope=scope, experts=tuple(e.meta["key"] for e in zoo.experts), finetune=cfg.finetune_config(),
+                       test_texts=texts, device=device.type if device is not None and device.type != "cpu" else None,
+                       dtype=cfg.dtype)
+
+
 
 def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Path, out_dir: Path,
               export_artifact: Path | None = None) -> dict[str, Any]:
@@ -282,9 +303,7 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
     layer = cfg.routing_layer or default_routing_layer(model)
     cfg = cfg.model_copy(update={"routing_layer": layer})
     device, dtype = resolve_device(cfg.device) if cfg.device else None, resolve_dtype(cfg.dtype)
-    placed = [p for p in ((device.type if device is not None and device.type != "cpu" else None), cfg.dtype) if p]
-    cache = EvalCache(cache_dir, stable_hash([e.meta["key"] for e in zoo.experts] + [cfg.finetune_config().model_dump(),
-                                             [t.test.texts for t in zoo.tasks]] + placed))  # fmt: skip
+    cache = EvalCache(cache_dir, run_key(zoo, cfg))
     start = time.perf_counter()
     base = model.state_dict()
     tvs = [task_vector(base, e.state_dict()) for e in zoo.experts]
@@ -294,7 +313,7 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)  # every method is scored where and as MASS is served
     zero = cache.get_or_run("zero_shot", lambda: runner.score_static(pool, model, None, label="zero-shot"))
-    experts = cache.get_or_run("experts-v2", lambda: runner.score_experts(pool, model,
+    experts = cache.get_or_run("experts", lambda: runner.score_experts(pool, model,
                                                                           lambda t: zoo.experts[t].state_dict()))
     expert = experts["oracle"]
     T = len(zoo.tasks)
@@ -321,7 +340,7 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
         hidden, given = runner.mass_scores(pool, served, served.mass, cache)
         routers = router_study(pool, model, served, hidden, given, cache, expert)
     sweep = cache.get_or_run("routing_sweep", lambda: {"rows": runner.routing_sweep(pool, served.mass, sweep_layers(
-        model))}, **served.build_key, **served.mass.settings.model_dump(mode="json"))["rows"]
+        model))}, served.key())["rows"]
     ablation = None
     if cfg.ablation:
         variants = runner.router_variants(zoo.adapter, model, served.mass.settings.routing_layers[-1])
@@ -335,22 +354,14 @@ def run_suite(cfg: SuiteConfig, *, data_root: Path | None = None, cache_dir: Pat
     points = scaling_points(zoo, cfg, cache_dir, layer, expert) if cfg.runs_scaling() else None
     timing = {**zoo.timing, "evaluate_seconds": time.perf_counter() - start,
               "factorize_seconds": served.factor_seconds, "total_seconds": time.perf_counter() - wall}
-    settings = served.mass.settings
-    report = {
-        "kind": "suite", "preset": cfg.preset,
-        "config": {**json.loads(cfg.model_dump_json()), "eta": settings.eta, "top_k": settings.top_k,
-                   "serve_settings": settings.model_dump(mode="json")},
-        "finetune": cfg.finetune_config().model_dump(),
-        "tasks": [{"name": t.name, "description": t.description, "classes": t.classes, "sizes": t.sizes}
-                  for t in zoo.tasks],
-        "experts": {t.name: e.meta for t, e in zip(zoo.tasks, zoo.experts)},
-        "methods": rows, "mass": mass_details[0], "mass_layers": mass_details, "dropped": served.mass.factors.dropped(),
-        "layer_sweep": sweep, "throughput": throughput,
-        "storage": {k: v for k, v in served.storage.items() if k != "rank_scale"}, "timing": timing,
-        "threads": torch.get_num_threads(), "ablation": ablation, "frontier": frontier, "routers": routers,
-        "scaling": points,
-    }  # fmt: skip
-    report["targets"] = targets(report)
+    report = assemble_report(
+        "suite", preset=cfg.preset, config=json.loads(cfg.model_dump_json()), settings=served.mass.settings,
+        served=served, tasks=[{"name": t.name, "description": t.description, "classes": t.classes, "sizes": t.sizes}
+                              for t in zoo.tasks],
+        methods=rows, mass_details=mass_details, timing=timing, finetune=cfg.finetune_config().model_dump(),
+        experts={t.name: e.meta for t, e in zip(zoo.tasks, zoo.experts)}, layer_sweep=sweep, throughput=throughput,
+        ablation=ablation, frontier=frontier, routers=routers, scaling=points,
+    )  # fmt: skip
     write_serving_files(zoo, out_dir)
     return write_report(report, out_dir)
 
@@ -374,5 +385,5 @@ def export(zoo: Zoo, parts: MASSParts, settings: ServeSettings, directory: Path)
     return write_parts(directory, zoo.model, parts, serve=settings, consume=False, adapter=zoo.adapter,
                        tokenizer_dir=zoo.backbone.path, class_names=[t.classes for t in zoo.tasks])
 
-__all__ = ["CI_FINETUNE", "FULL_FINETUNE", "SuiteConfig", "Zoo", "build_zoo", "default_routing_layer", "export",
-           "preset_finetune", "run_suite", "write_serving_files"]
+__all__ = ["CI_FINETUNE", "FULL_FINETUNE", "SuiteConfig", "SuiteRunKey", "Zoo", "build_zoo", "default_routing_layer", "export",
+           "preset_finetune", "run_key", "run_suite", "write_serving_files"]
