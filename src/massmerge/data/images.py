@@ -267,6 +267,13 @@ def load_image_dataset(spec: str, *, classnames: Sequence[str] | None = None, sp
     return load_hf_image_dataset(spec, split=split, revision=revision, classnames=classnames, **hf_options)
 
 
+def _is_image_folder(path: Path) -> bool:
+    """A directory whose sub-folders hold image files directly (``root/<class>/<image>``)."""
+    if not path.is_dir():
+        return False
+    return any(f.suffix.lower() in IMAGE_SUFFIXES for d in path.iterdir() if d.is_dir() for f in d.iterdir())
+
+
 def check_label_space(dataset: ImageDataset, num_classes: int, *, task: str) -> None:
     """The head must have exactly the dataset's number of classes (same order is the task file's job)."""
     if len(dataset.classes) != num_classes:
