@@ -107,7 +107,6 @@ def test_missing_config_split_and_column_are_one_line(hub) -> None:
 
 def test_an_image_that_does_not_decode_names_the_repo_split_and_row(tmp_path: Path) -> None:
     from datasets import ClassLabel, Dataset, Features, Image
-
     from hub_fixtures import tiny_images
 
     rows = tiny_images(3, 0)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from PIL import Image
 from hub_fixtures import cache_repo
+from PIL import Image
 from tiny_models import low_rank_deltas, perturbed, save_clip_vision, save_prefixed
 
 CLASSES = {"alpha": ["cat", "dog"], "beta": ["red", "green", "blue"]}
@@ -121,7 +121,7 @@ def test_every_example_task_list_runs_on_the_real_dataset_layouts(tmp_path: Path
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_home / "hub")}
     command = [sys.executable, "-m", "massmerge", "evaluate", "--config", str(tmp_path / "bench20.yaml"),
                "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [t["name"] for t in report["tasks"]] == [t["name"] for t in tasks]

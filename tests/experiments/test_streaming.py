@@ -44,7 +44,7 @@ def test_score_mass_holds_at_most_a_window_of_inputs() -> None:
             yield item
             del item
 
-    streamed = [TaskSplit(_labels(t), batches=lambda: [], items=lambda t=t: stream(t)) for t in range(TASKS)]
+    streamed = [TaskSplit(_labels(t), batches=list, items=lambda t=t: stream(t)) for t in range(TASKS)]
     result = runner.score_mass(_pool(model, streamed), model)
     window = window_batches(TASKS) * BATCH
     assert TASKS * PER_TASK > 3 * window  # the test set is several windows long
@@ -59,7 +59,7 @@ def test_score_mass_holds_at_most_a_window_of_inputs() -> None:
 
 def test_mixed_inputs_picks_the_same_inputs_from_a_stream() -> None:
     model = make_model(TASKS)
-    splits = [TaskSplit(_labels(t), batches=lambda: [], items=lambda t=t: iter(_inputs(t))) for t in range(TASKS)]
+    splits = [TaskSplit(_labels(t), batches=list, items=lambda t=t: iter(_inputs(t))) for t in range(TASKS)]
     items, _ = runner.mixed_inputs(_pool(model, splits), 50, BATCH)
     import random
 

@@ -57,7 +57,7 @@ def read_card(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     text = path.read_text(encoding="utf-8", errors="replace")
-    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
+    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.DOTALL)
     if not match:
         return {}
     try:
@@ -205,6 +205,7 @@ class ParquetImages:
             for group in range(meta.num_row_groups):
                 self.groups.append((row, index, group))
                 row += meta.row_group(group).num_rows
+        self.starts = [g[0] for g in self.groups]
         self._cached: tuple[int, list[Any]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # a worker process starts with no row group cached
@@ -213,9 +214,9 @@ class ParquetImages:
     def raw(self, row: int) -> Any:
         import bisect
 
-        slot = bisect.bisect_right([g[0] for g in self.groups], row) - 1
+        slot = bisect.bisect_right(self.starts, row) - 1
         if self._cached is None or self._cached[0] != slot:
-            first, index, group = self.groups[slot]
+            _, index, group = self.groups[slot]
             table = _parquet(self.files[index]).read_row_group(group, columns=[self.column])
             self._cached = (slot, table.column(0).to_pylist())
         return self._cached[1][row - self.groups[slot][0]]

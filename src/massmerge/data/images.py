@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
+from massmerge.data.datafiles import IMAGE_SUFFIXES, SplitFiles, read_parquet, read_webdataset, resolve_split
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.io.inputs import describe, read_utf8_lines
 from massmerge.io.jsonfile import read_json_file
-from massmerge.data.datafiles import IMAGE_SUFFIXES, SplitFiles, read_parquet, read_webdataset, resolve_split
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

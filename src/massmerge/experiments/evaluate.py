@@ -167,9 +167,9 @@ def task_pool(wb: Workbench, pixel_dir: Path | None = None) -> TaskPool:
         return TaskSplit(data.labels(), batches=lambda: ({"pixel_values": pixels} for pixels in batches()),
                          items=lambda: (row for pixels in batches() for row in pixels))
 
-    return TaskPool(wb.task_names, wb.heads, {"test": [split(t, d) for t, d in zip(wb.config.tasks, wb.datasets, strict=True)]}, image_collate,
-                    wb.adapter.features, descriptions=[_description(t) for t in wb.config.tasks],
-                    classes=[list(d.classes) for d in wb.datasets])
+    splits = [split(t, d) for t, d in zip(wb.config.tasks, wb.datasets, strict=True)]
+    return TaskPool(wb.task_names, wb.heads, {"test": splits}, image_collate, wb.adapter.features,
+                    descriptions=[_description(t) for t in wb.config.tasks], classes=[list(d.classes) for d in wb.datasets])
 
 
 def pixel_cache(folder: Path, task: Any, data: ImageDataset, preprocess: Preprocess) -> PixelCache:

@@ -422,8 +422,8 @@ def mixed_inputs(pool: TaskPool, count: int, batch_size: int) -> tuple[list[Any]
     items: list[Any] = [None] * len(picked)
     stream = (item for task in pool.split("test") for item in task.items())
     for index, item in enumerate(stream):  # one pass; only the picked inputs are kept
-        if index in picked:
-            items[picked[index]] = item
+        if index in picked:  # a copy: a row of a decoded batch would keep the whole batch alive
+            items[picked[index]] = item.clone() if isinstance(item, torch.Tensor) else item
     sizes = [pool.size_of(item) for item in items] if pool.size_of else [0] * len(items)
     return items, first_pass_batches(sizes, batch_size, pool.num_tasks)
 
