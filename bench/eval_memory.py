@@ -72,7 +72,8 @@ def test_set(root: Path, task: int, count: int) -> Path:
         buffer = io.BytesIO()
         Image.fromarray(pixels).resize((SIZE, SIZE), Image.BILINEAR).save(buffer, format="JPEG", quality=90)
         rows.append({"bytes": buffer.getvalue(), "path": None})
-    table = pa.table({"image": rows, "label": [i % CLASSES for i in range(count)]})
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets' Image storage
+    table = pa.table({"image": pa.array(rows, type=image_type), "label": [i % CLASSES for i in range(count)]})
     features = {"image": {"_type": "Image"}, "label": {"names": [f"c{i}" for i in range(CLASSES)], "_type": "ClassLabel"}}
     table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})  # as datasets
     folder = root / f"task{task}_{count}" / "data"

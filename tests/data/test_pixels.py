@@ -20,7 +20,7 @@ def _images(count: int = 10) -> list:
 
 
 def _cache(tmp_path: Path, count: int) -> PixelCache:
-    return PixelCache(tmp_path / "px" / "split.u8", count, (3, PRE.crop, PRE.crop), PRE.mean, PRE.std)
+    return PixelCache(tmp_path / "px" / "split.u8", count, (3, PRE.crop, PRE.crop), PRE)
 
 
 def _fail(_: object) -> None:
@@ -69,3 +69,37 @@ def test_parquet_rows_through_workers(tmp_path: Path, workers: int) -> None:
     keys = [key for key, _ in data.items]
     got = torch.cat(list(decoded_batches(keys, data.loader, PRE, 3, workers)))
     assert torch.equal(got, torch.stack(list(data.pixels(PRE))))
+
+
+class Halves:
+    """A transform with a uint8 half and a float half, as CLIP's Preprocess has them (resize, then rescale in
+    float64 and normalize in float32)."""
+
+    crop, mean, std = 12, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+    def to_uint8(self, image: object) -> torch.Tensor:
+        rgb = image.convert("RGB").resize((self.crop, self.crop))
+        return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(self.crop, self.crop, 3).permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        scaled = (pixels.to(torch.float64) * (1 / 255)).to(torch.float32)
+        return (scaled - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+
+    def __call__(self, image: object) -> torch.Tensor:
+        return self.normalize(self.to_uint8(image))
+
+
+def test_a_transform_with_uint8_halves_caches_its_uint8_half(tmp_path: Path) -> None:
+    images, pre = _images(), Halves()
+    keys = list(range(len(images)))
+    expected = torch.stack([pre(image) for image in images])
+    cache = PixelCache(tmp_path / "h.u8", len(images), (3, 12, 12), pre)
+    for workers in (0, 2):
+        got = torch.cat(list(split_batches(keys, images.__getitem__, pre, 4, workers=workers, cache=None)))
+        assert torch.equal(got, expected), workers
+    first = torch.cat(list(split_batches(keys, images.__getitem__, pre, 4, workers=1, cache=cache)))
+    assert torch.equal(first, expected) and cache.complete
+    stored = torch.frombuffer(bytearray(cache.path.read_bytes()), dtype=torch.uint8).view(-1, 3, 12, 12)
+    assert torch.equal(stored, torch.stack([pre.to_uint8(image) for image in images]))
+    again = torch.cat(list(split_batches(keys, _fail, pre, 3, workers=0, cache=cache)))
+    assert torch.equal(again, expected)

@@ -177,8 +177,7 @@ def pixel_cache(folder: Path, task: Any, data: ImageDataset, preprocess: Preproc
     and times), its config, split and items, and the transform."""
     key = stable_hash([_fingerprint(task.dataset), task.dataset, task.subset, task.split, task.image_column,
                        [str(k) for k, _ in data.items], repr(preprocess)])
-    return PixelCache(folder / f"{key}.u8", len(data), (3, preprocess.crop, preprocess.crop), preprocess.mean,
-                      preprocess.std)
+    return PixelCache(folder / f"{key}.u8", len(data), (3, preprocess.crop, preprocess.crop), preprocess)
 
 
 def _description(task: Any) -> str:
