@@ -136,3 +136,17 @@ def test_card_forms_and_the_naming_rule(tmp_path: Path) -> None:
     assert in_split("data/valid-0.parquet", "validation") and not in_split("data/contest-0.parquet", "test")
     names = ["full/test/0.parquet", "digits/test/0.parquet", "digits/train/0.parquet", "digits/extra/0.parquet"]
     assert infer_files(names, "test", "digits") == ["digits/test/0.parquet"]
+
+
+def test_a_config_with_data_dir_uses_the_naming_rules_inside_it(tmp_path: Path) -> None:
+    from hub_fixtures import poison, write_parquet
+
+    labels = write_parquet(tmp_path / "digits" / "test-00000-of-00001.parquet", CLASSES, 3, seed=5)
+    poison(tmp_path / "digits" / "train-00000-of-00001.parquet")
+    poison(tmp_path / "letters" / "test-00000-of-00001.parquet")
+    (tmp_path / "README.md").write_text("---\nconfigs:\n- config_name: digits\n  data_dir: digits\n"
+                                        "- config_name: letters\n  data_dir: letters\n---\n")
+    data = load_image_dataset(str(tmp_path), split="test", subset="digits")
+    assert data.labels().tolist() == labels and data.classes == CLASSES
+    with pytest.raises(MassMergeError, match="no split 'extra' \\(it has test, train\\)"):
+        load_image_dataset(str(tmp_path), split="extra", subset="digits")

@@ -162,27 +162,46 @@ def resolve_split(spec: str, *, split: str, config: str | None = None, revision:
         path = resolve_source(spec, revision, allow_patterns=("README.md",), repo_type="dataset")
     card = read_card(path / "README.md")
     configs = card_configs(card)
+    listing = (lambda: list_dataset_files(spec, revision)) if hub else (lambda: _listing(path))
     if configs:
         name = config or default_config(card, spec)
         if name not in configs:
             raise OptionError(f"dataset '{spec}': no config '{name}' (it has {', '.join(configs)})")
-        if split not in configs[name]:
+        folder = card_data_dir(card, name)
+        if not configs[name] and folder:  # ``data_dir:`` instead of ``data_files:``: the naming rules inside it
+            patterns = _inferred(spec, [n for n in listing() if n.startswith(folder.rstrip("/") + "/")], split, None)
+        elif split not in configs[name]:
             raise OptionError(f"dataset '{spec}': config '{name}' has no split '{split}' "
                               f"(it has {', '.join(configs[name])})")
-        patterns, chosen = configs[name][split], name
+        else:
+            patterns = configs[name][split]
+        chosen = name
     else:
-        names = list_dataset_files(spec, revision) if hub else _listing(path)
-        patterns, chosen = infer_files(names, split, config), config
-        if not patterns:
-            found = split_names(names)
-            raise OptionError(f"dataset '{spec}': no split '{split}'" + (f" in '{config}'" if config else "")
-                              + f" (it has {', '.join(found) if found else 'no data files'})")
+        patterns, chosen = _inferred(spec, listing(), split, config), config
     if hub:
         path = resolve_source(spec, revision, allow_patterns=(*patterns, *SIDE_FILES), repo_type="dataset")
     files = [path / n for n in _listing(path) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not files:
         raise MassMergeError(f"dataset '{spec}': split '{split}' names {patterns} but no such file is there")
     return SplitFiles(spec, split, chosen, sorted(files), path, card)
+
+
+def _inferred(spec: str, names: Sequence[str], split: str, config: str | None) -> list[str]:
+    """The files of ``split`` among ``names`` by the naming rules; none is one line listing the splits found."""
+    patterns = infer_files(names, split, config)
+    if not patterns:
+        found = split_names(names)
+        raise OptionError(f"dataset '{spec}': no split '{split}'" + (f" in '{config}'" if config else "")
+                          + f" (it has {', '.join(found) if found else 'no data files'})")
+    return patterns
+
+
+def card_data_dir(card: dict[str, Any], name: str) -> str | None:
+    """A config's ``data_dir`` (the folder its files are under, split by the naming rules), if it has one."""
+    for entry in card.get("configs") or []:
+        if isinstance(entry, dict) and str(entry.get("config_name")) == name and entry.get("data_dir"):
+            return str(entry["data_dir"])
+    return None
 
 
 def _listing(root: Path) -> list[str]:
@@ -343,5 +362,6 @@ def _pick(columns: Sequence[str], names: Sequence[str], found: SplitFiles, what:
 
 
 __all__ = ["DATA_SUFFIXES", "IMAGE_SUFFIXES", "ParquetImages", "SplitFiles", "Table", "TarImages", "card_classes",
+           "card_data_dir",
            "card_configs", "decode_image", "default_config", "in_split", "infer_files", "read_card", "read_parquet",
            "read_webdataset", "resolve_split"]
