@@ -141,6 +141,26 @@ def _snapshot(repo_id: str, revision: str | None, allow_patterns: tuple[str, ...
     return Path(local)
 
 
+def list_dataset_files(spec: str, revision: str | None = None) -> list[str]:
+    """Every file path of a hub dataset repo: the hub's file list, or offline (``HF_HUB_OFFLINE``) the files of
+    its cached snapshot, which is all that can be read then. Used to fetch one split's files only."""
+    parsed = parse_hub_id(spec)
+    if parsed is None:
+        raise MassMergeError(f"{spec}: not an HF hub id of the form org/name")
+    repo_id, spec_revision = parsed
+    revision = revision or spec_revision
+    if is_offline():
+        root = _snapshot(repo_id, revision, ("README.md",), "dataset")
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    try:
+        from huggingface_hub import HfApi
+
+        return sorted(HfApi().list_repo_files(repo_id, repo_type="dataset", revision=revision))
+    except Exception as exc:  # noqa: BLE001 - network, auth and 404 need the same advice
+        raise SourceNotAvailable(f"{repo_id}: cannot list the dataset's files ({_reason(exc)}); "
+                                 f"{how_to_fetch(repo_id, revision, 'dataset')}") from None
+
+
 def _reason(exc: BaseException) -> str:
     first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

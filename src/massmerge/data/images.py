@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 
+from massmerge.data.datafiles import IMAGE_SUFFIXES, SplitFiles, read_parquet, read_webdataset, resolve_split
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.io.inputs import describe, read_utf8_lines
 from massmerge.io.jsonfile import read_json_file
-from massmerge.sources import parse_hub_id, resolve_source
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, CLIP's resample
@@ -255,21 +254,45 @@ def _folder_order(root: Path, folders: list[Path], classnames: Sequence[str] | N
 
 
 def load_hf_image_dataset(spec: str, *, split: str = "test", revision: str | None = None, subset: str | None = None,
-                          image_column: str | None = None, label_column: str | None = None) -> ImageDataset:
-    """An HF dataset (hub id or local directory) via ``datasets``; the files come through ``resolve_source``."""
+                          image_column: str | None = None, label_column: str | None = None,
+                          classnames: Sequence[str] | None = None) -> ImageDataset:
+    """One split of one config of an HF dataset (hub id or local directory): only its files are fetched
+    (:func:`~massmerge.data.datafiles.resolve_split`) and read, parquet a row group at a time and webdataset
+    shards by member offset. Other formats (arrow, csv, json, loading scripts) go through ``datasets``."""
+    found = resolve_split(spec, split=split, config=subset, revision=revision)
+    kinds = {f.suffix.lower() for f in found.files}
+    if kinds <= set(IMAGE_SUFFIXES):
+        return load_image_folder(_common_folder(found), classnames, name=spec)
+    if kinds == {".parquet"}:
+        table = read_parquet(found, image_column, label_column)
+    elif kinds == {".tar"}:
+        table = read_webdataset(found, image_column, label_column)
+    else:
+        return _load_with_datasets(spec, found, image_column, label_column)
+    return ImageDataset(spec, table.classes, [(row, label) for row, label in enumerate(table.labels)], table.loader)
+
+
+def _common_folder(found: SplitFiles) -> Path:
+    """The ``<split>`` folder of an image-folder split (``test/<class>/<image>``): the files' grandparent."""
+    parents = {f.parent.parent for f in found.files}
+    if len(parents) != 1:
+        raise MassMergeError(f"{found.where}: images are not laid out as <split>/<class>/<image>")
+    return parents.pop()
+
+
+def _load_with_datasets(spec: str, found: SplitFiles, image_column: str | None, label_column: str | None
+                        ) -> ImageDataset:
     try:
-        import datasets  # noqa: F401
+        from datasets import load_dataset
     except ImportError:
         raise MassMergeError(
-            f"dataset '{spec}': loading HF datasets needs `pip install datasets`; or export it as an image folder"
-        ) from None
-    from datasets import load_dataset
-
-    local = resolve_source(spec, revision, allow_patterns=None, repo_type="dataset")
+            f"dataset '{spec}': its {found.files[0].suffix} files need `pip install datasets`; or export it as an "
+            "image folder") from None
+    builder = {".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(found.files[0].suffix.lower())
     try:
-        data = load_dataset(str(local), subset, split=split)
+        data = load_dataset(builder, data_files={found.split: [str(f) for f in found.files]}, split=found.split)
     except (ValueError, FileNotFoundError, KeyError) as exc:
-        raise MassMergeError(f"dataset '{spec}': cannot load split '{split}' ({str(exc).splitlines()[0][:160]})") from None
+        raise MassMergeError(f"{found.where}: cannot load ({str(exc).splitlines()[0][:160]})") from None
     image_col = image_column or _pick_column(data, ("image", "img", "jpg", "png"), spec)
     label_col = label_column or _pick_column(data, ("label", "labels", "fine_label", "cls"), spec)
     feature = data.features.get(label_col)
@@ -290,16 +313,15 @@ def _pick_column(data: Any, names: Sequence[str], spec: str) -> str:
 
 def load_image_dataset(spec: str, *, classnames: Sequence[str] | None = None, split: str = "test",
                        revision: str | None = None, **hf_options: Any) -> ImageDataset:
-    """A local image folder (``root/<class>/<image>``, optionally under ``root/<split>/``), a hub dataset repo
-    holding such a folder (no ``datasets`` needed), or else an HF dataset (parquet, arrow...) by id or directory."""
+    """A local image folder (``root/<class>/<image>``, optionally under ``root/<split>/``), or one split of an
+    HF dataset repo by id or directory (parquet, webdataset, an image folder, or what ``datasets`` reads);
+    a hub repo's other splits and configs are neither fetched nor opened."""
     path = Path(spec).expanduser()
-    if not path.exists() and parse_hub_id(spec) is not None:
-        path = resolve_source(spec, revision, allow_patterns=None, repo_type="dataset")
-    if _is_image_folder(path / split):
-        return load_image_folder(path / split, classnames, name=Path(spec).name)
-    if _is_image_folder(path):
-        return load_image_folder(path, classnames, name=Path(spec).name)
-    return load_hf_image_dataset(str(path) if path.exists() else spec, split=split, revision=revision, **hf_options)
+    if path.exists() and _is_image_folder(path / split):
+        return load_image_folder(path / split, classnames, name=path.name)
+    if path.exists() and _is_image_folder(path):
+        return load_image_folder(path, classnames, name=path.name)
+    return load_hf_image_dataset(spec, split=split, revision=revision, classnames=classnames, **hf_options)
 
 
 def _is_image_folder(path: Path) -> bool:

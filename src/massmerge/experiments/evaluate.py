@@ -13,7 +13,7 @@ Every score is cached under a key of the config and the files it names, so an in
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,9 @@ from massmerge.data.images import (
     image_collate,
     image_size_of,
     load_image_dataset,
+    open_image,
 )
+from massmerge.data.pixels import PixelCache, default_workers, split_batches
 from massmerge.device import describe as describe_device
 from massmerge.device import resolve_device, resolve_dtype
 from massmerge.errors import OptionError
@@ -172,18 +174,47 @@ def _raw_expert(config: BenchmarkConfig, task: Any) -> Mapping[str, torch.Tensor
 
 # ----- the task pool and the experts ---------------------------------------------------------------------------
 
-def task_pool(wb: Workbench) -> TaskPool:
-    """The user's test sets as a task pool: batches of ``eval.batch_size`` images, read as they are needed."""
-    size = wb.config.eval.batch_size
+def task_pool(wb: Workbench, pixel_dir: Path | None = None) -> TaskPool:
+    """The user's test sets as a task pool: batches of ``eval.batch_size`` images decoded by ``eval.workers``
+    processes as they are needed (items: the rows of those batches), and with ``pixel_dir`` each split's pixels
+    cached there as uint8 by its first pass (:mod:`massmerge.data.pixels`), so later passes decode nothing."""
+    size, workers = wb.config.eval.batch_size, wb.config.eval.workers
+    workers = default_workers() if workers is None else workers
 
-    def split(data: ImageDataset) -> TaskSplit:
-        return TaskSplit(data.labels(),
-                         batches=lambda: ({"pixel_values": pixels} for pixels, _ in data.batches(wb.preprocess, size)),
-                         items=lambda: data.pixels(wb.preprocess))
+    def split(task: Any, data: ImageDataset) -> TaskSplit:
+        keys, load = [key for key, _ in data.items], data.loader or open_image
+        cache = pixel_cache(pixel_dir, task, data, wb.preprocess) if pixel_dir is not None else None
 
-    return TaskPool(wb.task_names, wb.heads, {"test": [split(d) for d in wb.datasets]}, image_collate,
-                    wb.adapter.features, descriptions=[_description(t) for t in wb.config.tasks],
-                    classes=[list(d.classes) for d in wb.datasets])
+        def batches() -> Iterator[torch.Tensor]:
+            return split_batches(keys, load, wb.preprocess, size, workers=workers, cache=cache)
+
+        return TaskSplit(data.labels(), batches=lambda: ({"pixel_values": pixels} for pixels in batches()),
+                         items=lambda: (row for pixels in batches() for row in pixels))
+
+    splits = [split(t, d) for t, d in zip(wb.config.tasks, wb.datasets, strict=True)]
+    return TaskPool(wb.task_names, wb.heads, {"test": splits}, image_collate, wb.adapter.features,
+                    descriptions=[_description(t) for t in wb.config.tasks], classes=[list(d.classes) for d in wb.datasets])
+
+
+class PixelCacheKey(CacheKey):
+    """What one task's uint8 test images depend on: the dataset (and, for local files, their sizes and times),
+    its config, split, image column and items, and the transform."""
+
+    fingerprint: Any
+    dataset: str
+    subset: str | None
+    split: str
+    image_column: str | None
+    items: list[str]
+    transform: str
+
+
+def pixel_cache(folder: Path, task: Any, data: ImageDataset, preprocess: Preprocess) -> PixelCache:
+    """The uint8 cache file of one task's test items (:class:`PixelCacheKey`)."""
+    key = PixelCacheKey(fingerprint=_fingerprint(task.dataset), dataset=task.dataset, subset=task.subset,
+                        split=task.split, image_column=task.image_column, items=[str(k) for k, _ in data.items],
+                        transform=repr(preprocess)).digest()
+    return PixelCache(folder / f"{key}.u8", len(data), (3, preprocess.crop, preprocess.crop), preprocess)
 
 
 def _description(task: Any) -> str:
@@ -271,7 +302,8 @@ def cache_key(config: BenchmarkConfig) -> EvaluateRunKey:
     sources = [config.base, config.heads_from, config.tokenizer,
                *(s for t in config.tasks for s in (t.expert, t.dataset))]
     return EvaluateRunKey(config=config.model_dump(mode="json", exclude={"output": True, "reference": True,
-                                                                         "mass": {"eps_off_row"}}),
+                                                                         "mass": {"eps_off_row"},
+                                                                         "eval": {"workers", "image_cache"}}),
                           sources=[_fingerprint(s) for s in sources if s])
 
 
@@ -288,8 +320,9 @@ def run_benchmark(config: BenchmarkConfig, *, log: Log = print, cache_dir: Path 
     """Run every configured method through the shared runner; returns the report (not yet written)."""
     wall = time.perf_counter()
     wb = prepare(config, log=log)
-    pool, model = task_pool(wb), wb.model
-    cache = EvalCache(cache_dir or DEFAULT_CACHE, cache_key(config))
+    root = cache_dir or DEFAULT_CACHE
+    pool, model = task_pool(wb, root / "pixels" if config.eval.image_cache else None), wb.model
+    cache = EvalCache(root, cache_key(config))
     methods = list(config.methods)
     assembled = assemble_mass(wb) if "mass" in methods else None  # from the CPU base, as build reads it
     device = resolve_device(config.eval.device)

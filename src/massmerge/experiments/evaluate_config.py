@@ -94,6 +94,10 @@ class EvalOptions(_Strict):
     seed: int = 0
     device: str | None = Field(default=None, description="cpu, cuda, cuda:N or mps; None: cuda if visible, else cpu")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(default=None, description="serving precision")
+    workers: int | None = Field(default=None, ge=0, description="image decoding processes; None: one per core but "
+                                                             "one (at most 8), 0: in the main process")
+    image_cache: bool = Field(default=True, description="cache each test image's pixels as uint8 on disk (under "
+                                                        "--cache-dir) so it is decoded once per run, not per method")
 
 
 class BenchmarkConfig(_Strict):

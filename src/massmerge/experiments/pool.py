@@ -7,7 +7,10 @@ checkpoints and datasets) each fill one; :mod:`massmerge.experiments.runner` sco
 Each split gives the same samples two ways: padded ``batches`` for static models (one forward of the model per
 batch) and per-sample ``items`` for the served MASS model, which batches a stream itself as ``massmerge
 predict`` does (:func:`massmerge.mass.serving.serve`, with the pool's ``collate`` and ``size_of``). Both are in
-the order of ``labels``, and both are made on demand, so image test sets are read a batch at a time.
+the order of ``labels``, and both are made on demand by every pass: ``massmerge evaluate`` decodes (or reads from
+its uint8 cache) one batch of images at a time, and the runner consumes ``items`` as a stream (the served MASS
+pass holds one serving window, never a split), so peak memory does not grow with the test sets
+(bench/eval_memory.py). Only the suite's small tokenized text splits are held in lists (:meth:`TaskSplit.of_lists`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class TaskSplit:
 
     labels: torch.Tensor  # [N] long, class indices in the task's label order
     batches: Callable[[], Iterable[Batch]]  # padded batches for static models (their labels: consecutive rows)
-    items: Callable[[], Iterable[Any]]  # per-sample inputs for the served model
+    items: Callable[[], Iterable[Any]]  # per-sample inputs for the served model: a fresh stream per call
 
     @property
     def size(self) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from massmerge.merging import merge
 from massmerge.smile import SmileSettings, build_smile, storage_factor
 
 Params = Mapping[str, torch.Tensor]
+ORACLE_CHUNK = 1024  # predictions whose routed features are read by their heads at once (score_mass)
 
 
 def row(kind: str, accuracy: Mapping[str, float], expert: Mapping[str, float] | None, **extra: Any) -> dict[str, Any]:
@@ -167,11 +168,46 @@ def serve_parts(model: nn.Module, parts: MASSParts, mass: MASSModel, factor_seco
     return ServedMASS(mass, storage, build_key, factor_seconds)
 
 
-def _served_items(pool: TaskPool, split: str) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
+def _served_items(pool: TaskPool, split: str) -> tuple[Iterator[Any], torch.Tensor, torch.Tensor]:
+    """Every task's items in task order as ONE lazy stream (never a list: a real test set is tens of GiB once
+    preprocessed), with each item's true task and label."""
     tasks = pool.split(split)
-    items = [item for task in tasks for item in task.items()]
+    items = (item for task in tasks for item in task.items())
     true = torch.cat([torch.full((task.size,), t) for t, task in enumerate(tasks)])
     return items, true, torch.cat([task.labels for task in tasks])
+
+
+def _collect(predictions: Iterable[Any], heads: Sequence[nn.Module], true: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(task, label, probs, selected, oracle-head label) of a prediction stream, a window at a time: each
+    input's routed features are read by its true task's head as they come and then dropped, so nothing kept
+    grows with the feature width."""
+    task, label, probs, selected, oracle = [], [], [], [], []
+    window: list[Any] = []
+
+    def flush() -> None:
+        features = torch.stack([p.features for p in window])
+        rows = torch.tensor([p.index for p in window])
+        owner = true[rows]
+        guess = torch.empty(len(window), dtype=torch.long)
+        for t in owner.unique().tolist():
+            mask = owner == t
+            guess[mask] = ev.logits(heads[t], features[mask]).argmax(-1).cpu()
+        oracle.append(guess)
+        window.clear()
+
+    for p in predictions:
+        task.append(p.task)
+        label.append(p.label)
+        probs.append(p.probs)
+        selected.append(p.selected)
+        window.append(p)
+        if len(window) == ORACLE_CHUNK:
+            flush()
+    if window:
+        flush()
+    return (torch.tensor(task), torch.tensor(label), torch.stack(probs).cpu(), torch.stack(selected).cpu(),
+            torch.cat(oracle))
 
 
 @torch.inference_mode()
@@ -186,16 +222,10 @@ def score_mass(pool: TaskPool, mass: MASSModel, split: str = "test", label: str 
     names, T = pool.names, pool.num_tasks
     items, true, labels = _served_items(pool, split)
     start = time.perf_counter()
-    predictions = list(progress.track(serve(mass, items, pool.collate, batch_size=mass.settings.batch_size,
-                                            size_of=pool.size_of, return_features=True),
-                                      f"{label} ({split})", total=len(items)))
+    stream = progress.track(serve(mass, items, pool.collate, batch_size=mass.settings.batch_size,
+                                  size_of=pool.size_of, return_features=True), f"{label} ({split})", total=len(true))
+    task, label_pred, probs, selected, oracle = _collect(stream, pool.heads, true)
     seconds = time.perf_counter() - start
-    task = torch.tensor([p.task for p in predictions])
-    label_pred = torch.tensor([p.label for p in predictions])
-    probs = torch.stack([p.probs for p in predictions]).cpu()
-    selected = torch.stack([p.selected for p in predictions]).cpu()
-    features = torch.stack([p.features for p in predictions])
-    oracle = torch.cat([ev.logits(pool.heads[t], features[true == t]).argmax(-1) for t in range(T)])
     right_task, top1 = task == true, probs.argmax(-1)
     correct = right_task & (label_pred == labels)
     chosen_true = selected[torch.arange(len(true)), true]
@@ -214,7 +244,7 @@ def score_mass(pool: TaskPool, mass: MASSModel, split: str = "test", label: str 
         "task_choice": per_task(right_task), "class_given_task": per_task(label_pred == labels, right_task),
         "confusion": confusion.tolist(), "mean_selected": float(selected.sum(1).float().mean()),
         "task_sets": len({tuple(r.nonzero().flatten().tolist()) for r in selected}),
-        "seconds_per_input": seconds / len(items), "correct": correct.int().tolist(),
+        "seconds_per_input": seconds / len(true), "correct": correct.int().tolist(),
     }
 
 
@@ -386,9 +416,14 @@ def frontier_rows(pool: TaskPool, model: nn.Module, served: ServedMASS, adapter:
 def mixed_inputs(pool: TaskPool, count: int, batch_size: int) -> tuple[list[Any], list[list[int]]]:
     """``count`` test inputs of mixed tasks in a seeded order, and the size-sorted windows ``serve`` batches
     its first pass in (so a plain forward pads exactly as the served model does)."""
-    items = [item for task in pool.split("test") for item in task.items()]
-    random.Random(0).shuffle(items)
-    items = items[:count]
+    order = list(range(sum(task.size for task in pool.split("test"))))
+    random.Random(0).shuffle(order)  # the permutation depends on the length only: as shuffling the items
+    picked = {index: rank for rank, index in enumerate(order[:count])}
+    items: list[Any] = [None] * len(picked)
+    stream = (item for task in pool.split("test") for item in task.items())
+    for index, item in enumerate(stream):  # one pass; only the picked inputs are kept
+        if index in picked:  # a copy: a row of a decoded batch would keep the whole batch alive
+            items[picked[index]] = item.clone() if isinstance(item, torch.Tensor) else item
     sizes = [pool.size_of(item) for item in items] if pool.size_of else [0] * len(items)
     return items, first_pass_batches(sizes, batch_size, pool.num_tasks)
 
