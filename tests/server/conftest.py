@@ -30,8 +30,13 @@ ADDRESS = re.compile(r"on (http://127\.0\.0\.1:\d+)")
 @pytest.fixture(scope="session")
 def text_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT (word-level tokenizer) with 3 perturbed experts, built by ``massmerge build``."""
-    transformers = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("serve_text")
+    return build_text_artifact(tmp_path_factory.mktemp("serve_text"))
+
+
+def build_text_artifact(root: Path) -> Path:
+    """The tiny text artifact under ``root`` (``root/art``)."""
+    import transformers
+
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)] + ["spam", "cat", "mat"]
     config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=4,
                                      num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +38,7 @@ log = logging.getLogger("massmerge.server")
 RETRY_AFTER_S = 1  # what a 503 asks a client to wait before retrying
 ENDPOINTS = ("/v1/predict", "/v1/generate", "/healthz", "/readyz", "/metrics")
 Scope = MutableMapping[str, Any]
+Submit = Callable[[list[Any], dict[str, Any], float], Awaitable[list[dict[str, Any]]]]
 ASGI = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
@@ -54,6 +55,49 @@ class ServerState:
         return self.in_flight == 0
 
 
+def answer(predictor: Predictor, requests: list[tuple[list[Any], dict[str, Any]]]) -> list[list[dict[str, Any]] | Exception]:
+    """Rows (or the error) for each ``(inputs, settings)`` request: one model window per settings group, each
+    request prepared on its own (a request the model cannot read fails alone). For callers that batch their own
+    way (Ray Serve's ``@serve.batch``)."""
+    out: list[list[dict[str, Any]] | Exception] = [RuntimeError("unanswered")] * len(requests)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (_, settings) in enumerate(requests):
+        groups.setdefault(tuple(sorted(settings.items())), []).append(i)
+    for members in groups.values():
+        prepared: list[Any] = []
+        owners: list[tuple[int, int, int]] = []
+        for i in members:
+            inputs = requests[i][0]
+            try:
+                items = _prepare(predictor, inputs)
+            except RequestError as exc:
+                out[i] = exc
+                continue
+            owners.append((i, len(prepared), len(items)))
+            prepared.extend(items)
+        rows = _rows(predictor, prepared, requests[members[0]][1])
+        for i, first, count in owners:
+            out[i] = rows[first:first + count]
+    return out
+
+
+def _prepare(predictor: Predictor, inputs: Sequence[Any]) -> list[Any]:
+    try:
+        return predictor.prepare(inputs, [f"inputs[{i}]" for i in range(len(inputs))])
+    except MassMergeError as exc:
+        raise RequestError(422, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer refusing a lone surrogate: this request only
+        raise RequestError(422, f"inputs: cannot be read by the model ({exc})") from None
+
+
+def _rows(predictor: Predictor, prepared: list[Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """predict's rows, without ``index``, for prepared inputs routed as one window."""
+    rows = [row for _, row in predictor.stream(prepared, settings=settings, window=max(1, len(prepared)))]
+    for row in rows:
+        del row["index"]
+    return rows
+
+
 def run_batch(predictor: Predictor, batch: list[Pending]) -> BatchReport:
     """One model call for a batch of requests that share settings (on the worker thread): each request's
     inputs are prepared on their own (a request the model cannot read fails alone), then all are answered in
@@ -63,18 +107,13 @@ def run_batch(predictor: Predictor, batch: list[Pending]) -> BatchReport:
     owners: list[tuple[Pending, int, int]] = []
     for pending in batch:
         try:
-            items = predictor.prepare(pending.inputs, [f"inputs[{i}]" for i in range(len(pending.inputs))])
-        except MassMergeError as exc:
-            settle_threadsafe(pending, RequestError(422, str(exc)))
-            continue
-        except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer refusing a lone surrogate: this request only
-            settle_threadsafe(pending, RequestError(422, f"inputs: cannot be read by the model ({exc})"))
+            items = _prepare(predictor, pending.inputs)
+        except RequestError as exc:
+            settle_threadsafe(pending, exc)
             continue
         owners.append((pending, len(prepared), len(items)))
         prepared.extend(items)
-    rows = [row for _, row in predictor.stream(prepared, settings=batch[0].settings, window=max(1, len(prepared)))]
-    for row in rows:
-        del row["index"]
+    rows = _rows(predictor, prepared, batch[0].settings)
     for pending, first, count in owners:
         settle_threadsafe(pending, rows[first:first + count])
     return BatchReport(requests=len(owners), inputs=len(rows), seconds=time.perf_counter() - start,
@@ -134,23 +173,34 @@ class Guard:
 
 
 def create_app(predictor: Predictor, limits: ServerLimits, *, api_key: str | None = None,
-               state: ServerState | None = None, metrics: Metrics | None = None) -> FastAPI:
-    """The app serving ``predictor`` (already loaded: the app never loads a model) under ``limits``."""
+               state: ServerState | None = None, metrics: Metrics | None = None,
+               submit: Submit | None = None) -> FastAPI:
+    """The app serving ``predictor`` (already loaded: the app never loads a model) under ``limits``.
+
+    ``submit(inputs, settings, timeout) -> rows`` answers validated requests; by default a
+    :class:`DynamicBatcher` of this process (Ray Serve passes its own ``@serve.batch`` method)."""
     state = state or ServerState()
     metrics = metrics or Metrics()
-    batcher = DynamicBatcher(lambda batch: run_batch(predictor, batch), max_batch_size=limits.max_batch_size,
-                             max_wait_ms=limits.max_wait_ms, max_queue=limits.max_queue,
-                             on_batch=metrics.observe_batch, on_depth=metrics.queue.set)
+    batcher = None
+    if submit is None:
+        batcher = DynamicBatcher(lambda batch: run_batch(predictor, batch), max_batch_size=limits.max_batch_size,
+                                 max_wait_ms=limits.max_wait_ms, max_queue=limits.max_queue,
+                                 on_batch=metrics.observe_batch, on_depth=metrics.queue.set)
+        submit = batcher.submit
+    else:
+        state.started = True  # the host (Ray Serve) owns the life cycle
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
-        batcher.start()
+        if batcher is not None:
+            batcher.start()
         state.started = True
         metrics.ready.set(1)
         yield
         state.draining = True
         metrics.ready.set(0)
-        await batcher.stop()
+        if batcher is not None:
+            await batcher.stop()
 
     app = FastAPI(title="massmerge serve", version=__version__, lifespan=lifespan,
                   description=f"One MASS model for every task of {predictor.artifact.name}: "
@@ -179,7 +229,7 @@ def create_app(predictor: Predictor, limits: ServerLimits, *, api_key: str | Non
             except MassMergeError as exc:
                 raise RequestError(422, option_line(str(exc))) from None
             inputs = await _decode(predictor, parsed.inputs, limits)
-            rows = await batcher.submit(inputs, settings, limits.request_timeout_s)
+            rows = await submit(inputs, settings, limits.request_timeout_s)
             return JSONResponse({"predictions": rows})
         finally:
             state.in_flight -= 1
@@ -294,4 +344,4 @@ def _errors(app: FastAPI, limits: ServerLimits) -> None:
         return _error(500, f"internal error ({type(exc).__name__}); the server logged it")
 
 
-__all__ = ["Guard", "ServerState", "create_app", "run_batch"]
+__all__ = ["Guard", "ServerState", "Submit", "answer", "create_app", "run_batch"]
