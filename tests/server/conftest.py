@@ -19,9 +19,9 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from massmerge.cli import main  # noqa: E402
-from massmerge.heads import LinearHead, ZeroShotHead  # noqa: E402
-from massmerge.heads.files import write_head_file  # noqa: E402
+from massmerge.cli import main
+from massmerge.heads import LinearHead, ZeroShotHead
+from massmerge.heads.files import write_head_file
 
 START_TIMEOUT_S = 60.0
 ADDRESS = re.compile(r"on (http://127\.0\.0\.1:\d+)")

@@ -9,7 +9,6 @@ of one request touches another or the server.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -31,8 +30,18 @@ from massmerge.errors import MassMergeError
 from massmerge.server.batcher import BatchReport, Draining, DynamicBatcher, Pending, QueueFull, settle_threadsafe
 from massmerge.server.limits import ServerLimits, flag
 from massmerge.server.metrics import Metrics
-from massmerge.server.schema import (ErrorResponse, HealthResponse, PredictRequest, PredictResponse, RequestError,
-                                     check_texts, image_bytes, option_line, parse_predict, settings_of)
+from massmerge.server.schema import (
+    ErrorResponse,
+    HealthResponse,
+    PredictRequest,
+    PredictResponse,
+    RequestError,
+    check_texts,
+    image_bytes,
+    option_line,
+    parse_predict,
+    settings_of,
+)
 
 log = logging.getLogger("massmerge.server")
 RETRY_AFTER_S = 1  # what a 503 asks a client to wait before retrying
@@ -291,7 +300,7 @@ def _auth(api_key: str | None) -> Callable[..., Awaitable[None]]:
     """A dependency requiring ``Authorization: Bearer <api_key>`` (none when there is no key)."""
     bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
 
-    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         if api_key is None:
             return
         if credentials is None:
