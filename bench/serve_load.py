@@ -145,17 +145,17 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def compare(requests: list[list[str]], answers: dict[int, list[dict[str, Any]]],
-            offline: dict[str, dict[str, Any]]) -> tuple[int, float]:
-    """(answers that differ from the offline batch in task, label, class or task set; the largest router
-    probability difference)."""
-    mismatched, worst = 0, 0.0
+            offline: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
+    """(the answers that differ from the offline batch in task, label, class or task set, each with both rows;
+    the largest router probability difference)."""
+    differing, worst = [], 0.0
     for index, rows in answers.items():
         for text, row in zip(requests[index], rows):
             want = offline[text]
             if any(row[key] != want[key] for key in ("task", "label", "class", "selected")):
-                mismatched += 1
+                differing.append({"text": text, "served": row, "offline": want})
             worst = max(worst, *(abs(row["probs"][t] - want["probs"][t]) for t in want["probs"]))
-    return mismatched, worst
+    return differing, worst
 
 
 def offline_predictor(artifact: Path, texts: list[str], device: str | None) -> Any:
@@ -180,14 +180,14 @@ def level_row(clients: int, requests: list[list[str]], result: dict[str, Any], c
               offline_rate: float, offline: dict[str, dict[str, Any]]) -> dict[str, Any]:
     answered = sum(len(requests[i]) for i in result["answers"])
     rate = answered / result["wall"]
-    mismatched, worst = compare(requests, result["answers"], offline)
+    differing, worst = compare(requests, result["answers"], offline)
     lat = [x * 1000 for x in result["latencies"]]
     return {"clients": clients, "requests": len(result["answers"]), "inputs": answered,
             "wall s": round(result["wall"], 2), "server CPU s": round(cpu, 2), "inputs/s": round(rate, 1),
             "x offline": round(rate / offline_rate, 3), "p50 ms": round(percentile(lat, 50), 1),
             "p95 ms": round(percentile(lat, 95), 1), "p99 ms": round(percentile(lat, 99), 1),
-            "errors": len(result["errors"]), "mismatched": mismatched, "max |dprob|": f"{worst:.1e}",
-            "error sample": result["errors"][:3]}
+            "errors": len(result["errors"]), "mismatched": len(differing), "max |dprob|": f"{worst:.1e}",
+            "error sample": result["errors"][:3], "differing": differing[:5]}
 
 
 def main() -> None:
@@ -239,7 +239,7 @@ def main() -> None:
         offline_wall, offline_cpu = min((offline_wall, offline_cpu), (again_wall, again_cpu))
         offline_rate = offline_count / offline_wall
         rows = [level_row(clients, requests, result, cpu, offline_rate, offline) for clients, result, cpu in results]
-    columns = [c for c in rows[0] if c != "error sample"] if rows else []
+    columns = [c for c in rows[0] if c not in ("error sample", "differing")] if rows else []
     print(f"\nartifact: {args.artifact or 'synthetic (predict_throughput.synthetic_artifact)'}; offline batch "
           f"{offline_rate:.1f} inputs/s ({offline_count} inputs, {offline_wall:.2f} s wall, {offline_cpu:.2f} s CPU; "
           f"the faster of before and after); server stopped by SIGTERM: exit {code} in {exit_s:.2f} s")
@@ -247,6 +247,8 @@ def main() -> None:
     for row in rows:
         if row["error sample"]:
             print(f"{row['clients']} clients, errors: {row['error sample']}")
+        for diff in row["differing"]:
+            print(f"{row['clients']} clients, differs from the offline batch: {diff}")
     path = write_json(args.name, {"artifact": str(args.artifact or "synthetic"), "offline": {
         "inputs": offline_count, "wall_s": offline_wall, "cpu_s": offline_cpu, "inputs_per_s": offline_rate,
         "after_wall_s": again_wall, "after_cpu_s": again_cpu},

@@ -66,17 +66,19 @@ def main() -> None:
             for clients in args.clients:
                 result = asyncio.run(run_level(address, requests, clients, args.time_limit))
                 rows.append(level_row(clients, requests, result, float("nan"), offline_rate, offline))
-                print(table([rows[-1]], [c for c in rows[-1] if c not in ("error sample", "server CPU s")]),
+                print(table([rows[-1]], [c for c in rows[-1] if c not in ("error sample", "differing", "server CPU s")]),
                       flush=True)
         finally:
             code, exit_s = stop_server(process)
-    columns = [c for c in rows[0] if c not in ("error sample", "server CPU s")] if rows else []
+    columns = [c for c in rows[0] if c not in ("error sample", "differing", "server CPU s")] if rows else []
     print(f"\nRay Serve, {args.replicas} replica(s), artifact {args.artifact or 'synthetic'}: ready in {ready_s:.1f} s; "
           f"offline batch {offline_rate:.1f} inputs/s; SIGTERM: exit {code} in {exit_s:.1f} s")
     print(table(rows, columns))
     for row in rows:
         if row["error sample"]:
             print(f"{row['clients']} clients, errors: {row['error sample']}")
+        for diff in row["differing"]:
+            print(f"{row['clients']} clients, differs from the offline batch: {diff}")
     path = write_json("serve_ray", {"artifact": str(args.artifact or "synthetic"), "ready_s": ready_s,
                                     "offline_inputs_per_s": offline_rate, "levels": rows, "exit": code,
                                     "exit_s": exit_s, "command": sys.argv})

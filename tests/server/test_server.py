@@ -156,6 +156,9 @@ def test_back_pressure_limits_and_auth(text_artifact):
         assert httpx.get(f"{server.address}/healthz").status_code == 200  # probes need no key
         big = server.client.post("/v1/predict", content=b'{"inputs": ["' + b"w1 " * 1000 + b'"]}')
         assert big.status_code == 413 and big.json()["error"] == "body: 3016 bytes, more than --max-body-bytes 2000"
+        chunks = iter([b'{"inputs": ["', b"w1 " * 1000, b'"]}'])  # no Content-Length: counted as it streams in
+        streamed = server.client.post("/v1/predict", content=chunks)
+        assert streamed.status_code == 413 and streamed.json()["error"] == "body: more than --max-body-bytes 2000 bytes"
         first: list[httpx.Response] = []
         waiting = threading.Thread(target=lambda: first.append(server.client.post("/v1/predict",
                                                                                    json={"inputs": TEXTS[:3]})))
@@ -212,3 +215,12 @@ def test_non_loopback_without_key_is_refused(text_artifact, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("error: --host: binding to 0.0.0.0 lets every machine") and "--allow-no-key" in error
+
+
+def test_exposure_rule():
+    from massmerge.server.run import check_exposure, is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and not is_loopback("0.0.0.0")
+    assert check_exposure("127.0.0.1", None, False) is None and check_exposure("0.0.0.0", "key", False) is None
+    warning = check_exposure("0.0.0.0", None, True)
+    assert warning is not None and warning.startswith("warning: binding to 0.0.0.0") and "\n" not in warning
