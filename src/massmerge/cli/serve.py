@@ -81,8 +81,9 @@ def serve_cmd(
                                               "--autoscaling)")] = 1,
     num_gpus: Annotated[float, typer.Option(metavar="FLOAT", help="--ray: GPUs per replica")] = 0.0,
     autoscaling: Annotated[str | None, typer.Option(metavar="JSON", help="--ray: Ray Serve autoscaling_config, "
-                                                    "passed through (e.g. '{\"min_replicas\": 1, "
-                                                    "\"max_replicas\": 4}')")] = None,
+                                                    "passed through, e.g. '{\"min_replicas\": 1, "
+                                                    "\"max_replicas\": 4}' [default: none: --num-replicas "
+                                                    "replicas]")] = None,
 ) -> None:
     """Serve a MASS artifact over HTTP: one model for every task, dynamically batched."""
     check_positive("--batch-size", batch_size)
