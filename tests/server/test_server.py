@@ -10,9 +10,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import serving, start_server
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from server_fixtures import serving, start_server
 
 from massmerge.cli import main
 

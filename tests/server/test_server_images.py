@@ -9,13 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import serving
 from PIL import Image
 from tiny_models import HIDDEN, low_rank_deltas, perturbed, save_clip_vision, save_prefixed
 
 from massmerge.cli import main
 from massmerge.heads import ZeroShotHead
 from massmerge.heads.files import write_head_file
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from server_fixtures import serving
 
 
 @pytest.fixture(scope="module")
