@@ -9,7 +9,7 @@ Layers, lowest first (docs/ARCHITECTURE.md draws the same map):
 3. the MASS engine: mass/ routed wrappers, first and second pass, model, serving, build; mass/__init__
 4. model families: adapters/, heads/zoo
 5. artifacts: artifact/
-6. experiments: experiments/
+6. experiments and the server: experiments/, server/
 7. the command line: cli/, __main__
 
 The test parses every module (no import is run) and follows every import, function-local ones included: a
@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("massmerge.mass", *(f"massmerge.mass.{name}" for name in ENGINE)),
     ("massmerge.adapters", "massmerge.heads.zoo"),
     ("massmerge.artifact",),
-    ("massmerge.experiments",),
+    ("massmerge.experiments", "massmerge.server"),
     ("massmerge.cli", "massmerge.__main__"),
 ]
 

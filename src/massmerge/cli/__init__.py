@@ -12,6 +12,7 @@ from massmerge.cli import info as _info  # noqa: F401
 from massmerge.cli import merge as _merge  # noqa: F401
 from massmerge.cli import build as _build  # noqa: F401
 from massmerge.cli import predict as _predict  # noqa: F401
+from massmerge.cli import serve as _serve  # noqa: F401
 from massmerge.cli import evaluate as _evaluate  # noqa: F401
 from massmerge.cli import suite as _suite  # noqa: F401
 from massmerge.cli.app import app, main
