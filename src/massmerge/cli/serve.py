@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from massmerge.cli.app import command
-from massmerge.cli.options import DEVICE_HELP, SERVE_HELP, artifact_help, check_positive
+from massmerge.cli.options import DEVICE_HELP, ROUTER_HELP, artifact_help, check_positive, with_serve_flags
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.server.limits import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, LIMIT_HELP, ServerLimits, api_key_from
 
@@ -35,6 +35,7 @@ def _extra(name: str, module: str) -> None:
 
 
 @command("serve")
+@with_serve_flags(artifact_help)
 def serve_cmd(
     artifact: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="artifact directory written by massmerge build")],
     host: Annotated[str, typer.Option(metavar="ADDR", help="address to bind; not loopback needs --api-key or "
@@ -58,19 +59,11 @@ def serve_cmd(
     request_timeout_s: Annotated[float, typer.Option(metavar="S", help=_limit_help("request_timeout_s"))]
     = ServerLimits.request_timeout_s,
     grace_s: Annotated[float, typer.Option(metavar="S", help=_limit_help("grace_s"))] = ServerLimits.grace_s,
-    batch_size: Annotated[int | None, typer.Option(metavar="INT", help=artifact_help("batch_size"))] = None,
-    max_length: Annotated[int | None, typer.Option(metavar="INT", help="text: tokens per input [default: the "
-                                                                       "artifact's]")] = None,
-    router: Annotated[str | None, typer.Option(metavar="NAME", help=SERVE_HELP["router"])] = None,
-    mode: Annotated[str | None, typer.Option(metavar="NAME", help=artifact_help("mode"))] = None,
-    eta: Annotated[float | None, typer.Option(metavar="FLOAT", help=artifact_help("eta"))] = None,
-    top_k: Annotated[int | None, typer.Option(metavar="INT", help=artifact_help("top_k"))] = None,
-    tau: Annotated[float | None, typer.Option(metavar="FLOAT", help=artifact_help("tau"))] = None,
-    head_rule: Annotated[str | None, typer.Option(metavar="NAME", help=artifact_help("head_rule"))] = None,
+    router: Annotated[str | None, typer.Option(metavar="NAME", help=ROUTER_HELP)] = None,
+    serve: dict[str, Any] | None = None,  # every serve setting's flag, as predict's (with_serve_flags)
     strategy: Annotated[str, typer.Option(metavar="NAME", help="second pass: auto, batched, grouped or "
                                                                "reference")] = "auto",
     device: Annotated[str | None, typer.Option(metavar="NAME", help=DEVICE_HELP)] = None,
-    dtype: Annotated[str | None, typer.Option(metavar="DTYPE", help=artifact_help("dtype"))] = None,
     log_level: Annotated[str, typer.Option(metavar="NAME", help="uvicorn's log level: debug, info (one line "
                                                                 "per request), warning")] = "warning",
     ray: Annotated[bool, typer.Option("--ray", help="run as a Ray Serve deployment (massmerge[ray]); "
@@ -86,15 +79,14 @@ def serve_cmd(
                                                     "replicas]")] = None,
 ) -> None:
     """Serve a MASS artifact over HTTP: one model for every task, dynamically batched."""
-    check_positive("--batch-size", batch_size)
-    check_positive("--max-length", max_length)
+    overrides = {key: value for key, value in (serve or {}).items() if value is not None}
+    check_positive("--batch-size", overrides.get("batch_size"))
+    check_positive("--max-length", overrides.get("max_length"))
     limits = ServerLimits(max_batch_size, max_wait_ms, max_queue, max_body_bytes, max_inputs, max_input_chars,
                           request_timeout_s, grace_s).checked()
     if not 0 <= port <= 65535:
         raise OptionError(f"--port: must be 0..65535 (got {port})")
     key = api_key_from(api_key)
-    overrides = {"mode": mode, "eta": eta, "top_k": top_k, "tau": tau, "head_rule": head_rule,
-                 "batch_size": batch_size, "max_length": max_length, "dtype": dtype}
     if ray:
         _serve_ray(artifact, limits, key, host, port, overrides, router=router, strategy=strategy, device=device,
                    allow_no_key=allow_no_key, address=ray_address, replicas=num_replicas, gpus=num_gpus,
