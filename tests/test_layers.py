@@ -4,8 +4,8 @@ Layers, lowest first (docs/ARCHITECTURE.md draws the same map):
 
 0. infrastructure: errors, lazy, progress, memory, choices, sources, device, io/
 1. inputs: checkpoints, task_vectors, lowrank, data/
-2. pure methods: merging/, smile, heads/ (but the zoo), the torch-light part of mass/ (settings, factors, storage, budget,
-   set merges, router, pooling, the LRU)
+2. pure methods: merging/, smile, adapter_options, heads/ (but the zoo), the torch-light part of mass/ (settings,
+   factors, storage, budget, set merges, router, pooling, the LRU)
 3. the MASS engine: mass/ routed wrappers, first and second pass, model, serving, build; mass/__init__
 4. model families: adapters/, heads/zoo
 5. artifacts: artifact/
@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("massmerge", "massmerge.errors", "massmerge.lazy", "massmerge.progress", "massmerge.memory", "massmerge.choices",
      "massmerge.sources", "massmerge.device", "massmerge.io"),
     ("massmerge.checkpoints", "massmerge.task_vectors", "massmerge.lowrank", "massmerge.data"),
-    ("massmerge.merging", "massmerge.smile", "massmerge.heads", "massmerge.mass.config", "massmerge.mass.experts", "massmerge.mass.stream",
+    ("massmerge.merging", "massmerge.smile", "massmerge.adapter_options", "massmerge.heads", "massmerge.mass.config", "massmerge.mass.experts", "massmerge.mass.stream",
      "massmerge.mass.storage", "massmerge.mass.budget", "massmerge.mass.lru", "massmerge.mass.setmerge",
      "massmerge.mass.router", "massmerge.mass.pooling", "massmerge.mass.batch"),
     ("massmerge.mass", *(f"massmerge.mass.{name}" for name in ENGINE)),

@@ -65,3 +65,37 @@ def test_a_bound_adapter_records_its_declared_options() -> None:
     adapter = get_adapter("text", special_ids=(0, 2), feature_pooling="cls")
     assert recorded_options(adapter) == {"pooling": "content", "feature_pooling": "cls", "special_ids": [0, 2]}
     assert recorded_options(get_adapter("open_clip", arch="ViT-B-32")) == {"pooling": "cls", "arch": "ViT-B-32"}
+
+
+def test_the_manifest_and_build_flags_are_made_from_the_declaration() -> None:
+    """One declaration: the manifest's AdapterOptions has exactly the declared options (a closed set, each value
+    checked as declared), ``build``'s flags take their metavars and help from it, and a flag given for a family
+    the declaration does not list is one line naming the flag."""
+    from pydantic import ValidationError
+
+    from massmerge.adapter_options import ADAPTER_OPTIONS
+    from massmerge.artifact.build import adapter_options
+    from massmerge.artifact.manifest import AdapterOptions
+
+    assert list(AdapterOptions.model_fields) == list(ADAPTER_OPTIONS)
+    assert AdapterOptions(special_ids=[0, 2], pooling="mean").model_dump(exclude_none=True) == {
+        "pooling": "mean", "special_ids": [0, 2]}
+    for bad in ({"evil": 1}, {"pooling": "max"}, {"feature_pooling": "evil"}, {"special_ids": [-1]}, {"arch": 3}):
+        with pytest.raises(ValidationError):
+            AdapterOptions(**bad)
+    assert adapter_options("text", "mean", "cls", [0, 2]) == {"pooling": "mean", "feature_pooling": "cls",
+                                                              "special_ids": [0, 2]}
+    assert adapter_options("clip", None, None, [0]) == {}
+    with pytest.raises(OptionError, match="^--feature-pooling applies to text models, not family 'clip'$"):
+        adapter_options("clip", None, "cls", None)
+
+    import typer
+
+    from massmerge.cli import app
+
+    build = typer.main.get_command(app).commands["build"]
+    flags = {p.opts[0]: p for p in build.params if p.param_type_name == "option"}
+    for name in ("pooling", "feature_pooling"):
+        option = ADAPTER_OPTIONS[name]
+        assert flags[option.flag].metavar == "|".join(option.choices or ()), name
+        assert option.help in (flags[option.flag].help or ""), name

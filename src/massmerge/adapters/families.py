@@ -7,18 +7,23 @@ tensors it ties, the routing pooling and the HF Auto class that loads it. An uns
 line naming it and the supported ones. Adding a family (Llama, Qwen2, Mistral, GPT-2, T5 seq2seq) is a row plus
 the kernels it needs.
 
-The adapter options (what ``build`` takes for a family and an artifact's manifest records) are declared here once
-too (:data:`ADAPTER_OPTIONS`).
+The adapter options (what ``build`` takes for a family and an artifact's manifest records) are declared once in
+:mod:`massmerge.adapter_options` (torch-free, for the command line) and re-exported here (:data:`ADAPTER_OPTIONS`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from massmerge.adapter_options import (  # declared torch-free; re-exported beside the family table
+    ADAPTER_OPTIONS,
+    FEATURE_POOLINGS,
+    AdapterOption,
+    check_adapter_options,
+    recorded_options,
+)
 from massmerge.errors import OptionError
-from massmerge.mass.config import POOLINGS
 from massmerge.mass.routed import register_scale_norm
 
 NormKind = Literal["layer", "rms"]
@@ -86,58 +91,6 @@ def family_row(model_type: str | None, where: str = "model") -> Family:
 def model_type_of(model: Any) -> str | None:
     """The HF ``config.model_type`` of a built model (None for a model without an HF config)."""
     return getattr(getattr(model, "config", None), "model_type", None)
-
-
-# ----- adapter options, declared once ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class AdapterOption:
-    """One option an adapter takes at build (and a manifest records): its name, the families that take it, its
-    closed choices (None: free) and its help."""
-
-    name: str
-    families: tuple[str, ...]
-    choices: tuple[str, ...] | None
-    help: str
-
-
-FEATURE_POOLINGS = ("mean", "cls", "pooler")
-ADAPTER_OPTIONS: dict[str, AdapterOption] = {option.name: option for option in (
-    AdapterOption("pooling", ("text", "clip", "open_clip"), tuple(POOLINGS),
-                  "how the routing layer's input becomes one vector per sample"),
-    AdapterOption("feature_pooling", ("text",), FEATURE_POOLINGS,
-                  "text features the heads read: mean over the mask, cls (token 0) or pooler (BERT's tanh pooler)"),
-    AdapterOption("special_ids", ("text",), None, "the tokenizer's special token ids (content pooling leaves "
-                  "them out); read from the model directory"),
-    AdapterOption("arch", ("open_clip",), None, "the open_clip architecture name (e.g. ViT-B-32)"),
-)}
-
-
-def recorded_options(adapter: Any) -> dict[str, Any]:
-    """The declared options a bound adapter holds (what an artifact's manifest records), tuples as lists."""
-    out = {}
-    for name in ADAPTER_OPTIONS:
-        value = getattr(adapter, name, None)
-        if value is not None:
-            out[name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def check_adapter_options(family: str, options: Mapping[str, Any], where: str = "adapter") -> dict[str, Any]:
-    """The options a family takes, checked against the declaration (one line naming the option at fault)."""
-    out = {}
-    for name, value in options.items():
-        option = ADAPTER_OPTIONS.get(name)
-        if option is None:
-            raise OptionError(f"{where}: unknown adapter option '{name}' (known: {', '.join(ADAPTER_OPTIONS)})")
-        if value is None:
-            continue
-        if family not in option.families:
-            raise OptionError(f"{where}: option '{name}' is for the {', '.join(option.families)} family, not {family}")
-        if option.choices is not None and value not in option.choices:
-            raise OptionError(f"{where}: {name} '{value}' is not one of {', '.join(option.choices)}")
-        out[name] = value
-    return out
 
 
 __all__ = [

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from massmerge.adapter_options import ADAPTER_OPTIONS
 from massmerge.adapters import BaseAdapter, detect_family, get_adapter
 from massmerge.adapters.text import model_positions, special_token_ids
 from massmerge.artifact.manifest import factor_header_bytes
@@ -43,15 +44,17 @@ def print_line(text: str, err: bool = False) -> None:
 
 
 def adapter_options(family: str, pooling: str | None, feature_pooling: str | None, special_ids: Any) -> dict[str, Any]:
-    """The adapter options a build records (``--pooling``, ``--feature-pooling``, the text tokenizer's ids)."""
+    """The adapter options a build records (``--pooling``, ``--feature-pooling``, the text tokenizer's ids); a flag
+    given for a family its declaration (:data:`~massmerge.adapter_options.ADAPTER_OPTIONS`) does not list is one
+    line naming the flag."""
     options: dict[str, Any] = {}
-    if pooling is not None:
-        options["pooling"] = pooling
-    if feature_pooling is not None:
-        if family != "text":
-            raise OptionError(f"--feature-pooling applies to text models, not family '{family}'")
-        options["feature_pooling"] = feature_pooling
-    if family == "text" and special_ids is not None:
+    for name, value in (("pooling", pooling), ("feature_pooling", feature_pooling)):
+        option = ADAPTER_OPTIONS[name]
+        if value is not None and family not in option.families:
+            raise OptionError(f"{option.flag} applies to {', '.join(option.families)} models, not family '{family}'")
+        if value is not None:
+            options[name] = value
+    if family in ADAPTER_OPTIONS["special_ids"].families and special_ids is not None:
         options["special_ids"] = special_ids
     return options
 

@@ -28,10 +28,11 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 
+from massmerge.adapter_options import ADAPTER_OPTIONS
 from massmerge.checkpoints import PICKLE_SUFFIXES
 from massmerge.choices import DtypeName, task_name_problem
 from massmerge.errors import MassMergeError, first_validation_error
@@ -124,14 +125,14 @@ class BaseEntry(_Strict):
     bytes: int | None = Field(default=None, ge=0)
 
 
-class AdapterOptions(_Strict):
-    """The adapter options an artifact may record (exactly what :func:`_architecture` writes): a closed set,
-    so a hostile manifest cannot pass arbitrary keyword arguments to an adapter's constructor."""
-
-    pooling: Pooling | None = None
-    feature_pooling: Literal["mean", "cls", "pooler"] | None = None
-    special_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    arch: str | None = None
+# The adapter options an artifact may record, one optional field per declared option
+# (:data:`massmerge.adapter_options.ADAPTER_OPTIONS`): a closed set (extra fields forbidden), so a hostile manifest
+# cannot pass arbitrary keyword arguments to an adapter's constructor.
+AdapterOptions = create_model(
+    "AdapterOptions", __base__=_Strict, __module__=__name__,
+    __doc__="The adapter options an artifact may record: one optional field per declared adapter option.",
+    **{name: (option.annotation, None) for name, option in ADAPTER_OPTIONS.items()},
+)
 
 
 class ArchitectureEntry(_Strict):

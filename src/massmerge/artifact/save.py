@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from massmerge.adapter_options import recorded_options
 from massmerge.artifact.manifest import (
     BASE_FILE,
     FACTORS_FILE,
@@ -193,13 +194,8 @@ def _architecture(base_model: nn.Module, adapter: Any | None, hf_config: Mapping
         return ArchitectureEntry(kind="module")
     if hf_config is None and getattr(base_model, "config", None) is None:
         raise OptionError("adapter: the model has no HF config; pass hf_config=... or save it as a generic module")
-    options: dict[str, Any] = {"pooling": adapter.pooling}
-    for name in ("feature_pooling", "special_ids", "arch"):
-        if getattr(adapter, name, None) is not None:
-            value = getattr(adapter, name)
-            options[name] = list(value) if isinstance(value, tuple) else value
-    return ArchitectureEntry(kind="adapter", adapter=adapter.name, options=AdapterOptions(**options),
-                             pooling=adapter.pooling)
+    options = AdapterOptions(**recorded_options(adapter))  # every declared option the adapter holds
+    return ArchitectureEntry(kind="adapter", adapter=adapter.name, options=options, pooling=adapter.pooling)
 
 
 def _write_base(tmp: Path, base_model: nn.Module, state: Mapping[str, torch.Tensor], architecture: ArchitectureEntry,

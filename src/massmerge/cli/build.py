@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from massmerge.adapter_options import ADAPTER_OPTIONS
 from massmerge.choices import SVD_METHODS
 from massmerge.cli.app import command
 from massmerge.cli.options import (
@@ -24,7 +25,9 @@ from massmerge.cli.options import (
     check_positive,
 )
 from massmerge.errors import OptionError
-from massmerge.mass.config import DEFAULT_EPS, POOLINGS, check_pooling
+from massmerge.mass.config import DEFAULT_EPS, check_pooling
+
+POOLING, FEATURE_POOLING = ADAPTER_OPTIONS["pooling"], ADAPTER_OPTIONS["feature_pooling"]  # declared once
 
 
 def routing_option(routing_layer: str | None) -> str | int | None:
@@ -50,12 +53,11 @@ def build_cmd(
                                                                                "block index) [default: block "
                                                                                "round(0.75 depth)'s first MLP "
                                                                                "matrix]")] = None,
-    pooling: Annotated[str | None, typer.Option(metavar="|".join(POOLINGS), help="default routing pooling "
-                                                                                         "[default: the family's]")] = None,
-    feature_pooling: Annotated[str | None, typer.Option(metavar="mean|cls|pooler", help="text features the experts "
-                                                                                        "were trained with "
-                                                                                        "[default: the text "
-                                                                                        "family's]")] = None,
+    pooling: Annotated[str | None, typer.Option(metavar=POOLING.metavar, help=f"default routing pooling: "
+                                                f"{POOLING.help} [default: the family's]")] = None,
+    feature_pooling: Annotated[str | None, typer.Option(metavar=FEATURE_POOLING.metavar, help=f"{FEATURE_POOLING.help}"
+                                                        "; as the experts were trained [default: the text "
+                                                        "family's]")] = None,
     max_length: Annotated[int | None, typer.Option(metavar="INT", help="text: tokens per input the experts were "
                                                                        "trained with [default: the model's "
                                                                        "positions]")] = None,
