@@ -254,7 +254,11 @@ class SecondPass(Pass):
             ids, layout, groups = self._align(ids)
         out = F.embedding(ids, module.weight, module.padding_idx, module.max_norm, module.norm_type,
                           module.scale_grad_by_freq, module.sparse)
-        if st is not None and self.strategy == "dense":
+        if st is None and any(key in g.data.values for g in groups):  # a non-matrix table (T5's relative bias)
+            out = torch.cat([F.embedding(ids if whole is not None else ids[g.start:g.stop],
+                                         g.data.values.get(key, module.weight), module.padding_idx)
+                             for g in groups])
+        elif st is not None and self.strategy == "dense":
             out = torch.cat([F.embedding(ids if whole is not None else ids[g.start:g.stop],
                                          self._dense_weight(module.weight, st, g.data, key), module.padding_idx)
                              for g in groups])
