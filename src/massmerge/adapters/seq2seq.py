@@ -90,6 +90,12 @@ class Seq2SeqAdapter(BaseAdapter):
         index = min(len(blocks) - 1, round(block * len(blocks) / of))
         return f"encoder.block.{index}.{OFFICIAL_ROUTING_MODULE}"
 
+    def bind(self, model: nn.Module) -> Seq2SeqAdapter:
+        """Also re-tie T5's embedding aliases to ``shared`` (:func:`retie_embeddings`)."""
+        super().bind(model)
+        retie_embeddings(model)
+        return self
+
     def routing_layer_for(self, model: nn.Module, factored: Iterable[str]) -> str:
         """The routing layer among the factored keys: the official one when its experts change it; else (LoRA
         experts on ``q`` and ``v`` only, as FusionBench's ``_lora-16``) the first factored linear of the same
@@ -126,6 +132,20 @@ class Seq2SeqAdapter(BaseAdapter):
     def feature_dim(self, model: nn.Module) -> int | None:
         """T5's ``d_model`` (the encoder output's width)."""
         return int(model.config.d_model)
+
+
+def retie_embeddings(model: nn.Module) -> None:
+    """Make ``encoder.embed_tokens`` and ``decoder.embed_tokens`` the one ``shared`` parameter again where they
+    hold its values: loading tensors with ``assign=True`` (an artifact's base) gives each name its own tensor,
+    and the routed engine merges the embedding once, under ``shared.weight``; an untied alias would keep the
+    base's embedding under every task set."""
+    shared = getattr(model, "shared", None)
+    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
+        embed = getattr(stack, "embed_tokens", None)
+        if shared is None or embed is None or embed.weight is shared.weight:
+            continue
+        if embed.weight.shape == shared.weight.shape and torch.equal(embed.weight, shared.weight):
+            embed.weight = shared.weight
 
 
 def encoder_features(model: nn.Module, batch: Batch) -> torch.Tensor:
