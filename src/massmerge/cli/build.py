@@ -41,8 +41,8 @@ def build_cmd(
                                                                          ".safetensors), at least 2")],
     output: Annotated[Path, typer.Option(metavar="PATH", help="artifact directory to write (atomically)")],
     heads: Annotated[list[Path] | None, typer.Option(metavar="PATH...", help="one heads .safetensors file per "
-                                                     "expert (see README); none for experts that generate "
-                                                     "(family seq2seq)")] = None,
+                                                     "expert (see README) [default: none, for experts "
+                                                     "that generate: family seq2seq]")] = None,
     task_names: Annotated[list[str] | None, typer.Option(metavar="NAME...", help="task names [default: heads "
                                                                                    "metadata, else the expert's]")] = None,
     family: Annotated[str | None, typer.Option(metavar="NAME", help="model family: text, clip, open_clip, seq2seq "
