@@ -134,7 +134,7 @@ def test_the_seq2seq_row_detects_generating_t5_and_routes_at_the_official_layer(
 @pytest.mark.parametrize("options", [GREEDY, BEAMS], ids=["greedy", "beams"])
 def test_full_experts_generate_each_prompts_dense_model_token_for_token(full, options) -> None:
     mass, plain = full
-    out, expected = check_equal_to_dense(mass, plain, options)
+    _, expected = check_equal_to_dense(mass, plain, options)
     assert len({tuple(padded(e, 12)[0].tolist()) for e in expected.values()}) > 1  # the sets disagree somewhere
 
 

@@ -36,8 +36,20 @@ CLIP_TYPES = tuple(t for t, row in FAMILIES.items() if row.adapter == "clip")
 TEXT_TYPES = tuple(t for t, row in FAMILIES.items() if row.adapter == "text")
 
 __all__ = [
-    "ADAPTERS", "Adapter", "BaseAdapter", "CLIPAdapter", "FAMILIES", "Family", "OpenCLIPAdapter", "Seq2SeqAdapter",
-    "TextEncoderAdapter", "adapter_for", "detect_family", "family_of_model", "family_row", "get_adapter",
+    "ADAPTERS",
+    "FAMILIES",
+    "Adapter",
+    "BaseAdapter",
+    "CLIPAdapter",
+    "Family",
+    "OpenCLIPAdapter",
+    "Seq2SeqAdapter",
+    "TextEncoderAdapter",
+    "adapter_for",
+    "detect_family",
+    "family_of_model",
+    "family_row",
+    "get_adapter",
     "register_adapter",
 ]
 

@@ -163,8 +163,8 @@ def check_adapter_options(family: str, options: Mapping[str, Any], where: str = 
 __all__ = [
     "ADAPTER_OPTIONS",
     "FAMILIES",
-    "GENERATING",
     "FEATURE_POOLINGS",
+    "GENERATING",
     "AdapterOption",
     "Family",
     "NormKind",

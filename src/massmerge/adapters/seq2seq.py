@@ -375,8 +375,24 @@ def _check_count(factors: ExpertFactors, task_names: Sequence[str]) -> None:
         raise OptionError(f"tasks: {len(task_names)} names for {factors.num_tasks} experts")
 
 
-__all__ = ["ARCH_FIELDS", "EMBED_ALIASES", "LORA_TASK_TYPE", "OFFICIAL_ROUTING_BLOCK", "SEQ2SEQ_TYPES", "Seq2SeqAdapter",
-           "check_lora_config", "check_same_architecture", "full_expert_factors", "is_factored",
-           "load_full_expert", "load_lora_seq2seq", "load_seq2seq_model", "lora_seq2seq_factors", "merged_keys",
-           "model_config", "encoder_features",
-           "seq2seq_factors", "tied_aliases"]
+__all__ = [
+    "ARCH_FIELDS",
+    "EMBED_ALIASES",
+    "LORA_TASK_TYPE",
+    "OFFICIAL_ROUTING_BLOCK",
+    "SEQ2SEQ_TYPES",
+    "Seq2SeqAdapter",
+    "check_lora_config",
+    "check_same_architecture",
+    "encoder_features",
+    "full_expert_factors",
+    "is_factored",
+    "load_full_expert",
+    "load_lora_seq2seq",
+    "load_seq2seq_model",
+    "lora_seq2seq_factors",
+    "merged_keys",
+    "model_config",
+    "seq2seq_factors",
+    "tied_aliases",
+]

@@ -30,8 +30,8 @@ from massmerge.mass.build import MASSParts, assemble, total_rank
 from massmerge.mass.config import BuildSettings, ServeSettings, size_budget
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.storage import to_storage
-from massmerge.sources import resolve_source
 from massmerge.mass.stream import stream_task_vectors
+from massmerge.sources import resolve_source
 from massmerge.task_vectors import KeyFilter
 
 Echo = Callable[..., None]  # echo(text, err=False): the summary line to stdout, notes (err=True) to stderr

@@ -292,7 +292,27 @@ def check_base_entry(manifest: Manifest, path: Path) -> None:
 
 
 
-__all__ = ["BASE_FILE", "FACTORS_FILE", "FACTOR_PARTS", "FORMAT_VERSION", "GENERATION_FILES", "HEADS_FILE",
-           "HF_WEIGHTS", "MANIFEST", "OUTPUT_KINDS", "OutputKind",
-           "MODEL_DIR", "Manifest", "allowed_name", "check_manifest", "factor_header_bytes", "factor_name",
-           "factor_names", "head_name", "head_names", "model_file_allowed", "non_matrix_name", "read_manifest"]
+__all__ = [
+    "BASE_FILE",
+    "FACTORS_FILE",
+    "FACTOR_PARTS",
+    "FORMAT_VERSION",
+    "GENERATION_FILES",
+    "HEADS_FILE",
+    "HF_WEIGHTS",
+    "MANIFEST",
+    "MODEL_DIR",
+    "OUTPUT_KINDS",
+    "Manifest",
+    "OutputKind",
+    "allowed_name",
+    "check_manifest",
+    "factor_header_bytes",
+    "factor_name",
+    "factor_names",
+    "head_name",
+    "head_names",
+    "model_file_allowed",
+    "non_matrix_name",
+    "read_manifest",
+]

@@ -284,5 +284,15 @@ def _generated_file_rows(predictor: Predictor, items: Sequence[Any], generation:
     yield from (track(rows(), "generating", total=len(items)) if track else rows())
 
 
-__all__ = ["GeneratingPredictor", "IMAGE_FAMILIES", "Predictor", "generation_row", "REQUEST_SETTINGS", "TEXT_FAMILIES", "image_from_bytes", "input_kind",
-           "predict_file_rows", "prediction_row"]
+__all__ = [
+    "IMAGE_FAMILIES",
+    "REQUEST_SETTINGS",
+    "TEXT_FAMILIES",
+    "GeneratingPredictor",
+    "Predictor",
+    "generation_row",
+    "image_from_bytes",
+    "input_kind",
+    "predict_file_rows",
+    "prediction_row",
+]

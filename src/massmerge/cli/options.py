@@ -115,7 +115,7 @@ def with_generate_flags(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def check_positive(option: str, value: int | float | None) -> None:
+def check_positive(option: str, value: float | None) -> None:
     """``None`` (unset) passes; zero or a negative number is a one-line error naming the option."""
     if value is not None and value <= 0:
         raise OptionError(f"{option} must be >= 1, got {value}" if isinstance(value, int)

@@ -343,7 +343,8 @@ def mass_rows(bench: GenerationBench, cache: EvalCache, expert: Mapping[str, Map
                                        if v is not None and k in ServeSettings.model_fields}, "pooling": pooling,
                        "routing_layer": bench.config.routing_layer}
 
-            def run(task: int = task, split: GlueSplit = split) -> dict[str, Any]:
+            def run(task: int = task, split: GlueSplit = split, row: str = row, name: str = name,
+                    pooling: str = pooling) -> dict[str, Any]:
                 routed = model_for(pooling)
                 texts = generate_texts(bench.model, bench.tokenizer, split.prompts,
                                        batch_size=bench.config.eval.batch_size, label=f"{row} {name}", routed=routed)
@@ -405,6 +406,22 @@ def evaluate_generation(config: Any, *, cache: EvalCache, log: Log = print, show
                                    show=show)
 
 
-__all__ = ["GENERATION_METHODS", "MASS_ROWS", "NOT_YET", "mass_factors", "mass_rows", "mass_settings", "GenerationBench", "decoded_targets", "encode", "evaluate_generation",
-           "generate_texts", "markdown", "methods_of", "prepare", "run_generation_benchmark", "summarize",
-           "write_generation_report"]
+__all__ = [
+    "GENERATION_METHODS",
+    "MASS_ROWS",
+    "NOT_YET",
+    "GenerationBench",
+    "decoded_targets",
+    "encode",
+    "evaluate_generation",
+    "generate_texts",
+    "markdown",
+    "mass_factors",
+    "mass_rows",
+    "mass_settings",
+    "methods_of",
+    "prepare",
+    "run_generation_benchmark",
+    "summarize",
+    "write_generation_report",
+]
