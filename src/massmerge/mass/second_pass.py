@@ -115,6 +115,7 @@ class SecondPass(Pass):
     _lock: threading.Lock = field(init=False)
     _gathered: dict[tuple[Any, ...], torch.Tensor] = field(init=False)
     _gathered_bytes: int = field(init=False)
+    _asked: set[tuple[Any, ...]] = field(init=False)
 
     @classmethod
     def of(cls, sets: Sequence[SetData], ids: torch.Tensor, merger: SetMerger, alpha: float,
@@ -132,17 +133,20 @@ class SecondPass(Pass):
         self._lock = threading.Lock()
         self._gathered = {}
         self._gathered_bytes = 0
+        self._asked = set()
 
     def _factor_rows(self, st: Stacked, key: str, part: str, rows: torch.Tensor, ident: tuple[int, ...]
                      ) -> torch.Tensor:
-        """``st.Ut[rows]`` (part ``U``) or ``st.Vt[rows]`` (``V``) of the sets ``ident`` names, gathered once per
-        pass within :data:`GATHER_BYTES` (why: see there)."""
+        """``st.Ut[rows]`` (part ``U``) or ``st.Vt[rows]`` (``V``) of the sets ``ident`` names; kept from its second
+        use in the pass (a decode step), within :data:`GATHER_BYTES` (why: see there)."""
         cache_key = (key, part, rows.ndim, ident)  # one set's rows [K] and a run's stacked rows [G, K] differ
         found = self._gathered.get(cache_key)
         if found is None:
             found = (st.Ut if part == "U" else st.Vt)[rows]
             size = found.numel() * found.element_size()
-            if self._gathered_bytes + size <= GATHER_BYTES:
+            if cache_key not in self._asked:  # kept from the second ask on: a one-forward pass holds nothing more
+                self._asked.add(cache_key)
+            elif self._gathered_bytes + size <= GATHER_BYTES:
                 self._gathered[cache_key] = found
                 self._gathered_bytes += size
         return found
