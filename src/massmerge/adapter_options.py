@@ -48,7 +48,7 @@ class AdapterOption:
 
 FEATURE_POOLINGS = ("mean", "cls", "pooler")
 ADAPTER_OPTIONS: dict[str, AdapterOption] = {option.name: option for option in (
-    AdapterOption("pooling", ("text", "clip", "open_clip"), tuple(POOLINGS),
+    AdapterOption("pooling", ("text", "clip", "open_clip", "seq2seq"), tuple(POOLINGS),
                   "how the routing layer's input becomes one vector per sample"),
     AdapterOption("feature_pooling", ("text",), FEATURE_POOLINGS,
                   "text features the heads read: mean over the mask, cls (token 0) or pooler (BERT's tanh pooler)"),

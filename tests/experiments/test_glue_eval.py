@@ -92,12 +92,12 @@ def test_generation_equals_fusion_bench_call(tmp_path: Path) -> None:
 # ----- the config and the end-to-end run ---------------------------------------------------------------------
 
 
-def test_mass_rows_are_refused_until_the_seam_lands(tmp_path: Path) -> None:
+def test_mass_runs_by_default_and_smile_is_refused_until_it_generates(tmp_path: Path) -> None:
     raw = glue_config(("cola", "rte"), output=tmp_path)
     assert methods_of(parse_benchmark_config({k: v for k, v in raw.items() if k != "methods"})) == [
-        "zeroshot", "experts", "task_arithmetic", "ties", "tsv_m"]
-    config = parse_benchmark_config({**raw, "methods": ["experts", "mass"]})
-    with pytest.raises(OptionError, match="'mass' cannot run with family seq2seq yet: it needs routed generation"):
+        "zeroshot", "experts", "task_arithmetic", "ties", "tsv_m", "mass"]
+    config = parse_benchmark_config({**raw, "methods": ["experts", "smile"]})
+    with pytest.raises(OptionError, match="'smile' cannot run with family seq2seq yet: it needs a SMILE upscaling"):
         methods_of(config)
 
 
@@ -139,13 +139,35 @@ def test_evaluate_runs_the_static_rows_offline_and_resumes(hub: Path, tmp_path: 
 
 
 def test_evaluate_lora_experts_and_one_line_errors(hub: Path, tmp_path: Path) -> None:
-    config = glue_config(("cola", "rte"), lora=True, output=tmp_path / "out", methods=["experts", "tsv_m"])
+    config = glue_config(("cola", "rte"), lora=True, output=tmp_path / "out", methods=["experts", "tsv_m", "mass"])
     run = _evaluate(hub, tmp_path, config)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert set(report["methods"]) == {"experts", "tsv_m"}
-    bad = _evaluate(hub, tmp_path, {**config, "methods": ["experts", "mass"]})
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: methods: 'mass'")
+    assert set(report["methods"]) == {"experts", "tsv_m", "MASS", "MASS (unmasked pooling)"}
+    bad = _evaluate(hub, tmp_path, {**config, "methods": ["experts", "smile"]})
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: methods: 'smile'")
+
+
+def test_evaluate_runs_the_mass_rows_offline_streamed_cached_and_resumed(hub: Path, tmp_path: Path) -> None:
+    """MASS and MASS (unmasked pooling): each prompt routed in the encoder and generated under its task set, by
+    the same protocol as the static rows, each task's score cached; a second run factors nothing."""
+    config = glue_config(("cola", "rte", "stsb"), output=tmp_path / "out", methods=["experts", "mass"])
+    first = _evaluate(hub, tmp_path, config)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rows = report["methods"]
+    assert list(rows) == ["experts", "MASS", "MASS (unmasked pooling)"]
+    for row in ("MASS", "MASS (unmasked pooling)"):
+        assert set(rows[row]["scores"]) == {"cola", "rte", "stsb"}
+        assert all(v is None or 0.0 <= v <= 1.0 or -1.0 <= v <= 1.0 for v in rows[row]["scores"].values())
+    assert rows["MASS (unmasked pooling)"]["options"] == {"pooling": "unmasked_mean"}
+    assert "mass" not in report["not_yet_runnable"] and "MASS (unmasked pooling)" in (
+        tmp_path / "out" / "report.md").read_text()
+    assert "factoring the experts for MASS" in first.stderr + first.stdout
+    second = _evaluate(hub, tmp_path, config)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "factoring the experts for MASS" not in second.stderr + second.stdout  # every score from the cache
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["methods"] == rows
 
 
 def test_swapped_weights_reach_the_aliases_and_are_put_back(tmp_path: Path) -> None:

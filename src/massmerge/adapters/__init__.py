@@ -14,8 +14,9 @@ from torch import nn
 
 from massmerge.adapters.base import Adapter, BaseAdapter
 from massmerge.adapters.clip import CLIPAdapter
-from massmerge.adapters.families import FAMILIES, Family, family_row, model_type_of
+from massmerge.adapters.families import FAMILIES, Family, family_row, generating_row, model_type_of
 from massmerge.adapters.open_clip import OpenCLIPAdapter
+from massmerge.adapters.seq2seq import Seq2SeqAdapter
 from massmerge.adapters.text import TextEncoderAdapter
 from massmerge.adapters.weights import (
     open_weights,
@@ -28,14 +29,27 @@ ADAPTERS: dict[str, type[BaseAdapter]] = {
     CLIPAdapter.name: CLIPAdapter,
     OpenCLIPAdapter.name: OpenCLIPAdapter,
     TextEncoderAdapter.name: TextEncoderAdapter,
+    Seq2SeqAdapter.name: Seq2SeqAdapter,
 }
 
 CLIP_TYPES = tuple(t for t, row in FAMILIES.items() if row.adapter == "clip")
 TEXT_TYPES = tuple(t for t, row in FAMILIES.items() if row.adapter == "text")
 
 __all__ = [
-    "ADAPTERS", "Adapter", "BaseAdapter", "CLIPAdapter", "FAMILIES", "Family", "OpenCLIPAdapter",
-    "TextEncoderAdapter", "adapter_for", "detect_family", "family_of_model", "family_row", "get_adapter",
+    "ADAPTERS",
+    "FAMILIES",
+    "Adapter",
+    "BaseAdapter",
+    "CLIPAdapter",
+    "Family",
+    "OpenCLIPAdapter",
+    "Seq2SeqAdapter",
+    "TextEncoderAdapter",
+    "adapter_for",
+    "detect_family",
+    "family_of_model",
+    "family_row",
+    "get_adapter",
     "register_adapter",
 ]
 
@@ -56,12 +70,14 @@ def get_adapter(name: str, **options: Any) -> BaseAdapter:
 def family_of_model(model: nn.Module) -> str:
     """The family of a built model: its HF ``model_type``'s row in the family table, or open_clip's layout."""
     model_type = model_type_of(model)
+    if generating_row(model_type, [type(model).__name__]) is not None:
+        return "seq2seq"
     if model_type is not None:
         return family_row(model_type, f"family: {type(model).__name__}").adapter
     visual = getattr(model, "visual", model)
     if hasattr(getattr(visual, "transformer", None), "resblocks"):
         return "open_clip"
-    raise OptionError(f"family: cannot tell the model family of {type(model).__name__}; pass family=clip|open_clip|text")
+    raise OptionError(f"family: cannot tell the model family of {type(model).__name__}; pass family=clip|open_clip|text|seq2seq")
 
 
 def adapter_for(model: nn.Module, family: str | None = None, **options: Any) -> BaseAdapter:
@@ -77,6 +93,8 @@ def detect_family(path: str | Path) -> str:
     if config is not None and config.is_file():
         raw = read_json_config(config)
         model_type = raw.get("model_type") if isinstance(raw, dict) else None
+        if isinstance(raw, dict) and generating_row(model_type, raw.get("architectures")) is not None:
+            return "seq2seq"
         if model_type:
             return family_row(model_type, f"{config}: field 'model_type'").adapter
     if path.is_dir() and (path / "open_clip_config.json").is_file():

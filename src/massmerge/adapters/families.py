@@ -63,6 +63,16 @@ def _t5(model_type: str, norm_class: str) -> Family:
                   ("shared.weight", "encoder.embed_tokens.weight"), auto_class="T5EncoderModel")
 
 
+#: Models that generate, keyed by the HF class named in a config's ``architectures`` (their ``model_type`` is
+#: shared with an encoder-only row: a T5 checkpoint of ``T5ForConditionalGeneration`` is seq2seq, not text).
+#: Routing is on the prompt in the encoder, at the official MASS layer (the input of block 10 of 12's attention
+#: output ``o``, scaled to depth by the adapter); pooling a masked mean over the prompt's real tokens.
+GENERATING: dict[str, Family] = {row.auto_class: row for row in (
+    Family("t5", "seq2seq", ("encoder.block",), ("layer.0.SelfAttention.o",), "rms", "T5LayerNorm",
+           ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"), pooling="mean",
+           auto_class="T5ForConditionalGeneration"),
+)}
+
 FAMILIES: dict[str, Family] = {row.model_type: row for row in (
     _bert_like("bert"), _bert_like("roberta"), _bert_like("xlm-roberta"), _bert_like("camembert"),
     _bert_like("electra"), _bert_like("deberta"), _bert_like("deberta-v2"), _bert_like("mpnet"),
@@ -88,6 +98,16 @@ def family_row(model_type: str | None, where: str = "model") -> Family:
     return row
 
 
+def generating_row(model_type: str | None, architectures: Any) -> Family | None:
+    """The generating row of a config (``model_type`` and its ``architectures`` list), or None: a T5 config whose
+    architectures name ``T5ForConditionalGeneration`` is the seq2seq family rather than a text encoder."""
+    for name in architectures if isinstance(architectures, list) else ():
+        row = GENERATING.get(str(name))
+        if row is not None and row.model_type == model_type:
+            return row
+    return None
+
+
 def model_type_of(model: Any) -> str | None:
     """The HF ``config.model_type`` of a built model (None for a model without an HF config)."""
     return getattr(getattr(model, "config", None), "model_type", None)
@@ -97,11 +117,13 @@ __all__ = [
     "ADAPTER_OPTIONS",
     "FAMILIES",
     "FEATURE_POOLINGS",
+    "GENERATING",
     "AdapterOption",
     "Family",
     "NormKind",
     "check_adapter_options",
     "family_row",
+    "generating_row",
     "model_type_of",
     "recorded_options",
 ]

@@ -16,8 +16,9 @@ hold ``config.json`` and one float32 ``model.safetensors``) and PEFT LoRA adapte
 ``q`` and ``v``, ``task_type`` ``SEQ_2_SEQ_LM``), whose ``scale B A`` becomes exact factors without a dense
 matrix (:mod:`massmerge.adapters.lora`).
 
-Not here yet: routed generation (a per-row task set during ``generate``) needs the engine seam of issue 28; this
-module gives the static side (loading, checks, factors) that the seam will serve.
+Routed generation (each prompt's task set through the encoder and every decode step) is
+:meth:`massmerge.mass.model.MASSModel.generate`, through the engine's seam; this module gives the family's side
+(loading, checks, factors, the official routing layer, the encoder's features for the first pass).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from massmerge.errors import CheckpointError, OptionError
 from massmerge.lowrank import LowRank, rank_for, rank_fraction_for, truncated_svd
 from massmerge.mass.config import DEFAULT_EPS
 from massmerge.mass.experts import ExpertFactors
+from massmerge.mass.pooling import masked_mean
 from massmerge.sources import parse_hub_id, resolve_source
 
 SEQ2SEQ_TYPES = ("t5",)
@@ -88,6 +90,26 @@ class Seq2SeqAdapter(BaseAdapter):
         index = min(len(blocks) - 1, round(block * len(blocks) / of))
         return f"encoder.block.{index}.{OFFICIAL_ROUTING_MODULE}"
 
+    def bind(self, model: nn.Module) -> Seq2SeqAdapter:
+        """Also re-tie T5's embedding aliases to ``shared`` (:func:`retie_embeddings`)."""
+        super().bind(model)
+        retie_embeddings(model)
+        return self
+
+    def routing_layer_for(self, model: nn.Module, factored: Iterable[str]) -> str:
+        """The routing layer among the factored keys: the official one when its experts change it; else (LoRA
+        experts on ``q`` and ``v`` only, as FusionBench's ``_lora-16``) the first factored linear of the same
+        block, in forward order (``layer.0.SelfAttention.q``: the block's normed input)."""
+        layer = self.routing_layer(model)
+        keys = set(factored)
+        if f"{layer}.weight" in keys or self.routing_override is not None:
+            return layer
+        block = layer.rsplit(".layer.", 1)[0]
+        for name, module in dict(model.named_modules())[block].named_modules():
+            if isinstance(module, nn.Linear) and f"{block}.{name}.weight" in keys:
+                return f"{block}.{name}"
+        raise OptionError(f"routing_layer: no linear of '{block}' has task factors; pass routing_layer=<name>")
+
     def encoder_keys(self, model: nn.Module) -> list[str]:
         """Every merged key (encoder, decoder, an untied LM head), each tied tensor once (``shared.weight``)."""
         return merged_keys(model)
@@ -102,9 +124,37 @@ class Seq2SeqAdapter(BaseAdapter):
         return load_full_expert(source, model, revision=revision, trust_pickle=trust_pickle)
 
     def features(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Generating models have no features for class heads; generation is scored on its text."""
-        raise OptionError("family seq2seq: experts generate text; score them with a generation task pool "
-                          "(massmerge evaluate with family: seq2seq), not class heads")
+        """The prompt's features: the encoder alone, its output averaged over the real tokens. MASS's first pass
+        runs this (the routing layer is in the encoder, so the decoder is never reached); generation itself is
+        ``MASSModel.generate``."""
+        return encoder_features(model, batch)
+
+    def feature_dim(self, model: nn.Module) -> int | None:
+        """T5's ``d_model`` (the encoder output's width)."""
+        return int(model.config.d_model)
+
+
+def retie_embeddings(model: nn.Module) -> None:
+    """Make ``encoder.embed_tokens`` and ``decoder.embed_tokens`` the one ``shared`` parameter again where they
+    hold its values: loading tensors with ``assign=True`` (an artifact's base) gives each name its own tensor,
+    and the routed engine merges the embedding once, under ``shared.weight``; an untied alias would keep the
+    base's embedding under every task set."""
+    shared = getattr(model, "shared", None)
+    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
+        embed = getattr(stack, "embed_tokens", None)
+        if shared is None or embed is None or embed.weight is shared.weight:
+            continue
+        if embed.weight.shape == shared.weight.shape and torch.equal(embed.weight, shared.weight):
+            embed.weight = shared.weight
+
+
+def encoder_features(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The encoder's last hidden states [B, L, d] averaged over the prompt's real tokens -> [B, d]."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise OptionError("family seq2seq: a batch is a dict with input_ids (and attention_mask)")
+    mask = batch.get("attention_mask")
+    hidden = model.encoder(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+    return masked_mean(hidden, mask)
 
 
 # ----- loading and checks -----------------------------------------------------------------------------------
@@ -325,8 +375,24 @@ def _check_count(factors: ExpertFactors, task_names: Sequence[str]) -> None:
         raise OptionError(f"tasks: {len(task_names)} names for {factors.num_tasks} experts")
 
 
-__all__ = ["ARCH_FIELDS", "EMBED_ALIASES", "LORA_TASK_TYPE", "OFFICIAL_ROUTING_BLOCK", "SEQ2SEQ_TYPES", "Seq2SeqAdapter",
-           "check_lora_config", "check_same_architecture", "full_expert_factors", "is_factored",
-           "load_full_expert", "load_lora_seq2seq", "load_seq2seq_model", "lora_seq2seq_factors", "merged_keys",
-           "model_config",
-           "seq2seq_factors", "tied_aliases"]
+__all__ = [
+    "ARCH_FIELDS",
+    "EMBED_ALIASES",
+    "LORA_TASK_TYPE",
+    "OFFICIAL_ROUTING_BLOCK",
+    "SEQ2SEQ_TYPES",
+    "Seq2SeqAdapter",
+    "check_lora_config",
+    "check_same_architecture",
+    "encoder_features",
+    "full_expert_factors",
+    "is_factored",
+    "load_full_expert",
+    "load_lora_seq2seq",
+    "load_seq2seq_model",
+    "lora_seq2seq_factors",
+    "merged_keys",
+    "model_config",
+    "seq2seq_factors",
+    "tied_aliases",
+]

@@ -31,8 +31,8 @@ from massmerge.mass.build import MASSParts, assemble, total_rank
 from massmerge.mass.config import BuildSettings, ServeSettings, size_budget
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.storage import to_storage
-from massmerge.sources import resolve_source
 from massmerge.mass.stream import stream_task_vectors
+from massmerge.sources import resolve_source
 from massmerge.task_vectors import KeyFilter
 
 Echo = Callable[..., None]  # echo(text, err=False): the summary line to stdout, notes (err=True) to stderr
@@ -113,6 +113,62 @@ def family_adapter(base_path: Path, model: nn.Module, family: str, *, routing_la
     return get_adapter(family, routing_layer=routing_layer, **options).bind(model), length
 
 
+def seq2seq_factors_of(adapter: BaseAdapter, model: nn.Module, base: str, experts: Sequence[Path],
+                       task_names: Sequence[str], settings: BuildSettings, *, trust_pickle: bool = False,
+                       key_filter: KeyFilter | None = None) -> ExpertFactors:
+    """The factors of T5 experts: all full fine-tunes (streamed, one open at a time) or all PEFT LoRA adapters
+    (exact factors, no dense delta), each checked against the base (config, target modules) before any SVD."""
+    from massmerge.adapters.seq2seq import load_lora_seq2seq, lora_seq2seq_factors, seq2seq_factors
+
+    lora = [(Path(resolve_source(str(p))) / "adapter_config.json").is_file() for p in experts]
+    if any(lora) and not all(lora):
+        raise OptionError("--experts: mix of LoRA adapters and full fine-tunes; give experts of one kind")
+    state = model.state_dict()
+    if all(lora):
+        loaded = [load_lora_seq2seq(str(p), model, base=base, trust_pickle=trust_pickle) for p in experts]
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        return lora_seq2seq_factors(loaded, task_names, shapes, rank_fraction=settings.rank_fraction,
+                                    eps=settings.eps)
+    encoder = {key: state[key] for key in adapter.encoder_keys(model)}
+    check_experts(adapter, model, experts, encoder, trust_pickle)
+    stream = stream_task_vectors(encoder, experts, open_expert=lambda path: adapter.load_weights(
+        str(path), model, trust_pickle=trust_pickle), key_filter=key_filter)
+    return seq2seq_factors(stream, task_names, rank_fraction=settings.rank_fraction, eps=settings.eps)
+
+
+def build_generating(base: Path, experts: Sequence[Path], task_names: Sequence[str] | None, output: Path,
+                     settings: BuildSettings, *, routing_layer: str | int | None = None, pooling: str | None = None,
+                     max_length: int | None = None, include: Sequence[str] | None = None,
+                     exclude: Sequence[str] | None = None, trust_pickle: bool = False, dtype: str | None = None,
+                     echo: Echo = print_line) -> Path:
+    """``massmerge build`` of experts that generate (family seq2seq, T5): no heads; the artifact's output is
+    ``generate``, its ``model/`` the base with its tokenizer and generation config."""
+    from massmerge.adapters.seq2seq import base_config
+
+    check_output_directory(output)
+    names = list(task_names) if task_names else [Path(p).name for p in experts]
+    if len(names) != len(experts):
+        raise OptionError(f"--task-names: {len(names)} names for {len(experts)} experts")
+    base_path = resolve_source(str(base))
+    adapter = get_adapter("seq2seq", routing_layer=routing_layer, **({"pooling": pooling} if pooling else {}))
+    model = adapter.load_model(str(base_path), trust_pickle=trust_pickle)
+    adapter.bind(model)
+    positions = getattr(model.config, "n_positions", None)
+    factors = seq2seq_factors_of(adapter, model, str(base), experts, names, settings, trust_pickle=trust_pickle,
+                                 key_filter=KeyFilter.from_patterns(include, exclude))
+    layer = adapter.routing_layer_for(model, factors.matrices)
+    parts = assemble(model, factors, names, [], build=settings, router=adapter.default_router(model, layer),
+                     header_bytes=factor_header_bytes, max_length=max_length or positions, dtype=dtype)
+    for note in (parts.expert_note, parts.note):
+        if note:
+            echo(f"note: {note}", err=True)
+    write_parts(output, model, parts, adapter=adapter, hf_config=base_config(model),
+                tokenizer_dir=base_path if base_path.is_dir() else None, output_kind="generate")
+    echo(summary(output, names, layer, parts.store, settings, design_rank=parts.design_rank,
+                 stored=parts.factors, unreachable=parts.note is not None))
+    return Path(output)
+
+
 def build_artifact(base: Path, experts: Sequence[Path], heads: HeadSet, output: Path, settings: BuildSettings, *,
                    family: str | None = None, routing_layer: str | int | None = None, pooling: str | None = None,
                    feature_pooling: str | None = None, max_length: int | None = None,
@@ -166,5 +222,5 @@ def write_parts(output: Path, model: nn.Module, parts: MASSParts, *, serve: Serv
                           build=parts.build, factor_dtype=parts.store, rank_scale=parts.rank_scale, **options)
 
 
-__all__ = ["adapter_options", "build_artifact", "check_experts", "family_adapter", "summary",
-           "write_parts"]
+__all__ = ["adapter_options", "build_artifact", "build_generating", "check_experts", "family_adapter",
+           "seq2seq_factors_of", "summary", "write_parts"]

@@ -5,7 +5,8 @@ Layout of an artifact directory (format 2)::
     manifest.json            format_version, tasks, build and serve settings, ranks, heads, base, every file
     factors.safetensors      factors/{task}/{key}/U|s|V per matrix, non_matrix/{task}/{key} per other key
     heads.safetensors        heads/{task}/weight (+ heads/{task}/bias)
-    model/                   an HF model directory (config.json, model.safetensors, tokenizer files) when the
+    model/                   an HF model directory (config.json, model.safetensors, tokenizer files, and
+                             generation_config.json for a model that generates: ``output`` 'generate') when the
                              architecture comes from an adapter, so ``load`` can rebuild the module by itself
     base.safetensors         the base's tensors for a generic ``nn.Module`` (``load(dir, base_model=...)``)
 
@@ -144,8 +145,17 @@ class ArchitectureEntry(_Strict):
     pooling: Pooling | None = None
 
 
+#: What an artifact answers: ``classify`` (a task and class per input, through heads) or ``generate`` (text, from
+#: a model that generates, such as T5; no heads). Artifacts written before generation existed classify.
+OutputKind = Literal["classify", "generate"]
+OUTPUT_KINDS: tuple[str, ...] = ("classify", "generate")
+#: the HF files besides the config and weights that ``model/`` may hold for a generating model
+GENERATION_FILES = ("generation_config.json",)
+
+
 class Manifest(_Strict):
     format_version: int
+    output: OutputKind = "classify"
     massmerge_version: str
     task_names: list[str] = Field(min_length=2)
     build: BuildSettings
@@ -206,7 +216,9 @@ def check_manifest(manifest: Manifest, path: Path) -> None:
     problem = task_name_problem(names)
     if problem is not None:
         raise MassMergeError(f"{path}: field 'task_names': {problem}")
-    if [h.task for h in manifest.heads] != names:
+    if manifest.output == "generate" and manifest.architecture.kind != "adapter":
+        raise MassMergeError(f"{path}: field 'output' is 'generate', which needs an adapter architecture (model/)")
+    if [h.task for h in manifest.heads] != names and not (manifest.output == "generate" and not manifest.heads):
         raise MassMergeError(f"{path}: field 'heads' does not list one head per task, in task order")
     for key, ranks in manifest.ranks.items():
         if len(ranks) != T or any(r < 0 for r in ranks):
@@ -237,7 +249,7 @@ def check_file_names(manifest: Manifest, path: Path) -> None:
         if not allowed_name(name):
             raise MassMergeError(f"{path}: field 'files' lists '{name}', a file an artifact may not hold (only "
                                  f"{FACTORS_FILE}, {HEADS_FILE}, {BASE_FILE} and {MODEL_DIR}/ with config.json, "
-                                 f"{HF_WEIGHTS} and tokenizer files)")
+                                 f"{HF_WEIGHTS}, {', '.join(GENERATION_FILES)} and tokenizer files)")
 
 
 def allowed_name(name: str) -> bool:
@@ -256,7 +268,7 @@ def allowed_name(name: str) -> bool:
 
 def model_file_allowed(file_name: str) -> bool:
     """A file ``model/`` may hold: the HF config, the safetensors weights, tokenizer/processor data files."""
-    if file_name in ("config.json", HF_WEIGHTS):
+    if file_name in ("config.json", HF_WEIGHTS, *GENERATION_FILES):
         return True
     suffix = PurePosixPath(file_name).suffix
     if suffix in (".py", ".safetensors", *PICKLE_SUFFIXES):
@@ -281,6 +293,27 @@ def check_base_entry(manifest: Manifest, path: Path) -> None:
 
 
 
-__all__ = ["BASE_FILE", "FACTORS_FILE", "FACTOR_PARTS", "FORMAT_VERSION", "HEADS_FILE", "HF_WEIGHTS", "MANIFEST",
-           "MODEL_DIR", "Manifest", "allowed_name", "check_manifest", "factor_header_bytes", "factor_name",
-           "factor_names", "head_name", "head_names", "model_file_allowed", "non_matrix_name", "read_manifest"]
+__all__ = [
+    "BASE_FILE",
+    "FACTORS_FILE",
+    "FACTOR_PARTS",
+    "FORMAT_VERSION",
+    "GENERATION_FILES",
+    "HEADS_FILE",
+    "HF_WEIGHTS",
+    "MANIFEST",
+    "MODEL_DIR",
+    "OUTPUT_KINDS",
+    "Manifest",
+    "OutputKind",
+    "allowed_name",
+    "check_manifest",
+    "factor_header_bytes",
+    "factor_name",
+    "factor_names",
+    "head_name",
+    "head_names",
+    "model_file_allowed",
+    "non_matrix_name",
+    "read_manifest",
+]

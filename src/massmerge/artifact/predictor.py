@@ -29,7 +29,7 @@ from massmerge.mass.model import MASSModel
 from massmerge.mass.serving import Prediction, serve
 from massmerge.progress import quiet_third_party
 
-TEXT_FAMILIES = ("text",)
+TEXT_FAMILIES = ("text", "seq2seq")
 IMAGE_FAMILIES = ("clip", "open_clip")
 #: The serve settings a single request may change: the router's and the head rule. The rest (dtype, batch
 #: size, max length, routing layers) shape the loaded model or its batching and are fixed when it is loaded.
@@ -73,8 +73,76 @@ def image_from_bytes(data: bytes, where: str) -> Any:
         raise MassMergeError(f"{where}: not a decodable image ({str(exc).splitlines()[0][:120]})") from None
 
 
-class Predictor:
-    """An artifact, loaded once, that answers lists of inputs with :func:`prediction_row` rows.
+def _tokenizer_limit(tokenizer: Any) -> int | None:
+    """The tokenizer's ``model_max_length`` when it states a real one (HF writes a huge sentinel otherwise):
+    T5 has relative positions, so this is the limit a generating T5 artifact serves."""
+    value = getattr(tokenizer, "model_max_length", None)
+    return int(value) if isinstance(value, int) and 0 < value < 10**6 else None
+
+
+def generation_row(model: MASSModel, selected: torch.Tensor, probs: torch.Tensor, texts: list[str],
+                   number: int) -> dict[str, Any]:
+    """The JSON row of one prompt: ``index``, ``selected``, ``probs`` and ``text`` (a list when several
+    sequences were asked for per prompt)."""
+    names = model.task_names
+    return {"index": number, "selected": [names[t] for t in selected.nonzero().flatten().tolist()],
+            "probs": {names[t]: round(float(p), 6) for t, p in enumerate(probs)},
+            "text": texts[0] if len(texts) == 1 else texts}
+
+
+class GeneratingPredictor:
+    """What :class:`Predictor` adds for an artifact whose output is ``generate`` (mixed into it)."""
+
+    model: MASSModel
+    tokenizer: Any
+    max_length: int
+    batch_size: int
+
+    def cut_notes(self, prompts: Sequence[str], names: Sequence[str]) -> list[str]:
+        """One note per prompt longer than the max length, saying what was cut."""
+        notes = []
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        for name, length in zip(names, lengths):
+            if length > self.max_length:
+                notes.append(f"note: {name}: prompt of {length} tokens cut to the model's limit of "
+                             f"{self.max_length} (its last {length - self.max_length} tokens dropped)")
+        return notes
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], settings: Mapping[str, Any] | None = None, *,
+                 names: Sequence[str] | None = None, note: Callable[[str], None] | None = None,
+                 **generation: Any) -> list[dict[str, Any]]:
+        """One row per prompt (:func:`generation_row`), in order, ``batch_size`` prompts per routed
+        ``generate()``. ``settings``: a :class:`~massmerge.mass.config.GenerateSettings` (or its fields as a
+        dict); ``generation``: any other HF ``generate()`` argument. A prompt above the max length is cut, and
+        ``note`` told so."""
+        from massmerge.mass.config import GenerateSettings, make_generate_settings
+
+        if self.model.manifest is not None and self.model.manifest.output != "generate":
+            raise OptionError(f"{self.model.manifest.directory}: this artifact classifies; use predict()")
+        chosen = settings if isinstance(settings, GenerateSettings) else make_generate_settings(**dict(settings or {}))
+        options = {**chosen.hf(), **generation}
+        names = list(names) if names is not None else [f"inputs[{i}]" for i in range(len(prompts))]
+        for line in self.cut_notes(prompts, names):
+            (note or (lambda _: None))(line)
+        rows = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = list(prompts[start:start + self.batch_size])
+            batch = dict(self.tokenizer(chunk, truncation=True, max_length=self.max_length, padding=True,
+                                        return_tensors="pt"))
+            out = self.model.generate(batch, **options)
+            sequences = out.sequences if isinstance(out.sequences, torch.Tensor) else out.sequences.sequences
+            texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+            per = len(texts) // len(chunk)
+            for i in range(len(chunk)):
+                rows.append(generation_row(self.model, out.routing.selected[i], out.routing.probs[i],
+                                           texts[i * per:(i + 1) * per], start + i))
+        return rows
+
+
+class Predictor(GeneratingPredictor):
+    """An artifact, loaded once, that answers lists of inputs with :func:`prediction_row` rows (an artifact
+    that generates: :meth:`generate`, rows of :func:`generation_row`).
 
     ``overrides`` are :class:`~massmerge.mass.config.ServeSettings` fields fixed for the whole life of the
     predictor (checked before the model loads); ``settings=`` on :meth:`predict` changes the router's settings
@@ -88,6 +156,7 @@ class Predictor:
         self.artifact = Path(artifact)
         self.manifest = read_manifest(self.artifact)
         self.kind = input_kind(self.artifact, self.manifest)
+        self.output = self.manifest.output  # classify or generate
         overrides = {key: value for key, value in overrides.items() if value is not None}
         serve_settings(self.manifest, router=None, **overrides)  # every override checked before the model loads
         note = note or (lambda line: None)
@@ -99,8 +168,9 @@ class Predictor:
         self._views = LRU(SETTING_VIEWS)
         if self.kind == "text":
             self.tokenizer = load_tokenizer(self.artifact / MODEL_DIR)
+            positions = model_positions(self.model.model) or _tokenizer_limit(self.tokenizer)
             self.max_length, clipped = served_max_length(overrides.get("max_length"), self.manifest.serve.max_length,
-                                                         model_positions(self.model.model),
+                                                         positions,
                                                          str(self.artifact / MANIFEST))
             if clipped:
                 note(f"note: {clipped}")
@@ -175,11 +245,16 @@ def _chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 @torch.no_grad()
 def predict_file_rows(predictor: Predictor, items: Sequence[Any], *,
-                      track: Callable[..., Iterable[Any]] | None = None) -> Iterator[dict[str, Any]]:
+                      track: Callable[..., Iterable[Any]] | None = None, generation: Mapping[str, Any] | None = None,
+                      note: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
     """``massmerge predict``'s rows for the items of an inputs file (text: ``(line number, text)`` pairs; images:
     paths), in order, with ``index`` the line number (images: the 1-based position) and, for images, ``input``;
-    ``track(rows, label, total=)`` wraps the rows (a progress bar) when given."""
+    ``track(rows, label, total=)`` wraps the rows (a progress bar) when given. An artifact that generates:
+    rows of :func:`generation_row`, ``generation`` its options, ``note`` told of prompts cut to the limit."""
     size = PREPARE_CHUNK if predictor.kind == "text" else predictor.batch_size
+    if predictor.output == "generate":
+        yield from _generated_file_rows(predictor, items, generation or {}, note, track)
+        return
 
     def prepared() -> Iterator[Any]:  # a chunk at a time, so a long file is never held prepared
         for chunk in _chunked(items, size):
@@ -196,5 +271,28 @@ def predict_file_rows(predictor: Predictor, items: Sequence[Any], *,
             yield {**row, "index": position + 1, "input": str(items[position])}
 
 
-__all__ = ["IMAGE_FAMILIES", "Predictor", "REQUEST_SETTINGS", "TEXT_FAMILIES", "image_from_bytes", "input_kind",
-           "predict_file_rows", "prediction_row"]
+def _generated_file_rows(predictor: Predictor, items: Sequence[Any], generation: Mapping[str, Any],
+                         note: Callable[[str], None] | None, track: Callable[..., Iterable[Any]] | None
+                         ) -> Iterator[dict[str, Any]]:
+    def rows() -> Iterator[dict[str, Any]]:
+        for chunk in _chunked(items, predictor.batch_size):
+            made = predictor.generate([text for _, text in chunk], generation,
+                                      names=[f"line {number}" for number, _ in chunk], note=note)
+            for (number, _), row in zip(chunk, made):
+                yield {**row, "index": number}
+
+    yield from (track(rows(), "generating", total=len(items)) if track else rows())
+
+
+__all__ = [
+    "IMAGE_FAMILIES",
+    "REQUEST_SETTINGS",
+    "TEXT_FAMILIES",
+    "GeneratingPredictor",
+    "Predictor",
+    "generation_row",
+    "image_from_bytes",
+    "input_kind",
+    "predict_file_rows",
+    "prediction_row",
+]

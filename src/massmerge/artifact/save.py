@@ -80,6 +80,8 @@ def head_entries(heads: Sequence[nn.Module], task_names: Sequence[str],
                  class_names: Sequence[Sequence[str] | None] | None) -> tuple[list[HeadEntry], dict[str, torch.Tensor]]:
     """Manifest entries and tensors of the heads (LinearHead or ZeroShotHead)."""
     entries, tensors = [], {}
+    if not heads:  # a model that generates has no class heads
+        return entries, tensors
     for t, (task, head) in enumerate(zip(task_names, heads, strict=True)):
         names = list(class_names[t]) if class_names and class_names[t] is not None else None
         if isinstance(head, ZeroShotHead):
@@ -113,6 +115,8 @@ def carried_options(model: MASSModel) -> dict[str, Any]:
     """The :func:`write_artifact` options a model carries: class names, and what ``load()`` read from its
     artifact (the manifest, the bound adapter and the artifact's ``model/`` directory)."""
     options: dict[str, Any] = {}
+    if not len(model.heads):
+        options["output_kind"] = "generate"
     if model.class_names is not None and any(names is not None for names in model.class_names):
         options["class_names"] = model.class_names
     if model.adapter is not None:
@@ -146,6 +150,7 @@ def write_artifact(
     factor_dtype: str | torch.dtype | None = None,
     class_names: Sequence[Sequence[str] | None] | None = None,
     rank_scale: float = 1.0,
+    output_kind: str | None = None,
 ) -> Path:
     """Write an artifact directory from a MASS model's parts (``massmerge build`` writes them without making
     the serving model, and with the factors already in their storage dtype, so that writing them makes no
@@ -155,7 +160,8 @@ def write_artifact(
     ``base_model.config`` when not given) the base is written as an HF model directory ``model/`` that
     :func:`load` rebuilds by itself; otherwise the base's tensors are stored (or referenced by
     ``base_reference``, a safetensors file holding exactly them) and ``load`` needs ``base_model=``.
-    ``factor_dtype`` None picks :func:`storage_dtype` of the base. Writes are atomic.
+    ``factor_dtype`` None picks :func:`storage_dtype` of the base. ``output_kind``: ``classify`` or ``generate``
+    (default: ``generate`` when there are no heads). Writes are atomic.
     """
     directory = Path(directory)
     check_task_names(factors.task_names, "task_names")
@@ -175,6 +181,7 @@ def write_artifact(
                            base_dtype)
         manifest = Manifest(
             format_version=FORMAT_VERSION, massmerge_version=_version(), task_names=list(factors.task_names),
+            output=output_kind or ("classify" if heads else "generate"),
             build=build, rank_fraction=factors.rank_fraction, rank_scale=rank_scale, serve=serve,
             ranks={key: [f.rank for f in per_task] for key, per_task in factors.matrices.items()},
             accepted=factors.accepted, non_matrix_keys=list(factors.non_matrix), factor_dtype=dtype_name(store),

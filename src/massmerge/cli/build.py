@@ -42,12 +42,13 @@ def build_cmd(
     base: Annotated[Path, typer.Option(metavar="PATH", help="base model: HF model directory (or hub id)")],
     experts: Annotated[list[Path], typer.Option(metavar="PATH...", help="expert checkpoints (HF directories or "
                                                                          ".safetensors), at least 2")],
-    heads: Annotated[list[Path], typer.Option(metavar="PATH...", help="one heads .safetensors file per expert "
-                                                                       "(see README)")],
     output: Annotated[Path, typer.Option(metavar="PATH", help="artifact directory to write (atomically)")],
+    heads: Annotated[list[Path] | None, typer.Option(metavar="PATH...", help="one heads .safetensors file per "
+                                                     "expert (see README) [default: none, for experts "
+                                                     "that generate: family seq2seq]")] = None,
     task_names: Annotated[list[str] | None, typer.Option(metavar="NAME...", help="task names [default: heads "
                                                                                    "metadata, else the expert's]")] = None,
-    family: Annotated[str | None, typer.Option(metavar="NAME", help="model family: text, clip, open_clip "
+    family: Annotated[str | None, typer.Option(metavar="NAME", help="model family: text, clip, open_clip, seq2seq "
                                                                     "[default: detected]")] = None,
     routing_layer: Annotated[str | None, typer.Option(metavar="NAME|INT", help="default routing nn.Linear (name or "
                                                                                "block index) [default: block "
@@ -91,6 +92,20 @@ def build_cmd(
     check_pooling(pooling)
     resolve_dtype(dtype)
     target = resolve_device(device)
+    from massmerge.adapters import detect_family
+    from massmerge.sources import resolve_source
+
+    if (family or detect_family(resolve_source(str(base)))) == "seq2seq":
+        from massmerge.artifact.build import build_generating
+
+        if heads:
+            raise OptionError("--heads: family seq2seq generates text; its artifact takes no heads")
+        build_generating(base, experts, task_names, output, settings, routing_layer=routing_option(routing_layer),
+                         pooling=pooling, max_length=max_length, include=include, exclude=exclude,
+                         trust_pickle=trust_pickle, dtype=dtype, echo=typer.echo)
+        return
+    if not heads:
+        raise OptionError("--heads: one heads file per expert is needed (only family seq2seq builds without)")
     head_set = read_heads_files(heads, task_names, experts)
     build_artifact(base, experts, head_set, output, settings, family=family, routing_layer=routing_option(routing_layer),
                    pooling=pooling, feature_pooling=feature_pooling, max_length=max_length, include=include,

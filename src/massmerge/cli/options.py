@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from massmerge.errors import OptionError
-from massmerge.mass.config import DEFAULT_MAX_SIZE, ServeSettings, SettingFlag, serve_flags
+from massmerge.mass.config import DEFAULT_MAX_SIZE, ServeSettings, SettingFlag, generate_flags, serve_flags
 
 RANK_FRACTION_HELP = "kept rank per task and matrix: floor(min(m, n) x FLOAT) [default: 1/T]"
 EPS_HELP = "de-redundancy: leave a task out of the first pass where its cosine with a kept task exceeds FLOAT"
@@ -91,7 +91,33 @@ def with_serve_flags(help_of: Callable[[SettingFlag], str], fields: Sequence[str
     return decorate
 
 
-def check_positive(option: str, value: int | float | None) -> None:
+def with_generate_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command the generation flags (one per :class:`~massmerge.mass.config.GenerateSettings` field) in
+    place of its ``generation`` parameter, which receives them as a dict (unset ones None; a switch False)."""
+    import typer
+
+    signature = inspect.signature(command, eval_str=True)
+    own = list(signature.parameters.values())
+    at = [p.name for p in own].index("generation")
+    added = [inspect.Parameter(flag.field, inspect.Parameter.KEYWORD_ONLY,
+                               default=False if flag.kind is bool else None, annotation=Annotated[
+        bool if flag.kind is bool else flag.kind | None,
+        typer.Option(flag.flag, help=f"{flag.help} [default: {flag.default}] (artifacts that generate)",
+                     **({} if flag.kind is bool else {"metavar": flag.metavar}))]) for flag in generate_flags()]
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        generation = {p.name: kwargs.pop(p.name, None) for p in added}
+        return command(*args, generation=generation, **kwargs)
+
+    keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+    run.__signature__ = signature.replace(parameters=[*keyword[:at], *added, *keyword[at + 1:]])  # type: ignore[attr-defined]
+    run.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "generation"},
+                           **{p.name: p.annotation for p in added}}
+    return run
+
+
+def check_positive(option: str, value: float | None) -> None:
     """``None`` (unset) passes; zero or a negative number is a one-line error naming the option."""
     if value is not None and value <= 0:
         raise OptionError(f"{option} must be >= 1, got {value}" if isinstance(value, int)

@@ -5,6 +5,11 @@ line a JSON string or an object with a ``text`` field). Image artifacts (CLIP, o
 directory of images (recursively, in sorted order) or a text file of image paths (relative to that file),
 preprocessed as the base's ``preprocessor_config.json`` says (CLIP's eval transform otherwise).
 
+An artifact that generates (family seq2seq, T5) reads text prompts and writes ``{"index", "selected", "probs",
+"text"}`` per prompt; ``--max-new-tokens``, ``--num-beams``, ``--do-sample``, ``--temperature`` and ``--top-p``
+(declared once by ``GenerateSettings``) shape the decoding. A prompt above the model's limit is cut (a note says
+what was cut).
+
 Each output line is ``{"index", "task", "label", "class", "selected", "probs"}`` (plus ``"input"``, the path,
 for images). ``index`` is the input's 1-based line number in the inputs file (for images: the 1-based position
 in the image list); ``class`` is the class name when the head has them. Batches mix inputs of different tasks:
@@ -25,7 +30,14 @@ from typing import Annotated, Any, TextIO
 import typer
 
 from massmerge.cli.app import command
-from massmerge.cli.options import DEVICE_HELP, ROUTER_HELP, artifact_help, check_positive, with_serve_flags
+from massmerge.cli.options import (
+    DEVICE_HELP,
+    ROUTER_HELP,
+    artifact_help,
+    check_positive,
+    with_generate_flags,
+    with_serve_flags,
+)
 from massmerge.errors import MassMergeError
 
 SIGPIPE_EXIT = 141  # what a shell reports for a writer whose reader went away (128 + SIGPIPE)
@@ -80,6 +92,7 @@ def write_rows(rows: Iterator[dict], output: Path | None) -> int:
 
 
 @command("predict")
+@with_generate_flags
 @with_serve_flags(artifact_help)
 def predict_cmd(
     artifact: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="artifact directory written by massmerge build")],
@@ -93,8 +106,10 @@ def predict_cmd(
     strategy: Annotated[str, typer.Option(metavar="NAME", help="second pass: auto, batched, grouped or reference "
                                                                "(slow, for checks)")] = "auto",
     device: Annotated[str | None, typer.Option(metavar="NAME", help=DEVICE_HELP)] = None,
+    generation: dict[str, Any] | None = None,  # every generation flag (with_generate_flags)
 ) -> None:
-    """Predict (task, class) for every input with a MASS artifact."""
+    """Predict (task, class) for every input with a MASS artifact, or the generated text of every prompt with an
+    artifact that generates."""
     from massmerge.artifact import read_manifest, serve_settings
     from massmerge.artifact.predictor import Predictor, predict_file_rows
     from massmerge.artifact.serve import read_inputs
@@ -107,6 +122,17 @@ def predict_cmd(
     target = resolve_device(device)
     manifest = read_manifest(artifact)
     serve_settings(manifest, router=None, **overrides)  # every flag is checked before the model loads
+    generation = {k: v for k, v in (generation or {}).items() if v is not None and v is not False}
+    if manifest.output == "generate":
+        from massmerge.mass.config import make_generate_settings
+
+        make_generate_settings(**generation)  # before the model loads
+        if overrides.get("restart_block"):
+            raise MassMergeError(f"--restart-block {overrides['restart_block']}: {artifact} generates, and a decode "
+                                 "step would run past the prompt's recorded states; use 0")
+    elif generation:
+        raise MassMergeError(f"--{next(iter(generation)).replace('_', '-')}: {artifact} classifies; generation "
+                             "options apply to artifacts that generate")
     items = read_inputs(artifact, manifest, inputs)
     if not items:
         typer.echo(f"note: {inputs} holds no inputs; nothing to predict", err=True)
@@ -114,4 +140,5 @@ def predict_cmd(
         return
     predictor = Predictor(artifact, router=router, strategy=strategy, device=target,
                           note=lambda line: typer.echo(line, err=True), **overrides)
-    write_rows(predict_file_rows(predictor, items, track=track), output)
+    write_rows(predict_file_rows(predictor, items, track=track, generation=generation,
+                                 note=lambda line: typer.echo(line, err=True)), output)

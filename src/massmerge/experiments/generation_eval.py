@@ -11,8 +11,14 @@ Weights are swapped into the one base model in place and put back after each row
 Every (row, task) score is cached under the run's key, the protocol and the row's options, so an interrupted
 run resumes.
 
-Not yet runnable: MASS and SMILE rows. Routed generation needs a per-row task set inside ``generate()`` (the
-engine seam of issue 28); asking for them is one line naming that, before anything is loaded.
+MASS rows (method ``mass``): the experts' factors over the same base (full fine-tunes streamed, LoRA exact),
+each prompt routed in the encoder and generated under its own task set (:meth:`MASSModel.generate`), by the
+same protocol; two rows, ``MASS`` (the masked mean over the prompt's real tokens, the default) and ``MASS
+(unmasked pooling)`` (the official code's mean over all 512 padded positions, for parity). Their serve settings
+come from the config's ``mass:`` section over the family's default router, and key their cache entries.
+
+Not yet runnable: SMILE rows (a SMILE upscaling of T5 served through ``generate()``); asking for them is one
+line naming that, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -37,14 +43,15 @@ from massmerge.errors import MassMergeError, OptionError
 from massmerge.experiments.cache import CacheKey, EvalCache
 from massmerge.experiments.glue_metrics import score_task
 from massmerge.io.atomic import write_text_atomically
+from massmerge.mass.config import ServeSettings
 from massmerge.merging import merge
 from massmerge.sources import resolve_source
 from massmerge.task_vectors import CheckedTaskVector, add_delta
 
 Log = Callable[[str], None]
-GENERATION_METHODS = ("zeroshot", "experts", "task_arithmetic", "ties", "tsv_m")
+GENERATION_METHODS = ("zeroshot", "experts", "task_arithmetic", "ties", "tsv_m", "mass")
+MASS_ROWS = {"MASS": "mean", "MASS (unmasked pooling)": "unmasked_mean"}  # row -> routing pooling
 NOT_YET = {
-    "mass": "routed generation (each prompt's task set inside generate(), the engine seam of issue 28)",
     "smile": "a SMILE upscaling of T5ForConditionalGeneration served through generate()",
 }
 REPORT_KIND = "evaluate-generate"
@@ -136,15 +143,17 @@ def decoded_targets(tokenizer: Any, targets: Sequence[str]) -> list[str]:
 
 @torch.inference_mode()
 def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, batch_size: int,
-                   label: str = "generate") -> list[str]:
-    """Greedy ``generate(max_length=10)`` of every prompt, in batches, decoded without special tokens."""
+                   label: str = "generate", routed: Any = None) -> list[str]:
+    """Greedy ``generate(max_length=10)`` of every prompt, in batches, decoded without special tokens
+    (``routed``: a MASS model over ``model``, each prompt routed and generated under its task set)."""
     device = next(model.parameters()).device
     outputs: list[str] = []
     starts = range(0, len(prompts), batch_size)
     for start in progress.track(starts, label, total=len(starts)):
         batch = encode(tokenizer, prompts[start:start + batch_size])
-        ids = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                             max_length=MAX_LENGTH, do_sample=False, num_beams=1)
+        batch = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        options = {"max_length": MAX_LENGTH, "do_sample": False, "num_beams": 1}
+        ids = routed.generate(batch, **options).sequences if routed is not None else model.generate(**batch, **options)
         outputs.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
     return outputs
 
@@ -269,10 +278,12 @@ def run_generation_benchmark(config: Any, *, cache: EvalCache, log: Log = print)
     if "zeroshot" in methods:
         rows["pretrained"] = summarize(method_row(bench, cache, "pretrained", lambda t: None, {}), expert)
     rows["experts"] = summarize(expert, expert)
-    for method in [m for m in methods if m not in ("zeroshot", "experts")]:
+    for method in [m for m in methods if m not in ("zeroshot", "experts", "mass")]:
         options = config.merge_options(method)
         scores = method_row(bench, cache, method, merged_params(bench, method, options), options)
         rows[method] = summarize(scores, expert, **({"options": options} if options else {}))
+    if "mass" in methods:  # last: it installs the routed modules into the one base model (exact outside a pass)
+        rows.update(mass_rows(bench, cache, expert))
     return {
         "kind": REPORT_KIND, "schema_version": 1, "protocol": PROTOCOL,
         "config": config.model_dump(mode="json"),
@@ -283,6 +294,74 @@ def run_generation_benchmark(config: Any, *, cache: EvalCache, log: Log = print)
         "not_yet_runnable": {m: f"needs {why}" for m, why in NOT_YET.items()},
         "timing": {"total_seconds": time.perf_counter() - wall}, "device": describe_device(device),
     }
+
+
+# ----- MASS rows ---------------------------------------------------------------------------------------------
+
+def mass_factors(bench: GenerationBench) -> Any:
+    """The experts' factors as ``massmerge build`` makes them for seq2seq (full: streamed task vectors; LoRA:
+    exact factors), with the config's rank fraction and eps."""
+    from massmerge.adapters.seq2seq import lora_seq2seq_factors, seq2seq_factors
+
+    mass = bench.config.mass
+    if bench.lora is not None:
+        shapes = {k: tuple(v.shape) for k, v in bench.base_state.items()}
+        return lora_seq2seq_factors(bench.lora, bench.names, shapes, rank_fraction=mass.rank_fraction, eps=mass.eps)
+    vectors = (expert_vector(bench, t) for t in range(len(bench.names)))
+    return seq2seq_factors(vectors, bench.names, rank_fraction=mass.rank_fraction, eps=mass.eps)
+
+
+def mass_settings(bench: GenerationBench, factor_keys: Iterable[str], pooling: str) -> dict[str, Any]:
+    """The serve settings of a MASS row: the family's default router (the official layer, or the first factored
+    linear of its block), the config's ``mass:`` overrides, this row's pooling."""
+    from massmerge.experiments.evaluate_config import SERVE_SET_ELSEWHERE
+
+    adapter = Seq2SeqAdapter(routing_layer=bench.config.routing_layer)
+    adapter.bind(bench.model)
+    layer = adapter.routing_layer_for(bench.model, factor_keys)
+    overrides = {k: v for k, v in bench.config.mass.model_dump().items()
+                 if v is not None and k in ServeSettings.model_fields and k not in SERVE_SET_ELSEWHERE}
+    return {**adapter.default_router(bench.model, layer), **overrides, "pooling": pooling}
+
+
+def mass_rows(bench: GenerationBench, cache: EvalCache, expert: Mapping[str, Mapping[str, Any]]
+              ) -> dict[str, dict[str, Any]]:
+    """The MASS rows (:data:`MASS_ROWS`), each task cached; the factors are made only when a score is missing."""
+    memo: dict[str, Any] = {}
+    mass_opts = bench.config.mass.model_dump(include={"rank_fraction", "eps", "max_size"})
+
+    def model_for(pooling: str) -> Any:
+        if "model" not in memo:
+            from massmerge.mass import MASSModel, make_serve_settings
+
+            bench.log("factoring the experts for MASS")
+            factors = mass_factors(bench)
+            settings = make_serve_settings(**mass_settings(bench, factors.matrices, "mean"))
+            adapter = Seq2SeqAdapter().bind(bench.model)
+            memo["model"] = MASSModel(bench.model, factors, [], settings, pool=adapter.pool,
+                                      features=adapter.features, blocks=adapter.block_names(bench.model))
+        return memo["model"].with_settings(pooling=pooling)
+
+    rows = {}
+    for row, pooling in MASS_ROWS.items():
+        out = {}
+        for task, name in enumerate(bench.names):
+            bench.log(f"{row} on {name}")
+            split = bench.splits[task]
+            options = {**mass_opts, **{k: v for k, v in bench.config.mass.model_dump().items()
+                                       if v is not None and k in ServeSettings.model_fields}, "pooling": pooling,
+                       "routing_layer": bench.config.routing_layer}
+
+            def run(task: int = task, split: GlueSplit = split, row: str = row, name: str = name,
+                    pooling: str = pooling) -> dict[str, Any]:
+                routed = model_for(pooling)
+                texts = generate_texts(bench.model, bench.tokenizer, split.prompts,
+                                       batch_size=bench.config.eval.batch_size, label=f"{row} {name}", routed=routed)
+                return score_task(split.task, texts, bench.targets[task]).as_dict()
+
+            out[name] = cache.get_or_run("generate-mass", run, task=name, protocol=PROTOCOL, options=options)
+        rows[row] = summarize(out, expert, options={"pooling": pooling})
+    return rows
 
 
 # ----- the report -------------------------------------------------------------------------------------------
@@ -336,6 +415,22 @@ def evaluate_generation(config: Any, *, cache: EvalCache, log: Log = print, show
                                    show=show)
 
 
-__all__ = ["GENERATION_METHODS", "NOT_YET", "GenerationBench", "decoded_targets", "encode", "evaluate_generation",
-           "generate_texts", "markdown", "methods_of", "prepare", "run_generation_benchmark", "summarize",
-           "write_generation_report"]
+__all__ = [
+    "GENERATION_METHODS",
+    "MASS_ROWS",
+    "NOT_YET",
+    "GenerationBench",
+    "decoded_targets",
+    "encode",
+    "evaluate_generation",
+    "generate_texts",
+    "markdown",
+    "mass_factors",
+    "mass_rows",
+    "mass_settings",
+    "methods_of",
+    "prepare",
+    "run_generation_benchmark",
+    "summarize",
+    "write_generation_report",
+]

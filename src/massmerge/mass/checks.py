@@ -61,7 +61,7 @@ def check_parts(base_model: nn.Module, factors: ExpertFactors, heads: Sequence[n
         if not isinstance(names[layer], nn.Linear):
             raise OptionError(f"--routing-layer '{layer}' is a {type(names[layer]).__name__}, not an nn.Linear")
         factors.routing_basis(f"{layer}.weight")  # names the layer if it has no task factors
-    if len(heads) != factors.num_tasks:
+    if heads and len(heads) != factors.num_tasks:  # none: a model that generates (no class heads)
         raise OptionError(f"--heads: {len(heads)} heads for {factors.num_tasks} tasks")
     state_keys = set(base_model.state_dict())
     missing = [k for k in [*factors.matrices, *factors.non_matrix] if k not in state_keys]

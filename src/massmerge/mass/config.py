@@ -25,7 +25,9 @@ from massmerge.errors import OptionError, first_validation_error
 
 RoutingMode = Literal["topk", "top1", "batch"]
 HeadRule = Literal["max_logit", "posterior", "joint"]
-Pooling = Literal["cls", "mean", "content", "tokens"]
+#: ``unmasked_mean``: the mean over every position, padding included: the official MASS code's Flan-T5 pooling
+#: (prompts padded to 512, so pad tokens dominate z); for parity only, never a default.
+Pooling = Literal["cls", "mean", "content", "tokens", "unmasked_mean"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 LayerCombine = Literal["standardized", "ppca"]
 #: The weights the first pass (the router's) runs with: ``merged``, theta_0 + alpha * TSV-M of all tasks (the
@@ -95,8 +97,8 @@ class ServeSettings(_Settings):
         default=(), description="routing nn.Linear name (repeat for multi-layer routing)",
         json_schema_extra=_cli(flag="--routing-layer"))  # one name per flag: the CLI spells it in the singular
     pooling: Pooling | None = Field(default=None, description=(
-        "routing token pooling: cls, mean, content (mean without special tokens) or tokens (RMS of each content "
-        "token's residual)"))  # None: the family's
+        "routing token pooling: cls, mean, content (mean without special tokens), tokens (RMS of each content "
+        "token's residual) or unmasked_mean (every padded position: the official Flan-T5 code, parity only)"))  # None: the family's
     layer_combine: LayerCombine = Field(default="standardized",
                                         description="how several routing layers combine: standardized or ppca")
     mode: RoutingMode = Field(default="topk", description="routing mode: topk, top1 or batch (the whole input is "
@@ -126,6 +128,58 @@ class ServeSettings(_Settings):
         """A copy with the given fields replaced (None values are ignored), validated like the original."""
         changes = {key: value for key, value in overrides.items() if value is not None}
         return make_serve_settings(**{**self.model_dump(), **changes})
+
+
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+class GenerateSettings(_Settings):
+    """How a generating artifact decodes: the ONE declaration of the generation options. ``massmerge predict``'s
+    flags (:func:`generate_flags`), the Predictor's ``settings`` and the checks of ``MASSModel.generate``'s
+    keywords come from these fields; any other HF ``generate()`` argument passes through unchecked."""
+
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, le=4096,
+                                description="generation: at most INT new tokens per prompt")
+    num_beams: int = Field(default=1, ge=1, le=64, description="generation: beam search with INT beams (1: none)")
+    do_sample: bool = Field(default=False, description="generation: sample instead of greedy or beam decoding")
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0, allow_inf_nan=False,
+                               description="generation: sampling temperature (with --do-sample)")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="generation: nucleus sampling mass (with "
+                                                                  "--do-sample)")
+
+    def hf(self) -> dict[str, Any]:
+        """The keywords HF ``generate()`` takes; sampling-only ones only when sampling (HF warns otherwise)."""
+        out = self.model_dump()
+        if not self.do_sample:
+            out.pop("temperature"), out.pop("top_p")
+        return out
+
+
+def make_generate_settings(**values: Any) -> GenerateSettings:
+    """Validated :class:`GenerateSettings` (None values: the defaults); a bad value is one line naming the flag."""
+    try:
+        return GenerateSettings(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        where, message, value = first_validation_error(exc)
+        field = where.split(".")[0] or "generation"
+        raise OptionError(f"--{field.replace('_', '-')}: {message} (got {value!r})") from None
+
+
+def check_generation(options: dict[str, Any]) -> None:
+    """The declared generation options among HF ``generate()`` keywords, checked (one line naming the option)."""
+    make_generate_settings(**{k: v for k, v in options.items() if k in GenerateSettings.model_fields})
+
+
+@cache
+def generate_flags() -> tuple[SettingFlag, ...]:
+    """Every generation option as a command-line flag, in field order (a bool field is an on/off switch)."""
+    flags = []
+    for name, info in GenerateSettings.model_fields.items():
+        flag = _flag_of(name, info)
+        if flag is not None:
+            flags.append(SettingFlag(flag.field, flag.flag, flag.metavar, bool if info.annotation is bool else
+                                     flag.kind, False, flag.help, flag.default))
+    return tuple(flags)
 
 
 #: Named router rules. ``paper``: one routing layer (the last of ``routing_layers``: the deepest, where the first
@@ -252,6 +306,7 @@ __all__ = [
     "DEFAULT_DELTA_SCALE",
     "DEFAULT_EPS",
     "DEFAULT_ETA",
+    "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_MAX_SIZE",
     "DEFAULT_TAU",
     "DEFAULT_TOP_K",
@@ -259,6 +314,7 @@ __all__ = [
     "ROUTER_PROFILES",
     "BuildSettings",
     "FirstPassWeights",
+    "GenerateSettings",
     "HeadRule",
     "LayerCombine",
     "Pooling",
@@ -266,10 +322,13 @@ __all__ = [
     "ServeSettings",
     "SettingFlag",
     "apply_profile",
+    "check_generation",
     "check_pooling",
     "default_routing_block",
     "flag_name",
+    "generate_flags",
     "make_build_settings",
+    "make_generate_settings",
     "make_serve_settings",
     "serve_flags",
     "size_budget",

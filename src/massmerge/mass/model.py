@@ -41,10 +41,10 @@ from massmerge.mass import router
 from massmerge.mass.batch import Plan, batch_size_of, batch_tokens, group_by_task_set, index_batch
 from massmerge.mass.checks import check_parts, check_restart, place
 from massmerge.mass.clock import StageClock
-from massmerge.mass.config import ServeSettings, make_serve_settings
+from massmerge.mass.config import ServeSettings, check_generation, make_serve_settings
 from massmerge.mass.experts import ExpertFactors, StateDict
 from massmerge.mass.first_pass import FirstPass
-from massmerge.mass.outputs import MASSOutput, Routing
+from massmerge.mass.outputs import Generated, MASSOutput, Routing
 from massmerge.mass.pooling import PoolFn, identity_pool
 from massmerge.mass.reference import reference_features, reference_state
 from massmerge.mass.restart import RestartState, block_hidden, join_rows, split_rows
@@ -326,6 +326,30 @@ class MASSModel(nn.Module):
             state = RestartState(self.settings.restart_block, hidden, self._shared.block_output_length)
         return TaskSets(self._pass(sets, ids, state, fallback=False), sets, ids)
 
+    # -- routed generation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: Batch, **generation: Any) -> Generated:
+        """Route each prompt, then HF ``generate()`` of :attr:`model` with every prompt under its selected task
+        set: the encoder and every decode step (beams and ``num_return_sequences`` rows follow their prompt).
+
+        ``batch``: the tokenized prompts (``input_ids``, ``attention_mask``); ``generation``: HF's arguments
+        (``max_new_tokens``, ``num_beams``, ``do_sample``, ``streamer``, ...), the declared ones checked
+        (:class:`~massmerge.mass.config.GenerateSettings`). Streaming: call this in a worker thread with a
+        ``TextIteratorStreamer``; routing and the task sets are entered in that thread, so nothing is handed
+        over. ``restart_block`` is refused: a decode step would run past the prompt's recorded states."""
+        if self.settings.restart_block:
+            raise OptionError(f"--restart-block {self.settings.restart_block}: generation runs a decode step per "
+                              "token past the prompt's recorded states; use restart_block 0 to generate")
+        check_generation(generation)
+        batch = self.inputs(batch)
+        routing = self.route(batch)
+        with self._shared.stage("generate"), self.task_sets(routing.selected):
+            try:
+                sequences = self.model.generate(**batch, **generation)
+            except ValueError as exc:  # HF's own checks of its arguments (num_return_sequences > num_beams...)
+                raise OptionError(f"generate: {str(exc).strip().splitlines()[0]}") from None
+        return Generated(sequences, routing)
+
     @staticmethod
     def _per_group(batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]], restart: RestartState | None,
                    run: Callable[[TaskSet, Batch, RestartState | None], torch.Tensor]) -> torch.Tensor:
@@ -342,6 +366,8 @@ class MASSModel(nn.Module):
     def choose(self, features: torch.Tensor, selected: torch.Tensor, probs: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(task, class) per sample among its selected tasks, by the head rule."""
+        if not len(self.heads):
+            raise OptionError("heads: this model has no class heads (it generates); call generate(...)")
         with self._shared.stage("second pass + heads"):
             logits = [head(features) for head in self.heads]
             return choose(logits, selected, rule=self.settings.head_rule, probs=probs)
@@ -376,6 +402,7 @@ __all__ = [
     "STRATEGIES",
     "FeatureFn",
     "FeatureRunner",
+    "Generated",
     "MASSModel",
     "MASSOutput",
     "Routing",

@@ -30,4 +30,13 @@ class Routing:
     restart: list[torch.Tensor] | None = None
 
 
-__all__ = ["MASSOutput", "Routing"]
+@dataclass
+class Generated:
+    """Routed generation of a batch of prompts: HF's output of ``generate()`` (token ids ``[B * n, L]``, ``n``
+    sequences per prompt; or HF's dict output when asked for) and the router's view of the prompts."""
+
+    sequences: object  # torch.Tensor, or HF's ModelOutput with return_dict_in_generate
+    routing: Routing
+
+
+__all__ = ["Generated", "MASSOutput", "Routing"]

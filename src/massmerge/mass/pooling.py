@@ -9,6 +9,8 @@ checked against the batch size. Poolings:
 - ``content``: the mean over the tokens that are neither padding nor special tokens ([CLS], [SEP], ...). Why
   (issue 9): for a one-word input two of three tokens are [CLS] and [SEP], which look the same for every task,
   so the mean is dominated by them. A text made only of special tokens falls back to ``mean``.
+- ``unmasked_mean``: the mean over every position, padding included: what the official MASS code does on
+  Flan-T5 (prompts padded to 512); kept for parity runs only, since pad tokens then dominate z.
 - ``tokens``: no pooling: the content tokens and their weights ``([B, L, d], [B, L])`` go to the router, which
   takes the root mean square of each token's residual (:func:`massmerge.mass.router.token_residuals`).
 
@@ -79,6 +81,8 @@ def pool_tokens(activation: torch.Tensor, batch: Any, *, layout: Layout, pooling
         return tokens[:, token_index]
     if pooling == "mean":
         return masked_mean(tokens, _tensor(batch, "attention_mask"))
+    if pooling == "unmasked_mean":  # the official Flan-T5 code's mean, padding included (parity only)
+        return tokens.mean(dim=1)
     if pooling in ("content", "tokens"):
         if special_ids is None:
             raise OptionError(f"--pooling {pooling}: the model's special token ids are unknown (build the artifact "

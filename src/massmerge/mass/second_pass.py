@@ -48,6 +48,11 @@ from massmerge.task_vectors import add_delta
 
 # Memory passes of forming a dense weight (matmul output, add, cast), counted in units of m*n flops.
 DENSE_OVERHEAD = 3
+#: Per pass, the bytes of task sets' factor rows (``Ut[rows]``, ``Vt[rows]``) gathered once and reused by the
+#: pass's later calls. Why: generation runs one pass per decode step for the same sets, and gathering a large
+#: matrix's rows each step (the LM head's: 32128 rows x K) cost more than the side branch itself. Bounded:
+#: past the budget rows are gathered per call, as before.
+GATHER_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,9 @@ class SecondPass(Pass):
     _groups: dict[int, list[Group]] = field(init=False)
     _restarted: set[int] = field(init=False)
     _lock: threading.Lock = field(init=False)
+    _gathered: dict[tuple[Any, ...], torch.Tensor] = field(init=False)
+    _gathered_bytes: int = field(init=False)
+    _asked: set[tuple[Any, ...]] = field(init=False)
 
     @classmethod
     def of(cls, sets: Sequence[SetData], ids: torch.Tensor, merger: SetMerger, alpha: float,
@@ -123,6 +131,25 @@ class SecondPass(Pass):
         self._groups = {}
         self._restarted = set()
         self._lock = threading.Lock()
+        self._gathered = {}
+        self._gathered_bytes = 0
+        self._asked = set()
+
+    def _factor_rows(self, st: Stacked, key: str, part: str, rows: torch.Tensor, ident: tuple[int, ...]
+                     ) -> torch.Tensor:
+        """``st.Ut[rows]`` (part ``U``) or ``st.Vt[rows]`` (``V``) of the sets ``ident`` names; kept from its second
+        use in the pass (a decode step), within :data:`GATHER_BYTES` (why: see there)."""
+        cache_key = (key, part, rows.ndim, ident)  # one set's rows [K] and a run's stacked rows [G, K] differ
+        found = self._gathered.get(cache_key)
+        if found is None:
+            found = (st.Ut if part == "U" else st.Vt)[rows]
+            size = found.numel() * found.element_size()
+            if cache_key not in self._asked:  # kept from the second ask on: a one-forward pass holds nothing more
+                self._asked.add(cache_key)
+            elif self._gathered_bytes + size <= GATHER_BYTES:
+                self._gathered[cache_key] = found
+                self._gathered_bytes += size
+        return found
 
     # -- rows -----------------------------------------------------------------------------------------------
     def _refuse(self, message: str) -> Exception:
@@ -180,8 +207,10 @@ class SecondPass(Pass):
 
     def _side(self, x: torch.Tensor, st: Stacked, data: SetData, key: str) -> torch.Tensor:
         rows = data.rows[key]
-        inner = (x.to(st.Vt.dtype) @ st.Vt[rows].T) @ (self.alpha * data.cores[key]).T
-        return inner @ st.Ut[rows]
+        ident = (id(data),)
+        vt = self._factor_rows(st, key, "V", rows, ident)
+        inner = (x.to(st.Vt.dtype) @ vt.T) @ (self.alpha * data.cores[key]).T
+        return inner @ self._factor_rows(st, key, "U", rows, ident)
 
     def linear(self, module: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
         name = module.mass_name
@@ -236,12 +265,14 @@ class SecondPass(Pass):
             rows = torch.stack([g.data.rows[key] for g in run])  # [G, K]
             cores = torch.stack([g.data.cores[key] for g in run]).transpose(1, 2)  # [G, K, K] (C^T)
             xs = x[lo:hi].reshape(len(run), -1, x.shape[-1]).to(st.Vt.dtype)
-            inner = torch.bmm(torch.bmm(xs, st.Vt[rows].transpose(1, 2)), cores.mul_(self.alpha))
+            ident = tuple(id(g.data) for g in run)
+            vt, ut = self._factor_rows(st, key, "V", rows, ident), self._factor_rows(st, key, "U", rows, ident)
+            inner = torch.bmm(torch.bmm(xs, vt.transpose(1, 2)), cores.mul_(self.alpha))
             target = out[lo:hi]
             if target.dtype == inner.dtype and target.is_contiguous():
-                target.view(len(run), -1, target.shape[-1]).baddbmm_(inner, st.Ut[rows])
+                target.view(len(run), -1, target.shape[-1]).baddbmm_(inner, ut)
             else:
-                target.add_(torch.bmm(inner, st.Ut[rows]).to(target.dtype).view(target.shape))
+                target.add_(torch.bmm(inner, ut).to(target.dtype).view(target.shape))
 
     # -- Embedding ------------------------------------------------------------------------------------------
     def embedding(self, module: RoutedEmbedding, ids: torch.Tensor) -> torch.Tensor:
@@ -254,7 +285,11 @@ class SecondPass(Pass):
             ids, layout, groups = self._align(ids)
         out = F.embedding(ids, module.weight, module.padding_idx, module.max_norm, module.norm_type,
                           module.scale_grad_by_freq, module.sparse)
-        if st is not None and self.strategy == "dense":
+        if st is None and any(key in g.data.values for g in groups):  # a non-matrix table (T5's relative bias)
+            out = torch.cat([F.embedding(ids if whole is not None else ids[g.start:g.stop],
+                                         g.data.values.get(key, module.weight), module.padding_idx)
+                             for g in groups])
+        elif st is not None and self.strategy == "dense":
             out = torch.cat([F.embedding(ids if whole is not None else ids[g.start:g.stop],
                                          self._dense_weight(module.weight, st, g.data, key), module.padding_idx)
                              for g in groups])
@@ -275,7 +310,8 @@ class SecondPass(Pass):
             # [tokens_g, K]: only the set's own U rows at the group's ids (gathering every task's rows of a
             # 30522-row table cost 30x more: the columns of Ut are strided)
             u = st.Ut[rows.unsqueeze(1), flat_ids[lo:hi].unsqueeze(0)].T
-            flat[lo:hi] += ((u @ (self.alpha * g.data.cores[key])) @ st.Vt[rows]).to(out.dtype)
+            vt = self._factor_rows(st, key, "V", rows, (id(g.data),))
+            flat[lo:hi] += ((u @ (self.alpha * g.data.cores[key])) @ vt).to(out.dtype)
 
     # -- norms ----------------------------------------------------------------------------------------------
     def layer_norm(self, module: RoutedLayerNorm, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,192 @@
+"""Cost of routed generation (issue 29): MASS ``generate()`` against plain HF ``generate()`` of the base.
+
+The model: ``T5ForConditionalGeneration`` with flan-t5-base's real shapes (d_model 768, d_kv 64, 12 heads, d_ff
+2048 gated-gelu, vocab 32128) and random weights (no download); ``--layers`` encoder and decoder blocks (12 is
+flan-t5-base; fewer for a quick run, said in the output). Experts, T = 8:
+
+- ``full``: every matrix a seeded low-rank delta at MASS's design rank (1/T of min(m, n) per task, orthonormal
+  U and V, small spectra: the shapes full fine-tunes give after factoring), relative-attention biases and norms
+  as non-matrix deltas;
+- ``lora16``: rank-16 deltas on ``q`` and ``v`` only (FusionBench's ``_lora-16`` experts).
+
+Per batch size (mixed task sets: each prompt a seeded set of 1 to 3 tasks, as the router's eta / K rule picks):
+
+- prompt throughput: prompts per second of the encoder pass (plain vs under the task sets);
+- decode tokens per second: new tokens per second of ``generate()`` past the encoder (whole generate time
+  minus the encoder's), greedy, exactly ``--new-tokens`` tokens (``min_new_tokens``);
+- the router's own cost: ``MASSModel.route`` (first pass to the routing layer + router) per batch;
+- peak memory: the process's peak RSS over the run of each kind (base + plain copy + factors), and the
+  factors' bytes.
+
+Wall and CPU seconds are both printed (the machine may be shared: compare the ratios within one run).
+
+    python bench/generate_cost.py [--layers 12] [--batches 1 16 64] [--prompt-tokens 32] [--new-tokens 8]
+        [--kinds full lora16] [--repeats 1] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import factors_bytes, mib, orthonormal, peak_rss_bytes, reset_peak_rss, table, write_json
+
+TASKS = 8
+
+
+def flan_t5_base(layers: int) -> torch.nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=layers,
+                      num_decoder_layers=layers, num_heads=12, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def expert_factors(model: torch.nn.Module, kind: str) -> Any:
+    """T seeded low-rank experts with the shapes of ``kind`` (module doc)."""
+    from massmerge.adapters.seq2seq import is_factored, merged_keys
+    from massmerge.lowrank import LowRank, rank_for
+    from massmerge.mass import ExpertFactors
+
+    names = [f"task{t}" for t in range(TASKS)]
+    factors = ExpertFactors(task_names=names, rank_fraction=1.0 / TASKS)
+    state = model.state_dict()
+    gen = torch.Generator().manual_seed(1)
+    for key in merged_keys(model):
+        value = state[key]
+        if kind == "lora16" and not key.endswith(("SelfAttention.q.weight", "SelfAttention.v.weight",
+                                                  "EncDecAttention.q.weight", "EncDecAttention.v.weight")):
+            continue
+        if is_factored(key, value):
+            k = 16 if kind == "lora16" else rank_for(tuple(value.shape), 1.0 / TASKS)
+            factors.matrices[key] = [LowRank(orthonormal(value.shape[0], k),
+                                             0.05 * torch.rand(k, generator=gen).sort(descending=True).values,
+                                             orthonormal(value.shape[1], k)) for _ in names]
+        elif kind == "full":
+            factors.non_matrix[key] = [0.01 * torch.randn(value.shape, generator=gen) for _ in names]
+    factors.apply_deredundancy(0.3)
+    return factors
+
+
+def mixed_sets(size: int, seed: int) -> list[tuple[int, ...]]:
+    rng = random.Random(seed)
+    return [tuple(sorted(rng.sample(range(TASKS), rng.randint(1, 3)))) for _ in range(size)]
+
+
+def prompts(size: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 32000, (size, length), generator=gen)
+    mask = torch.ones(size, length, dtype=torch.long)
+    for row in range(size):  # ragged prompts: padding on the right, as a tokenizer pads
+        cut = int(torch.randint(0, length // 2, (1,), generator=gen))
+        if cut:
+            ids[row, -cut:], mask[row, -cut:] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def clock(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """(median wall, median CPU seconds of this process) of ``fn`` after one warm-up call."""
+    fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpus.append(after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime)
+    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
+
+
+def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from massmerge.adapters.seq2seq import Seq2SeqAdapter
+    from massmerge.mass import MASSModel, make_serve_settings
+
+    device = torch.device(args.device)
+    reset_peak_rss()
+    model = flan_t5_base(args.layers)
+    plain = copy.deepcopy(model).to(device)
+    factors = expert_factors(model, kind)
+    adapter = Seq2SeqAdapter().bind(model)
+    layer = adapter.routing_layer_for(model, factors.matrices)
+    mass = MASSModel(model, factors, [], make_serve_settings(**adapter.default_router(model, layer)),
+                     pool=adapter.pool, features=adapter.features, device=device)
+    options = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
+               "num_beams": 1}
+    rows = []
+    for size in args.batches:
+        batch = {k: v.to(device) for k, v in prompts(size, args.prompt_tokens, size).items()}
+        sets = mass.task_sets(mixed_sets(size, size))
+
+        def routed_encoder(sets: Any = sets, batch: dict = batch) -> Any:
+            with sets:
+                return mass.model.encoder(**batch)
+
+        def routed_generate(sets: Any = sets, batch: dict = batch) -> Any:
+            with sets:
+                return mass.model.generate(**batch, **options)
+
+        with torch.inference_mode():
+            enc_plain = clock(lambda batch=batch: plain.encoder(**batch), args.repeats)
+            enc_mass = clock(routed_encoder, args.repeats)
+            gen_plain = clock(lambda batch=batch: plain.generate(**batch, **options), args.repeats)
+            gen_mass = clock(routed_generate, args.repeats)
+            route = clock(lambda batch=batch: mass.route(batch), args.repeats)
+        tokens = size * args.new_tokens
+        decode_plain = tokens / max(gen_plain[0] - enc_plain[0], 1e-9)
+        decode_mass = tokens / max(gen_mass[0] - enc_mass[0], 1e-9)
+        rows.append({"experts": kind, "batch": size, "sets": len(sets.sets),
+                     "prompts/s plain": size / enc_plain[0], "prompts/s MASS": size / enc_mass[0],
+                     "prompt ratio": enc_plain[0] / enc_mass[0],
+                     "decode tok/s plain": decode_plain, "decode tok/s MASS": decode_mass,
+                     "decode ratio": decode_mass / decode_plain,
+                     "router s": route[0], "router CPU s": route[1], "router / plain generate": route[0] / gen_plain[0],
+                     "generate s plain": gen_plain[0], "generate CPU s plain": gen_plain[1],
+                     "generate s MASS": gen_mass[0], "generate CPU s MASS": gen_mass[1]})
+        print(table(rows[-1:], list(rows[-1])), flush=True)
+    peak = peak_rss_bytes()
+    for row in rows:
+        row["peak RSS MiB"] = mib(peak)
+        row["factors MiB"] = mib(factors_bytes(mass.factors))
+        row["base MiB"] = mib(sum(v.numel() * v.element_size() for v in plain.state_dict().values()))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12, help="encoder and decoder blocks (flan-t5-base: 12)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--kinds", nargs="+", default=["full", "lora16"], choices=["full", "lora16"])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.layers != 12:
+        print(f"note: {args.layers} + {args.layers} blocks, not flan-t5-base's 12 + 12 (a quick run)", flush=True)
+    wall = time.perf_counter()
+    rows = [row for kind in args.kinds for row in measure(kind, args)]
+    columns = ["experts", "batch", "sets", "prompts/s plain", "prompts/s MASS", "prompt ratio", "decode tok/s plain",
+               "decode tok/s MASS", "decode ratio", "router s", "router / plain generate", "generate s plain",
+               "generate CPU s plain", "generate s MASS", "generate CPU s MASS", "peak RSS MiB", "factors MiB",
+               "base MiB"]
+    print(table(rows, columns))
+    print(f"total wall {time.perf_counter() - wall:.1f}s, threads {torch.get_num_threads()}")
+    write_json("generate_cost", {"args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
