@@ -359,7 +359,8 @@ def mass_rows(bench: GenerationBench, cache: EvalCache, expert: Mapping[str, Map
                                        batch_size=bench.config.eval.batch_size, label=f"{row} {name}", routed=routed)
                 return score_task(split.task, texts, bench.targets[task]).as_dict()
 
-            out[name] = cache.get_or_run("generate-mass", run, task=name, protocol=PROTOCOL, options=options)
+            out[name] = cache.get_or_run("generate-mass", run, GenerationScoreKey(task=name, protocol=PROTOCOL,
+                                                                                   options=options))
         rows[row] = summarize(out, expert, options={"pooling": pooling})
     return rows
 
