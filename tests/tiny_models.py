@@ -88,3 +88,45 @@ def save_clip_vision(tmp_path: Path, depth: int = DEPTH, seed: int = 0) -> tuple
     path = tmp_path / f"clip_vision_{depth}_{seed}"
     model.save_pretrained(str(path))
     return model, path
+
+
+# ----- a tiny BERT zoo on disk: base (word-level tokenizer), 3 perturbed experts and their heads files -------
+
+TINY_BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)] + ["spam", "cat", "mat"]
+
+
+def write_tiny_bert_zoo(root: Path) -> Path:
+    """``root/base`` (a tiny BERT with a word-level tokenizer), ``root/expert{0,1,2}`` and ``root/head{0,1,2}
+    .safetensors`` (tasks t0..t2: a linear head, then zero-shot heads of 4 and 5 classes); returns ``root``."""
+    import transformers
+
+    from massmerge.heads import LinearHead, ZeroShotHead
+    from massmerge.heads.files import write_head_file
+
+    config = transformers.BertConfig(vocab_size=len(TINY_BERT_WORDS), hidden_size=16, num_hidden_layers=4,
+                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = transformers.BertModel(config).eval()
+    base.save_pretrained(root / "base")
+    (root / "base" / "vocab.txt").write_text("\n".join(TINY_BERT_WORDS) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(root / "base" / "vocab.txt")).save_pretrained(root / "base")
+    for t in range(3):
+        expert = transformers.BertModel(config)
+        expert.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        expert.save_pretrained(root / f"expert{t}")
+        head = ZeroShotHead(torch.randn(3 + t, 16), 30.0) if t else LinearHead(torch.randn(3, 16), torch.zeros(3))
+        write_head_file(root / f"head{t}.safetensors", head, task=f"t{t}", class_names=[f"c{t}{i}" for i in range(3 + t)])
+    return root
+
+
+def build_tiny_text_artifact(root: Path) -> Path:
+    """``massmerge build`` of :func:`write_tiny_bert_zoo`'s experts and heads into ``root/art``."""
+    from massmerge.cli import main
+
+    write_tiny_bert_zoo(root)
+    main(["build", "--base", str(root / "base"), "--experts", *[str(root / f"expert{t}") for t in range(3)],
+          "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--output", str(root / "art")])
+    return root / "art"

@@ -20,6 +20,7 @@ from massmerge.errors import MassMergeError, OptionError
 from massmerge.heads import LinearHead, ZeroShotHead
 from massmerge.mass import MASSModel, mean_pool
 
+from tiny_models import write_tiny_bert_zoo
 from toy_mass import ToyEncoder, make_batch, make_parts
 
 
@@ -238,25 +239,8 @@ def test_bad_head_files_refused(tmp_path):
 @pytest.fixture(scope="module")
 def hf_setup(tmp_path_factory):
     """A tiny BERT base with a word-level tokenizer, 3 perturbed experts and their heads files."""
-    transformers = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("hf")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)] + ["spam", "cat", "mat"]
-    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=4,
-                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
-    torch.manual_seed(0)
-    base = transformers.BertModel(config).eval()
-    base.save_pretrained(root / "base")
-    (root / "base" / "vocab.txt").write_text("\n".join(words) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(root / "base" / "vocab.txt")).save_pretrained(root / "base")
-    for t in range(3):
-        expert = transformers.BertModel(config)
-        expert.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        expert.save_pretrained(root / f"expert{t}")
-        head = ZeroShotHead(torch.randn(3 + t, 16), 30.0) if t else LinearHead(torch.randn(3, 16), torch.zeros(3))
-        write_head_file(root / f"head{t}.safetensors", head, task=f"t{t}", class_names=[f"c{t}{i}" for i in range(3 + t)])
+    pytest.importorskip("transformers")
+    root = write_tiny_bert_zoo(tmp_path_factory.mktemp("hf"))
     (root / "inputs.txt").write_text("w1 w2 cat\nspam spam w3\n\nmat w9 w10 w11\nw5\n")
     return root
 

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import build_tiny_text_artifact
 
 from massmerge.artifact import load
 from massmerge.artifact.predictor import REQUEST_SETTINGS, Predictor, image_from_bytes
 from massmerge.cli import main
 from massmerge.errors import MassMergeError, OptionError
-from massmerge.heads import LinearHead, ZeroShotHead
-from massmerge.heads.files import write_head_file
 
 TEXTS = ["w1 w2 cat", "spam spam w3", "mat w9 w10 w11", "w5", "w7 w7 w7 w7 w8", "cat mat"]
 
@@ -22,28 +21,8 @@ TEXTS = ["w1 w2 cat", "spam spam w3", "mat w9 w10 w11", "w5", "w7 w7 w7 w7 w8", 
 @pytest.fixture(scope="module")
 def text_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT (word-level tokenizer) with 3 perturbed experts, built by ``massmerge build``."""
-    transformers = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("predictor")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)] + ["spam", "cat", "mat"]
-    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=4,
-                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
-    torch.manual_seed(0)
-    base = transformers.BertModel(config).eval()
-    base.save_pretrained(root / "base")
-    (root / "base" / "vocab.txt").write_text("\n".join(words) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(root / "base" / "vocab.txt")).save_pretrained(root / "base")
-    for t in range(3):
-        expert = transformers.BertModel(config)
-        expert.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        expert.save_pretrained(root / f"expert{t}")
-        head = ZeroShotHead(torch.randn(3 + t, 16), 30.0) if t else LinearHead(torch.randn(3, 16), torch.zeros(3))
-        write_head_file(root / f"head{t}.safetensors", head, task=f"t{t}", class_names=[f"c{t}{i}" for i in range(3 + t)])
-    main(["build", "--base", str(root / "base"), "--experts", *[str(root / f"expert{t}") for t in range(3)],
-          "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--output", str(root / "art")])
-    return root / "art"
+    pytest.importorskip("transformers")
+    return build_tiny_text_artifact(tmp_path_factory.mktemp("predictor"))
 
 
 def _cli_rows(art: Path, texts: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], *flags: str) -> list[dict]:

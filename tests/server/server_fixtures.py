@@ -14,40 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import torch
 
-from massmerge.cli import main
-from massmerge.heads import LinearHead, ZeroShotHead
-from massmerge.heads.files import write_head_file
+from tiny_models import build_tiny_text_artifact
 
 START_TIMEOUT_S = 60.0
 ADDRESS = re.compile(r"on (http://127\.0\.0\.1:\d+)")
 
 
-def build_text_artifact(root: Path) -> Path:
-    """The tiny text artifact under ``root`` (``root/art``)."""
-    import transformers
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)] + ["spam", "cat", "mat"]
-    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=4,
-                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
-    torch.manual_seed(0)
-    base = transformers.BertModel(config).eval()
-    base.save_pretrained(root / "base")
-    (root / "base" / "vocab.txt").write_text("\n".join(words) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(root / "base" / "vocab.txt")).save_pretrained(root / "base")
-    for t in range(3):
-        expert = transformers.BertModel(config)
-        expert.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        expert.save_pretrained(root / f"expert{t}")
-        head = ZeroShotHead(torch.randn(3 + t, 16), 30.0) if t else LinearHead(torch.randn(3, 16), torch.zeros(3))
-        write_head_file(root / f"head{t}.safetensors", head, task=f"t{t}", class_names=[f"c{t}{i}" for i in range(3 + t)])
-    main(["build", "--base", str(root / "base"), "--experts", *[str(root / f"expert{t}") for t in range(3)],
-          "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--output", str(root / "art")])
-    return root / "art"
+build_text_artifact = build_tiny_text_artifact  # the tiny text artifact under ``root`` (``root/art``)
 
 
 class Server:
