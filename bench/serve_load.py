@@ -193,6 +193,15 @@ def level_row(clients: int, requests: list[list[str]], result: dict[str, Any], c
             "error sample": result["errors"][:3], "differing": differing[:5]}
 
 
+def print_problems(rows: list[dict]) -> None:
+    """Each client count's error sample and every answer that differs from the offline batch."""
+    for row in rows:
+        if row["error sample"]:
+            print(f"{row['clients']} clients, errors: {row['error sample']}")
+        for diff in row["differing"]:
+            print(f"{row['clients']} clients, differs from the offline batch: {diff}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", type=Path)
@@ -247,11 +256,7 @@ def main() -> None:
           f"{offline_rate:.1f} inputs/s ({offline_count} inputs, {offline_wall:.2f} s wall, {offline_cpu:.2f} s CPU; "
           f"the faster of before and after); server stopped by SIGTERM: exit {code} in {exit_s:.2f} s")
     print(table(rows, columns))
-    for row in rows:
-        if row["error sample"]:
-            print(f"{row['clients']} clients, errors: {row['error sample']}")
-        for diff in row["differing"]:
-            print(f"{row['clients']} clients, differs from the offline batch: {diff}")
+    print_problems(rows)
     path = write_json(args.name, {"artifact": str(args.artifact or "synthetic"), "offline": {
         "inputs": offline_count, "wall_s": offline_wall, "cpu_s": offline_cpu, "inputs_per_s": offline_rate,
         "after_wall_s": again_wall, "after_cpu_s": again_cpu},

@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import table, write_json
-from serve_load import level_row, make_requests, offline_batch, offline_predictor, run_level, start_server, stop_server
+from serve_load import (level_row, make_requests, offline_batch, offline_predictor, print_problems, run_level,
+                        start_server, stop_server)
 
 
 def free_port() -> int:
@@ -74,11 +75,7 @@ def main() -> None:
     print(f"\nRay Serve, {args.replicas} replica(s), artifact {args.artifact or 'synthetic'}: ready in {ready_s:.1f} s; "
           f"offline batch {offline_rate:.1f} inputs/s; SIGTERM: exit {code} in {exit_s:.1f} s")
     print(table(rows, columns))
-    for row in rows:
-        if row["error sample"]:
-            print(f"{row['clients']} clients, errors: {row['error sample']}")
-        for diff in row["differing"]:
-            print(f"{row['clients']} clients, differs from the offline batch: {diff}")
+    print_problems(rows)
     path = write_json("serve_ray", {"artifact": str(args.artifact or "synthetic"), "ready_s": ready_s,
                                     "offline_inputs_per_s": offline_rate, "levels": rows, "exit": code,
                                     "exit_s": exit_s, "command": sys.argv})

@@ -230,3 +230,15 @@ def glue_config(tasks: tuple[str, ...], *, lora: bool = False, output: Path, **e
             "methods": ["zeroshot", "experts", "task_arithmetic", "ties", "tsv_m"],
             "method_options": {"task_arithmetic": {"alpha": 0.3}},
             "eval": {"batch_size": 4, "device": "cpu"}, "output": str(output), **extra}
+
+
+def widen(model: torch.nn.Module) -> torch.nn.Module:
+    """T5's own init generates one token everywhere: wider matrices give varied tokens (as in test_seam)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2 and "relative_attention_bias" not in name:
+                param.copy_(0.6 * torch.randn(param.shape, generator=gen))
+        model.encoder.embed_tokens.weight.copy_(model.shared.weight)
+        model.decoder.embed_tokens.weight.copy_(model.shared.weight)
+    return model

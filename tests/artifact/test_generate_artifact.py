@@ -11,8 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from glue_fixtures import SENTENCES, save_base, save_full_expert, save_lora_expert
+from glue_fixtures import SENTENCES, save_base, save_full_expert, save_lora_expert, widen
 
 from massmerge.artifact import load, read_manifest
 from massmerge.artifact.predictor import Predictor
@@ -26,14 +25,7 @@ PROMPTS = [*SENTENCES, "the cat " * 40]  # the last one is above the tiny limit 
 def widened_base(root: Path) -> Path:
     """The tiny Flan-T5 replica with wider weights (T5's own init generates one token everywhere)."""
     save_base(root / "raw")
-    model = transformers.T5ForConditionalGeneration.from_pretrained(root / "raw")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 2 and "relative_attention_bias" not in name:
-                param.copy_(0.6 * torch.randn(param.shape, generator=gen))
-        model.encoder.embed_tokens.weight.copy_(model.shared.weight)
-        model.decoder.embed_tokens.weight.copy_(model.shared.weight)
+    model = widen(transformers.T5ForConditionalGeneration.from_pretrained(root / "raw"))
     model.config.tie_word_embeddings = False
     model.save_pretrained(root / "base")
     for file in (root / "raw").iterdir():

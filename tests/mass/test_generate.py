@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from glue_fixtures import save_base, save_full_expert, save_lora_expert
+from glue_fixtures import save_base, save_full_expert, save_lora_expert, widen
 
 from massmerge.adapters import adapter_for, detect_family, family_of_model
 from massmerge.adapters.seq2seq import (
@@ -37,18 +37,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         save_full_expert(base, root / f"full_{name}", 10 + i, scale=1.5)
         save_lora_expert(base, root / f"lora_{name}", 20 + i)
     return root
-
-
-def widen(model: torch.nn.Module) -> torch.nn.Module:
-    """T5's own init generates one token everywhere: wider matrices give varied tokens (as in test_seam)."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 2 and "relative_attention_bias" not in name:
-                param.copy_(0.6 * torch.randn(param.shape, generator=gen))
-        model.encoder.embed_tokens.weight.copy_(model.shared.weight)
-        model.decoder.embed_tokens.weight.copy_(model.shared.weight)
-    return model
 
 
 def mass_of(files: Path, kind: str, **settings) -> tuple[MASSModel, torch.nn.Module]:
