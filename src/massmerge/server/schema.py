@@ -217,5 +217,7 @@ def option_line(message: str) -> str:
     return re.sub(r"^--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), message)
 
 
-__all__ = ["ErrorResponse", "GenerateRequest", "GenerateResponse", "GenerationRow", "HealthResponse", "PredictRequest", "PredictResponse", "PredictionRow", "RequestError",
-           "check_texts", "image_bytes", "option_line", "parse_generate", "parse_predict", "set_fields", "settings_of", "validation_line"]
+__all__ = ["ErrorResponse", "GenerateRequest", "GenerateResponse", "GenerationOptions", "GenerationRow",
+           "HealthResponse", "PredictRequest", "PredictResponse", "PredictionRow", "RequestError", "RouterSettings",
+           "check_texts", "image_bytes", "option_line", "parse_generate", "parse_predict", "set_fields",
+           "settings_of", "validation_line"]
