@@ -111,15 +111,16 @@ class GeneratingPredictor:
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], settings: Mapping[str, Any] | None = None, *,
                  names: Sequence[str] | None = None, note: Callable[[str], None] | None = None,
-                 **generation: Any) -> list[dict[str, Any]]:
+                 router: Mapping[str, Any] | None = None, **generation: Any) -> list[dict[str, Any]]:
         """One row per prompt (:func:`generation_row`), in order, ``batch_size`` prompts per routed
         ``generate()``. ``settings``: a :class:`~massmerge.mass.config.GenerateSettings` (or its fields as a
         dict); ``generation``: any other HF ``generate()`` argument. A prompt above the max length is cut, and
-        ``note`` told so."""
+        ``note`` told so. ``router``: per-call router settings (:data:`REQUEST_SETTINGS`, as :meth:`Predictor.view`)."""
         from massmerge.mass.config import GenerateSettings, make_generate_settings
 
         if self.model.manifest is not None and self.model.manifest.output != "generate":
             raise OptionError(f"{self.model.manifest.directory}: this artifact classifies; use predict()")
+        model = self.view(router) if router else self.model  # type: ignore[attr-defined]
         chosen = settings if isinstance(settings, GenerateSettings) else make_generate_settings(**dict(settings or {}))
         options = {**chosen.hf(), **generation}
         names = list(names) if names is not None else [f"inputs[{i}]" for i in range(len(prompts))]
@@ -130,12 +131,12 @@ class GeneratingPredictor:
             chunk = list(prompts[start:start + self.batch_size])
             batch = dict(self.tokenizer(chunk, truncation=True, max_length=self.max_length, padding=True,
                                         return_tensors="pt"))
-            out = self.model.generate(batch, **options)
+            out = model.generate(batch, **options)
             sequences = out.sequences if isinstance(out.sequences, torch.Tensor) else out.sequences.sequences
             texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
             per = len(texts) // len(chunk)
             for i in range(len(chunk)):
-                rows.append(generation_row(self.model, out.routing.selected[i], out.routing.probs[i],
+                rows.append(generation_row(model, out.routing.selected[i], out.routing.probs[i],
                                            texts[i * per:(i + 1) * per], start + i))
         return rows
 

@@ -1,7 +1,8 @@
 """The HTTP API of ``massmerge serve``: a FastAPI app around one loaded :class:`Predictor` and a
 :class:`~massmerge.server.batcher.DynamicBatcher`.
 
-Endpoints: ``POST /v1/predict``, ``POST /v1/generate`` (501 until generative artifacts exist), ``GET /healthz``
+Endpoints: ``POST /v1/predict`` (classifying artifacts), ``POST /v1/generate`` (generating artifacts; streamed
+as server-sent events on request), ``GET /healthz``
 (the process is up), ``GET /readyz`` (takes requests; 503 while draining), ``GET /metrics`` (Prometheus),
 ``/openapi.json`` and ``/docs``. Every error body is ``{"error": "<one line naming the field>"}``; no error
 of one request touches another or the server.
@@ -9,29 +10,34 @@ of one request touches another or the server.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from massmerge import __version__
 from massmerge.artifact.predictor import Predictor, image_from_bytes
-from massmerge.errors import MassMergeError
+from massmerge.errors import MassMergeError, OptionError
+from massmerge.mass.config import GenerateSettings, make_generate_settings
 from massmerge.server.batcher import BatchReport, Draining, DynamicBatcher, Pending, QueueFull, settle_threadsafe
 from massmerge.server.limits import ServerLimits, flag
 from massmerge.server.metrics import Metrics
 from massmerge.server.schema import (
     ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
     HealthResponse,
     PredictRequest,
     PredictResponse,
@@ -39,7 +45,9 @@ from massmerge.server.schema import (
     check_texts,
     image_bytes,
     option_line,
+    parse_generate,
     parse_predict,
+    set_fields,
     settings_of,
 )
 
@@ -105,6 +113,88 @@ def _rows(predictor: Predictor, prepared: list[Any], settings: dict[str, Any]) -
     for row in rows:
         del row["index"]
     return rows
+
+
+def generate_options(predictor: Predictor, request: GenerateRequest) -> tuple[dict[str, Any], GenerateSettings]:
+    """A generate request's router settings and generation options, checked as ``massmerge predict`` checks
+    its flags (one line naming ``settings.<field>`` or ``generation.<field>``)."""
+    router = set_fields(request.settings)
+    try:
+        predictor.view(router)
+    except MassMergeError as exc:
+        raise RequestError(422, "settings." + option_line(str(exc)).removeprefix("settings.")) from None
+    try:
+        generation = make_generate_settings(**set_fields(request.generation))
+    except OptionError as exc:
+        raise RequestError(422, "generation." + option_line(str(exc))) from None
+    if request.stream and generation.num_beams > 1:
+        raise RequestError(422, f"generation.num_beams: streaming decodes one sequence (got {generation.num_beams});"
+                                " use \"stream\": false for beam search")
+    return router, generation
+
+
+def generations(predictor: Predictor, prompts: list[str], generation: GenerateSettings, router: dict[str, Any],
+                **hf: Any) -> list[dict[str, Any]]:
+    """Predictor.generate's rows without ``index`` (on the model's worker thread)."""
+    rows = predictor.generate(prompts, generation, router=router, **hf)
+    for row in rows:
+        del row["index"]
+    return rows
+
+
+def _event(payload: Any) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def stream_generation(predictor: Predictor, prompt: str, generation: GenerateSettings, router: dict[str, Any],
+                      on_model: Callable[[Callable[[], Any]], Awaitable[Any]], timeout: float,
+                      done: Callable[[], None]) -> StreamingResponse:
+    """Server-sent events for one prompt: ``{"text": chunk}`` per chunk of HF's ``TextIteratorStreamer``, then
+    the row (``selected``, ``probs``, ``text``) or ``{"error": line}``, then ``[DONE]``. The generate call runs
+    on the model's worker thread (MASSModel.generate enters routing and task sets in that thread); the chunks
+    are read off a threadpool, never blocking the event loop. ``done()`` runs when the stream ends."""
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(predictor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["row"] = generations(predictor, [prompt], generation, router, streamer=streamer)[0]
+        except Exception as exc:  # noqa: BLE001 - told to the client as the last event
+            outcome["error"] = exc
+            streamer.end()
+
+    task = asyncio.ensure_future(on_model(work))
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            try:
+                async for chunk in iterate_in_threadpool(streamer):
+                    if chunk:
+                        yield _event({"text": chunk})
+                await task
+            except Exception:  # noqa: BLE001 - the streamer's queue.Empty: no token within the timeout
+                outcome.setdefault("error", TimeoutError())
+            error = outcome.get("error")
+            if error is None:
+                yield _event(outcome["row"])
+            else:
+                yield _event({"error": _failure_line(error, timeout)})
+            yield "data: [DONE]\n\n"
+        finally:
+            done()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _failure_line(error: BaseException, timeout: float) -> str:
+    if isinstance(error, TimeoutError):
+        return f"request: not answered within {flag('request_timeout_s')} {timeout:g}"
+    if isinstance(error, MassMergeError):
+        return " ".join(str(error).split())
+    log.error("massmerge serve: streamed generation failed", exc_info=error)
+    return f"internal error ({type(error).__name__}); the server logged it"
 
 
 def run_batch(predictor: Predictor, batch: list[Pending]) -> BatchReport:
@@ -231,6 +321,8 @@ def create_app(predictor: Predictor, limits: ServerLimits, *, api_key: str | Non
             raise Draining("the server is shutting down; retry on another replica")
         state.in_flight += 1
         try:
+            if predictor.output == "generate":
+                raise RequestError(501, f"/v1/predict: {predictor.artifact.name} generates text; use /v1/generate")
             parsed = parse_predict(await request.body(), limits)
             settings = settings_of(parsed)
             try:
@@ -243,14 +335,39 @@ def create_app(predictor: Predictor, limits: ServerLimits, *, api_key: str | Non
         finally:
             state.in_flight -= 1
 
-    @app.post("/v1/generate", status_code=501, responses={501: {"model": ErrorResponse}},
-              dependencies=[Depends(auth)])
-    async def generate() -> Response:
-        """Text generation with streaming (server-sent events), for generative artifacts; massmerge builds
-        classifiers only so far, so this answers 501."""
-        return _error(501, f"/v1/generate: {predictor.artifact.name} is a classifier ({predictor.kind} family "
-                           f"'{predictor.manifest.architecture.adapter}'); generation needs a generative "
-                           "artifact, which massmerge does not build yet: use /v1/predict")
+    async def on_model(fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the model's worker thread (the batcher's; Ray Serve: a threadpool thread)."""
+        return await (batcher.call(fn) if batcher is not None else run_in_threadpool(fn))
+
+    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(auth)],
+              responses={**responses, 501: {"model": ErrorResponse}},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": GenerateRequest.model_json_schema()}}}})
+    async def generate(request: Request) -> Response:
+        """Generate text for each prompt (generative artifacts): one generation per input, in order; with
+        ``"stream": true`` and one input, server-sent events, one per text chunk, then the row, then [DONE]."""
+        if predictor.output != "generate":
+            return _error(501, f"/v1/generate: {predictor.artifact.name} is a classifier ({predictor.kind} family "
+                               f"'{predictor.manifest.architecture.adapter}'); use /v1/predict")
+        if state.draining:
+            raise Draining("the server is shutting down; retry on another replica")
+        state.in_flight += 1
+        handed_off = False
+        try:
+            parsed = parse_generate(await request.body(), limits)
+            router, generation = generate_options(predictor, parsed)
+            prompts = check_texts(parsed.inputs, limits)
+            if parsed.stream:
+                response = stream_generation(predictor, prompts[0], generation, router, on_model,
+                                             limits.request_timeout_s, done=lambda: _leave(state))
+                handed_off = True
+                return response
+            rows = await asyncio.wait_for(on_model(lambda: generations(predictor, prompts, generation, router)),
+                                          limits.request_timeout_s)
+            return JSONResponse({"generations": rows})
+        finally:
+            if not handed_off:
+                state.in_flight -= 1
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz() -> dict[str, str]:
@@ -271,6 +388,10 @@ def create_app(predictor: Predictor, limits: ServerLimits, *, api_key: str | Non
         return Response(metrics.exposition(), media_type=metrics.content_type)
 
     return app
+
+
+def _leave(state: ServerState) -> None:
+    state.in_flight -= 1
 
 
 async def _decode(predictor: Predictor, inputs: list[str], limits: ServerLimits) -> list[Any]:
@@ -353,4 +474,5 @@ def _errors(app: FastAPI, limits: ServerLimits) -> None:
         return _error(500, f"internal error ({type(exc).__name__}); the server logged it")
 
 
-__all__ = ["Guard", "ServerState", "Submit", "answer", "create_app", "run_batch"]
+__all__ = ["Guard", "ServerState", "Submit", "answer", "create_app", "generate_options", "generations", "run_batch",
+           "stream_generation"]

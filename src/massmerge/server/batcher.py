@@ -131,6 +131,11 @@ class DynamicBatcher:
             pending.future.cancel()
             raise
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the model's worker thread, after the batch running there: model work that does not batch
+        (generation), serialized with the batches so one thread ever touches the model."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
     def _set_depth(self, change: int) -> None:
         self._queued_inputs += change
         self._on_depth(self._queued_inputs)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from massmerge.artifact.predictor import REQUEST_SETTINGS
-from massmerge.mass.config import ServeSettings
+from massmerge.mass.config import GenerateSettings, ServeSettings
 from massmerge.server.limits import ServerLimits, flag
 
 
@@ -46,6 +46,42 @@ PredictRequest = create_model(  # type: ignore[call-overload]
                                                        "prefix is accepted)")),
     **_settings_fields(),
 )
+
+
+RouterSettings = create_model(  # type: ignore[call-overload]
+    "RouterSettings", __config__=ConfigDict(extra="forbid", strict=True),
+    __doc__="Router settings for this request alone (unset: the server's).", **_settings_fields())
+
+GenerationOptions = create_model(  # type: ignore[call-overload]
+    "GenerationOptions", __config__=ConfigDict(extra="forbid", strict=True),
+    __doc__="Generation options (massmerge's GenerateSettings; unset: its defaults).",
+    **{name: (info.annotation | None, Field(default=None, description=info.description))  # type: ignore[operator]
+       for name, info in GenerateSettings.model_fields.items()})
+
+
+class GenerateRequest(BaseModel):
+    """Prompts for a generative artifact, optional router settings and generation options, and whether to
+    stream (server-sent events; exactly one input)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    inputs: list[str] = Field(min_length=1, description="prompts")
+    settings: RouterSettings | None = None  # type: ignore[valid-type]
+    generation: GenerationOptions | None = None  # type: ignore[valid-type]
+    stream: bool = Field(default=False, description="server-sent events: one per text chunk, then the row")
+
+
+class GenerationRow(BaseModel):
+    """One prompt's answer: the fields of a ``massmerge predict`` generation row, without ``index``."""
+
+    selected: list[str] = Field(description="the task set the router chose; the second pass merged these")
+    probs: dict[str, float] = Field(description="the router's probability per task")
+    text: str | list[str] = Field(description="the generated text (a list when several sequences per prompt)")
+
+
+class GenerateResponse(BaseModel):
+    """One generation per prompt, in input order."""
+
+    generations: list[GenerationRow]
 
 
 class PredictionRow(BaseModel):
@@ -83,7 +119,8 @@ def _where(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
-def validation_line(exc: ValidationError) -> tuple[int, str]:
+def validation_line(exc: ValidationError, fields: tuple[str, ...] = ("inputs", *REQUEST_SETTINGS)
+                    ) -> tuple[int, str]:
     """(status, one line) for a pydantic error: 400 for a body that is not JSON, 422 for JSON that does not fit."""
     first = exc.errors()[0]
     kind, message = first["type"], str(first["msg"])
@@ -91,7 +128,9 @@ def validation_line(exc: ValidationError) -> tuple[int, str]:
         return 400, f"body: malformed JSON ({message.removeprefix('Invalid JSON: ')})"
     where = _where(tuple(first["loc"]))
     if kind == "extra_forbidden":
-        allowed = ", ".join(["inputs", *REQUEST_SETTINGS])
+        allowed = ", ".join(fields)
+        if "." in where:
+            return 422, f"{where}: unknown field"
         return 422, f"{where}: unknown field (a request holds {allowed})"
     if kind == "model_type" or kind == "model_attributes_type":
         return 422, "body: expected a JSON object {\"inputs\": [...]}"
@@ -103,18 +142,46 @@ def validation_line(exc: ValidationError) -> tuple[int, str]:
 def parse_predict(body: bytes, limits: ServerLimits) -> Any:
     """The validated request in ``body``, or a :class:`RequestError` naming the field (UTF-8 first: JSON is
     text, and a byte that is not UTF-8 is named by its offset)."""
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(400, f"body: not UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})") from None
+    _utf8(body)
     try:
         request = PredictRequest.model_validate_json(body)
     except ValidationError as exc:
         raise RequestError(*validation_line(exc)) from None
-    if len(request.inputs) > limits.max_inputs:
-        raise RequestError(422, f"inputs: {len(request.inputs)} inputs, more than {flag('max_inputs')} "
-                                f"{limits.max_inputs}")
+    _count(request.inputs, limits)
     return request
+
+
+def _utf8(body: bytes) -> None:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(400, f"body: not UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})") from None
+
+
+def _count(inputs: list[str], limits: ServerLimits) -> None:
+    if len(inputs) > limits.max_inputs:
+        raise RequestError(422, f"inputs: {len(inputs)} inputs, more than {flag('max_inputs')} {limits.max_inputs}")
+
+
+GENERATE_FIELDS = tuple(GenerateRequest.model_fields)
+
+
+def parse_generate(body: bytes, limits: ServerLimits) -> GenerateRequest:
+    """The validated generate request in ``body`` (as :func:`parse_predict`); streaming takes one input."""
+    _utf8(body)
+    try:
+        request = GenerateRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestError(*validation_line(exc, GENERATE_FIELDS)) from None
+    _count(request.inputs, limits)
+    if request.stream and len(request.inputs) != 1:
+        raise RequestError(422, f"stream: streaming takes exactly one input (got {len(request.inputs)})")
+    return request
+
+
+def set_fields(part: BaseModel | None) -> dict[str, Any]:
+    """The fields a nested object sets (unset ones left to the server or the defaults)."""
+    return {} if part is None else {k: v for k, v in part.model_dump().items() if v is not None}
 
 
 def settings_of(request: Any) -> dict[str, Any]:
@@ -150,5 +217,7 @@ def option_line(message: str) -> str:
     return re.sub(r"^--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), message)
 
 
-__all__ = ["ErrorResponse", "HealthResponse", "PredictRequest", "PredictResponse", "PredictionRow", "RequestError",
-           "check_texts", "image_bytes", "option_line", "parse_predict", "settings_of", "validation_line"]
+__all__ = ["ErrorResponse", "GenerateRequest", "GenerateResponse", "GenerationOptions", "GenerationRow",
+           "HealthResponse", "PredictRequest", "PredictResponse", "PredictionRow", "RequestError", "RouterSettings",
+           "check_texts", "image_bytes", "option_line", "parse_generate", "parse_predict", "set_fields",
+           "settings_of", "validation_line"]
