@@ -275,8 +275,10 @@ def decode_image(data: Any, where: str) -> Any:
 
 
 def _parquet(file: Path) -> Any:
-    import pyarrow.parquet as pq
-
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MassMergeError(f"{file}: reading parquet datasets needs pyarrow: `pip install massmerge[hub]`") from None
     try:
         return pq.ParquetFile(file)
     except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError
