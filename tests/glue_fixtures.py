@@ -242,3 +242,27 @@ def widen(model: torch.nn.Module) -> torch.nn.Module:
         model.encoder.embed_tokens.weight.copy_(model.shared.weight)
         model.decoder.embed_tokens.weight.copy_(model.shared.weight)
     return model
+
+
+def widened_base(root: Path, *, max_length: int | None = None) -> Path:
+    """``root/base``: the tiny Flan-T5 replica with wider weights (:func:`widen`) and an untied LM head, its
+    tokenizer files copied; ``max_length`` lowers the tokenizer's ``model_max_length`` (to test cut prompts)."""
+    import shutil
+
+    import transformers
+
+    save_base(root / "raw")
+    model = widen(transformers.T5ForConditionalGeneration.from_pretrained(root / "raw"))
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(root / "base")
+    for file in (root / "raw").iterdir():
+        if file.name.startswith(("tokenizer", "special")):
+            shutil.copyfile(file, root / "base" / file.name)
+    config = json.loads((root / "base" / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (root / "base" / "config.json").write_text(json.dumps(config))
+    if max_length is not None:
+        tok = json.loads((root / "base" / "tokenizer_config.json").read_text())
+        tok["model_max_length"] = max_length
+        (root / "base" / "tokenizer_config.json").write_text(json.dumps(tok))
+    return root / "base"

@@ -130,3 +130,22 @@ def build_tiny_text_artifact(root: Path) -> Path:
     main(["build", "--base", str(root / "base"), "--experts", *[str(root / f"expert{t}") for t in range(3)],
           "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--output", str(root / "art")])
     return root / "art"
+
+
+def build_tiny_clip_artifact(root: Path) -> Path:
+    """``massmerge build`` of a tiny CLIP vision tower, 3 low-rank experts (``vision_model.*`` keys) and zero-shot
+    heads of 2, 3 and 4 classes (tasks task0..task2) into ``root/art``."""
+    from massmerge.cli import main
+    from massmerge.heads import ZeroShotHead
+    from massmerge.heads.files import write_head_file
+
+    model, base_dir = save_clip_vision(root)
+    experts, heads = [], []
+    for t in range(3):
+        experts.append(str(save_prefixed(perturbed(model, low_rank_deltas(model, seed=t + 1)), root / f"e{t}",
+                                         "vision_model.")))
+        head = ZeroShotHead(torch.randn(2 + t, HIDDEN, generator=torch.Generator().manual_seed(t)), 30.0)
+        write_head_file(root / f"h{t}.safetensors", head, task=f"task{t}", class_names=[f"c{t}_{i}" for i in range(2 + t)])
+        heads.append(str(root / f"h{t}.safetensors"))
+    main(["build", "--base", str(base_dir), "--experts", *experts, "--heads", *heads, "--output", str(root / "art")])
+    return root / "art"

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from glue_fixtures import SENTENCES, save_base, save_full_expert, save_lora_expert, widen
+from glue_fixtures import SENTENCES, save_full_expert, save_lora_expert, widened_base
 
 from massmerge.artifact import load, read_manifest
 from massmerge.artifact.predictor import Predictor
@@ -22,28 +22,10 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = [*SENTENCES, "the cat " * 40]  # the last one is above the tiny limit below
 
 
-def widened_base(root: Path) -> Path:
-    """The tiny Flan-T5 replica with wider weights (T5's own init generates one token everywhere)."""
-    save_base(root / "raw")
-    model = widen(transformers.T5ForConditionalGeneration.from_pretrained(root / "raw"))
-    model.config.tie_word_embeddings = False
-    model.save_pretrained(root / "base")
-    for file in (root / "raw").iterdir():
-        if file.name.startswith(("tokenizer", "special")):
-            shutil.copyfile(file, root / "base" / file.name)
-    config = json.loads((root / "base" / "config.json").read_text())
-    config["tie_word_embeddings"] = False
-    (root / "base" / "config.json").write_text(json.dumps(config))
-    tok = json.loads((root / "base" / "tokenizer_config.json").read_text())
-    tok["model_max_length"] = 24
-    (root / "base" / "tokenizer_config.json").write_text(json.dumps(tok))
-    return root / "base"
-
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("genart")
-    base = widened_base(root)
+    base = widened_base(root, max_length=24)
     full = [save_full_expert(base, root / f"full_{t}", 10 + i, scale=1.5) for i, t in enumerate("abc")]
     lora = [save_lora_expert(base, root / f"lora_{t}", 20 + i, base_id=str(base)) for i, t in enumerate("abc")]
     out = {}

@@ -8,28 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_models import HIDDEN, low_rank_deltas, perturbed, save_clip_vision, save_prefixed
+from tiny_models import build_tiny_clip_artifact
 
 from massmerge.artifact import load
-from massmerge.heads.files import write_head_file
 from massmerge.cli import main
 from massmerge.data.images import preprocess_for as image_preprocess
-from massmerge.heads import ZeroShotHead
 
 
 @pytest.fixture(scope="module")
 def clip_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("clip_predict")
-    model, base_dir = save_clip_vision(root)
-    experts, heads = [], []
-    for t in range(3):
-        experts.append(str(save_prefixed(perturbed(model, low_rank_deltas(model, seed=t + 1)), root / f"e{t}",
-                                         "vision_model.")))
-        head = ZeroShotHead(torch.randn(2 + t, HIDDEN, generator=torch.Generator().manual_seed(t)), 30.0)
-        heads.append(str(write_head_file(root / f"h{t}.safetensors", head, task=f"task{t}",
-                                         class_names=[f"c{t}_{i}" for i in range(2 + t)]) or root / f"h{t}.safetensors"))
-    main(["build", "--base", str(base_dir), "--experts", *experts, "--heads", *heads,
-          "--output", str(root / "art")])
+    build_tiny_clip_artifact(root)
     images = root / "images"
     gen = torch.Generator().manual_seed(9)
     for i in range(5):

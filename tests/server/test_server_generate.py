@@ -5,12 +5,10 @@ generation options and streaming misuse are one-line 4xx, and ``/v1/predict`` re
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from glue_fixtures import SENTENCES, save_base, save_full_expert
+from glue_fixtures import SENTENCES, save_full_expert, widened_base
 from server_fixtures import serving
 
 from massmerge.artifact.predictor import Predictor
@@ -21,29 +19,10 @@ GENERATION = {"max_new_tokens": 6}
 ROUTER = {"eta": 0.0, "top_k": 2, "tau": 0.05}
 
 
-def _widened_base(root: Path) -> Path:
-    """The tiny Flan-T5 replica with wider weights (T5's own init generates one token everywhere)."""
-    save_base(root / "raw")
-    model = transformers.T5ForConditionalGeneration.from_pretrained(root / "raw")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 2 and "relative_attention_bias" not in name:
-                param.copy_(0.6 * torch.randn(param.shape, generator=gen))
-        model.encoder.embed_tokens.weight.copy_(model.shared.weight)
-        model.decoder.embed_tokens.weight.copy_(model.shared.weight)
-    model.config.tie_word_embeddings = False
-    model.save_pretrained(root / "base")
-    for file in (root / "raw").iterdir():
-        if file.name.startswith(("tokenizer", "special")):
-            shutil.copyfile(file, root / "base" / file.name)
-    return root / "base"
-
-
 @pytest.fixture(scope="module")
 def generating(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("servegen")
-    base = _widened_base(root)
+    base = widened_base(root)
     experts = [save_full_expert(base, root / f"full_{t}", 10 + i, scale=1.5) for i, t in enumerate("abc")]
     main(["build", "--base", str(base), "--experts", *map(str, experts), "--task-names", "a", "b", "c",
           "--output", str(root / "art"), "--max-size", "0"])
