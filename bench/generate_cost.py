@@ -81,9 +81,10 @@ def expert_factors(model: torch.nn.Module, kind: str) -> Any:
     return factors
 
 
-def mixed_sets(size: int, seed: int) -> list[tuple[int, ...]]:
+def mixed_sets(size: int, seed: int, set_size: int | None) -> list[tuple[int, ...]]:
+    """A task set per prompt: ``set_size`` tasks (None: 1 to 3, uniformly, as the eta / K rule can pick), seeded."""
     rng = random.Random(seed)
-    return [tuple(sorted(rng.sample(range(TASKS), rng.randint(1, 3)))) for _ in range(size)]
+    return [tuple(sorted(rng.sample(range(TASKS), set_size or rng.randint(1, 3)))) for _ in range(size)]
 
 
 def prompts(size: int, length: int, seed: int) -> dict[str, torch.Tensor]:
@@ -97,18 +98,52 @@ def prompts(size: int, length: int, seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def clock(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    """(median wall, median CPU seconds of this process) of ``fn`` after one warm-up call."""
-    fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        start = time.perf_counter()
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """Per name, (wall, CPU seconds) of each round; the functions alternate within a round (one warm-up round
+    first), so that a noisy neighbour slows plain and routed alike."""
+    for fn in fns.values():
         fn()
-        walls.append(time.perf_counter() - start)
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        cpus.append(after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime)
-    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
+    out: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            cpu, start = cpu_seconds(), time.perf_counter()
+            fn()
+            out[name].append((time.perf_counter() - start, cpu_seconds() - cpu))
+    return out
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def decoder_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """The matrices one decode step multiplies per token: the decoder's (cross-attention's k and v run on the
+    encoder's output once, not per step) and the LM head."""
+    return {f"{name}.weight": tuple(module.weight.shape) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and (name.startswith("decoder.") or name == "lm_head")
+            and not name.endswith(("EncDecAttention.k", "EncDecAttention.v"))}
+
+
+def bounds(model: torch.nn.Module, factors: Any, sets: list[tuple[int, ...]]) -> dict[str, float]:
+    """What exact side branches can reach at best, per decode step: ``flop bound`` = plain multiply-adds / (plain +
+    every row's side branch ``K_S (m + n)``); ``traffic bound`` = plain's weight reads / (plain's + every distinct
+    set's factor rows and core, each read once per step: ``K_S (m + n) + K_S^2``). Memory-bound decoding (small
+    batches) sits near the traffic bound, compute-bound decoding (large batches) near the flop bound."""
+    shapes = decoder_shapes(model)
+    plain = sum(m * n for m, n in shapes.values())
+    rank = {key: [f.rank for f in factors.matrices[key]] for key in shapes if key in factors.matrices}
+
+    def k_of(key: str, tasks: tuple[int, ...]) -> int:
+        return sum(rank[key][t] for t in tasks) if key in rank else 0
+
+    side_rows = sum(k_of(key, s) * (m + n) for s in sets for key, (m, n) in shapes.items()) / len(sets)
+    side_sets = sum(k_of(key, s) * (m + n + k_of(key, s)) for s in set(sets) for key, (m, n) in shapes.items())
+    return {"flop bound": plain / (plain + side_rows), "traffic bound": plain / (plain + side_sets)}
 
 
 def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -129,7 +164,8 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for size in args.batches:
         batch = {k: v.to(device) for k, v in prompts(size, args.prompt_tokens, size).items()}
-        sets = mass.task_sets(mixed_sets(size, size))
+        chosen = mixed_sets(size, size, args.set_size)
+        sets = mass.task_sets(chosen)
 
         def routed_encoder(sets: Any = sets, batch: dict = batch) -> Any:
             with sets:
@@ -140,22 +176,30 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 return mass.model.generate(**batch, **options)
 
         with torch.inference_mode():
-            enc_plain = clock(lambda batch=batch: plain.encoder(**batch), args.repeats)
-            enc_mass = clock(routed_encoder, args.repeats)
-            gen_plain = clock(lambda batch=batch: plain.generate(**batch, **options), args.repeats)
-            gen_mass = clock(routed_generate, args.repeats)
-            route = clock(lambda batch=batch: mass.route(batch), args.repeats)
+            runs = interleaved({"enc plain": lambda batch=batch: plain.encoder(**batch), "enc MASS": routed_encoder,
+                                "gen plain": lambda batch=batch: plain.generate(**batch, **options),
+                                "gen MASS": routed_generate, "route": lambda batch=batch: mass.route(batch)},
+                               args.repeats)
+        wall = {name: median([w for w, _ in times]) for name, times in runs.items()}
+        cpu = {name: median([c for _, c in times]) for name, times in runs.items()}
         tokens = size * args.new_tokens
-        decode_plain = tokens / max(gen_plain[0] - enc_plain[0], 1e-9)
-        decode_mass = tokens / max(gen_mass[0] - enc_mass[0], 1e-9)
-        rows.append({"experts": kind, "batch": size, "sets": len(sets.sets),
-                     "prompts/s plain": size / enc_plain[0], "prompts/s MASS": size / enc_mass[0],
-                     "prompt ratio": enc_plain[0] / enc_mass[0],
-                     "decode tok/s plain": decode_plain, "decode tok/s MASS": decode_mass,
-                     "decode ratio": decode_mass / decode_plain,
-                     "router s": route[0], "router CPU s": route[1], "router / plain generate": route[0] / gen_plain[0],
-                     "generate s plain": gen_plain[0], "generate CPU s plain": gen_plain[1],
-                     "generate s MASS": gen_mass[0], "generate CPU s MASS": gen_mass[1]})
+
+        def decode_ratio(pick: int) -> float:  # per round: (plain decode seconds) / (routed decode seconds)
+            return median([(gp[pick] - ep[pick]) / max(gm[pick] - em[pick], 1e-9) for ep, em, gp, gm in
+                           zip(runs["enc plain"], runs["enc MASS"], runs["gen plain"], runs["gen MASS"])])
+
+        rows.append({"experts": kind, "batch": size, "sets": len(set(chosen)),
+                     "mean |S|": sum(map(len, chosen)) / size,
+                     "prompts/s plain": size / wall["enc plain"], "prompts/s MASS": size / wall["enc MASS"],
+                     "prompt ratio": wall["enc plain"] / wall["enc MASS"],
+                     "decode tok/s plain": tokens / max(wall["gen plain"] - wall["enc plain"], 1e-9),
+                     "decode tok/s MASS": tokens / max(wall["gen MASS"] - wall["enc MASS"], 1e-9),
+                     "decode ratio": decode_ratio(0), "decode ratio CPU": decode_ratio(1),
+                     **bounds(model, mass.factors, chosen),
+                     "router s": wall["route"], "router CPU s": cpu["route"],
+                     "router / plain generate": wall["route"] / wall["gen plain"],
+                     "generate s plain": wall["gen plain"], "generate CPU s plain": cpu["gen plain"],
+                     "generate s MASS": wall["gen MASS"], "generate CPU s MASS": cpu["gen MASS"]})
         print(table(rows[-1:], list(rows[-1])), flush=True)
     peak = peak_rss_bytes()
     for row in rows:
@@ -172,15 +216,21 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--kinds", nargs="+", default=["full", "lora16"], choices=["full", "lora16"])
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians are reported)")
+    parser.add_argument("--set-size", type=int, choices=[1, 2, 3], default=None,
+                        help="tasks per prompt's set (default: 1 to 3 at random)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.layers != 12:
         print(f"note: {args.layers} + {args.layers} blocks, not flan-t5-base's 12 + 12 (a quick run)", flush=True)
     wall = time.perf_counter()
     rows = [row for kind in args.kinds for row in measure(kind, args)]
-    columns = ["experts", "batch", "sets", "prompts/s plain", "prompts/s MASS", "prompt ratio", "decode tok/s plain",
-               "decode tok/s MASS", "decode ratio", "router s", "router / plain generate", "generate s plain",
+    columns = ["experts", "batch", "sets", "mean |S|", "prompts/s plain", "prompts/s MASS", "prompt ratio",
+               "decode tok/s plain", "decode tok/s MASS", "decode ratio", "decode ratio CPU", "flop bound",
+               "traffic bound", "router s", "router / plain generate", "generate s plain",
                "generate CPU s plain", "generate s MASS", "generate CPU s MASS", "peak RSS MiB", "factors MiB",
                "base MiB"]
     print(table(rows, columns))

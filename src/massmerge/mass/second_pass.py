@@ -48,10 +48,11 @@ from massmerge.task_vectors import add_delta
 
 # Memory passes of forming a dense weight (matmul output, add, cast), counted in units of m*n flops.
 DENSE_OVERHEAD = 3
-#: Per pass, the bytes of task sets' factor rows (``Ut[rows]``, ``Vt[rows]``) gathered once and reused by the
-#: pass's later calls. Why: generation runs one pass per decode step for the same sets, and gathering a large
-#: matrix's rows each step (the LM head's: 32128 rows x K) cost more than the side branch itself. Bounded:
-#: past the budget rows are gathered per call, as before.
+#: Per pass, the bytes of mixed batches' gathered factor rows (``Ut[rows]``, ``Vt[rows]`` per run of task sets)
+#: and stacked cores kept for the pass's later calls. Why: generation runs one pass per decode step for the same
+#: sets, and gathering a large matrix's rows each step (the LM head's: 32128 rows x K) cost more than the side
+#: branch itself. Bounded: past the budget they are gathered per call. (One set for the whole batch gathers
+#: nothing: it reads its rows as views.)
 GATHER_BYTES = 512 * 2**20
 
 
@@ -116,6 +117,7 @@ class SecondPass(Pass):
     _gathered: dict[tuple[Any, ...], torch.Tensor] = field(init=False)
     _gathered_bytes: int = field(init=False)
     _asked: set[tuple[Any, ...]] = field(init=False)
+    _spans_of: dict[tuple[str, TaskSet], tuple[tuple[int, int], ...]] = field(init=False)
 
     @classmethod
     def of(cls, sets: Sequence[SetData], ids: torch.Tensor, merger: SetMerger, alpha: float,
@@ -134,17 +136,22 @@ class SecondPass(Pass):
         self._gathered = {}
         self._gathered_bytes = 0
         self._asked = set()
+        self._spans_of = {}
 
     def _factor_rows(self, st: Stacked, key: str, part: str, rows: torch.Tensor, ident: tuple[int, ...]
                      ) -> torch.Tensor:
-        """``st.Ut[rows]`` (part ``U``) or ``st.Vt[rows]`` (``V``) of the sets ``ident`` names; kept from its second
-        use in the pass (a decode step), within :data:`GATHER_BYTES` (why: see there)."""
-        cache_key = (key, part, rows.ndim, ident)  # one set's rows [K] and a run's stacked rows [G, K] differ
+        """``st.Ut[rows]`` (part ``U``) or ``st.Vt[rows]`` (``V``) of the sets ``ident`` names, :meth:`_kept`."""
+        # one set's rows [K] and a run's stacked rows [G, K] differ
+        return self._kept((key, part, rows.ndim, ident), lambda: (st.Ut if part == "U" else st.Vt)[rows])
+
+    def _kept(self, cache_key: tuple[Any, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make()``, kept from its second use in the pass (a decode step) within :data:`GATHER_BYTES` (why:
+        see there); a one-forward pass keeps nothing."""
         found = self._gathered.get(cache_key)
         if found is None:
-            found = (st.Ut if part == "U" else st.Vt)[rows]
+            found = make()
             size = found.numel() * found.element_size()
-            if cache_key not in self._asked:  # kept from the second ask on: a one-forward pass holds nothing more
+            if cache_key not in self._asked:
                 self._asked.add(cache_key)
             elif self._gathered_bytes + size <= GATHER_BYTES:
                 self._gathered[cache_key] = found
@@ -205,12 +212,29 @@ class SecondPass(Pass):
                 self.kept.get_or_make((data.tasks, self.alpha), dict)[key] = weight
         return weight
 
-    def _side(self, x: torch.Tensor, st: Stacked, data: SetData, key: str) -> torch.Tensor:
-        rows = data.rows[key]
-        ident = (id(data),)
-        vt = self._factor_rows(st, key, "V", rows, ident)
-        inner = (x.to(st.Vt.dtype) @ vt.T) @ (self.alpha * data.cores[key]).T
-        return inner @ self._factor_rows(st, key, "U", rows, ident)
+    def _spans(self, st: Stacked, data: SetData, key: str) -> tuple[tuple[int, int], ...]:
+        found = self._spans_of.get((key, data.tasks))
+        if found is None:
+            found = self._spans_of[(key, data.tasks)] = st.spans(data.tasks)
+        return found
+
+    def _add_side(self, out: torch.Tensor, x: torch.Tensor, st: Stacked, data: SetData, key: str) -> None:
+        """``out += alpha ((x V_S) C_S^T) U_S^T`` for one set, reading the set's factor rows as views of the
+        stacked factors, span by span (no gather: see :meth:`Stacked.spans`), alpha folded into the last
+        product."""
+        spans = self._spans(st, data, key)
+        flat = x.reshape(-1, x.shape[-1]).to(st.Vt.dtype)
+        parts = [flat @ st.Vt[lo:hi].T for lo, hi in spans]
+        inner = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)) @ data.cores[key].T
+        target = out.view(-1, out.shape[-1])
+        column = 0
+        for lo, hi in spans:
+            part = inner[:, column:column + hi - lo]
+            column += hi - lo
+            if target.dtype == part.dtype:
+                target.addmm_(part, st.Ut[lo:hi], alpha=self.alpha)
+            else:
+                target.add_((self.alpha * (part @ st.Ut[lo:hi])).to(target.dtype))
 
     def linear(self, module: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
         name = module.mass_name
@@ -225,7 +249,8 @@ class SecondPass(Pass):
             if self._dense(x.numel() // x.shape[-1], st, data, wkey, rank):
                 return F.linear(x, self._dense_weight(module.weight, st, data, wkey), bias)
             out = F.linear(x, module.weight, bias)
-            return out.add_(self._side(x, st, data, wkey).to(out.dtype))
+            self._add_side(out, x, st, data, wkey)
+            return out
         x, layout, groups = self._align(x)
         return layout.unsort(self._linear_groups(module, x, groups, st, wkey, bkey))
 
@@ -263,16 +288,16 @@ class SecondPass(Pass):
                 continue
             lo, hi = run[0].start - offset, run[-1].stop - offset
             rows = torch.stack([g.data.rows[key] for g in run])  # [G, K]
-            cores = torch.stack([g.data.cores[key] for g in run]).transpose(1, 2)  # [G, K, K] (C^T)
             xs = x[lo:hi].reshape(len(run), -1, x.shape[-1]).to(st.Vt.dtype)
             ident = tuple(id(g.data) for g in run)
             vt, ut = self._factor_rows(st, key, "V", rows, ident), self._factor_rows(st, key, "U", rows, ident)
-            inner = torch.bmm(torch.bmm(xs, vt.transpose(1, 2)), cores.mul_(self.alpha))
+            cores = self._kept(("C", key, ident), lambda: torch.stack([g.data.cores[key] for g in run]))
+            inner = torch.bmm(torch.bmm(xs, vt.transpose(1, 2)), cores.transpose(1, 2))  # (x V_S) C_S^T
             target = out[lo:hi]
             if target.dtype == inner.dtype and target.is_contiguous():
-                target.view(len(run), -1, target.shape[-1]).baddbmm_(inner, ut)
+                target.view(len(run), -1, target.shape[-1]).baddbmm_(inner, ut, alpha=self.alpha)
             else:
-                target.add_(torch.bmm(inner, ut).to(target.dtype).view(target.shape))
+                target.add_((self.alpha * torch.bmm(inner, ut)).to(target.dtype).view(target.shape))
 
     # -- Embedding ------------------------------------------------------------------------------------------
     def embedding(self, module: RoutedEmbedding, ids: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,21 @@ class Stacked:
         spans = [torch.arange(self.offsets[t], self.offsets[t + 1], device=device) for t in tasks]
         return torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long, device=device)
 
+    def spans(self, tasks: Iterable[int]) -> tuple[tuple[int, int], ...]:
+        """The tasks' rows as ``(start, stop)`` ranges, adjacent tasks joined: the same rows as :meth:`rows`, in
+        order, read as views instead of gathered (why: a gather copies the factors, which costs as much memory
+        traffic as the side branch that reads them)."""
+        out: list[tuple[int, int]] = []
+        for t in tasks:
+            start, stop = self.offsets[t], self.offsets[t + 1]
+            if stop == start:
+                continue
+            if out and out[-1][1] == start:
+                out[-1] = (out[-1][0], stop)
+            else:
+                out.append((start, stop))
+        return tuple(out)
+
     def views(self) -> list[LowRank]:
         """Per-task factors as views into the stacked tensors (no copy)."""
         return [LowRank(self.Ut[a:b].T, self.s[a:b], self.Vt[a:b].T) for a, b in zip(self.offsets, self.offsets[1:])]
