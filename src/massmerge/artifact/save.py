@@ -233,14 +233,17 @@ def _write_base(tmp: Path, base_model: nn.Module, state: Mapping[str, torch.Tens
     model_dir.mkdir()
     config = dict(hf_config) if hf_config is not None else base_model.config.to_dict()
     (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-    if tokenizer_dir is not None:
-        _copy_tokenizer(Path(tokenizer_dir), model_dir)
     plan = shard_plan(state, shard_bytes) if shard_bytes is not None else [list(state)]
     if len(plan) == 1:  # as transformers: a base that fits one shard is one model.safetensors, no index
         save_tensors(state, model_dir / HF_WEIGHTS, metadata={"format": "pt"})
-        return BaseEntry(mode="embedded", dtype=dtype, file=f"{MODEL_DIR}/{HF_WEIGHTS}")
-    _write_shards(model_dir, state, plan, parameters=sum(p.numel() for p in base_model.parameters()))
-    return BaseEntry(mode="embedded", dtype=dtype, file=f"{MODEL_DIR}/{HF_SHARD_INDEX}", max_shard_bytes=shard_bytes)
+        entry = BaseEntry(mode="embedded", dtype=dtype, file=f"{MODEL_DIR}/{HF_WEIGHTS}")
+    else:
+        _write_shards(model_dir, state, plan, parameters=sum(p.numel() for p in base_model.parameters()))
+        entry = BaseEntry(mode="embedded", dtype=dtype, file=f"{MODEL_DIR}/{HF_SHARD_INDEX}",
+                          max_shard_bytes=shard_bytes)
+    if tokenizer_dir is not None:
+        _copy_tokenizer(Path(tokenizer_dir), model_dir)
+    return entry
 
 
 def shard_plan(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
