@@ -204,6 +204,18 @@ def _keys_of_index(index: Path) -> dict[str, Path]:
     return key_to_file
 
 
+def largest_shard_bytes(path: str | os.PathLike[str]) -> int | None:
+    """The tensor bytes of the largest shard of a sharded HF model directory (its index names the shards), or
+    None for a single file or a directory with one ``model.safetensors``: the limit an artifact splits this
+    base with again, so that a base that came sharded stays sharded (shards of the same size at most)."""
+    path = Path(path)
+    index = path / HF_SHARD_INDEX
+    if not path.is_dir() or not index.is_file():
+        return None
+    shards = sorted(set(_keys_of_index(index).values()))
+    return max(sum(entry.end - entry.start for entry in _header_entries(shard).values()) for shard in shards)
+
+
 def open_checkpoint(path: str | os.PathLike[str]) -> LazyCheckpoint:
     """Open a safetensors file or HF model directory lazily (no tensor is read yet)."""
     path = Path(path)

@@ -465,15 +465,33 @@ def assert_same_artifact(first: Path, second: Path) -> None:
                 assert left[key].dtype == right[key].dtype and torch.equal(left[key], right[key]), (name, key)
 
 
-def test_save_of_a_loaded_adapter_artifact_writes_it_again(hf_setup, tmp_path):
+def sharded_base(base: Path, out: Path) -> Path:
+    """``base`` saved again by transformers in shards (``max_shard_size``), its other files as they were."""
+    import transformers
+
+    transformers.AutoModel.from_pretrained(base).save_pretrained(out, max_shard_size="4KB")
+    for file in base.iterdir():
+        if not file.name.endswith(".safetensors"):
+            shutil.copyfile(file, out / file.name)
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
+    return out
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_save_of_a_loaded_adapter_artifact_writes_it_again(hf_setup, tmp_path, sharded):
     """``save_artifact(load(x))`` keeps class names, the adapter and its options, serve and build settings (a
-    size-budget cut: rank scale below 1) and the tokenizer: the same artifact, byte for byte."""
+    size-budget cut: rank scale below 1), the tokenizer and a sharded base's shards: the same artifact, byte for
+    byte."""
     root = hf_setup
-    run_cli(["build", "--base", str(root / "base"), "--experts", *[str(root / f"expert{t}") for t in range(3)],
+    base = sharded_base(root / "base", tmp_path / "sharded") if sharded else root / "base"
+    run_cli(["build", "--base", str(base), "--experts", *[str(root / f"expert{t}") for t in range(3)],
              "--heads", *[str(root / f"head{t}.safetensors") for t in range(3)], "--output", str(tmp_path / "art"),
              "--max-size", "3.5", "--factor-dtype", "float32", "--eps", "0.5", "--pooling", "mean", "--max-length", "20"])
     first = artifact.read_manifest(tmp_path / "art")
     assert first.rank_scale < 1.0 and first.heads[0].class_names == ["c00", "c01", "c02"]
+    shards = [name for name in first.files if name.startswith("model/model-")]
+    assert first.base.file == ("model/model.safetensors.index.json" if sharded else "model/model.safetensors")
+    assert (len(shards) > 1) == sharded
     save_artifact(load(tmp_path / "art"), tmp_path / "again")
     assert_same_artifact(tmp_path / "art", tmp_path / "again")
     for name in first.files:

@@ -187,3 +187,54 @@ def test_swapped_weights_reach_the_aliases_and_are_put_back(tmp_path: Path) -> N
     after = model.state_dict()
     assert all(torch.equal(after[k], base[k]) for k in keys)
     assert torch.equal(after["encoder.embed_tokens.weight"], base["shared.weight"])
+
+
+@pytest.mark.parametrize(("lora", "max_size"), [(False, "1.5"), (True, "1.12")])
+def test_the_mass_rows_score_the_factors_build_ships(tmp_path: Path, lora: bool, max_size: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MASS rows serve the parts ``massmerge build`` writes from the same experts and settings: the factors
+    cut to the size budget (rank scale below 1 here) and rounded to the storage dtype, bit for bit, and the same
+    router."""
+    from glue_fixtures import save_full_expert, save_lora_expert
+    from safetensors.torch import load_file
+
+    from massmerge.artifact import read_manifest
+    from massmerge.artifact.save import factor_tensors
+    from massmerge.cli import main
+    from massmerge.experiments import generation_eval
+    from massmerge.experiments.cache import EvalCache
+    from massmerge.experiments.generation_eval import mass_parts, prepare
+
+    base = save_base(tmp_path / "base")
+    glue = save_glue(tmp_path / "glue", rows=2, tasks=("cola", "rte"))
+    experts = [save_lora_expert(base, tmp_path / f"e{i}", 20 + i, base_id=str(base)) if lora
+               else save_full_expert(base, tmp_path / f"e{i}", 10 + i) for i in range(2)]
+    config = parse_benchmark_config({
+        "family": "seq2seq", "base": str(base), "tokenizer": str(base), "methods": ["mass"],
+        "tasks": [{"name": t, "expert": str(e), "dataset": str(glue)} for t, e in zip(("cola", "rte"), experts)],
+        "mass": {"max_size": float(max_size)}, "eval": {"batch_size": 2, "device": "cpu"}, "output": str(tmp_path / "out")})
+    bench = prepare(config, log=lambda _: None)
+    parts = mass_parts(bench)
+    served = []  # the models the MASS rows generate with (generation itself is covered above)
+    monkeypatch.setattr(generation_eval, "generate_texts", lambda model, tok, prompts, *, routed, **_: (
+        served.append(routed) or [""] * len(prompts)))
+    generation_eval.mass_rows(bench, EvalCache(tmp_path / "cache", generation_eval.GenerationScoreKey(
+        task="run", protocol="test", options={})), None)
+    assert len(served) == 4 and all(m.factors is served[0].factors for m in served)
+    assert [m.settings.pooling for m in served] == ["mean", "mean", "unmasked_mean", "unmasked_mean"]
+    main(["build", "--base", str(base), "--experts", *map(str, experts), "--task-names", "cola", "rte",
+          "--output", str(tmp_path / "art"), "--max-size", max_size])
+    manifest = read_manifest(tmp_path / "art")
+    assert parts.rank_scale < 1.0 and parts.rank_scale == manifest.rank_scale
+    shipped = load_file(str(tmp_path / "art" / "factors.safetensors"))
+    scored = factor_tensors(parts.factors, parts.store)
+    assert scored.keys() == shipped.keys()
+    for key, value in scored.items():
+        assert value.dtype == shipped[key].dtype and torch.equal(value, shipped[key]), key
+    assert {k: [f.rank for f in v] for k, v in parts.factors.matrices.items()} == manifest.ranks
+    assert parts.factors.accepted == manifest.accepted
+    assert parts.serve == manifest.serve
+    row = factor_tensors(served[0].factors, parts.store)  # what the row served, in the stored dtype
+    for key, value in row.items():
+        assert torch.equal(value, shipped[key]), key
+    assert served[0].settings.routing_layers == manifest.serve.routing_layers

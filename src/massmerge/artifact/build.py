@@ -5,6 +5,8 @@ weights, one width, at least one class, a positive logit scale), the routing lay
 and its keys and shapes match the base). Experts are then streamed (one open at a time, one tensor read at a
 time) and reduced to their factors as they arrive (:func:`massmerge.mass.build.assemble`, the path
 ``evaluate`` and the suite score too), so memory stays near base + factors whatever the number of experts.
+The artifact keeps the base's own sharding: a base that came sharded is written in shards of at most its largest
+shard's size (:func:`massmerge.checkpoints.largest_shard_bytes`), one that came as one file as one file.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from massmerge.adapters.text import model_positions, special_token_ids
 from massmerge.artifact.manifest import factor_header_bytes
 from massmerge.artifact.save import check_output_directory, write_artifact
 from massmerge.artifact.size import artifact_bytes, base_file_bytes
+from massmerge.checkpoints import largest_shard_bytes
 from massmerge.device import describe as describe_device
 from massmerge.errors import CheckpointError, OptionError
 from massmerge.heads.files import HeadSet, head_width
@@ -163,7 +166,8 @@ def build_generating(base: Path, experts: Sequence[Path], task_names: Sequence[s
         if note:
             echo(f"note: {note}", err=True)
     write_parts(output, model, parts, adapter=adapter, hf_config=base_config(model),
-                tokenizer_dir=base_path if base_path.is_dir() else None, output_kind="generate")
+                tokenizer_dir=base_path if base_path.is_dir() else None, output_kind="generate",
+                base_shard_bytes=largest_shard_bytes(base_path))
     echo(summary(output, names, layer, parts.store, settings, design_rank=parts.design_rank,
                  stored=parts.factors, unreachable=parts.note is not None))
     return Path(output)
@@ -205,7 +209,7 @@ def build_artifact(base: Path, experts: Sequence[Path], heads: HeadSet, output: 
         if note:
             echo(f"note: {note}", err=True)
     write_parts(output, model, parts, adapter=adapter, tokenizer_dir=base_path if base_path.is_dir() else None,
-                class_names=heads.class_names)
+                class_names=heads.class_names, base_shard_bytes=largest_shard_bytes(base_path))
     echo(summary(output, heads.names, layer, parts.store, settings, design_rank=parts.design_rank,
                  stored=parts.factors, unreachable=parts.note is not None))
     return Path(output)

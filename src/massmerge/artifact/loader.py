@@ -32,8 +32,8 @@ from massmerge.artifact.manifest import (
     non_matrix_name,
     read_manifest,
 )
-from massmerge.artifact.verify import verify_files
-from massmerge.checkpoints import all_finite, check_finite
+from massmerge.artifact.verify import shard_map, verify_files
+from massmerge.checkpoints import HF_SHARD_INDEX, all_finite, check_finite
 from massmerge.errors import MassMergeError, OptionError
 from massmerge.heads.modules import LinearHead, ZeroShotHead
 from massmerge.io.tensors import read_safetensors
@@ -114,11 +114,27 @@ def load_heads(directory: Path, manifest: Manifest, feature_dim: int | None) -> 
 
 
 def _base_state(directory: Path, manifest: Manifest) -> tuple[Path, dict[str, torch.Tensor]]:
-    """(file, tensors) of the base: the embedded file or the verified reference; every value finite."""
+    """(file, tensors) of the base: the embedded file, a sharded base's shards (each holding exactly the tensors
+    its index puts there), or the verified reference; every value finite."""
     path = Path(manifest.base.path or "") if manifest.base.mode == "reference" else directory / (manifest.base.file or BASE_FILE)
+    if manifest.base.file == f"{MODEL_DIR}/{HF_SHARD_INDEX}":
+        return path, _sharded_state(directory, manifest)
     state, _ = read_safetensors(path)
     check_finite(state, name=str(path))
     return path, state
+
+
+def _sharded_state(directory: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for name, keys in shard_map(directory, manifest).items():
+        shard = directory / MODEL_DIR / name
+        tensors, _ = read_safetensors(shard, expected=keys)
+        missing = [key for key in keys if key not in tensors]
+        if missing:
+            raise MassMergeError(f"{shard}: tensor '{missing[0]}' is missing (the index puts it in this shard)")
+        check_finite(tensors, name=str(shard))
+        state.update(tensors)
+    return state
 
 
 def load(

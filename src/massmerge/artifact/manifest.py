@@ -7,7 +7,10 @@ Layout of an artifact directory (format 2)::
     heads.safetensors        heads/{task}/weight (+ heads/{task}/bias)
     model/                   an HF model directory (config.json, model.safetensors, tokenizer files, and
                              generation_config.json for a model that generates: ``output`` 'generate') when the
-                             architecture comes from an adapter, so ``load`` can rebuild the module by itself
+                             architecture comes from an adapter, so ``load`` can rebuild the module by itself;
+                             a base that came sharded keeps shards instead of model.safetensors:
+                             model-0000i-of-0000N.safetensors and model.safetensors.index.json, as transformers
+                             writes them (``base.file`` names the index, ``base.max_shard_bytes`` the split's limit)
     base.safetensors         the base's tensors for a generic ``nn.Module`` (``load(dir, base_model=...)``)
 
 The base may instead be a *reference*: an explicit outside safetensors file named in the manifest with its size
@@ -27,6 +30,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 
 from massmerge.adapter_options import ADAPTER_OPTIONS
-from massmerge.checkpoints import PICKLE_SUFFIXES
+from massmerge.checkpoints import HF_SHARD_INDEX, PICKLE_SUFFIXES
 from massmerge.choices import DtypeName, task_name_problem
 from massmerge.errors import MassMergeError, first_validation_error
 from massmerge.io.jsonfile import read_json_file
@@ -51,6 +55,8 @@ HEADS_FILE = "heads.safetensors"
 BASE_FILE = "base.safetensors"
 MODEL_DIR = "model"
 HF_WEIGHTS = "model.safetensors"
+#: transformers' shard file names (``model-00001-of-00003.safetensors``), listed in ``model.safetensors.index.json``
+SHARD_NAME = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.json", "*.model",
                       "preprocessor_config.json", "sentencepiece*", "added_tokens.json")
 
@@ -102,6 +108,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def shard_name(number: int, count: int) -> str:
+    """The file name of shard ``number`` (from 1) of ``count``, as transformers' ``save_pretrained`` names it."""
+    return f"model-{number:05d}-of-{count:05d}.safetensors"
+
+
+def is_shard_name(file_name: str) -> bool:
+    """Whether a plain file name is a shard's (:data:`SHARD_NAME`)."""
+    return SHARD_NAME.fullmatch(file_name) is not None
+
+
 class FileEntry(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(ge=0)
@@ -124,6 +140,7 @@ class BaseEntry(_Strict):
     path: str | None = None
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     bytes: int | None = Field(default=None, ge=0)
+    max_shard_bytes: int | None = Field(default=None, ge=1)  # a sharded base: the split's limit (tensor bytes)
 
 
 # The adapter options an artifact may record, one optional field per declared option
@@ -249,7 +266,8 @@ def check_file_names(manifest: Manifest, path: Path) -> None:
         if not allowed_name(name):
             raise MassMergeError(f"{path}: field 'files' lists '{name}', a file an artifact may not hold (only "
                                  f"{FACTORS_FILE}, {HEADS_FILE}, {BASE_FILE} and {MODEL_DIR}/ with config.json, "
-                                 f"{HF_WEIGHTS}, {', '.join(GENERATION_FILES)} and tokenizer files)")
+                                 f"{HF_WEIGHTS} or its shards and {HF_SHARD_INDEX}, "
+                                 f"{', '.join(GENERATION_FILES)} and tokenizer files)")
 
 
 def allowed_name(name: str) -> bool:
@@ -268,7 +286,7 @@ def allowed_name(name: str) -> bool:
 
 def model_file_allowed(file_name: str) -> bool:
     """A file ``model/`` may hold: the HF config, the safetensors weights, tokenizer/processor data files."""
-    if file_name in ("config.json", HF_WEIGHTS, *GENERATION_FILES):
+    if file_name in ("config.json", HF_WEIGHTS, HF_SHARD_INDEX, *GENERATION_FILES) or is_shard_name(file_name):
         return True
     suffix = PurePosixPath(file_name).suffix
     if suffix in (".py", ".safetensors", *PICKLE_SUFFIXES):
@@ -276,20 +294,60 @@ def model_file_allowed(file_name: str) -> bool:
     return any(fnmatch.fnmatchcase(file_name, pattern) for pattern in TOKENIZER_PATTERNS)
 
 
+def base_weight_files(manifest: Manifest) -> list[str]:
+    """The listed files that hold the base's tensors: its one safetensors file, or a sharded base's index and
+    every listed shard (what ``artifact_bytes(include_base=False)`` leaves out)."""
+    if manifest.base.file is None:
+        return []
+    if manifest.base.file != f"{MODEL_DIR}/{HF_SHARD_INDEX}":
+        return [manifest.base.file]
+    return [manifest.base.file, *listed_shards(manifest)]
+
+
+def listed_shards(manifest: Manifest) -> list[str]:
+    """The listed files of ``model/`` named like shards (``model/model-0000i-of-0000N.safetensors``)."""
+    return sorted(name for name in manifest.files
+                  if name.startswith(f"{MODEL_DIR}/") and is_shard_name(name.removeprefix(f"{MODEL_DIR}/")))
+
+
 def check_base_entry(manifest: Manifest, path: Path) -> None:
-    """An embedded base is a listed file (``model/model.safetensors`` for an adapter artifact, which transformers
-    reads from ``model/``); a reference is only for a generic module and names an absolute path, bytes, sha256."""
+    """An embedded base is a listed file (for an adapter artifact, which transformers reads from ``model/``:
+    ``model/model.safetensors``, or a sharded base's ``model/model.safetensors.index.json`` with its shards, never
+    both, since transformers would read only one of them); a reference is only for a generic module and names an
+    absolute path, bytes, sha256. The index's own content is checked by :func:`massmerge.artifact.verify.shard_map`
+    once its checksum is."""
     base = manifest.base
     if base.mode == "embedded":
-        expected = f"{MODEL_DIR}/{HF_WEIGHTS}" if manifest.architecture.kind == "adapter" else BASE_FILE
-        if base.file != expected or base.file not in manifest.files:
-            raise MassMergeError(f"{path}: field 'base.file' must be '{expected}', a listed file")
+        adapter = manifest.architecture.kind == "adapter"
+        allowed = (f"{MODEL_DIR}/{HF_WEIGHTS}", f"{MODEL_DIR}/{HF_SHARD_INDEX}") if adapter else (BASE_FILE,)
+        if base.file not in allowed or base.file not in manifest.files:
+            named = " or ".join(f"'{name}'" for name in allowed)
+            raise MassMergeError(f"{path}: field 'base.file' must be {named}, a listed file")
+        check_shard_entries(manifest, path)
         return
     if manifest.architecture.kind == "adapter":
         raise MassMergeError(f"{path}: field 'base.mode' is 'reference', but an adapter artifact must embed its "
                              f"base in {MODEL_DIR}/")
     if not base.path or not PurePosixPath(base.path).is_absolute() or not base.sha256 or base.bytes is None:
         raise MassMergeError(f"{path}: field 'base' must name the referenced file's absolute path, bytes and sha256")
+    if base.max_shard_bytes is not None:
+        raise MassMergeError(f"{path}: field 'base.max_shard_bytes' is only for a sharded base in {MODEL_DIR}/")
+
+
+def check_shard_entries(manifest: Manifest, path: Path) -> None:
+    """Shards are listed exactly when ``base.file`` is the index, and ``base.max_shard_bytes`` with them."""
+    sharded = manifest.base.file == f"{MODEL_DIR}/{HF_SHARD_INDEX}"
+    shards = listed_shards(manifest)
+    if not sharded and shards:
+        raise MassMergeError(f"{path}: field 'files' lists the shard '{shards[0]}', but 'base.file' is not "
+                             f"'{MODEL_DIR}/{HF_SHARD_INDEX}'")
+    if sharded and f"{MODEL_DIR}/{HF_WEIGHTS}" in manifest.files:
+        raise MassMergeError(f"{path}: field 'files' lists '{MODEL_DIR}/{HF_WEIGHTS}' beside the shard index "
+                             "'base.file' names (transformers would read only one of them)")
+    if sharded and not shards:
+        raise MassMergeError(f"{path}: field 'base.file' names the shard index, but 'files' lists no shard")
+    if sharded != (manifest.base.max_shard_bytes is not None):
+        raise MassMergeError(f"{path}: field 'base.max_shard_bytes' must be given exactly when the base is sharded")
 
 
 
@@ -307,13 +365,17 @@ __all__ = [
     "Manifest",
     "OutputKind",
     "allowed_name",
+    "base_weight_files",
     "check_manifest",
     "factor_header_bytes",
     "factor_name",
     "factor_names",
     "head_name",
     "head_names",
+    "is_shard_name",
+    "listed_shards",
     "model_file_allowed",
     "non_matrix_name",
     "read_manifest",
+    "shard_name",
 ]

@@ -36,10 +36,13 @@ from massmerge.artifact.manifest import (
     Manifest,
     factor_name,
     head_name,
+    is_shard_name,
     model_file_allowed,
     non_matrix_name,
+    shard_name,
 )
 from massmerge.artifact.verify import sha256_file
+from massmerge.checkpoints import HF_SHARD_INDEX
 from massmerge.choices import check_task_names
 from massmerge.errors import OptionError
 from massmerge.heads.modules import LinearHead, ZeroShotHead
@@ -125,6 +128,8 @@ def carried_options(model: MASSModel) -> dict[str, Any]:
     if manifest is None:
         return options
     options.update(build=manifest.build, rank_scale=manifest.rank_scale, factor_dtype=manifest.factor_dtype)
+    if manifest.base.max_shard_bytes is not None:
+        options["base_shard_bytes"] = manifest.base.max_shard_bytes
     if manifest.base.mode == "reference":
         options["base_reference"] = manifest.base.path
     model_dir = manifest.directory / MODEL_DIR if manifest.directory is not None else None
@@ -151,6 +156,7 @@ def write_artifact(
     class_names: Sequence[Sequence[str] | None] | None = None,
     rank_scale: float = 1.0,
     output_kind: str | None = None,
+    base_shard_bytes: int | None = None,
 ) -> Path:
     """Write an artifact directory from a MASS model's parts (``massmerge build`` writes them without making
     the serving model, and with the factors already in their storage dtype, so that writing them makes no
@@ -161,7 +167,10 @@ def write_artifact(
     :func:`load` rebuilds by itself; otherwise the base's tensors are stored (or referenced by
     ``base_reference``, a safetensors file holding exactly them) and ``load`` needs ``base_model=``.
     ``factor_dtype`` None picks :func:`storage_dtype` of the base. ``output_kind``: ``classify`` or ``generate``
-    (default: ``generate`` when there are no heads). Writes are atomic.
+    (default: ``generate`` when there are no heads). ``base_shard_bytes`` writes an adapter's base in shards
+    of at most that many tensor bytes (:func:`shard_plan`; ``massmerge build`` passes the source base's largest
+    shard, so a base that came sharded stays sharded and one that came as one file stays one file). Writes are
+    atomic.
     """
     directory = Path(directory)
     check_task_names(factors.task_names, "task_names")
@@ -172,13 +181,15 @@ def write_artifact(
     architecture = _architecture(base_model, adapter, hf_config)
     if architecture.kind == "adapter" and base_reference is not None:
         raise OptionError("base_reference: only a generic module's base can be referenced, not an adapter's model")
+    if base_shard_bytes is not None and (architecture.kind != "adapter" or base_shard_bytes < 1):
+        raise OptionError("base_shard_bytes: only an adapter's model/ is sharded, in shards of at least 1 byte")
     build = (build or BuildSettings()).model_copy(update={"eps": factors.eps, "factor_dtype": dtype_name(store)})
 
     def fill(tmp: Path) -> None:
         save_tensors(factor_tensors(factors, store), tmp / FACTORS_FILE)
         save_tensors(head_tensors, tmp / HEADS_FILE)
         base = _write_base(tmp, base_model, base_state, architecture, hf_config, tokenizer_dir, base_reference,
-                           base_dtype)
+                           base_dtype, base_shard_bytes)
         manifest = Manifest(
             format_version=FORMAT_VERSION, massmerge_version=_version(), task_names=list(factors.task_names),
             output=output_kind or ("classify" if heads else "generate"),
@@ -207,7 +218,8 @@ def _architecture(base_model: nn.Module, adapter: Any | None, hf_config: Mapping
 
 def _write_base(tmp: Path, base_model: nn.Module, state: Mapping[str, torch.Tensor], architecture: ArchitectureEntry,
                 hf_config: Mapping[str, Any] | None, tokenizer_dir: str | os.PathLike[str] | None,
-                base_reference: str | os.PathLike[str] | None, base_dtype: torch.dtype) -> BaseEntry:
+                base_reference: str | os.PathLike[str] | None, base_dtype: torch.dtype,
+                shard_bytes: int | None = None) -> BaseEntry:
     dtype = dtype_name(base_dtype)
     if base_reference is not None:
         ref = Path(base_reference).resolve()
@@ -221,17 +233,62 @@ def _write_base(tmp: Path, base_model: nn.Module, state: Mapping[str, torch.Tens
     model_dir.mkdir()
     config = dict(hf_config) if hf_config is not None else base_model.config.to_dict()
     (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-    save_tensors(state, model_dir / HF_WEIGHTS, metadata={"format": "pt"})
+    plan = shard_plan(state, shard_bytes) if shard_bytes is not None else [list(state)]
+    if len(plan) == 1:  # as transformers: a base that fits one shard is one model.safetensors, no index
+        save_tensors(state, model_dir / HF_WEIGHTS, metadata={"format": "pt"})
+        entry = BaseEntry(mode="embedded", dtype=dtype, file=f"{MODEL_DIR}/{HF_WEIGHTS}")
+    else:
+        _write_shards(model_dir, state, plan, parameters=sum(p.numel() for p in base_model.parameters()))
+        entry = BaseEntry(mode="embedded", dtype=dtype, file=f"{MODEL_DIR}/{HF_SHARD_INDEX}",
+                          max_shard_bytes=shard_bytes)
     if tokenizer_dir is not None:
         _copy_tokenizer(Path(tokenizer_dir), model_dir)
-    return BaseEntry(mode="embedded", dtype=dtype, file=f"{MODEL_DIR}/{HF_WEIGHTS}")
+    return entry
+
+
+def shard_plan(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """The keys of each shard: transformers' split (``huggingface_hub.split_torch_state_dict_into_shards``, what
+    ``save_pretrained(max_shard_size=...)`` runs): keys in order fill a shard until the next would pass
+    ``max_bytes``; a tensor above it alone gets a shard of its own, placed where it came. Sizes are each tensor's
+    own bytes, not its storage's, so a loaded model (whose tensors may share one storage, or not) is split the
+    same way again and ``save_artifact(load(x))`` writes ``x``'s shards."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for key, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if nbytes > max_bytes:
+            shards.append([key])
+            continue
+        if size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+def _write_shards(model_dir: Path, state: Mapping[str, torch.Tensor], plan: Sequence[Sequence[str]], *,
+                  parameters: int) -> None:
+    """The shards and ``model.safetensors.index.json`` with transformers' names and index layout (a tied alias is
+    a copy in its own shard, as in the one-file layout; transformers reads either)."""
+    weight_map: dict[str, str] = {}
+    for number, keys in enumerate(plan, start=1):
+        name = shard_name(number, len(plan))
+        save_tensors({key: state[key] for key in keys}, model_dir / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    total = sum(value.numel() * value.element_size() for value in state.values())
+    index = {"metadata": {"total_parameters": parameters, "total_size": total}, "weight_map": weight_map}
+    (model_dir / HF_SHARD_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    fsync_file(model_dir / HF_SHARD_INDEX)
 
 
 def _copy_tokenizer(source: Path, target: Path) -> None:
-    """The base directory's tokenizer/processor files that an artifact may hold (:func:`model_file_allowed`)."""
+    """The base directory's tokenizer/processor files that an artifact may hold (:func:`model_file_allowed`);
+    never its config or weights (written from the model itself)."""
     for file in sorted(source.iterdir()):
-        if file.name not in ("config.json", HF_WEIGHTS) and model_file_allowed(file.name) and file.is_file() \
-                and not file.is_symlink():
+        weights = file.name in ("config.json", HF_WEIGHTS, HF_SHARD_INDEX) or is_shard_name(file.name)
+        if not weights and model_file_allowed(file.name) and file.is_file() and not file.is_symlink():
             shutil.copyfile(file, target / file.name)
 
 
@@ -257,4 +314,5 @@ def _version() -> str:
 
 
 
-__all__ = ["carried_options", "check_output_directory", "factor_tensors", "save_artifact", "write_artifact"]
+__all__ = ["carried_options", "check_output_directory", "factor_tensors", "save_artifact", "shard_plan",
+           "write_artifact"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from massmerge.artifact.manifest import BASE_FILE, MANIFEST, MODEL_DIR, read_manifest
+from massmerge.artifact.manifest import BASE_FILE, MANIFEST, MODEL_DIR, base_weight_files, read_manifest
 
 
 def base_file_bytes(directory: str | os.PathLike[str]) -> int:
@@ -24,12 +24,13 @@ def base_file_bytes(directory: str | os.PathLike[str]) -> int:
 
 
 def artifact_bytes(directory: str | os.PathLike[str], *, include_base: bool = True) -> int:
-    """Total size of an artifact's files (manifest included); without the base file when asked."""
+    """Total size of an artifact's files (manifest included); without the base's weights (its file, or a sharded
+    base's index and shards) when asked."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     total = (directory / MANIFEST).stat().st_size + sum(e.bytes for e in manifest.files.values())
-    if not include_base and manifest.base.file is not None:
-        total -= manifest.files[manifest.base.file].bytes
+    if not include_base:
+        total -= sum(manifest.files[name].bytes for name in base_weight_files(manifest))
     return total
 
 

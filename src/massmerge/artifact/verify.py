@@ -3,7 +3,9 @@
 An artifact is a trust boundary (it may come from a stranger; it is data, never code): every file ``load``
 reads is a plain relative name inside the directory, listed in the manifest with its size and sha256; the
 directory is walked with ``lstat``, following nothing, and a symlink, a FIFO, a socket, a device or an
-unlisted file is refused; a referenced outside base must match its recorded size and sha256.
+unlisted file is refused; a referenced outside base must match its recorded size and sha256. A sharded base's
+index (``model/model.safetensors.index.json``) may name only listed shard files of ``model/``, and must name every
+one of them (:func:`shard_map`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,18 @@ import hashlib
 import stat
 from pathlib import Path, PurePosixPath
 
-from massmerge.artifact.manifest import FACTORS_FILE, HEADS_FILE, MANIFEST, MODEL_DIR, Manifest
+from massmerge.artifact.manifest import (
+    FACTORS_FILE,
+    HEADS_FILE,
+    MANIFEST,
+    MODEL_DIR,
+    Manifest,
+    is_shard_name,
+    listed_shards,
+)
+from massmerge.checkpoints import HF_SHARD_INDEX
 from massmerge.errors import MassMergeError
+from massmerge.io.jsonfile import read_json_file
 
 HASH_CHUNK = 1 << 20
 
@@ -52,6 +64,38 @@ def verify_files(directory: Path, manifest: Manifest, *, checksums: bool = True)
             raise MassMergeError(f"{ref}: referenced base checkpoint is missing (or not a plain file)")
         if ref.stat().st_size != manifest.base.bytes or (checksums and sha256_file(ref) != manifest.base.sha256):
             raise MassMergeError(f"{ref}: checksum mismatch with the base the artifact was built from")
+    if manifest.base.file == f"{MODEL_DIR}/{HF_SHARD_INDEX}":
+        shard_map(directory, manifest)
+
+
+def shard_map(directory: Path, manifest: Manifest) -> dict[str, list[str]]:
+    """A sharded base's index read and checked: shard file name -> the tensor names the index puts in it.
+
+    Why so strict: transformers opens whatever file the index names, so a name outside ``model/`` (``..``, an
+    absolute path, a sub-directory), a file that is not a listed shard, or a listed shard the index leaves out
+    (data the manifest vouches for but nothing reads) is refused, each in one line naming the file.
+    """
+    index = Path(directory) / (manifest.base.file or "")
+    raw = read_json_file(index, "a shard index")
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(key, str) and isinstance(name, str) for key, name in weight_map.items()):
+        raise MassMergeError(f"{index}: field 'weight_map' must map tensor names to shard file names")
+    shards: dict[str, list[str]] = {}
+    for key, name in weight_map.items():
+        if not name or PurePosixPath(name).is_absolute() or "/" in name or "\\" in name or name in (".", ".."):
+            raise MassMergeError(f"{index}: tensor '{key}' is in '{name}', which is not a file inside {MODEL_DIR}/")
+        if not is_shard_name(name):
+            raise MassMergeError(f"{index}: tensor '{key}' is in '{name}', which is not a shard file name "
+                                 "(model-0000i-of-0000N.safetensors)")
+        if f"{MODEL_DIR}/{name}" not in manifest.files:
+            raise MassMergeError(f"{Path(directory) / MODEL_DIR / name}: a shard the index names is missing (not "
+                                 f"listed in {MANIFEST})")
+        shards.setdefault(name, []).append(key)
+    for listed in listed_shards(manifest):
+        if listed.removeprefix(f"{MODEL_DIR}/") not in shards:
+            raise MassMergeError(f"{Path(directory) / listed}: a shard {HF_SHARD_INDEX} does not name")
+    return shards
 
 
 def _check_entries(directory: Path, manifest: Manifest) -> None:
@@ -74,4 +118,4 @@ def _check_entries(directory: Path, manifest: Manifest) -> None:
 
 
 
-__all__ = ["sha256_file", "verify_files"]
+__all__ = ["sha256_file", "shard_map", "verify_files"]

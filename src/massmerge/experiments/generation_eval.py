@@ -12,8 +12,9 @@ Every (row, task) score is cached under the run's key, the protocol and the row'
 run resumes.
 
 MASS rows (method ``mass``): the experts' factors over the same base (full fine-tunes streamed, LoRA exact),
-each prompt routed in the encoder and generated under its own task set (:meth:`MASSModel.generate`), by the
-same protocol; two rows, ``MASS`` (the masked mean over the prompt's real tokens, the default) and ``MASS
+cut to the size budget and rounded to their storage dtype exactly as ``massmerge build`` stores them
+(:func:`massmerge.mass.build.assemble`: what is scored is what is shipped), each prompt routed in the encoder
+and generated under its own task set (:meth:`MASSModel.generate`), by the same protocol; two rows, ``MASS`` (the masked mean over the prompt's real tokens, the default) and ``MASS
 (unmasked pooling)`` (the official code's mean over all 512 padded positions, for parity). Their serve settings
 come from the config's ``mass:`` section over the family's default router, and key their cache entries.
 
@@ -51,6 +52,7 @@ from massmerge.task_vectors import CheckedTaskVector, add_delta
 Log = Callable[[str], None]
 GENERATION_METHODS = ("zeroshot", "experts", "task_arithmetic", "ties", "tsv_m", "mass")
 MASS_ROWS = {"MASS": "mean", "MASS (unmasked pooling)": "unmasked_mean"}  # row -> routing pooling
+MASS_REVISION = 2  # 2: the rows score build's stored parts (budget cut, storage rounding); 1 scored raw factors
 NOT_YET = {
     "smile": "a SMILE upscaling of T5ForConditionalGeneration served through generate()",
 }
@@ -311,17 +313,33 @@ def mass_factors(bench: GenerationBench) -> Any:
     return seq2seq_factors(vectors, bench.names, rank_fraction=mass.rank_fraction, eps=mass.eps)
 
 
-def mass_settings(bench: GenerationBench, factor_keys: Iterable[str], pooling: str) -> dict[str, Any]:
-    """The serve settings of a MASS row: the family's default router (the official layer, or the first factored
-    linear of its block), the config's ``mass:`` overrides, this row's pooling."""
+def mass_parts(bench: GenerationBench) -> Any:
+    """The MASS parts ``massmerge build`` would store from these experts and the config's ``mass:`` build options
+    (:func:`massmerge.artifact.build.build_generating`'s path): the factors cut to the size budget and rounded to
+    their storage dtype, the family's default router (the official layer, or the first factored linear of its
+    block) over the kept factors, the model's positions as the served length."""
+    from massmerge.artifact.manifest import factor_header_bytes
+    from massmerge.mass.build import assemble
+    from massmerge.mass.config import BuildSettings
+
+    mass = bench.config.mass
+    build = BuildSettings(rank_fraction=mass.rank_fraction, eps=mass.eps, max_size=mass.max_size)
+    factors = mass_factors(bench)
+    adapter = Seq2SeqAdapter(routing_layer=bench.config.routing_layer).bind(bench.model)
+    layer = adapter.routing_layer_for(bench.model, factors.matrices)
+    return assemble(bench.model, factors, bench.names, [], build=build,
+                    router=adapter.default_router(bench.model, layer), header_bytes=factor_header_bytes,
+                    max_length=getattr(bench.model.config, "n_positions", None))
+
+
+def mass_settings(bench: GenerationBench, serve: ServeSettings, pooling: str) -> ServeSettings:
+    """The serve settings of a MASS row: the stored parts' (``serve``: the family's default router), the
+    config's ``mass:`` overrides, this row's pooling."""
     from massmerge.experiments.evaluate_config import SERVE_SET_ELSEWHERE
 
-    adapter = Seq2SeqAdapter(routing_layer=bench.config.routing_layer)
-    adapter.bind(bench.model)
-    layer = adapter.routing_layer_for(bench.model, factor_keys)
     overrides = {k: v for k, v in bench.config.mass.model_dump().items()
                  if v is not None and k in ServeSettings.model_fields and k not in SERVE_SET_ELSEWHERE}
-    return {**adapter.default_router(bench.model, layer), **overrides, "pooling": pooling}
+    return serve.updated(**{**overrides, "pooling": pooling})
 
 
 def mass_rows(bench: GenerationBench, cache: EvalCache, expert: Mapping[str, Mapping[str, Any]]
@@ -332,14 +350,12 @@ def mass_rows(bench: GenerationBench, cache: EvalCache, expert: Mapping[str, Map
 
     def model_for(pooling: str) -> Any:
         if "model" not in memo:
-            from massmerge.mass import MASSModel, make_serve_settings
-
             bench.log("factoring the experts for MASS")
-            factors = mass_factors(bench)
-            settings = make_serve_settings(**mass_settings(bench, factors.matrices, "mean"))
+            parts = mass_parts(bench)
             adapter = Seq2SeqAdapter().bind(bench.model)
-            memo["model"] = MASSModel(bench.model, factors, [], settings, pool=adapter.pool,
-                                      features=adapter.features, blocks=adapter.block_names(bench.model))
+            memo["model"] = parts.model(bench.model, settings=mass_settings(bench, parts.serve, "mean"),
+                                        pool=adapter.pool, features=adapter.features,
+                                        blocks=adapter.block_names(bench.model))
         return memo["model"].with_settings(pooling=pooling)
 
     rows = {}
@@ -360,7 +376,8 @@ def mass_rows(bench: GenerationBench, cache: EvalCache, expert: Mapping[str, Map
                 return score_task(split.task, texts, bench.targets[task]).as_dict()
 
             out[name] = cache.get_or_run("generate-mass", run, GenerationScoreKey(task=name, protocol=PROTOCOL,
-                                                                                   options=options))
+                                                                                   options=options),
+                                         revision=MASS_REVISION)
         rows[row] = summarize(out, expert, options={"pooling": pooling})
     return rows
 
@@ -427,6 +444,7 @@ __all__ = [
     "generate_texts",
     "markdown",
     "mass_factors",
+    "mass_parts",
     "mass_rows",
     "mass_settings",
     "methods_of",
