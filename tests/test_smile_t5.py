@@ -159,3 +159,31 @@ def test_half_precision_base_keeps_its_dtype(dtype: torch.dtype) -> None:
     prompt = {k: v for k, v in inputs().items() if k != "decoder_input_ids"}
     with torch.no_grad():
         assert model.generate(**prompt, max_new_tokens=3, do_sample=False).shape[0] == 2
+
+
+def test_lora_experts_upscale_their_matrices_as_the_merged_adapter(tmp_path) -> None:
+    """LoRA experts (PEFT, q and v) as the SMILE row reads them (``LoraDeltas``: dense ``scale B A`` per adapted
+    matrix): only q and v are upscaled, and with T = 1 at the adapter's rank the model is PEFT's
+    ``merge_and_unload()`` of the adapter, which is how FusionBench loads a LoRA expert before upscaling."""
+    from peft import PeftModel
+    from transformers import T5ForConditionalGeneration
+
+    from massmerge.adapters.seq2seq import load_lora_seq2seq
+    from massmerge.experiments.generation_eval import LoraDeltas
+    from tests.glue_fixtures import BASE_ID, LORA_RANK, save_base, save_lora_expert
+
+    base_dir = save_base(tmp_path / "base")
+    adapters = [save_lora_expert(base_dir, tmp_path / f"lora{i}", 20 + i) for i in range(2)]
+    base = T5ForConditionalGeneration.from_pretrained(base_dir).eval()
+    experts = [load_lora_seq2seq(str(p), base, base=BASE_ID) for p in adapters]
+    two = build_smile(base, [LoraDeltas(e) for e in experts], SmileSettings(k=2, gate_k=1, top_k=1))
+    upscaled = {name.rsplit(".", 1)[-1] for name, m in two.named_modules() if isinstance(m, SmileLinear)}
+    assert upscaled == {"q", "v"}
+    one = build_smile(base, [LoraDeltas(experts[0])], SmileSettings(k=LORA_RANK, gate_k=1, top_k=1))
+    merged = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base_dir), str(adapters[0]))
+    merged = merged.merge_and_unload().eval()
+    batch = {k: v % base.config.vocab_size for k, v in inputs().items()}
+    with torch.no_grad():
+        ours, theirs, plain = (m(**batch).logits for m in (one, merged, base))
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)  # float32 rounding through 4 blocks: ~2e-5
+    assert float((theirs - plain).abs().max()) > 1e-2

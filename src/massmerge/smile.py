@@ -148,16 +148,18 @@ def build_smile(base_model: nn.Module, task_vectors: Iterable[Mapping[str, torch
     model = copy.deepcopy(base_model).eval()
     linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     names = _tensor_names(model)
+    held = set.intersection(*(set(iter(tv)) for tv in vectors)) if vectors else set()  # iter: no tensor is read
     for name, module in track(linears, "building SMILE"):
         candidates = names.get(id(module.weight), [f"{name}.weight"])
-        key = next((n for n in candidates if all(n in tv for tv in vectors)), None)
+        key = next((n for n in candidates if n in held), None)
         if key is None:
             continue
         deltas = [tv[key] for tv in vectors]
         if all(not bool(d.any()) for d in deltas):  # no expert changed this layer: it stays the base's
             continue
         k = settings.k or rank_for(tuple(module.weight.shape), fraction)
-        biases = [tv.get(f"{name}.bias") if module.bias is not None else None for tv in vectors]
+        bias_key = f"{name}.bias" if module.bias is not None and f"{name}.bias" in held else None
+        biases = [None if bias_key is None else tv[bias_key] for tv in vectors]
         smile = SmileLinear(plain_linear(module), deltas, biases, k=k, gate_k=settings.gate_k or k,
                             top_k=settings.top_k)
         parent, _, child = name.rpartition(".")
