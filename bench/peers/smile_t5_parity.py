@@ -25,7 +25,10 @@ the input width makes every gate logit ``||x||``).
 
 Optional, by hand, never in CI. Set-up: ``bash bench/peers/setup.sh fusion-bench``. Run (massmerge's python):
 ``python bench/peers/smile_t5_parity.py [--settings 4,4,2 8,1,1 16,4,2]``.
-Measured: see docs/BENCHMARKS.md, "SMILE parity with FusionBench".
+Measured (2026-12-05, fusion-bench 0.2.33, torch 2.13.0+cpu, transformers 5.25.0; default settings), max |d|:
+encoder 6.0e-7 to 1.2e-6, decoder 8.3e-7 to 8.9e-7, logits 6.2e-6 to 7.6e-6 (the base's logits reach 22), worst
+layer 9.5e-7 to 1.9e-6 (``lm_head``), 0/660 routing flips, identical greedy ids, all 37 Linears upscaled by both;
+docs/BENCHMARKS.md, "SMILE parity with FusionBench", has the table.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ def expert_state(base: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """The base's state with a random dense change of every tensor (SMILE must keep the non-Linear ones)."""
     gen = torch.Generator().manual_seed(seed)
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    for key, value in state.items():
+    for value in state.values():
         value += DELTA_SCALE * value.abs().mean() * torch.randn(value.shape, generator=gen)
     for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):  # tied to shared, as saved
         state[alias] = state["shared.weight"]
