@@ -79,7 +79,8 @@ class GenerationBench:
 
 
 def methods_of(config: Any) -> list[str]:
-    """The rows to run: the config's methods (default: the runnable ones); MASS and SMILE refused in one line."""
+    """The rows to run: the config's methods (default: every one, SMILE and MASS included); a method of
+    :data:`NOT_YET` is refused in one line."""
     methods = list(config.methods) if "methods" in config.model_fields_set else list(GENERATION_METHODS)
     for method in methods:
         if method in NOT_YET:
