@@ -135,9 +135,11 @@ def load(path: Path) -> nn.Module:
     return BertModel.from_pretrained(path, attn_implementation="eager").float().eval()
 
 
-def run_peer(peer_python: Path, job: dict[str, object], root: Path) -> None:
+def run_peer(peer_python: Path, job: dict[str, object], root: Path, child: str = CHILD) -> None:
+    """Run ``child`` (FusionBench's side) in the peer's venv with ``job`` as its argument (shared with
+    smile_t5_parity.py)."""
     script = root / "fusion_bench_child.py"
-    script.write_text(CHILD, encoding="utf-8")
+    script.write_text(child, encoding="utf-8")
     proc = subprocess.run([str(peer_python), str(script), json.dumps(job)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])

@@ -11,6 +11,12 @@ vectors of expert e's delta; ``w = softmax(r)`` over the experts, cut to the ``t
 Every other parameter (embeddings, norms, biases of layers no expert changed) stays the base's (FusionBench's
 ``average_experts: false``). Per token and per layer, unlike MASS, which routes once per input.
 
+Any model whose matrices are ``nn.Linear`` works, as FusionBench's upscaling does: encoders (CLIP, BERT) and
+``T5ForConditionalGeneration`` alike (encoder, decoder and the LM head; T5's shared embedding, relative-attention
+biases and norms stay the base's). Each token routes on its own, so HF ``generate()`` runs the upscaled model as
+is (every decode step routes the new token). A LM head tied to the embedding is upscaled when the task vectors
+hold the embedding (found by tensor identity). The SVDs run on the base layer's device.
+
 Defaults (:class:`SmileSettings`): ``top_k = 2`` (the paper's SMILE-2 row) and ``k = gate_k =`` MASS's rank rule
 ``floor(min(m, n) / T)``, so SMILE and MASS keep the same number of directions per task and matrix (about the
 same storage); each is an option. FusionBench's own config uses ``k = 128, gate_k = 1, top_k = 1``.
@@ -51,21 +57,42 @@ class SmileLinear(nn.Module):
             raise OptionError(f"SMILE: top_k {top_k} is more than the {len(weight_deltas)} experts")
         self.base = base
         self.top_k = top_k
+        # the SVDs run where the base layer lives (a GPU's are FusionBench's `upscaling_accelerator`)
+        device, dtype = base.weight.device, base.weight.dtype
         us, svs, gates, biases = [], [], [], []
         for delta, bias in zip(weight_deltas, bias_deltas):
-            factor = truncated_svd(delta.float(), max(k, gate_k), method="exact")
+            factor = truncated_svd(delta.to(device=device, dtype=torch.float32), max(k, gate_k), method="exact")
             keep = min(k, factor.rank)
             us.append(_pad(factor.U[:, :keep], k))
             svs.append(_pad((factor.V[:, :keep] * factor.s[:keep]), k))  # (s V^T)^T: [n, k]
             gates.append(_pad(factor.V[:, :min(gate_k, factor.rank)], gate_k))
-            biases.append(torch.zeros(base.out_features) if bias is None else bias.float())
-        dtype = base.weight.dtype
+            biases.append(torch.zeros(base.out_features, device=device) if bias is None
+                          else bias.to(device=device, dtype=torch.float32))
         self.k, self.gate_k = k, gate_k
         # every expert side by side: [m, T * k] and [n, T * k], so all of them run as two matmuls (below)
         self.register_buffer("U_all", torch.cat(us, dim=1).to(dtype))
         self.register_buffer("SV_all", torch.cat(svs, dim=1).to(dtype))
         self.register_buffer("gate", torch.cat(gates, dim=1).T.contiguous().to(dtype))  # [T * gate_k, n]
         self.register_buffer("bias_deltas", torch.stack(biases).to(dtype))  # [T, m]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: HF modules read ``layer.weight.dtype`` (T5's FFN casts its input to ``wo``'s),
+        as they would of the ``nn.Linear`` this replaces (FusionBench's ``SmileMoELinear`` does the same)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (see :attr:`weight`)."""
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
 
     @property
     def num_experts(self) -> int:
@@ -120,20 +147,33 @@ def build_smile(base_model: nn.Module, task_vectors: Iterable[Mapping[str, torch
     fraction = rank_fraction_for(len(vectors), None)
     model = copy.deepcopy(base_model).eval()
     linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    names = _tensor_names(model)
+    held = set.intersection(*(set(iter(tv)) for tv in vectors)) if vectors else set()  # iter: no tensor is read
     for name, module in track(linears, "building SMILE"):
-        key = f"{name}.weight"
-        if not all(key in tv for tv in vectors):
+        candidates = names.get(id(module.weight), [f"{name}.weight"])
+        key = next((n for n in candidates if n in held), None)
+        if key is None:
             continue
         deltas = [tv[key] for tv in vectors]
         if all(not bool(d.any()) for d in deltas):  # no expert changed this layer: it stays the base's
             continue
         k = settings.k or rank_for(tuple(module.weight.shape), fraction)
-        biases = [tv.get(f"{name}.bias") if module.bias is not None else None for tv in vectors]
+        bias_key = f"{name}.bias" if module.bias is not None and f"{name}.bias" in held else None
+        biases = [None if bias_key is None else tv[bias_key] for tv in vectors]
         smile = SmileLinear(plain_linear(module), deltas, biases, k=k, gate_k=settings.gate_k or k,
                             top_k=settings.top_k)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, smile)
     return model
+
+
+def _tensor_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every state-dict name of each tensor, by identity: a tied weight (T5's LM head tied to ``shared.weight``)
+    is found under whichever name the task vectors hold it, as FusionBench reads it through the module."""
+    names: dict[int, list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(value), []).append(key)
+    return names
 
 
 def plain_linear(module: nn.Linear) -> nn.Linear:

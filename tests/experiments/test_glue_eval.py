@@ -14,7 +14,6 @@ import torch
 import yaml
 from glue_fixtures import build_hub, glue_config, save_base, save_glue
 
-from massmerge.errors import OptionError
 from massmerge.experiments import glue_metrics as gm
 from massmerge.experiments.evaluate_config import parse_benchmark_config
 from massmerge.experiments.generation_eval import decoded_targets, generate_texts, methods_of, summarize
@@ -92,13 +91,11 @@ def test_generation_equals_fusion_bench_call(tmp_path: Path) -> None:
 # ----- the config and the end-to-end run ---------------------------------------------------------------------
 
 
-def test_mass_runs_by_default_and_smile_is_refused_until_it_generates(tmp_path: Path) -> None:
+def test_smile_and_mass_run_by_default(tmp_path: Path) -> None:
     raw = glue_config(("cola", "rte"), output=tmp_path)
     assert methods_of(parse_benchmark_config({k: v for k, v in raw.items() if k != "methods"})) == [
-        "zeroshot", "experts", "task_arithmetic", "ties", "tsv_m", "mass"]
-    config = parse_benchmark_config({**raw, "methods": ["experts", "smile"]})
-    with pytest.raises(OptionError, match="'smile' cannot run with family seq2seq yet: it needs a SMILE upscaling"):
-        methods_of(config)
+        "zeroshot", "experts", "task_arithmetic", "ties", "tsv_m", "smile", "mass"]
+    assert methods_of(parse_benchmark_config({**raw, "methods": ["experts", "smile"]})) == ["experts", "smile"]
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +136,35 @@ def test_evaluate_runs_the_static_rows_offline_and_resumes(hub: Path, tmp_path: 
 
 
 def test_evaluate_lora_experts_and_one_line_errors(hub: Path, tmp_path: Path) -> None:
-    config = glue_config(("cola", "rte"), lora=True, output=tmp_path / "out", methods=["experts", "tsv_m", "mass"])
+    config = glue_config(("cola", "rte"), lora=True, output=tmp_path / "out",
+                         methods=["experts", "tsv_m", "smile", "mass"])
     run = _evaluate(hub, tmp_path, config)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert set(report["methods"]) == {"experts", "tsv_m", "MASS", "MASS (unmasked pooling)"}
-    bad = _evaluate(hub, tmp_path, {**config, "methods": ["experts", "smile"]})
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: methods: 'smile'")
+    assert set(report["methods"]) == {"experts", "tsv_m", "SMILE-2", "MASS", "MASS (unmasked pooling)"}
+    assert report["methods"]["SMILE-2"]["options"]["experts"] == "lora"
+    bad = _evaluate(hub, tmp_path, {**config, "methods": ["experts", "smiles"]})
+    assert bad.returncode == 2 and "unknown method 'smiles'" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_evaluate_runs_the_smile_row_offline_cached_and_resumed(hub: Path, tmp_path: Path) -> None:
+    """SMILE-2: FusionBench's upscaling of every changed Linear of the full experts, by the same protocol; each
+    task cached under every SMILE setting; a second run builds nothing."""
+    config = glue_config(("cola", "rte", "stsb"), output=tmp_path / "out", methods=["experts", "smile"])
+    first = _evaluate(hub, tmp_path, config)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "report.json").read_text())["methods"]
+    assert list(rows) == ["experts", "SMILE-2"]
+    assert rows["SMILE-2"]["options"] == {"k": None, "gate_k": None, "top_k": 2, "experts": "full"}
+    assert set(rows["SMILE-2"]["scores"]) == {"cola", "rte", "stsb"}
+    assert all(v is None or -1.0 <= v <= 1.0 for v in rows["SMILE-2"]["scores"].values())
+    assert "| SMILE-2 |" in (tmp_path / "out" / "report.md").read_text()
+    assert "building SMILE-2" in first.stderr + first.stdout
+    assert len([p for p in (tmp_path / "cache" / "evals").iterdir() if "smile" in p.name]) == 3
+    second = _evaluate(hub, tmp_path, config)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "building SMILE-2" not in second.stderr + second.stdout  # every score from the cache
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["methods"] == rows
 
 
 def test_evaluate_runs_the_mass_rows_offline_streamed_cached_and_resumed(hub: Path, tmp_path: Path) -> None:

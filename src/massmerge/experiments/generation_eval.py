@@ -18,8 +18,13 @@ and generated under its own task set (:meth:`MASSModel.generate`), by the same p
 (unmasked pooling)`` (the official code's mean over all 512 padded positions, for parity). Their serve settings
 come from the config's ``mass:`` section over the family's default router, and key their cache entries.
 
-Not yet runnable: SMILE rows (a SMILE upscaling of T5 served through ``generate()``); asking for them is one
-line naming that, before anything is loaded.
+SMILE row (method ``smile``, row ``SMILE-2``): FusionBench's SMILE upscaling of the whole T5 (every encoder,
+decoder and LM-head ``nn.Linear`` a task changed becomes a per-token top-2 mixture of rank-k experts,
+:func:`massmerge.smile.build_smile` with :class:`~massmerge.smile.SmileSettings`' defaults), built once on a copy
+of the base and run by the same greedy ``generate()``: every token, prompt and decode step, routes on its own.
+Full fine-tunes are read as streamed task vectors; LoRA experts as their dense ``scale B A`` per adapted matrix
+(FusionBench merges each adapter into the base before upscaling: the same deltas). Cached per task under every
+SMILE setting and the kind of expert.
 """
 
 from __future__ import annotations
@@ -50,12 +55,10 @@ from massmerge.sources import resolve_source
 from massmerge.task_vectors import CheckedTaskVector, add_delta
 
 Log = Callable[[str], None]
-GENERATION_METHODS = ("zeroshot", "experts", "task_arithmetic", "ties", "tsv_m", "mass")
+GENERATION_METHODS = ("zeroshot", "experts", "task_arithmetic", "ties", "tsv_m", "smile", "mass")
 MASS_ROWS = {"MASS": "mean", "MASS (unmasked pooling)": "unmasked_mean"}  # row -> routing pooling
 MASS_REVISION = 2  # 2: the rows score build's stored parts (budget cut, storage rounding); 1 scored raw factors
-NOT_YET = {
-    "smile": "a SMILE upscaling of T5ForConditionalGeneration served through generate()",
-}
+NOT_YET: dict[str, str] = {}  # method -> what it needs to run with seq2seq (none left)
 REPORT_KIND = "evaluate-generate"
 
 
@@ -78,7 +81,8 @@ class GenerationBench:
 
 
 def methods_of(config: Any) -> list[str]:
-    """The rows to run: the config's methods (default: the runnable ones); MASS and SMILE refused in one line."""
+    """The rows to run: the config's methods (default: every one, SMILE and MASS included); a method of
+    :data:`NOT_YET` is refused in one line."""
     methods = list(config.methods) if "methods" in config.model_fields_set else list(GENERATION_METHODS)
     for method in methods:
         if method in NOT_YET:
@@ -280,10 +284,12 @@ def run_generation_benchmark(config: Any, *, cache: EvalCache, log: Log = print)
     if "zeroshot" in methods:
         rows["pretrained"] = summarize(method_row(bench, cache, "pretrained", lambda t: None, {}), expert)
     rows["experts"] = summarize(expert, expert)
-    for method in [m for m in methods if m not in ("zeroshot", "experts", "mass")]:
+    for method in [m for m in methods if m not in ("zeroshot", "experts", "smile", "mass")]:
         options = config.merge_options(method)
         scores = method_row(bench, cache, method, merged_params(bench, method, options), options)
         rows[method] = summarize(scores, expert, **({"options": options} if options else {}))
+    if "smile" in methods:  # before MASS: it copies the plain base
+        rows.update(smile_rows(bench, cache, expert))
     if "mass" in methods:  # last: it installs the routed modules into the one base model (exact outside a pass)
         rows.update(mass_rows(bench, cache, expert))
     return {
@@ -382,6 +388,69 @@ def mass_rows(bench: GenerationBench, cache: EvalCache, expert: Mapping[str, Map
     return rows
 
 
+# ----- the SMILE row -----------------------------------------------------------------------------------------
+
+class LoraDeltas(Mapping[str, torch.Tensor]):
+    """A LoRA expert's task vector over the keys it changes only, each dense ``scale B A`` made when read (a
+    dense vector over the whole model, LoRA's ``task_vector``, would hold T copies of every untouched matrix)."""
+
+    def __init__(self, expert: LoraExpert) -> None:
+        self._expert = expert
+        self._keys = [*expert.pairs, *(k for k in expert.non_matrix if k not in expert.pairs)]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._expert.pairs:
+            return self._expert.dense(key)
+        if key in self._expert.non_matrix:
+            return self._expert.non_matrix[key].float()
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def smile_vector(bench: GenerationBench, task: int) -> Mapping[str, torch.Tensor]:
+    """What SMILE reads of expert ``task``: a full fine-tune's streamed task vector, a LoRA adapter's deltas."""
+    return LoraDeltas(bench.lora[task]) if bench.lora is not None else expert_vector(bench, task)
+
+
+def smile_rows(bench: GenerationBench, cache: EvalCache, expert: Mapping[str, Mapping[str, Any]]
+               ) -> dict[str, dict[str, Any]]:
+    """The SMILE-2 row: each task cached; the upscaled copy of the base is built only when a score is missing,
+    and dropped after the row."""
+    from massmerge.smile import SmileSettings, build_smile
+
+    settings = SmileSettings()
+    options = {**settings.model_dump(), "experts": "lora" if bench.lora is not None else "full"}
+    row = f"SMILE-{settings.top_k}"
+    memo: dict[str, nn.Module] = {}
+
+    def model() -> nn.Module:
+        if "model" not in memo:
+            bench.log(f"building {row} (SMILE upscaling of every changed Linear)")
+            memo["model"] = build_smile(bench.model, [smile_vector(bench, t) for t in range(len(bench.names))],
+                                        settings)
+        return memo["model"]
+
+    out = {}
+    for task, name in enumerate(bench.names):
+        bench.log(f"{row} on {name}")
+
+        def run(task: int = task, name: str = name) -> dict[str, Any]:
+            split = bench.splits[task]
+            texts = generate_texts(model(), bench.tokenizer, split.prompts, batch_size=bench.config.eval.batch_size,
+                                   label=f"{row} {name}")
+            return score_task(split.task, texts, bench.targets[task]).as_dict()
+
+        out[name] = cache.get_or_run("generate-smile", run, GenerationScoreKey(task=name, protocol=PROTOCOL,
+                                                                                options=options))
+    memo.clear()
+    return {row: summarize(out, expert, options=options)}
+
+
 # ----- the report -------------------------------------------------------------------------------------------
 
 def _pct(value: float | None) -> str:
@@ -407,7 +476,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "Reference figures (published, not measured here): " +
                   "; ".join(f"{r['row']} {r['value']}" + (f" ({r['normalized']}% normalized)" if r.get("normalized")
                                                            else "") for r in report["reference"])]
-    lines += ["", "Not yet runnable: " + "; ".join(f"{m}: {why}" for m, why in report["not_yet_runnable"].items())]
+    if report["not_yet_runnable"]:
+        lines += ["", "Not yet runnable: " + "; ".join(f"{m}: {why}" for m, why in report["not_yet_runnable"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -450,6 +520,7 @@ __all__ = [
     "methods_of",
     "prepare",
     "run_generation_benchmark",
+    "smile_rows",
     "summarize",
     "write_generation_report",
 ]
