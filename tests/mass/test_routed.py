@@ -203,9 +203,15 @@ def test_row_sets_lay_out_rows_expand_for_beams_and_broadcast_one_row() -> None:
     assert RowSets(torch.tensor([0, 0, 1]), order=(0, 1)).layout(3).perm is None  # already contiguous
 
 
-@pytest.mark.parametrize("strategy", ["side", "dense", "auto"])
-def test_interleaved_and_beam_expanded_rows_are_each_rows_set(parts, strategy) -> None:
-    """Rows in any order (the seam's: the caller's batch), and B * n rows under beam search, row r -> ids[r // n]."""
+@pytest.mark.parametrize("strategy", ["side", "dense", "auto", "union", "per-set"])
+def test_interleaved_and_beam_expanded_rows_are_each_rows_set(parts, strategy, monkeypatch) -> None:
+    """Rows in any order (the seam's: the caller's batch), and B * n rows under beam search, row r -> ids[r // n];
+    side branches through the union of the sets' tasks and set by set (READ_COST forces either)."""
+    import massmerge.mass.second_pass as second
+
+    if strategy in ("union", "per-set"):
+        monkeypatch.setattr(second, "READ_COST", 10**9 if strategy == "union" else 0)
+        strategy = "side"
     model, base, factors, merger, reference = parts
     sets, ids = [(0,), (1, 2), (0, 1, 2)], torch.tensor([2, 0, 1, 0, 2])
     run = second_pass(merger, factors, base, sets, None, strategy, ids=ids)
@@ -242,3 +248,17 @@ def test_dense_pays_off_only_with_many_tokens() -> None:
     assert not use_dense(threshold - 1, 48, m, n) and use_dense(threshold, 48, m, n)
     dense_flops = 48 * 48 * m + 48 * m * n + 3 * m * n
     assert (threshold - 1) * (48 * (m + n) + 48 * 48) <= dense_flops < threshold * (48 * (m + n) + 48 * 48)
+
+
+def test_union_pays_off_when_sets_share_tasks_and_tokens_are_few() -> None:
+    """Per factor column: set by set reads each set's K_S rows and multiplies its tokens by them; the union reads
+    the present tasks' rows once and multiplies every token by all of them."""
+    from massmerge.mass.second_pass import READ_COST, use_union
+
+    k = 8
+    overlapping = [(1, 2 * k), (1, 2 * k), (1, 2 * k)]  # three one-row sets over 3 tasks (each pair of them)
+    assert use_union(3 * k, overlapping)  # reads 3k instead of 6k numbers, multiplies 9k instead of 6k
+    assert READ_COST * 3 * k + 3 * 3 * k < sum(READ_COST * r + t * r for t, r in overlapping)
+    assert not use_union(3 * k, [(100, 2 * k), (100, 2 * k), (100, 2 * k)])  # many tokens: flops decide
+    assert not use_union(2 * k, [(1, 2 * k)])  # one set: nothing to share
+    assert not use_union(2 * k, [(1, k), (1, k)])  # disjoint sets read the same rows either way

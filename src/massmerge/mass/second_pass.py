@@ -48,6 +48,12 @@ from massmerge.task_vectors import add_delta
 
 # Memory passes of forming a dense weight (matmul output, add, cast), counted in units of m*n flops.
 DENSE_OVERHEAD = 3
+#: Multiply-adds that reading one number from memory costs: the ridge of the roofline, where a skinny product (a
+#: decode step's few rows) stops being bound by memory. fp32 peak multiply-adds / bandwidth in numbers: ~20 for a
+#: 2-core AVX2 CPU (96 G / 5 G), ~40 for an H100 (~30 T / 0.84 T); the low end, so the union path
+#: (:func:`use_union`) is taken only where it reads clearly less. Measured here (bench/generate_cost.py, 4+4
+#: blocks, random 1-3 task sets): the union path beat the per-set one at batch 8, 16 and 64 (docs/BENCHMARKS.md).
+READ_COST = 16
 #: Per pass, the bytes of mixed batches' gathered factor rows (``Ut[rows]``, ``Vt[rows]`` per run of task sets)
 #: and stacked cores kept for the pass's later calls. Why: generation runs one pass per decode step for the same
 #: sets, and gathering a large matrix's rows each step (the LM head's: 32128 rows x K) cost more than the side
@@ -84,6 +90,16 @@ def use_dense(tokens: int, rank: int, m: int, n: int) -> bool:
     """Whether forming ``W_0 + alpha U_S C_S V_S^T`` is cheaper than the side branch for ``tokens`` rows."""
     dense = rank * rank * m + rank * m * n + DENSE_OVERHEAD * m * n
     return dense < tokens * (rank * (m + n) + rank * rank)
+
+
+def use_union(union_rank: int, groups: Sequence[tuple[int, int]]) -> bool:
+    """Whether the side branches of groups ``(tokens, K_S)`` cost less through the union of their tasks' factors
+    (``union_rank`` rows, read once; every token multiplies all of them) than set by set (each set's K_S rows
+    read, its tokens multiply those only). Cost, per factor column of ``m + n`` numbers: :data:`READ_COST` per
+    number read plus one per multiply-add."""
+    per_set = sum(READ_COST * rank + tokens * rank for tokens, rank in groups)
+    tokens = sum(tokens for tokens, _ in groups)
+    return len(groups) > 1 and READ_COST * union_rank + tokens * union_rank < per_set
 
 
 def span_order(sets: Sequence[SetData], ids: torch.Tensor) -> list[int]:
@@ -281,7 +297,14 @@ class SecondPass(Pass):
                    offset: int) -> None:
         """``out[g] += alpha ((x_g V_S) C_S^T) U_S^T`` for every group, one bmm chain per run of groups of
         equal size and rank (why: on a shared CPU every small op is a parallel region that waits for
-        descheduled threads; a few bmm beat many small matmuls)."""
+        descheduled threads; a few bmm beat many small matmuls); or, when the sets share tasks enough that
+        reading each present task's factors once costs less (:func:`use_union`), through :meth:`_add_union`."""
+        present = sorted(set().union(*(g.data.tasks for g in groups)))
+        union_rank = sum(st.offsets[t + 1] - st.offsets[t] for t in present)
+        per_sample = x[:1].numel() // x.shape[-1]
+        if use_union(union_rank, [(g.size * per_sample, int(g.data.rows[key].numel())) for g in groups]):
+            self._add_union(out, x, groups, st, key, offset, tuple(present))
+            return
         for run in _runs(groups, key):
             rank = int(run[0].data.rows[key].numel())
             if rank == 0:
@@ -298,6 +321,39 @@ class SecondPass(Pass):
                 target.view(len(run), -1, target.shape[-1]).baddbmm_(inner, ut, alpha=self.alpha)
             else:
                 target.add_((self.alpha * torch.bmm(inner, ut)).to(target.dtype).view(target.shape))
+
+    def _add_union(self, out: torch.Tensor, x: torch.Tensor, groups: Sequence[Group], st: Stacked, key: str,
+                   offset: int, present: TaskSet) -> None:
+        """The side branches of every group through the present tasks' factors read once, as views:
+        ``Z = x V_P^T`` (one product per span of stacked rows), each group's columns of Z mixed by its core
+        (one bmm per run of equal size and rank), scattered into ``Y`` (zero elsewhere), ``out += alpha Y U_P``."""
+        spans = st.spans(present)
+        flat = x.reshape(-1, x.shape[-1]).to(st.Vt.dtype)
+        parts = [flat @ st.Vt[lo:hi].T for lo, hi in spans]
+        z = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [tokens, R_P]
+        y = torch.zeros_like(z)
+        column = self._kept(("P", key, present), lambda: _columns(st, spans))  # stacked row -> column of z
+        per_row = z.shape[0] // x.shape[0]  # tokens per sample row
+        for run in _runs(groups, key):
+            rank = int(run[0].data.rows[key].numel())
+            if rank == 0:
+                continue
+            lo, hi = (run[0].start - offset) * per_row, (run[-1].stop - offset) * per_row
+            ident = tuple(id(g.data) for g in run)
+            index = self._kept(("I", key, ident), lambda: column[torch.stack([g.data.rows[key] for g in run])])
+            cores = self._kept(("C", key, ident), lambda: torch.stack([g.data.cores[key] for g in run]))
+            where = index[:, None, :].expand(len(run), (hi - lo) // len(run), rank)
+            inner = torch.bmm(z[lo:hi].view(len(run), -1, z.shape[1]).gather(2, where), cores.transpose(1, 2))
+            y[lo:hi].view(len(run), -1, y.shape[1]).scatter_(2, where, inner)
+        target = out.view(-1, out.shape[-1])
+        start = 0
+        for lo, hi in spans:
+            part = y[:, start:start + hi - lo]
+            start += hi - lo
+            if target.dtype == part.dtype:
+                target.addmm_(part, st.Ut[lo:hi], alpha=self.alpha)
+            else:
+                target.add_((self.alpha * (part @ st.Ut[lo:hi])).to(target.dtype))
 
     # -- Embedding ------------------------------------------------------------------------------------------
     def embedding(self, module: RoutedEmbedding, ids: torch.Tensor) -> torch.Tensor:
@@ -460,6 +516,16 @@ def _runs(groups: Sequence[Group], key: str) -> list[list[Group]]:
     return out
 
 
+def _columns(st: Stacked, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Stacked row -> its column in the span-by-span product ``x V_P^T`` (-1 for rows outside the spans)."""
+    out = torch.full((st.Vt.shape[0],), -1, dtype=torch.long, device=st.Vt.device)
+    start = 0
+    for lo, hi in spans:
+        out[lo:hi] = torch.arange(start, start + hi - lo, device=out.device)
+        start += hi - lo
+    return out
+
+
 def _group_rows(values: Sequence[torch.Tensor], groups: Sequence[Group], ndim: int) -> torch.Tensor:
     """Per-group vectors ``[D]`` as per-sample rows that broadcast over an ``ndim`` output ``[B, 1.., D]``."""
     stacked = torch.stack(list(values))
@@ -476,4 +542,4 @@ def _rows_of(value: Any, group: Group, size: int) -> Any:
     return value
 
 
-__all__ = ["DENSE_OVERHEAD", "Group", "SecondPass", "SetData", "span_order", "use_dense"]
+__all__ = ["DENSE_OVERHEAD", "READ_COST", "Group", "SecondPass", "SetData", "span_order", "use_dense", "use_union"]
