@@ -9,19 +9,24 @@ flan-t5-base; fewer for a quick run, said in the output). Experts, T = 8:
   as non-matrix deltas;
 - ``lora16``: rank-16 deltas on ``q`` and ``v`` only (FusionBench's ``_lora-16`` experts).
 
-Per batch size (mixed task sets: each prompt a seeded set of 1 to 3 tasks, as the router's eta / K rule picks):
+Per batch size (mixed task sets: each prompt a seeded set of 1 to 3 tasks, as the router's eta / K rule can pick,
+or exactly ``--set-size`` tasks):
 
 - prompt throughput: prompts per second of the encoder pass (plain vs under the task sets);
 - decode tokens per second: new tokens per second of ``generate()`` past the encoder (whole generate time
-  minus the encoder's), greedy, exactly ``--new-tokens`` tokens (``min_new_tokens``);
+  minus the encoder's), greedy, exactly ``--new-tokens`` tokens (``min_new_tokens``); the decode ratio is the
+  median over rounds of each round's plain / routed decode seconds (wall, and CPU seconds of this process);
+- what exact side branches can reach at best (:func:`bounds`): the flop bound (every row multiplies its own set's
+  factors) and the traffic bound (every distinct set's factors and core read once per step);
 - the router's own cost: ``MASSModel.route`` (first pass to the routing layer + router) per batch;
 - peak memory: the process's peak RSS over the run of each kind (base + plain copy + factors), and the
   factors' bytes.
 
-Wall and CPU seconds are both printed (the machine may be shared: compare the ratios within one run).
+Plain and routed calls alternate within each of ``--repeats`` rounds after a warm-up round, so a noisy
+neighbour slows both alike; wall and CPU seconds are both printed (compare the ratios within one run).
 
     python bench/generate_cost.py [--layers 12] [--batches 1 16 64] [--prompt-tokens 32] [--new-tokens 8]
-        [--kinds full lora16] [--repeats 1] [--device cpu]
+        [--kinds full lora16] [--repeats 3] [--set-size 1|2|3] [--threads N] [--device cpu]
 """
 
 from __future__ import annotations
@@ -184,7 +189,7 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         cpu = {name: median([c for _, c in times]) for name, times in runs.items()}
         tokens = size * args.new_tokens
 
-        def decode_ratio(pick: int) -> float:  # per round: (plain decode seconds) / (routed decode seconds)
+        def decode_ratio(pick: int, runs: dict = runs) -> float:  # per round: plain / routed decode seconds
             return median([(gp[pick] - ep[pick]) / max(gm[pick] - em[pick], 1e-9) for ep, em, gp, gm in
                            zip(runs["enc plain"], runs["enc MASS"], runs["gen plain"], runs["gen MASS"])])
 

@@ -109,7 +109,7 @@ def prepare(config: Any, *, log: Log = print) -> GenerationBench:
     state = model.state_dict()
     base_state = {k: state[k].detach().clone() for k in keys}
     splits = []
-    for index, (spec, task) in enumerate(zip(config.tasks, tasks, strict=True)):
+    for spec, task in zip(config.tasks, tasks, strict=True):
         split = spec.split if "split" in spec.model_fields_set else None  # default: the protocol's split
         log(f"loading {spec.dataset} {task} ({split or 'protocol split'})")
         data = read_glue_split(spec.dataset, task, split=split, max_samples=config.eval.max_samples,

@@ -267,6 +267,8 @@ class SecondPass(Pass):
             out = F.linear(x, module.weight, bias)
             self._add_side(out, x, st, data, wkey)
             return out
+        if st is None and not any(bkey in s.values for s in self.sets):  # no set changes it: the base's own
+            return F.linear(x, module.weight, module.bias)
         x, layout, groups = self._align(x)
         return layout.unsort(self._linear_groups(module, x, groups, st, wkey, bkey))
 
@@ -314,7 +316,7 @@ class SecondPass(Pass):
             xs = x[lo:hi].reshape(len(run), -1, x.shape[-1]).to(st.Vt.dtype)
             ident = tuple(id(g.data) for g in run)
             vt, ut = self._factor_rows(st, key, "V", rows, ident), self._factor_rows(st, key, "U", rows, ident)
-            cores = self._kept(("C", key, ident), lambda: torch.stack([g.data.cores[key] for g in run]))
+            cores = self._kept(("C", key, ident), lambda run=run: torch.stack([g.data.cores[key] for g in run]))
             inner = torch.bmm(torch.bmm(xs, vt.transpose(1, 2)), cores.transpose(1, 2))  # (x V_S) C_S^T
             target = out[lo:hi]
             if target.dtype == inner.dtype and target.is_contiguous():
@@ -340,8 +342,9 @@ class SecondPass(Pass):
                 continue
             lo, hi = (run[0].start - offset) * per_row, (run[-1].stop - offset) * per_row
             ident = tuple(id(g.data) for g in run)
-            index = self._kept(("I", key, ident), lambda: column[torch.stack([g.data.rows[key] for g in run])])
-            cores = self._kept(("C", key, ident), lambda: torch.stack([g.data.cores[key] for g in run]))
+            index = self._kept(("I", key, ident),
+                                lambda run=run: column[torch.stack([g.data.rows[key] for g in run])])
+            cores = self._kept(("C", key, ident), lambda run=run: torch.stack([g.data.cores[key] for g in run]))
             where = index[:, None, :].expand(len(run), (hi - lo) // len(run), rank)
             inner = torch.bmm(z[lo:hi].view(len(run), -1, z.shape[1]).gather(2, where), cores.transpose(1, 2))
             y[lo:hi].view(len(run), -1, y.shape[1]).scatter_(2, where, inner)
@@ -424,6 +427,8 @@ class SecondPass(Pass):
         if self._whole is not None:
             return self.generic(module, (x,), {})
         key = f"{module.mass_name}.weight"
+        if not any(key in s.values for s in self.sets):  # no set changes it: the base's own
+            return module.mass_plain.forward(module, x)  # type: ignore[attr-defined]
         x, layout, groups = self._align(x)
         unit = shallow_copy(module, "", {"weight": torch.ones_like(module.weight)}, frozenset())(x)
         weights = [g.data.values.get(key, module.weight).to(unit.dtype) for g in groups]
