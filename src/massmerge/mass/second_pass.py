@@ -174,6 +174,10 @@ class SecondPass(Pass):
                 self._gathered_bytes += size
         return found
 
+    def _changed(self, key: str) -> bool:
+        """Whether any set of the pass holds its own value of non-matrix ``key``."""
+        return any(key in data.values for data in self.sets)
+
     # -- rows -----------------------------------------------------------------------------------------------
     def _refuse(self, message: str) -> Exception:
         return Unbatchable(message) if self.fallback else OptionError(f"task_sets: {message}; run one task "
@@ -267,7 +271,7 @@ class SecondPass(Pass):
             out = F.linear(x, module.weight, bias)
             self._add_side(out, x, st, data, wkey)
             return out
-        if st is None and not any(bkey in s.values for s in self.sets):  # no set changes it: the base's own
+        if st is None and not self._changed(bkey):  # no set changes it: the base's own
             return F.linear(x, module.weight, module.bias)
         x, layout, groups = self._align(x)
         return layout.unsort(self._linear_groups(module, x, groups, st, wkey, bkey))
@@ -363,6 +367,9 @@ class SecondPass(Pass):
         key = f"{module.mass_name}.weight"
         st = self.merger.stacked.get(key)
         whole = self._whole
+        if whole is None and st is None and not self._changed(key):  # the base's own table
+            return F.embedding(ids, module.weight, module.padding_idx, module.max_norm, module.norm_type,
+                               module.scale_grad_by_freq, module.sparse)
         if whole is not None:
             layout, groups = None, [Group(0, int(ids.shape[0]) if ids.ndim else 1, whole)]
         else:
@@ -427,7 +434,7 @@ class SecondPass(Pass):
         if self._whole is not None:
             return self.generic(module, (x,), {})
         key = f"{module.mass_name}.weight"
-        if not any(key in s.values for s in self.sets):  # no set changes it: the base's own
+        if not self._changed(key):  # no set changes it: the base's own
             return module.mass_plain.forward(module, x)  # type: ignore[attr-defined]
         x, layout, groups = self._align(x)
         unit = shallow_copy(module, "", {"weight": torch.ones_like(module.weight)}, frozenset())(x)
@@ -440,6 +447,11 @@ class SecondPass(Pass):
         bias, gathered per row of the attention that asked (``[N, heads, q, k]``)."""
         if self._whole is not None:
             return plain_compute_bias(module, args, kwargs)
+        table = getattr(module, "relative_attention_bias", None)
+        key = f"{getattr(table, 'mass_name', '')}.weight"
+        if table is not None and key not in self.merger.stacked and not self._changed(key):
+            with active(self.narrowed(self.sets[0], 1)):  # no set changes the table: any set's bias is the base's
+                return plain_compute_bias(module, args, kwargs)
         layout = self.rows.layout(self.rows.seen)
         present = [s for s, _, _ in layout.spans]
         biases = []
