@@ -126,13 +126,15 @@ def test_full_experts_generate_each_prompts_dense_model_token_for_token(full, op
     assert len({tuple(padded(e, 12)[0].tolist()) for e in expected.values()}) > 1  # the sets disagree somewhere
 
 
-@pytest.mark.parametrize("read_cost", [0, 10**9], ids=["per-set", "union"])
-def test_mixed_sets_generate_alike_set_by_set_and_through_the_union_of_their_tasks(full, read_cost, monkeypatch
+@pytest.mark.parametrize("path", ["per-set", "union-runs", "union-padded"])
+@pytest.mark.parametrize("options", [GREEDY, BEAMS], ids=["greedy", "beams"])
+def test_mixed_sets_generate_alike_set_by_set_and_through_the_union_of_their_tasks(full, path, options, monkeypatch
                                                                                   ) -> None:
     import massmerge.mass.second_pass as second
 
-    monkeypatch.setattr(second, "READ_COST", read_cost)
-    check_equal_to_dense(*full, GREEDY)
+    monkeypatch.setattr(second, "READ_COST", 0 if path == "per-set" else 10**9)
+    monkeypatch.setattr(second, "use_padded", lambda *_: path == "union-padded")
+    check_equal_to_dense(*full, options)
 
 
 @pytest.mark.parametrize("options", [GREEDY, {**BEAMS, "num_beams": 2}], ids=["greedy", "beams"])

@@ -203,14 +203,16 @@ def test_row_sets_lay_out_rows_expand_for_beams_and_broadcast_one_row() -> None:
     assert RowSets(torch.tensor([0, 0, 1]), order=(0, 1)).layout(3).perm is None  # already contiguous
 
 
-@pytest.mark.parametrize("strategy", ["side", "dense", "auto", "union", "per-set"])
+@pytest.mark.parametrize("strategy", ["side", "dense", "auto", "union-runs", "union-padded", "per-set"])
 def test_interleaved_and_beam_expanded_rows_are_each_rows_set(parts, strategy, monkeypatch) -> None:
     """Rows in any order (the seam's: the caller's batch), and B * n rows under beam search, row r -> ids[r // n];
-    side branches through the union of the sets' tasks and set by set (READ_COST forces either)."""
+    side branches through the union of the sets' tasks (mixed per run or padded) and set by set (READ_COST and
+    use_padded force each)."""
     import massmerge.mass.second_pass as second
 
-    if strategy in ("union", "per-set"):
-        monkeypatch.setattr(second, "READ_COST", 10**9 if strategy == "union" else 0)
+    if strategy in ("union-runs", "union-padded", "per-set"):
+        monkeypatch.setattr(second, "READ_COST", 0 if strategy == "per-set" else 10**9)
+        monkeypatch.setattr(second, "use_padded", lambda *_: strategy == "union-padded")
         strategy = "side"
     model, base, factors, merger, reference = parts
     sets, ids = [(0,), (1, 2), (0, 1, 2)], torch.tensor([2, 0, 1, 0, 2])

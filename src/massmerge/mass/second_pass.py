@@ -102,6 +102,13 @@ def use_union(union_rank: int, groups: Sequence[tuple[int, int]]) -> bool:
     return len(groups) > 1 and READ_COST * union_rank + tokens * union_rank < per_set
 
 
+def use_padded(rows: int, widest: int, union_numbers: int) -> bool:
+    """Whether the union path mixes every row at once with cores padded to the widest set's K (``rows K^2``
+    numbers, one bmm) rather than per run of equal groups: when those cores are no larger than the factors the
+    union reads anyway (``union_numbers``), so padding at most doubles what the step reads."""
+    return rows * widest * widest <= union_numbers
+
+
 def span_order(sets: Sequence[SetData], ids: torch.Tensor) -> list[int]:
     """Set ids in span order: most rows first (so the spans that take a dense weight form a prefix), then by set
     size (equal ranks adjacent: one bmm); the engine's :class:`~massmerge.mass.batch.Plan` order."""
@@ -331,27 +338,23 @@ class SecondPass(Pass):
     def _add_union(self, out: torch.Tensor, x: torch.Tensor, groups: Sequence[Group], st: Stacked, key: str,
                    offset: int, present: TaskSet) -> None:
         """The side branches of every group through the present tasks' factors read once, as views:
-        ``Z = x V_P^T`` (one product per span of stacked rows), each group's columns of Z mixed by its core
-        (one bmm per run of equal size and rank), scattered into ``Y`` (zero elsewhere), ``out += alpha Y U_P``."""
+        ``Z = x V_P^T`` (one product per span of stacked rows), each group's columns of Z mixed by its core,
+        scattered into ``Y`` (zero elsewhere), ``out += alpha Y U_P``. The mixing runs as one bmm over rows with
+        cores padded to the largest K when those cores are no larger than the factors the union reads (a LoRA
+        library's small ranks), else one bmm per run of groups of equal size and rank."""
         spans = st.spans(present)
         flat = x.reshape(-1, x.shape[-1]).to(st.Vt.dtype)
         parts = [flat @ st.Vt[lo:hi].T for lo, hi in spans]
-        z = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [tokens, R_P]
-        y = torch.zeros_like(z)
+        union = sum(hi - lo for lo, hi in spans)
+        # [tokens, R_P + 1]: the last column stays zero, the padding of shorter sets' columns
+        z = torch.cat([*parts, flat.new_zeros(flat.shape[0], 1)], dim=1)
         column = self._kept(("P", key, present), lambda: _columns(st, spans))  # stacked row -> column of z
-        per_row = z.shape[0] // x.shape[0]  # tokens per sample row
-        for run in _runs(groups, key):
-            rank = int(run[0].data.rows[key].numel())
-            if rank == 0:
-                continue
-            lo, hi = (run[0].start - offset) * per_row, (run[-1].stop - offset) * per_row
-            ident = tuple(id(g.data) for g in run)
-            index = self._kept(("I", key, ident),
-                                lambda run=run: column[torch.stack([g.data.rows[key] for g in run])])
-            cores = self._kept(("C", key, ident), lambda run=run: torch.stack([g.data.cores[key] for g in run]))
-            where = index[:, None, :].expand(len(run), (hi - lo) // len(run), rank)
-            inner = torch.bmm(z[lo:hi].view(len(run), -1, z.shape[1]).gather(2, where), cores.transpose(1, 2))
-            y[lo:hi].view(len(run), -1, y.shape[1]).scatter_(2, where, inner)
+        rows = x.shape[0]
+        widest = max(int(g.data.rows[key].numel()) for g in groups)
+        if use_padded(rows, widest, union * (st.Ut.shape[1] + st.Vt.shape[1])):
+            y = self._mix_padded(z, groups, key, column, union, widest, offset)
+        else:
+            y = self._mix_runs(z, groups, key, column, offset, rows)
         target = out.view(-1, out.shape[-1])
         start = 0
         for lo, hi in spans:
@@ -361,6 +364,51 @@ class SecondPass(Pass):
                 target.addmm_(part, st.Ut[lo:hi], alpha=self.alpha)
             else:
                 target.add_((self.alpha * (part @ st.Ut[lo:hi])).to(target.dtype))
+
+    def _mix_padded(self, z: torch.Tensor, groups: Sequence[Group], key: str, column: torch.Tensor, union: int,
+                    widest: int, offset: int) -> torch.Tensor:
+        """``Y``: per sample row, its set's columns of ``z`` times its core, in one bmm over the rows (each row's
+        columns and core padded to ``widest`` with the zero column and zeros; both kept for the pass)."""
+        ident = ("padded", key, tuple((id(g.data), g.start - offset, g.size) for g in groups))
+        rows = groups[-1].stop - offset
+
+        def layout() -> torch.Tensor:
+            index = torch.full((rows, widest), union, dtype=torch.long, device=z.device)
+            for g in groups:
+                index[g.start - offset:g.stop - offset, :g.data.rows[key].numel()] = column[g.data.rows[key]]
+            return index
+
+        def cores() -> torch.Tensor:
+            out = z.new_zeros(rows, widest, widest)
+            for g in groups:
+                core = g.data.cores[key]
+                out[g.start - offset:g.stop - offset, :core.shape[0], :core.shape[1]] = core.T
+            return out
+
+        index, padded = self._kept((*ident, "I"), layout), self._kept((*ident, "C"), cores)
+        where = index[:, None, :].expand(rows, z.shape[0] // rows, widest)
+        view = z.view(rows, -1, z.shape[1])
+        y = torch.zeros_like(view).scatter_(2, where, torch.bmm(view.gather(2, where), padded))
+        return y.view(z.shape)
+
+    def _mix_runs(self, z: torch.Tensor, groups: Sequence[Group], key: str, column: torch.Tensor, offset: int,
+                  rows: int) -> torch.Tensor:
+        """``Y`` as :meth:`_mix_padded` gives it, one bmm per run of groups of equal size and rank."""
+        y = torch.zeros_like(z)
+        per_row = z.shape[0] // rows  # tokens per sample row
+        for run in _runs(groups, key):
+            rank = int(run[0].data.rows[key].numel())
+            if rank == 0:
+                continue
+            lo, hi = (run[0].start - offset) * per_row, (run[-1].stop - offset) * per_row
+            ident = tuple(id(g.data) for g in run)
+            index = self._kept(("I", key, ident),
+                               lambda run=run: column[torch.stack([g.data.rows[key] for g in run])])
+            cores = self._kept(("C", key, ident), lambda run=run: torch.stack([g.data.cores[key] for g in run]))
+            where = index[:, None, :].expand(len(run), (hi - lo) // len(run), rank)
+            inner = torch.bmm(z[lo:hi].view(len(run), -1, z.shape[1]).gather(2, where), cores.transpose(1, 2))
+            y[lo:hi].view(len(run), -1, y.shape[1]).scatter_(2, where, inner)
+        return y
 
     # -- Embedding ------------------------------------------------------------------------------------------
     def embedding(self, module: RoutedEmbedding, ids: torch.Tensor) -> torch.Tensor:
@@ -559,4 +607,14 @@ def _rows_of(value: Any, group: Group, size: int) -> Any:
     return value
 
 
-__all__ = ["DENSE_OVERHEAD", "READ_COST", "Group", "SecondPass", "SetData", "span_order", "use_dense", "use_union"]
+__all__ = [
+    "DENSE_OVERHEAD",
+    "READ_COST",
+    "Group",
+    "SecondPass",
+    "SetData",
+    "span_order",
+    "use_dense",
+    "use_padded",
+    "use_union",
+]
