@@ -74,6 +74,19 @@ class SetData:
 
 
 @dataclass(frozen=True)
+class UnionPlan:
+    """How a pass's mixed groups run one matrix's side branches through the union of their tasks: the present
+    tasks, their rows in the stacked factors as spans, the union's rank R_P, the widest set's K, and whether the
+    cores are mixed padded in one bmm (:func:`use_padded`)."""
+
+    present: TaskSet
+    spans: tuple[tuple[int, int], ...]
+    union: int
+    widest: int
+    padded: bool
+
+
+@dataclass(frozen=True)
 class Group:
     """Rows ``[start, stop)`` of a kernel's span-ordered input share one task set."""
 
@@ -141,6 +154,7 @@ class SecondPass(Pass):
     _gathered_bytes: int = field(init=False)
     _asked: set[tuple[Any, ...]] = field(init=False)
     _spans_of: dict[tuple[str, TaskSet], tuple[tuple[int, int], ...]] = field(init=False)
+    _plans: dict[tuple[Any, ...], UnionPlan | None] = field(init=False)
 
     @classmethod
     def of(cls, sets: Sequence[SetData], ids: torch.Tensor, merger: SetMerger, alpha: float,
@@ -160,6 +174,7 @@ class SecondPass(Pass):
         self._gathered_bytes = 0
         self._asked = set()
         self._spans_of = {}
+        self._plans = {}
 
     def _factor_rows(self, st: Stacked, key: str, part: str, rows: torch.Tensor, ident: tuple[int, ...]
                      ) -> torch.Tensor:
@@ -280,8 +295,29 @@ class SecondPass(Pass):
             return out
         if st is None and not self._changed(bkey):  # no set changes it: the base's own
             return F.linear(x, module.weight, module.bias)
+        if st is not None and not self._changed(bkey):
+            found = self._linear_in_batch_order(module, x, st, wkey)
+            if found is not None:
+                return found
         x, layout, groups = self._align(x)
         return layout.unsort(self._linear_groups(module, x, groups, st, wkey, bkey))
+
+    def _linear_in_batch_order(self, module: RoutedLinear, x: torch.Tensor, st: Stacked, key: str
+                               ) -> torch.Tensor | None:
+        """The Linear with every row left where it is, when its side branches take the padded union path
+        (:meth:`_mix_padded`, which needs no span order): no sort of ``x`` and no unsort of the output (two
+        copies per call, a decode step's main cost beside a LoRA library's small side branches). None otherwise."""
+        rows, size = self.rows.rows_of(x, self._refuse)
+        layout = self.rows.layout(size)
+        groups = self._groups_of(layout)
+        per_sample = rows[:1].numel() // rows.shape[-1]
+        plan = self._union_plan(st, key, groups, per_sample)
+        if plan is None or not plan.padded or any(
+                self._dense(g.size * per_sample, st, g.data, key, int(g.data.rows[key].numel())) for g in groups):
+            return None
+        out = F.linear(rows, module.weight, module.bias)
+        self._add_union(out, rows, groups, st, key, 0, plan, layout)
+        return out
 
     def _linear_groups(self, module: RoutedLinear, x: torch.Tensor, groups: list[Group], st: Stacked | None,
                        wkey: str, bkey: str) -> torch.Tensor:
@@ -312,11 +348,9 @@ class SecondPass(Pass):
         equal size and rank (why: on a shared CPU every small op is a parallel region that waits for
         descheduled threads; a few bmm beat many small matmuls); or, when the sets share tasks enough that
         reading each present task's factors once costs less (:func:`use_union`), through :meth:`_add_union`."""
-        present = sorted(set().union(*(g.data.tasks for g in groups)))
-        union_rank = sum(st.offsets[t + 1] - st.offsets[t] for t in present)
-        per_sample = x[:1].numel() // x.shape[-1]
-        if use_union(union_rank, [(g.size * per_sample, int(g.data.rows[key].numel())) for g in groups]):
-            self._add_union(out, x, groups, st, key, offset, tuple(present))
+        plan = self._union_plan(st, key, groups, x[:1].numel() // x.shape[-1])
+        if plan is not None:
+            self._add_union(out, x, groups, st, key, offset, plan)
             return
         for run in _runs(groups, key):
             rank = int(run[0].data.rows[key].numel())
@@ -335,29 +369,42 @@ class SecondPass(Pass):
             else:
                 target.add_((self.alpha * torch.bmm(inner, ut)).to(target.dtype).view(target.shape))
 
+    def _union_plan(self, st: Stacked, key: str, groups: Sequence[Group], per_sample: int) -> UnionPlan | None:
+        """How the groups' side branches of ``key`` run (None: set by set), decided once per pass and rows."""
+        cache_key = (key, id(groups[0]), len(groups), per_sample)
+        if cache_key not in self._plans:
+            present = tuple(sorted(set().union(*(g.data.tasks for g in groups))))
+            spans = st.spans(present)
+            union = sum(hi - lo for lo, hi in spans)
+            ranks = [int(g.data.rows[key].numel()) for g in groups]
+            plan = None
+            if use_union(union, [(g.size * per_sample, rank) for g, rank in zip(groups, ranks)]):
+                rows = groups[-1].stop - groups[0].start
+                plan = UnionPlan(present, spans, union, max(ranks),
+                                 use_padded(rows, max(ranks), union * (st.Ut.shape[1] + st.Vt.shape[1])))
+            self._plans[cache_key] = plan
+        return self._plans[cache_key]
+
     def _add_union(self, out: torch.Tensor, x: torch.Tensor, groups: Sequence[Group], st: Stacked, key: str,
-                   offset: int, present: TaskSet) -> None:
+                   offset: int, plan: UnionPlan, layout: Layout | None = None) -> None:
         """The side branches of every group through the present tasks' factors read once, as views:
         ``Z = x V_P^T`` (one product per span of stacked rows), each group's columns of Z mixed by its core,
         scattered into ``Y`` (zero elsewhere), ``out += alpha Y U_P``. The mixing runs as one bmm over rows with
         cores padded to the largest K when those cores are no larger than the factors the union reads (a LoRA
-        library's small ranks), else one bmm per run of groups of equal size and rank."""
-        spans = st.spans(present)
+        library's small ranks; rows in span order, or in the batch's ``layout``), else one bmm per run of groups
+        of equal size and rank (rows in span order)."""
         flat = x.reshape(-1, x.shape[-1]).to(st.Vt.dtype)
-        parts = [flat @ st.Vt[lo:hi].T for lo, hi in spans]
-        union = sum(hi - lo for lo, hi in spans)
+        parts = [flat @ st.Vt[lo:hi].T for lo, hi in plan.spans]
         # [tokens, R_P + 1]: the last column stays zero, the padding of shorter sets' columns
         z = torch.cat([*parts, flat.new_zeros(flat.shape[0], 1)], dim=1)
-        column = self._kept(("P", key, present), lambda: _columns(st, spans))  # stacked row -> column of z
-        rows = x.shape[0]
-        widest = max(int(g.data.rows[key].numel()) for g in groups)
-        if use_padded(rows, widest, union * (st.Ut.shape[1] + st.Vt.shape[1])):
-            y = self._mix_padded(z, groups, key, column, union, widest, offset)
+        column = self._kept(("P", key, plan.present), lambda: _columns(st, plan.spans))  # stacked row -> column
+        if plan.padded:
+            y = self._mix_padded(z, groups, key, column, plan, offset, layout)
         else:
-            y = self._mix_runs(z, groups, key, column, offset, rows)
+            y = self._mix_runs(z, groups, key, column, offset, x.shape[0])
         target = out.view(-1, out.shape[-1])
         start = 0
-        for lo, hi in spans:
+        for lo, hi in plan.spans:
             part = y[:, start:start + hi - lo]
             start += hi - lo
             if target.dtype == part.dtype:
@@ -365,14 +412,17 @@ class SecondPass(Pass):
             else:
                 target.add_((self.alpha * (part @ st.Ut[lo:hi])).to(target.dtype))
 
-    def _mix_padded(self, z: torch.Tensor, groups: Sequence[Group], key: str, column: torch.Tensor, union: int,
-                    widest: int, offset: int) -> torch.Tensor:
+    def _mix_padded(self, z: torch.Tensor, groups: Sequence[Group], key: str, column: torch.Tensor, plan: UnionPlan,
+                    offset: int, layout: Layout | None) -> torch.Tensor:
         """``Y``: per sample row, its set's columns of ``z`` times its core, in one bmm over the rows (each row's
-        columns and core padded to ``widest`` with the zero column and zeros; both kept for the pass)."""
-        ident = ("padded", key, tuple((id(g.data), g.start - offset, g.size) for g in groups))
+        columns and core padded to the widest K with the zero column and zeros; both kept for the pass). Rows in
+        span order, or in the batch's order of ``layout``."""
+        union, widest = plan.union, plan.widest
+        ident = ("padded", key, id(groups[0]), len(groups), offset, None if layout is None else layout.size)
         rows = groups[-1].stop - offset
+        order = None if layout is None else layout.inverse  # span-ordered tensors -> the batch's order
 
-        def layout() -> torch.Tensor:
+        def span_index() -> torch.Tensor:
             index = torch.full((rows, widest), union, dtype=torch.long, device=z.device)
             for g in groups:
                 index[g.start - offset:g.stop - offset, :g.data.rows[key].numel()] = column[g.data.rows[key]]
@@ -385,7 +435,10 @@ class SecondPass(Pass):
                 out[g.start - offset:g.stop - offset, :core.shape[0], :core.shape[1]] = core.T
             return out
 
-        index, padded = self._kept((*ident, "I"), layout), self._kept((*ident, "C"), cores)
+        def in_order(make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+            return make if order is None else lambda: make().index_select(0, order)
+
+        index, padded = self._kept((*ident, "I"), in_order(span_index)), self._kept((*ident, "C"), in_order(cores))
         where = index[:, None, :].expand(rows, z.shape[0] // rows, widest)
         view = z.view(rows, -1, z.shape[1])
         y = torch.zeros_like(view).scatter_(2, where, torch.bmm(view.gather(2, where), padded))
@@ -613,6 +666,7 @@ __all__ = [
     "Group",
     "SecondPass",
     "SetData",
+    "UnionPlan",
     "span_order",
     "use_dense",
     "use_padded",
