@@ -155,6 +155,7 @@ class SecondPass(Pass):
     _asked: set[tuple[Any, ...]] = field(init=False)
     _spans_of: dict[tuple[str, TaskSet], tuple[tuple[int, int], ...]] = field(init=False)
     _plans: dict[tuple[Any, ...], UnionPlan | None] = field(init=False)
+    _in_order: dict[tuple[str, int, int], bool] = field(init=False)
 
     @classmethod
     def of(cls, sets: Sequence[SetData], ids: torch.Tensor, merger: SetMerger, alpha: float,
@@ -175,6 +176,7 @@ class SecondPass(Pass):
         self._asked = set()
         self._spans_of = {}
         self._plans = {}
+        self._in_order = {}
 
     def _factor_rows(self, st: Stacked, key: str, part: str, rows: torch.Tensor, ident: tuple[int, ...]
                      ) -> torch.Tensor:
@@ -312,8 +314,13 @@ class SecondPass(Pass):
         groups = self._groups_of(layout)
         per_sample = rows[:1].numel() // rows.shape[-1]
         plan = self._union_plan(st, key, groups, per_sample)
-        if plan is None or not plan.padded or any(
-                self._dense(g.size * per_sample, st, g.data, key, int(g.data.rows[key].numel())) for g in groups):
+        if plan is None or not plan.padded:
+            return None
+        decided = (key, size, per_sample)  # no group's set takes a dense weight: decided once per pass and rows
+        if decided not in self._in_order:
+            self._in_order[decided] = not any(
+                self._dense(g.size * per_sample, st, g.data, key, int(g.data.rows[key].numel())) for g in groups)
+        if not self._in_order[decided]:
             return None
         out = F.linear(rows, module.weight, module.bias)
         self._add_union(out, rows, groups, st, key, 0, plan, layout)
@@ -395,8 +402,7 @@ class SecondPass(Pass):
         of equal size and rank (rows in span order)."""
         flat = x.reshape(-1, x.shape[-1]).to(st.Vt.dtype)
         parts = [flat @ st.Vt[lo:hi].T for lo, hi in plan.spans]
-        # [tokens, R_P + 1]: the last column stays zero, the padding of shorter sets' columns
-        z = torch.cat([*parts, flat.new_zeros(flat.shape[0], 1)], dim=1)
+        z = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [tokens, R_P]
         column = self._kept(("P", key, plan.present), lambda: _columns(st, plan.spans))  # stacked row -> column
         if plan.padded:
             y = self._mix_padded(z, groups, key, column, plan, offset, layout)
@@ -415,15 +421,16 @@ class SecondPass(Pass):
     def _mix_padded(self, z: torch.Tensor, groups: Sequence[Group], key: str, column: torch.Tensor, plan: UnionPlan,
                     offset: int, layout: Layout | None) -> torch.Tensor:
         """``Y``: per sample row, its set's columns of ``z`` times its core, in one bmm over the rows (each row's
-        columns and core padded to the widest K with the zero column and zeros; both kept for the pass). Rows in
+        columns padded to the widest K with column 0 and its core with zeros, so a padded column reads a value
+        that its zero core entries drop and adds zeros where it lands; both kept for the pass). Rows in
         span order, or in the batch's order of ``layout``."""
-        union, widest = plan.union, plan.widest
+        widest = plan.widest
         ident = ("padded", key, id(groups[0]), len(groups), offset, None if layout is None else layout.size)
         rows = groups[-1].stop - offset
         order = None if layout is None else layout.inverse  # span-ordered tensors -> the batch's order
 
         def span_index() -> torch.Tensor:
-            index = torch.full((rows, widest), union, dtype=torch.long, device=z.device)
+            index = torch.zeros((rows, widest), dtype=torch.long, device=z.device)
             for g in groups:
                 index[g.start - offset:g.stop - offset, :g.data.rows[key].numel()] = column[g.data.rows[key]]
             return index
@@ -441,7 +448,7 @@ class SecondPass(Pass):
         index, padded = self._kept((*ident, "I"), in_order(span_index)), self._kept((*ident, "C"), in_order(cores))
         where = index[:, None, :].expand(rows, z.shape[0] // rows, widest)
         view = z.view(rows, -1, z.shape[1])
-        y = torch.zeros_like(view).scatter_(2, where, torch.bmm(view.gather(2, where), padded))
+        y = torch.zeros_like(view).scatter_add_(2, where, torch.bmm(view.gather(2, where), padded))
         return y.view(z.shape)
 
     def _mix_runs(self, z: torch.Tensor, groups: Sequence[Group], key: str, column: torch.Tensor, offset: int,
