@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from glue_fixtures import SENTENCES, save_full_expert, save_lora_expert, widened_base
 
 from massmerge.artifact import load, read_manifest
@@ -81,6 +82,42 @@ def test_predict_load_and_the_predictor_generate_each_prompts_dense_text(artifac
     batch = dict(tok(PROMPTS[:4], padding=True, return_tensors="pt"))
     out = mass.generate(batch, max_new_tokens=5, num_beams=2)
     assert tok.batch_decode(out.sequences, skip_special_tokens=True) == texts[:4]
+
+
+def test_the_predictor_generates_a_window_in_set_order_and_answers_in_input_order(artifacts, monkeypatch) -> None:
+    """Prompts are routed a window at a time and generated in batches cut in set order (few sets per decode
+    step); each row is still its own prompt's dense text, in the input's order."""
+    from massmerge.mass.batch import set_order
+    from massmerge.mass.model import MASSModel
+
+    art, options = artifacts["full"], {"max_new_tokens": 5}
+    prompts = PROMPTS[:-1] * 2
+    names, texts = dense_rows(art, prompts, options)
+    assert names != sorted(names)  # the input interleaves the sets
+    seen: list[tuple[int, ...]] = []
+    real = MASSModel.generate
+
+    def spy(self, batch, **kwargs):
+        seen.extend(tuple(row.nonzero().flatten().tolist()) for row in kwargs["routing"].selected)
+        return real(self, batch, **kwargs)
+
+    monkeypatch.setattr(MASSModel, "generate", spy)
+    rows = Predictor(art, eta=0.0, top_k=2, tau=0.05, batch_size=2).generate(prompts, options)
+    assert [r["text"] for r in rows] == texts
+    assert [tuple("abc".index(t) for t in r["selected"]) for r in rows] == names
+    assert [r["index"] for r in rows] == list(range(len(prompts)))
+    assert seen == sorted(names)  # one window (8 batches of 2), generated in set order
+    # rows' sets {1}, {0}, {1}, {0, 1}: (0,) < (0, 1) < (1,), rows in order within a set
+    assert set_order(torch.tensor([[0, 1], [1, 0], [0, 1], [1, 1]], dtype=torch.bool)).tolist() == [1, 3, 0, 2]
+
+
+def test_generate_with_the_routing_of_other_prompts_is_one_line(artifacts) -> None:
+    mass = load(artifacts["full"])
+    tok = transformers.AutoTokenizer.from_pretrained(artifacts["full"] / "model")
+    batch = dict(tok(PROMPTS[:3], padding=True, return_tensors="pt"))
+    routing = mass.route(batch)
+    with pytest.raises(OptionError, match="generate: routing= holds 2 prompts, the batch 3"):
+        mass.generate(batch, routing=routing.rows(torch.tensor([0, 1])), max_new_tokens=2)
 
 
 def error_line(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:

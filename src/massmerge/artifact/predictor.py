@@ -90,6 +90,13 @@ def generation_row(model: MASSModel, selected: torch.Tensor, probs: torch.Tensor
             "text": texts[0] if len(texts) == 1 else texts}
 
 
+#: Batches of prompts that :meth:`GeneratingPredictor.generate` routes before generating any of them, so that it
+#: can generate them in batches of few task sets (set order): a decode step reads each distinct set's factors and
+#: core, so a batch of mixed sets decodes several times slower than a batch of one (docs/BENCHMARKS.md). Bounded:
+#: a window holds these prompts' strings and routing only.
+GROUP_WINDOW = 8
+
+
 class GeneratingPredictor:
     """What :class:`Predictor` adds for an artifact whose output is ``generate`` (mixed into it)."""
 
@@ -126,19 +133,40 @@ class GeneratingPredictor:
         names = list(names) if names is not None else [f"inputs[{i}]" for i in range(len(prompts))]
         for line in self.cut_notes(prompts, names):
             (note or (lambda _: None))(line)
-        rows = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = list(prompts[start:start + self.batch_size])
-            batch = dict(self.tokenizer(chunk, truncation=True, max_length=self.max_length, padding=True,
-                                        return_tensors="pt"))
-            out = model.generate(batch, **options)
+        rows: list[dict[str, Any]] = []
+        window = self.batch_size * GROUP_WINDOW
+        for start in range(0, len(prompts), window):
+            rows.extend(self._generate_window(model, list(prompts[start:start + window]), start, options))
+        return rows
+
+    def _tokenized(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer(list(prompts), truncation=True, max_length=self.max_length, padding=True,
+                                   return_tensors="pt"))
+
+    def _generate_window(self, model: MASSModel, prompts: list[str], start: int, options: Mapping[str, Any]
+                         ) -> list[dict[str, Any]]:
+        """Rows of one window of prompts: routed batch by batch in order, then generated in batches cut from the
+        window in set order (:func:`~massmerge.mass.batch.set_order`), rows put back in order."""
+        from massmerge.mass.batch import set_order
+        from massmerge.mass.outputs import Routing
+
+        parts = [model.route(self._tokenized(prompts[i:i + self.batch_size]))
+                 for i in range(0, len(prompts), self.batch_size)]
+        routing = Routing({layer: torch.cat([p.residuals[layer] for p in parts]) for layer in parts[0].residuals},
+                          torch.cat([p.probs for p in parts]), torch.cat([p.selected for p in parts]))
+        order = set_order(routing.selected).cpu()
+        rows: list[dict[str, Any] | None] = [None] * len(prompts)
+        for first in range(0, len(prompts), self.batch_size):
+            index = order[first:first + self.batch_size]
+            out = model.generate(self._tokenized([prompts[i] for i in index.tolist()]),
+                                 routing=routing.rows(index.to(routing.selected.device)), **options)
             sequences = out.sequences if isinstance(out.sequences, torch.Tensor) else out.sequences.sequences
             texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
-            per = len(texts) // len(chunk)
-            for i in range(len(chunk)):
-                rows.append(generation_row(model, out.routing.selected[i], out.routing.probs[i],
-                                           texts[i * per:(i + 1) * per], start + i))
-        return rows
+            per = len(texts) // len(index)
+            for j, i in enumerate(index.tolist()):
+                rows[i] = generation_row(model, out.routing.selected[j], out.routing.probs[j],
+                                         texts[j * per:(j + 1) * per], start + i)
+        return rows  # type: ignore[return-value]
 
 
 class Predictor(GeneratingPredictor):

@@ -56,6 +56,13 @@ def group_by_task_set(selected: torch.Tensor) -> list[tuple[TaskSet, torch.Tenso
             for tasks, rows in sorted(groups.items())]
 
 
+def set_order(selected: torch.Tensor) -> torch.Tensor:
+    """Sample indices ordered so that samples with the same selected task set are adjacent (sets in sorted
+    order, samples in their order within a set). Why: a decode step reads every distinct set's factors and core
+    of a batch, so batches cut from this order hold few sets (docs/BENCHMARKS.md, routed generation)."""
+    return torch.cat([rows for _, rows in group_by_task_set(selected)])
+
+
 def attention_mask_of(batch: Any, shape: Sequence[int] | None = None) -> torch.Tensor | None:
     """The batch's ``attention_mask`` as bool (only when it has ``shape``, if given), else None."""
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
@@ -199,4 +206,4 @@ class RowSets:
 
 
 __all__ = ["Layout", "Plan", "RowSets", "TaskSet", "Unbatchable", "attention_mask_of", "batch_size_of",
-           "batch_tokens", "group_by_task_set", "index_batch"]
+           "batch_tokens", "group_by_task_set", "index_batch", "set_order"]

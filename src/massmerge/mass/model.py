@@ -328,9 +328,11 @@ class MASSModel(nn.Module):
 
     # -- routed generation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch: Batch, **generation: Any) -> Generated:
+    def generate(self, batch: Batch, *, routing: Routing | None = None, **generation: Any) -> Generated:
         """Route each prompt, then HF ``generate()`` of :attr:`model` with every prompt under its selected task
         set: the encoder and every decode step (beams and ``num_return_sequences`` rows follow their prompt).
+        ``routing``: these prompts' routing, already computed (:meth:`route`; e.g. of a larger window, then cut
+        with :meth:`Routing.rows`), instead of routing them again.
 
         ``batch``: the tokenized prompts (``input_ids``, ``attention_mask``); ``generation``: HF's arguments
         (``max_new_tokens``, ``num_beams``, ``do_sample``, ``streamer``, ...), the declared ones checked
@@ -342,7 +344,11 @@ class MASSModel(nn.Module):
                               "token past the prompt's recorded states; use restart_block 0 to generate")
         check_generation(generation)
         batch = self.inputs(batch)
-        routing = self.route(batch)
+        if routing is None:
+            routing = self.route(batch)
+        elif routing.selected.shape[0] != batch_size_of(batch):
+            raise OptionError(f"generate: routing= holds {routing.selected.shape[0]} prompts, the batch "
+                              f"{batch_size_of(batch)}")
         with self._shared.stage("generate"), self.task_sets(routing.selected):
             try:
                 sequences = self.model.generate(**batch, **generation)

@@ -29,6 +29,12 @@ class Routing:
     selected: torch.Tensor
     restart: list[torch.Tensor] | None = None
 
+    def rows(self, index: torch.Tensor) -> Routing:
+        """The routing of samples ``index`` (in that order)."""
+        restart = None if self.restart is None else [self.restart[int(i)] for i in index.tolist()]
+        return Routing({layer: r[index] for layer, r in self.residuals.items()}, self.probs[index],
+                       self.selected[index], restart)
+
 
 @dataclass
 class Generated:

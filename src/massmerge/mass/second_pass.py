@@ -5,12 +5,21 @@ same pass runs the engine's second pass and any forward or ``generate()`` of the
 :meth:`massmerge.mass.model.MASSModel.task_sets`). A kernel sees its input's rows in span order (each set's rows
 contiguous; the engine's batches already are, the seam's are permuted per call and put back). A Linear runs
 ``x W_0^T`` once over all rows and adds each span's low-rank side branch ``alpha ((x_g V_S) C_S^T) U_S^T``
-(:mod:`massmerge.mass.setmerge`), batched with ``bmm`` over spans of equal size and rank, or, for spans with many
-tokens, a transient dense weight (kept for the set's next batches). An Embedding adds ``alpha (U_S[ids] C_S)
-V_S^T``; a LayerNorm normalizes once and applies each span's affine; a scale-only norm (T5's, RMSNorm) normalizes
-once and scales each span; a relative position bias (T5) is computed per set and gathered per row. A generic
-owner runs, per span, a shallow copy of itself whose parameters hold the set's dense values. With one set for
-every row nothing is laid out, so that case works for any token layout (sequence-first models included).
+(:mod:`massmerge.mass.setmerge`) in one of three ways, chosen by what it reads and multiplies:
+
+- set by set: each set's factor rows gathered, ``bmm`` over spans of equal size and rank (few sets, many tokens);
+- through the union of the sets' tasks (:func:`use_union`: the sets share tasks, the tokens are few, as in a
+  decode step of a mixed batch): ``x V_P^T`` over every present task's factors read once as views, each row's
+  columns mixed by its set's core, ``+ alpha Y U_P``; with small cores (a LoRA library's) the mixing is one bmm
+  over rows in the batch's own order, so nothing is laid out (:func:`use_padded`);
+- for spans with many tokens, a transient dense weight (kept for the set's next batches, :func:`use_dense`).
+
+With one set for every row, the set's factor rows are read as views span by span (no gather). An Embedding adds
+``alpha (U_S[ids] C_S) V_S^T``; a LayerNorm normalizes once and applies each span's affine; a scale-only norm
+(T5's, RMSNorm) normalizes once and scales each span; a relative position bias (T5) is computed per set and
+gathered per row. A module that no set of the pass changes runs as the base's. A generic owner runs, per span, a
+shallow copy of itself whose parameters hold the set's dense values. With one set for every row nothing is laid
+out, so that case works for any token layout (sequence-first models included).
 
 Rows are read from dim 0 of a routed module's input: a multiple of the batch size, or 1 (broadcast); anything
 else raises :class:`~massmerge.mass.batch.Unbatchable` in the engine (which runs one forward per set instead)
