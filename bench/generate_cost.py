@@ -22,11 +22,15 @@ or exactly ``--set-size`` tasks):
 - peak memory: the process's peak RSS over the run of each kind (base + plain copy + factors), and the
   factors' bytes.
 
+``--grouped``: instead, ``GROUP_WINDOW`` batches of mixed prompts decoded in the input's order and in batches cut
+in set order (``Predictor.generate``'s order, so ``massmerge predict``'s), each against plain generate of the
+same prompts; decode seconds are generate of ``--new-tokens`` minus generate of one token.
+
 Plain and routed calls alternate within each of ``--repeats`` rounds after a warm-up round, so a noisy
 neighbour slows both alike; wall and CPU seconds are both printed (compare the ratios within one run).
 
     python bench/generate_cost.py [--layers 12] [--batches 1 16 64] [--prompt-tokens 32] [--new-tokens 8]
-        [--kinds full lora16] [--repeats 3] [--set-size 1|2|3] [--threads N] [--device cpu]
+        [--kinds full lora16] [--repeats 3] [--set-size 1|2|3] [--threads N] [--grouped] [--device cpu]
 """
 
 from __future__ import annotations
@@ -151,6 +155,54 @@ def bounds(model: torch.nn.Module, factors: Any, sets: list[tuple[int, ...]]) ->
     return {"flop bound": plain / (plain + side_rows), "traffic bound": plain / (plain + side_sets)}
 
 
+def grouped(mass: Any, plain: torch.nn.Module, kind: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``GROUP_WINDOW`` batches of ``size`` prompts with mixed sets, decoded in the input's order and in batches cut
+    in set order (what ``Predictor.generate`` / ``massmerge predict`` do), against plain generate of the same
+    batches. Decode seconds: generate of ``--new-tokens`` minus generate of one token, per window and round."""
+    from massmerge.artifact.predictor import GROUP_WINDOW
+    from massmerge.mass.batch import set_order
+
+    count = size * GROUP_WINDOW
+    every = prompts(count, args.prompt_tokens, count)
+    chosen = mixed_sets(count, count, args.set_size)
+    mask = torch.zeros(count, TASKS, dtype=torch.bool)
+    for row, tasks in enumerate(chosen):
+        mask[row, list(tasks)] = True
+    order = set_order(mask)
+    batches = {"input order": [torch.arange(i, i + size) for i in range(0, count, size)],
+               "set order": [order[i:i + size] for i in range(0, count, size)]}
+
+    def run(which: str | None, tokens: int) -> None:
+        for index in batches[which or "input order"]:
+            batch = {k: v[index].to(args.device) for k, v in every.items()}
+            options = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False, "num_beams": 1}
+            if which is None:
+                plain.generate(**batch, **options)
+                continue
+            with mass.task_sets([chosen[i] for i in index.tolist()]):
+                mass.model.generate(**batch, **options)
+
+    fns = {f"{name} {tokens}": (lambda name=name, tokens=tokens: run(None if name == "plain" else name, tokens))
+           for name in ("plain", "input order", "set order") for tokens in (1, args.new_tokens)}
+    with torch.inference_mode():
+        runs = interleaved(fns, args.repeats)
+
+    def decode(name: str, pick: int) -> list[float]:
+        return [b[pick] - a[pick] for a, b in zip(runs[f"{name} 1"], runs[f"{name} {args.new_tokens}"])]
+
+    def ratio(name: str, pick: int) -> float:
+        return median([p / max(m, 1e-9) for p, m in zip(decode("plain", pick), decode(name, pick))])
+
+    def sets_per_batch(which: str) -> float:
+        return sum(len({chosen[i] for i in b.tolist()}) for b in batches[which]) / GROUP_WINDOW
+
+    return {"experts": kind, "batch": size, "prompts": count, "sets": len(set(chosen)),
+            "mean |S|": sum(map(len, chosen)) / count, "sets per batch, input order": sets_per_batch("input order"),
+            "sets per batch, set order": sets_per_batch("set order"),
+            "decode ratio, input order": ratio("input order", 0), "decode ratio, set order": ratio("set order", 0),
+            "CPU ratio, input order": ratio("input order", 1), "CPU ratio, set order": ratio("set order", 1)}
+
+
 def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from massmerge.adapters.seq2seq import Seq2SeqAdapter
     from massmerge.mass import MASSModel, make_serve_settings
@@ -166,6 +218,10 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                      pool=adapter.pool, features=adapter.features, device=device)
     options = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
                "num_beams": 1}
+    if args.grouped:
+        rows = [grouped(mass, plain, kind, size, args) for size in args.batches]
+        print(table(rows, list(rows[0])), flush=True)
+        return rows
     rows = []
     for size in args.batches:
         batch = {k: v.to(device) for k, v in prompts(size, args.prompt_tokens, size).items()}
@@ -225,6 +281,8 @@ def main() -> None:
     parser.add_argument("--set-size", type=int, choices=[1, 2, 3], default=None,
                         help="tasks per prompt's set (default: 1 to 3 at random)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--grouped", action="store_true",
+                        help="a window of batches decoded in input order and in set order (what predict does)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.threads:
@@ -233,6 +291,10 @@ def main() -> None:
         print(f"note: {args.layers} + {args.layers} blocks, not flan-t5-base's 12 + 12 (a quick run)", flush=True)
     wall = time.perf_counter()
     rows = [row for kind in args.kinds for row in measure(kind, args)]
+    if args.grouped:
+        print(f"total wall {time.perf_counter() - wall:.1f}s, threads {torch.get_num_threads()}")
+        write_json("generate_cost_grouped", {"args": vars(args), "rows": rows})
+        return
     columns = ["experts", "batch", "sets", "mean |S|", "prompts/s plain", "prompts/s MASS", "prompt ratio",
                "decode tok/s plain", "decode tok/s MASS", "decode ratio", "decode ratio CPU", "flop bound",
                "traffic bound", "router s", "router / plain generate", "generate s plain",
