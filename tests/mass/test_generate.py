@@ -137,6 +137,20 @@ def test_mixed_sets_generate_alike_set_by_set_and_through_the_union_of_their_tas
     check_equal_to_dense(*full, options)
 
 
+@pytest.mark.parametrize("tasks", [(0, 2), (0, 1, 2)])
+@pytest.mark.parametrize("options", [GREEDY, BEAMS], ids=["greedy", "beams"])
+def test_one_set_of_several_tasks_for_every_prompt_generates_its_dense_model(full, tasks, options) -> None:
+    """The whole-batch path: a set of non-adjacent or adjacent tasks for every row, its factor rows read as views
+    in the prompt pass and gathered once for the decode steps."""
+    mass, plain = full
+    batch = prompts(4, plain.config.vocab_size)
+    with mass.task_sets([tasks] * 4):
+        mine = mass.model.generate(**batch, **options)
+    expected = dense_generate(mass, plain, tasks, batch, options)
+    length = max(mine.shape[1], expected.shape[1])
+    assert torch.equal(padded(mine, length), padded(expected, length))
+
+
 @pytest.mark.parametrize("options", [GREEDY, {**BEAMS, "num_beams": 2}], ids=["greedy", "beams"])
 def test_lora_experts_generate_each_prompts_dense_model_token_for_token(lora, options) -> None:
     check_equal_to_dense(*lora, options)

@@ -277,9 +277,16 @@ class SecondPass(Pass):
         product."""
         spans = self._spans(st, data, key)
         flat = x.reshape(-1, x.shape[-1]).to(st.Vt.dtype)
+        target = out.view(-1, out.shape[-1])
+        if len(spans) > 1 and x.ndim == 3 and x.shape[1] == 1 and target.dtype == st.Ut.dtype:
+            # one token per row (a decode step): the set's rows gathered once and kept for the pass's later
+            # steps (:meth:`_kept`), two products instead of two per span
+            rows, ident = data.rows[key], (id(data),)
+            inner = (flat @ self._factor_rows(st, key, "V", rows, ident).T) @ data.cores[key].T
+            target.addmm_(inner, self._factor_rows(st, key, "U", rows, ident), alpha=self.alpha)
+            return
         parts = [flat @ st.Vt[lo:hi].T for lo, hi in spans]
         inner = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)) @ data.cores[key].T
-        target = out.view(-1, out.shape[-1])
         column = 0
         for lo, hi in spans:
             part = inner[:, column:column + hi - lo]
