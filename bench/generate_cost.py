@@ -19,8 +19,9 @@ or exactly ``--set-size`` tasks):
 - what exact side branches can reach at best (:func:`bounds`): the flop bound (every row multiplies its own set's
   factors) and the traffic bound (every distinct set's factors and core read once per step);
 - the router's own cost: ``MASSModel.route`` (first pass to the routing layer + router) per batch;
-- peak memory: the process's peak RSS over the run of each kind (base + plain copy + factors), and the
-  factors' bytes.
+- memory: the process's RSS once set up (base + plain copy + factors), its peak over the timed runs of each
+  kind, the difference (the working set of generation, plain and routed: activations, caches, gathered rows,
+  any dense weight), and the factors' and base's bytes.
 
 ``--grouped``: instead, ``GROUP_WINDOW`` batches of mixed prompts decoded in the input's order and in batches cut
 in set order (``Predictor.generate``'s order, so ``massmerge predict``'s), each against plain generate of the
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import random
 import resource
 import sys
@@ -49,7 +51,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import factors_bytes, mib, orthonormal, peak_rss_bytes, reset_peak_rss, table, write_json
+from _common import (
+    current_rss_bytes,
+    factors_bytes,
+    mib,
+    orthonormal,
+    peak_rss_bytes,
+    reset_peak_rss,
+    table,
+    write_json,
+)
 
 TASKS = 8
 
@@ -208,7 +219,6 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from massmerge.mass import MASSModel, make_serve_settings
 
     device = torch.device(args.device)
-    reset_peak_rss()
     model = flan_t5_base(args.layers)
     plain = copy.deepcopy(model).to(device)
     factors = expert_factors(model, kind)
@@ -218,6 +228,9 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                      pool=adapter.pool, features=adapter.features, device=device)
     options = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
                "num_beams": 1}
+    gc.collect()
+    settled = current_rss_bytes()  # the model, the plain copy and the factors, set-up transients freed
+    reset_peak_rss()
     if args.grouped:
         rows = [grouped(mass, plain, kind, size, args) for size in args.batches]
         print(table(rows, list(rows[0])), flush=True)
@@ -264,7 +277,9 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         print(table(rows[-1:], list(rows[-1])), flush=True)
     peak = peak_rss_bytes()
     for row in rows:
+        row["set-up RSS MiB"] = mib(settled)
         row["peak RSS MiB"] = mib(peak)
+        row["working set MiB"] = mib(peak - settled)
         row["factors MiB"] = mib(factors_bytes(mass.factors))
         row["base MiB"] = mib(sum(v.numel() * v.element_size() for v in plain.state_dict().values()))
     return rows
@@ -298,7 +313,8 @@ def main() -> None:
     columns = ["experts", "batch", "sets", "mean |S|", "prompts/s plain", "prompts/s MASS", "prompt ratio",
                "decode tok/s plain", "decode tok/s MASS", "decode ratio", "decode ratio CPU", "flop bound",
                "traffic bound", "router s", "router / plain generate", "generate s plain",
-               "generate CPU s plain", "generate s MASS", "generate CPU s MASS", "peak RSS MiB", "factors MiB",
+               "generate CPU s plain", "generate s MASS", "generate CPU s MASS", "set-up RSS MiB", "peak RSS MiB",
+               "working set MiB", "factors MiB",
                "base MiB"]
     print(table(rows, columns))
     print(f"total wall {time.perf_counter() - wall:.1f}s, threads {torch.get_num_threads()}")

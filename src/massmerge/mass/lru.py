@@ -18,13 +18,20 @@ V = TypeVar("V")
 
 
 class LRU(Generic[K, V]):
-    """At most ``size`` entries; the least recently used one goes first. Values are computed outside the lock:
-    two threads that miss the same key at once both compute it, and the first one stored is what both get."""
+    """At most ``size`` entries, and with ``max_bytes`` at most that many bytes as ``weigh`` counts them (the last
+    entry stored always stays); the least recently used one goes first. Values are computed outside the lock: two
+    threads that miss the same key at once both compute it, and the first one stored is what both get."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, max_bytes: int | None = None, weigh: Callable[[V], int] | None = None) -> None:
         if size < 1:
             raise ValueError(f"an LRU holds at least one entry, got size {size}")
+        if (max_bytes is None) != (weigh is None):
+            raise ValueError("an LRU bounded in bytes needs both max_bytes and weigh")
         self.size = size
+        self.max_bytes = max_bytes
+        self._weigh = weigh
+        self._weights: dict[K, int] = {}
+        self.bytes = 0
         self._entries: OrderedDict[K, V] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -44,10 +51,15 @@ class LRU(Generic[K, V]):
         """Store ``value`` unless ``key`` is already there; return the stored one (first writer wins, so every
         thread shares one object) and evict beyond ``size``."""
         with self._lock:
+            if key not in self._entries and self._weigh is not None:
+                self._weights[key] = self._weigh(value)
+                self.bytes += self._weights[key]
             kept = self._entries.setdefault(key, value)
             self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+            while len(self._entries) > self.size or (
+                    self.max_bytes is not None and self.bytes > self.max_bytes and len(self._entries) > 1):
+                old, _ = self._entries.popitem(last=False)
+                self.bytes -= self._weights.pop(old, 0)
             return kept
 
     def get_or_make(self, key: K, make: Callable[[], V]) -> V:

@@ -20,7 +20,7 @@ add an arbitrary orthonormal completion there instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,12 @@ from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.lru import LRU
 
 CORE_CACHE_SETS = 512  # cores are K x K per matrix: 512 sets of MiniLM (K <= 144) take < 100 MiB
+#: Bytes of cached cores (and of cached set merges, :mod:`massmerge.mass.shared`), as a multiple of the factors'
+#: own bytes, at least :data:`MIN_SET_CACHE_BYTES`. Why: a set's cores take sum K^2 over the matrices: ~3 MiB for
+#: MiniLM but 32-72 MiB for a 2-3-task set of flan-t5-base, so a stream of 60 distinct sets held 3.3 GiB by count
+#: alone (bench/generate_cost.py). Bounded so: serving memory <= base + factors x (1 + 2 x this) + activations.
+SET_CACHE_FACTORS = 0.5
+MIN_SET_CACHE_BYTES = 256 * 2**20
 TaskSet = tuple[int, ...]
 
 
@@ -112,6 +118,18 @@ def _gram(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     return rows @ rows.T
 
 
+def tensors_bytes(values: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of a mapping's tensors (a cache entry's weight)."""
+    return sum(v.numel() * v.element_size() for v in values.values())
+
+
+def set_cache_bytes(factors: ExpertFactors) -> int:
+    """The byte bound of the per-set caches (:data:`SET_CACHE_FACTORS`)."""
+    stored = sum(f.U.numel() * f.U.element_size() + f.V.numel() * f.V.element_size() + f.s.numel() * f.s.element_size()
+                 for per_task in factors.matrices.values() for f in per_task)
+    return max(MIN_SET_CACHE_BYTES, int(SET_CACHE_FACTORS * stored))
+
+
 class SetMerger:
     """Per-matrix stacked factors of every task and the TSV-M cores of task sets, cached per set.
 
@@ -127,7 +145,9 @@ class SetMerger:
         for key in list(factors.matrices):
             self.stacked[key] = Stacked.of(factors.matrices[key])
             factors.matrices[key] = self.stacked[key].views()
-        self._cores: LRU[TaskSet, dict[str, torch.Tensor]] = LRU(CORE_CACHE_SETS)
+        self.cache_bytes = set_cache_bytes(factors)
+        self._cores: LRU[TaskSet, dict[str, torch.Tensor]] = LRU(CORE_CACHE_SETS, max_bytes=self.cache_bytes,
+                                                                 weigh=tensors_bytes)
 
     def cores(self, tasks: TaskSet) -> dict[str, torch.Tensor]:
         """Matrix key -> core [K, K] of ``TSV-M(tasks)`` (tasks in increasing order), cached (LRU)."""
@@ -168,4 +188,5 @@ class SetMerger:
         return (st.Ut[rows].T @ core) @ st.Vt[rows]
 
 
-__all__ = ["SetMerger", "Stacked", "cores_of", "inverse_sqrt"]
+__all__ = ["SET_CACHE_FACTORS", "SetMerger", "Stacked", "cores_of", "inverse_sqrt", "set_cache_bytes",
+           "tensors_bytes"]

@@ -16,7 +16,7 @@ from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.lru import LRU
 from massmerge.mass.routed import install
 from massmerge.mass.second_pass import SetData
-from massmerge.mass.setmerge import SetMerger, TaskSet
+from massmerge.mass.setmerge import SetMerger, TaskSet, tensors_bytes
 from massmerge.task_vectors import add_delta
 
 FeatureFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -63,7 +63,8 @@ class Shared:
         self.installed = install(model, [*factors.matrices, *factors.non_matrix], [])
         self.batched_off_reason = seq_first_module(model)
         self._first: dict[float, dict[str, torch.Tensor]] = {}
-        self._sets: LRU[tuple[TaskSet, float], SetData] = LRU(SET_CACHE_SIZE)
+        self._sets: LRU[tuple[TaskSet, float], SetData] = LRU(SET_CACHE_SIZE, max_bytes=self.merger.cache_bytes,
+                                                              weigh=set_data_bytes)
         self.kept: LRU[tuple[TaskSet, float], dict[str, torch.Tensor]] = LRU(DENSE_SETS_KEPT)
         self._first_lock = threading.Lock()
         self.reference_lock = threading.Lock()  # the reference path swaps the shared parameters
@@ -130,6 +131,11 @@ class Shared:
             return base
 
         return value
+
+
+def set_data_bytes(data: SetData) -> int:
+    """What a cached set merge holds: its cores (shared with the core cache) and its non-matrix values."""
+    return tensors_bytes(data.cores) + tensors_bytes(data.values)
 
 
 def seq_first_module(model: nn.Module) -> str | None:
