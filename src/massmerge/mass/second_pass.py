@@ -285,16 +285,7 @@ class SecondPass(Pass):
             inner = (flat @ self._factor_rows(st, key, "V", rows, ident).T) @ data.cores[key].T
             target.addmm_(inner, self._factor_rows(st, key, "U", rows, ident), alpha=self.alpha)
             return
-        parts = [flat @ st.Vt[lo:hi].T for lo, hi in spans]
-        inner = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)) @ data.cores[key].T
-        column = 0
-        for lo, hi in spans:
-            part = inner[:, column:column + hi - lo]
-            column += hi - lo
-            if target.dtype == part.dtype:
-                target.addmm_(part, st.Ut[lo:hi], alpha=self.alpha)
-            else:
-                target.add_((self.alpha * (part @ st.Ut[lo:hi])).to(target.dtype))
+        _add_span_products(target, _span_products(flat, st, spans) @ data.cores[key].T, st, spans, self.alpha)
 
     def linear(self, module: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
         name = module.mass_name
@@ -416,23 +407,13 @@ class SecondPass(Pass):
         cores padded to the largest K when those cores are no larger than the factors the union reads (a LoRA
         library's small ranks; rows in span order, or in the batch's ``layout``), else one bmm per run of groups
         of equal size and rank (rows in span order)."""
-        flat = x.reshape(-1, x.shape[-1]).to(st.Vt.dtype)
-        parts = [flat @ st.Vt[lo:hi].T for lo, hi in plan.spans]
-        z = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [tokens, R_P]
+        z = _span_products(x.reshape(-1, x.shape[-1]).to(st.Vt.dtype), st, plan.spans)  # [tokens, R_P]
         column = self._kept(("P", key, plan.present), lambda: _columns(st, plan.spans))  # stacked row -> column
         if plan.padded:
             y = self._mix_padded(z, groups, key, column, plan, offset, layout)
         else:
             y = self._mix_runs(z, groups, key, column, offset, x.shape[0])
-        target = out.view(-1, out.shape[-1])
-        start = 0
-        for lo, hi in plan.spans:
-            part = y[:, start:start + hi - lo]
-            start += hi - lo
-            if target.dtype == part.dtype:
-                target.addmm_(part, st.Ut[lo:hi], alpha=self.alpha)
-            else:
-                target.add_((self.alpha * (part @ st.Ut[lo:hi])).to(target.dtype))
+        _add_span_products(out.view(-1, out.shape[-1]), y, st, plan.spans, self.alpha)
 
     def _mix_padded(self, z: torch.Tensor, groups: Sequence[Group], key: str, column: torch.Tensor, plan: UnionPlan,
                     offset: int, layout: Layout | None) -> torch.Tensor:
@@ -655,6 +636,25 @@ def _runs(groups: Sequence[Group], key: str) -> list[list[Group]]:
             out.append([group])
         shape = this
     return out
+
+
+def _span_products(flat: torch.Tensor, st: Stacked, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``flat V^T`` over the stacked rows of ``spans``, span by span (views, no gather), columns in span order."""
+    parts = [flat @ st.Vt[lo:hi].T for lo, hi in spans]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _add_span_products(target: torch.Tensor, inner: torch.Tensor, st: Stacked, spans: Sequence[tuple[int, int]],
+                       alpha: float) -> None:
+    """``target += alpha inner U^T`` over the stacked rows of ``spans`` (``inner``'s columns in span order)."""
+    start = 0
+    for lo, hi in spans:
+        part = inner[:, start:start + hi - lo]
+        start += hi - lo
+        if target.dtype == part.dtype:
+            target.addmm_(part, st.Ut[lo:hi], alpha=alpha)
+        else:
+            target.add_((alpha * (part @ st.Ut[lo:hi])).to(target.dtype))
 
 
 def _columns(st: Stacked, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
