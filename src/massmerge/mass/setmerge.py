@@ -27,6 +27,7 @@ import torch
 
 from massmerge.device import float64_device
 from massmerge.lowrank import LowRank
+from massmerge.mass.budget import tensor_bytes
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.lru import LRU
 
@@ -118,16 +119,15 @@ def _gram(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     return rows @ rows.T
 
 
-def tensors_bytes(values: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of a mapping's tensors (a cache entry's weight)."""
-    return sum(v.numel() * v.element_size() for v in values.values())
-
-
 def set_cache_bytes(factors: ExpertFactors) -> int:
     """The byte bound of the per-set caches (:data:`SET_CACHE_FACTORS`)."""
-    stored = sum(f.U.numel() * f.U.element_size() + f.V.numel() * f.V.element_size() + f.s.numel() * f.s.element_size()
-                 for per_task in factors.matrices.values() for f in per_task)
+    stored = tensor_bytes(t for per_task in factors.matrices.values() for f in per_task for t in (f.U, f.s, f.V))
     return max(MIN_SET_CACHE_BYTES, int(SET_CACHE_FACTORS * stored))
+
+
+def cores_bytes(cores: Mapping[str, torch.Tensor]) -> int:
+    """A core cache entry's weight: its cores' bytes."""
+    return tensor_bytes(cores.values())
 
 
 class SetMerger:
@@ -147,7 +147,7 @@ class SetMerger:
             factors.matrices[key] = self.stacked[key].views()
         self.cache_bytes = set_cache_bytes(factors)
         self._cores: LRU[TaskSet, dict[str, torch.Tensor]] = LRU(CORE_CACHE_SETS, max_bytes=self.cache_bytes,
-                                                                 weigh=tensors_bytes)
+                                                                 weigh=cores_bytes)
 
     def cores(self, tasks: TaskSet) -> dict[str, torch.Tensor]:
         """Matrix key -> core [K, K] of ``TSV-M(tasks)`` (tasks in increasing order), cached (LRU)."""
@@ -189,4 +189,4 @@ class SetMerger:
 
 
 __all__ = ["SET_CACHE_FACTORS", "SetMerger", "Stacked", "cores_of", "inverse_sqrt", "set_cache_bytes",
-           "tensors_bytes"]
+           "cores_bytes"]

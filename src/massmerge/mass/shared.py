@@ -11,12 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from massmerge.mass.budget import tensor_bytes
 from massmerge.mass.clock import StageClock
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.lru import LRU
 from massmerge.mass.routed import install
 from massmerge.mass.second_pass import SetData
-from massmerge.mass.setmerge import SetMerger, TaskSet, tensors_bytes
+from massmerge.mass.setmerge import SetMerger, TaskSet
 from massmerge.task_vectors import add_delta
 
 FeatureFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -135,7 +136,7 @@ class Shared:
 
 def set_data_bytes(data: SetData) -> int:
     """What a cached set merge holds: its cores (shared with the core cache) and its non-matrix values."""
-    return tensors_bytes(data.cores) + tensors_bytes(data.values)
+    return tensor_bytes([*data.cores.values(), *data.values.values()])
 
 
 def seq_first_module(model: nn.Module) -> str | None:
