@@ -24,8 +24,10 @@ from massmerge.artifact.loader import load, serve_settings
 from massmerge.artifact.manifest import MANIFEST, MODEL_DIR, Manifest, read_manifest
 from massmerge.data.images import image_collate, open_image, preprocess_for
 from massmerge.errors import MassMergeError, OptionError
+from massmerge.mass.batch import set_order
 from massmerge.mass.lru import LRU
 from massmerge.mass.model import MASSModel
+from massmerge.mass.outputs import Routing
 from massmerge.mass.serving import Prediction, serve
 from massmerge.progress import quiet_third_party
 
@@ -147,13 +149,8 @@ class GeneratingPredictor:
                          ) -> list[dict[str, Any]]:
         """Rows of one window of prompts: routed batch by batch in order, then generated in batches cut from the
         window in set order (:func:`~massmerge.mass.batch.set_order`), rows put back in order."""
-        from massmerge.mass.batch import set_order
-        from massmerge.mass.outputs import Routing
-
-        parts = [model.route(self._tokenized(prompts[i:i + self.batch_size]))
-                 for i in range(0, len(prompts), self.batch_size)]
-        routing = Routing({layer: torch.cat([p.residuals[layer] for p in parts]) for layer in parts[0].residuals},
-                          torch.cat([p.probs for p in parts]), torch.cat([p.selected for p in parts]))
+        routing = Routing.cat([model.route(self._tokenized(prompts[i:i + self.batch_size]))
+                               for i in range(0, len(prompts), self.batch_size)])
         order = set_order(routing.selected).cpu()
         rows: list[dict[str, Any] | None] = [None] * len(prompts)
         for first in range(0, len(prompts), self.batch_size):

@@ -29,6 +29,12 @@ class Routing:
     selected: torch.Tensor
     restart: list[torch.Tensor] | None = None
 
+    @classmethod
+    def cat(cls, parts: list[Routing]) -> Routing:
+        """The routing of consecutive batches as one (their restart states are not kept)."""
+        return cls({layer: torch.cat([p.residuals[layer] for p in parts]) for layer in parts[0].residuals},
+                   torch.cat([p.probs for p in parts]), torch.cat([p.selected for p in parts]))
+
     def rows(self, index: torch.Tensor) -> Routing:
         """The routing of samples ``index`` (in that order)."""
         restart = None if self.restart is None else [self.restart[int(i)] for i in index.tolist()]
