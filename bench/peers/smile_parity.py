@@ -94,6 +94,29 @@ for k, gate_k, top_k in job["settings"]:
 '''
 
 
+def parser_with_peer_options() -> argparse.ArgumentParser:
+    """The options both SMILE parity scripts take (settings, tolerance, the peer's python)."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help="k,gate_k,top_k triples")
+    parser.add_argument("--tol", type=float, default=1e-5)
+    parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
+    return parser
+
+
+def checked_settings(args: argparse.Namespace, width: int, experts: int) -> list[tuple[int, int, int]]:
+    """The parsed settings, once the peer's venv is there (transformers' logs quieted); a gate of ``width`` or more
+    directions with ``top_k < experts`` is refused (the gate is constant: the module doc)."""
+    if not args.peer_python.exists():
+        raise SystemExit(f"no FusionBench venv at {args.peer_python}: run `bash bench/peers/setup.sh fusion-bench`")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    settings = [parse_setting(s) for s in args.settings]
+    for _, gate_k, top_k in settings:
+        if gate_k >= width and top_k < experts:
+            raise SystemExit(f"gate_k {gate_k} >= width {width} with top_k < T: the gate is constant (docstring)")
+    return settings
+
+
 def parse_setting(text: str) -> tuple[int, int, int]:
     k, gate_k, top_k = (int(v) for v in text.split(","))
     return k, gate_k, top_k
@@ -172,20 +195,10 @@ def compare(model: nn.Module, input_ids: torch.Tensor, peer: dict[str, torch.Ten
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help="k,gate_k,top_k triples")
+    parser = parser_with_peer_options()
     parser.add_argument("--intermediate", type=int, default=64, help="BERT intermediate size (128: Gram SVD path)")
-    parser.add_argument("--tol", type=float, default=1e-5)
-    parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
     args = parser.parse_args()
-    if not args.peer_python.exists():
-        raise SystemExit(f"no FusionBench venv at {args.peer_python}: run `bash bench/peers/setup.sh fusion-bench`")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    hf_logging.disable_progress_bar()
-    settings = [parse_setting(s) for s in args.settings]
-    for k, gate_k, top_k in settings:
-        if gate_k >= HIDDEN and top_k < NUM_EXPERTS:
-            raise SystemExit(f"gate_k {gate_k} >= hidden {HIDDEN} with top_k < T: the gate is constant (docstring)")
+    settings = checked_settings(args, HIDDEN, NUM_EXPERTS)
     with tempfile.TemporaryDirectory(prefix="smile_parity_") as tmp:
         root = Path(tmp)
         base_dir, expert_dirs = write_models(root, args.intermediate)

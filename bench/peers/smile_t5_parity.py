@@ -33,18 +33,15 @@ docs/BENCHMARKS.md, "SMILE parity with FusionBench", has the table.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from smile_parity import PEER_PYTHON, SETTINGS, max_diff, parse_setting, run_peer
+from smile_parity import checked_settings, max_diff, parser_with_peer_options, run_peer
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
-from transformers.utils import logging as hf_logging
 
 from massmerge.smile import SmileLinear, SmileSettings, build_smile
 from massmerge.task_vectors import task_vector
@@ -174,19 +171,8 @@ def compare(model: nn.Module, batch: dict[str, torch.Tensor], peer: dict[str, to
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help="k,gate_k,top_k triples")
-    parser.add_argument("--tol", type=float, default=1e-5)
-    parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
-    args = parser.parse_args()
-    if not args.peer_python.exists():
-        raise SystemExit(f"no FusionBench venv at {args.peer_python}: run `bash bench/peers/setup.sh fusion-bench`")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    hf_logging.disable_progress_bar()
-    settings = [parse_setting(s) for s in args.settings]
-    for k, gate_k, top_k in settings:
-        if gate_k >= D_MODEL and top_k < NUM_EXPERTS:
-            raise SystemExit(f"gate_k {gate_k} >= d_model {D_MODEL} with top_k < T: the gate is constant")
+    args = parser_with_peer_options().parse_args()
+    settings = checked_settings(args, D_MODEL, NUM_EXPERTS)
     with tempfile.TemporaryDirectory(prefix="smile_t5_parity_") as tmp:
         root = Path(tmp)
         base_dir, expert_dirs = write_models(root)
