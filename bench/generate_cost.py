@@ -28,7 +28,10 @@ in set order (``Predictor.generate``'s order, so ``massmerge predict``'s), each 
 same prompts; decode seconds are generate of ``--new-tokens`` minus generate of one token.
 
 Plain and routed calls alternate within each of ``--repeats`` rounds after a warm-up round, so a noisy
-neighbour slows both alike; wall and CPU seconds are both printed (compare the ratios within one run).
+neighbour slows both alike; wall and CPU seconds are both printed (compare the ratios within one run). A set's
+dense weights are bought matrix by matrix as its side branches pay for them (rent or buy,
+``massmerge.mass.second_pass.buy_dense``), so a set's cost falls over its first calls: the decode ratio is given
+as the median over rounds and for the first and the last round.
 
     python bench/generate_cost.py [--layers 12] [--batches 1 16 64] [--prompt-tokens 32] [--new-tokens 8]
         [--kinds full lora16] [--repeats 3] [--set-size 1|2|3] [--threads N] [--grouped] [--device cpu]
@@ -201,8 +204,11 @@ def grouped(mass: Any, plain: torch.nn.Module, kind: str, size: int, args: argpa
     def decode(name: str, pick: int) -> list[float]:
         return [b[pick] - a[pick] for a, b in zip(runs[f"{name} 1"], runs[f"{name} {args.new_tokens}"])]
 
+    def ratios(name: str, pick: int) -> list[float]:
+        return [p / max(m, 1e-9) for p, m in zip(decode("plain", pick), decode(name, pick))]
+
     def ratio(name: str, pick: int) -> float:
-        return median([p / max(m, 1e-9) for p, m in zip(decode("plain", pick), decode(name, pick))])
+        return median(ratios(name, pick))
 
     def sets_per_batch(which: str) -> float:
         return sum(len({chosen[i] for i in b.tolist()}) for b in batches[which]) / GROUP_WINDOW
@@ -211,6 +217,7 @@ def grouped(mass: Any, plain: torch.nn.Module, kind: str, size: int, args: argpa
             "mean |S|": sum(map(len, chosen)) / count, "sets per batch, input order": sets_per_batch("input order"),
             "sets per batch, set order": sets_per_batch("set order"),
             "decode ratio, input order": ratio("input order", 0), "decode ratio, set order": ratio("set order", 0),
+            "set order, round 1": ratios("set order", 0)[0], "set order, last round": ratios("set order", 0)[-1],
             "CPU ratio, input order": ratio("input order", 1), "CPU ratio, set order": ratio("set order", 1)}
 
 
@@ -258,9 +265,9 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         cpu = {name: median([c for _, c in times]) for name, times in runs.items()}
         tokens = size * args.new_tokens
 
-        def decode_ratio(pick: int, runs: dict = runs) -> float:  # per round: plain / routed decode seconds
-            return median([(gp[pick] - ep[pick]) / max(gm[pick] - em[pick], 1e-9) for ep, em, gp, gm in
-                           zip(runs["enc plain"], runs["enc MASS"], runs["gen plain"], runs["gen MASS"])])
+        def decode_ratios(pick: int, runs: dict = runs) -> list[float]:  # per round: plain / routed decode seconds
+            return [(gp[pick] - ep[pick]) / max(gm[pick] - em[pick], 1e-9) for ep, em, gp, gm in
+                    zip(runs["enc plain"], runs["enc MASS"], runs["gen plain"], runs["gen MASS"])]
 
         rows.append({"experts": kind, "batch": size, "sets": len(set(chosen)),
                      "mean |S|": sum(map(len, chosen)) / size,
@@ -268,7 +275,8 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                      "prompt ratio": wall["enc plain"] / wall["enc MASS"],
                      "decode tok/s plain": tokens / max(wall["gen plain"] - wall["enc plain"], 1e-9),
                      "decode tok/s MASS": tokens / max(wall["gen MASS"] - wall["enc MASS"], 1e-9),
-                     "decode ratio": decode_ratio(0), "decode ratio CPU": decode_ratio(1),
+                     "decode ratio": median(decode_ratios(0)), "decode ratio CPU": median(decode_ratios(1)),
+                     "decode ratio, round 1": decode_ratios(0)[0], "decode ratio, last round": decode_ratios(0)[-1],
                      **bounds(model, mass.factors, chosen),
                      "router s": wall["route"], "router CPU s": cpu["route"],
                      "router / plain generate": wall["route"] / wall["gen plain"],
@@ -311,7 +319,8 @@ def main() -> None:
         write_json("generate_cost_grouped", {"args": vars(args), "rows": rows})
         return
     columns = ["experts", "batch", "sets", "mean |S|", "prompts/s plain", "prompts/s MASS", "prompt ratio",
-               "decode tok/s plain", "decode tok/s MASS", "decode ratio", "decode ratio CPU", "flop bound",
+               "decode tok/s plain", "decode tok/s MASS", "decode ratio", "decode ratio CPU",
+               "decode ratio, round 1", "decode ratio, last round", "flop bound",
                "traffic bound", "router s", "router / plain generate", "generate s plain",
                "generate CPU s plain", "generate s MASS", "generate CPU s MASS", "set-up RSS MiB", "peak RSS MiB",
                "working set MiB", "factors MiB",

@@ -23,6 +23,7 @@ from massmerge.adapters.seq2seq import (
 )
 from massmerge.errors import OptionError
 from massmerge.mass import MASSModel, make_serve_settings
+from massmerge.mass.lru import LRU
 from massmerge.task_vectors import CheckedTaskVector
 
 transformers = pytest.importorskip("transformers")
@@ -139,16 +140,49 @@ def test_mixed_sets_generate_alike_set_by_set_and_through_the_union_of_their_tas
 
 @pytest.mark.parametrize("tasks", [(0, 2), (0, 1, 2)])
 @pytest.mark.parametrize("options", [GREEDY, BEAMS], ids=["greedy", "beams"])
-def test_one_set_of_several_tasks_for_every_prompt_generates_its_dense_model(full, tasks, options) -> None:
+def test_one_set_of_several_tasks_for_every_prompt_generates_its_dense_model(full, tasks, options, monkeypatch
+                                                                           ) -> None:
     """The whole-batch path: a set of non-adjacent or adjacent tasks for every row, its factor rows read as views
-    in the prompt pass and gathered once for the decode steps."""
+    in the prompt pass and gathered once for the decode steps (side branches only: no dense weight kept or
+    bought, which the next test covers)."""
+    import massmerge.mass.second_pass as second
+
     mass, plain = full
+    monkeypatch.setattr(mass._shared, "kept", LRU(1))
+    monkeypatch.setattr(second, "buy_dense", lambda *_: False)
     batch = prompts(4, plain.config.vocab_size)
     with mass.task_sets([tasks] * 4):
         mine = mass.model.generate(**batch, **options)
     expected = dense_generate(mass, plain, tasks, batch, options)
     length = max(mine.shape[1], expected.shape[1])
     assert torch.equal(padded(mine, length), padded(expected, length))
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_a_sets_stream_of_generate_calls_buys_its_dense_weights_and_stays_token_for_token(files, kind, monkeypatch
+                                                                                         ) -> None:
+    """Rent or buy: a set's decode steps run side branches until they have cost what forming its dense weights
+    costs, then the set's next steps and calls read those weights; every call equals the set's dense model, before,
+    during and after. (Tiny matrices pay off within one call; the price is raised so the purchases spread over
+    several calls, as flan-t5-base's do.)"""
+    import massmerge.mass.second_pass as second
+
+    price = second.dense_cost
+    monkeypatch.setattr(second, "dense_cost", lambda rank, m, n: 40 * price(rank, m, n))
+    mass, plain = mass_of(files, kind)
+    linears = [key for key in mass.factors.matrices if key != "shared.weight"]
+    batch = prompts(2, plain.config.vocab_size)
+    expected = dense_generate(mass, plain, (0, 2), batch, GREEDY)
+    kept = [0]
+    while kept[-1] < len(linears) and len(kept) < 40:
+        with mass.task_sets([(0, 2)] * 2):
+            mine = mass.model.generate(**batch, **GREEDY)
+        length = max(mine.shape[1], expected.shape[1])
+        assert torch.equal(padded(mine, length), padded(expected, length)), kept
+        weights = mass._shared.kept.peek(((0, 2), mass.settings.alpha))
+        kept.append(0 if weights is None else len(weights))
+    assert kept[-1] == len(linears), kept
+    assert any(0 < count < len(linears) for count in kept), kept  # bought over several calls
 
 
 @pytest.mark.parametrize("options", [GREEDY, {**BEAMS, "num_beams": 2}], ids=["greedy", "beams"])

@@ -26,7 +26,15 @@ from massmerge.mass.routed import (
     install,
     plain_class,
 )
-from massmerge.mass.second_pass import SecondPass, SetData, use_dense
+from massmerge.mass.second_pass import (
+    Ledger,
+    SecondPass,
+    SetData,
+    buy_dense,
+    dense_cost,
+    side_cost,
+    use_dense,
+)
 from massmerge.mass.setmerge import SetMerger
 
 WIDTH, VOCAB, T, ALPHA = 12, 30, 3, 0.7
@@ -250,6 +258,29 @@ def test_dense_pays_off_only_with_many_tokens() -> None:
     assert not use_dense(threshold - 1, 48, m, n) and use_dense(threshold, 48, m, n)
     dense_flops = 48 * 48 * m + 48 * m * n + 3 * m * n
     assert (threshold - 1) * (48 * (m + n) + 48 * 48) <= dense_flops < threshold * (48 * (m + n) + 48 * 48)
+
+
+def test_rent_or_buy_forms_the_dense_weight_once_the_side_branches_cost_its_price() -> None:
+    """Hand-checked: forming a 3 x 4 weight of rank 2 costs 2*2*3 + 2*3*4 + 3*3*4 = 72; one call of 5 tokens
+    reads 2*(3+4) = 14 numbers (16 units each) and multiplies 5 rows by them and the core: 224 + 5*(14+4) = 314.
+    The ledger buys on the call that brings it to the price, then starts again empty."""
+    assert dense_cost(2, 3, 4) == 72
+    assert side_cost(5, 2, 3, 4) == 314
+    spent: dict[str, int] = {}
+    assert [buy_dense(spent, "w", 4, 10) for _ in range(3)] == [False, False, True]
+    assert spent == {}
+    assert not buy_dense(spent, "w", 9, 10) and spent == {"w": 9}
+    assert buy_dense(spent, "v", 10, 10) and spent == {"w": 9}  # one call that costs the price buys at once
+
+
+def test_a_run_of_one_set_buys_and_sets_that_alternate_never_do() -> None:
+    """The ledger is per run: A's passes one after another add up, a pass of B starts over, so two sets whose
+    passes alternate (each would evict the other's dense weight) keep renting."""
+    ledger, a, b = Ledger(), ((0,), 1.0), ((1,), 1.0)
+    assert [buy_dense(ledger.of(a), "w", 4, 10) for _ in range(3)] == [False, False, True]
+    alternating = [buy_dense(ledger.of(owner), "w", 4, 10) for _ in range(5) for owner in (a, b)]
+    assert not any(alternating) and ledger.owner == b and ledger.spent == {"w": 4}
+    assert ledger.of(b) is ledger.spent  # the same run goes on
 
 
 def test_union_pays_off_when_sets_share_tasks_and_tokens_are_few() -> None:

@@ -12,7 +12,10 @@ contiguous; the engine's batches already are, the seam's are permuted per call a
   decode step of a mixed batch): ``x V_P^T`` over every present task's factors read once as views, each row's
   columns mixed by its set's core, ``+ alpha Y U_P``; with small cores (a LoRA library's) the mixing is one bmm
   over rows in the batch's own order, so nothing is laid out (:func:`use_padded`);
-- for spans with many tokens, a transient dense weight (kept for the set's next batches, :func:`use_dense`).
+- for spans with many tokens, a transient dense weight (kept for the set's next batches, :func:`use_dense`);
+  with one set for the whole batch also once the side branches this set has run on that matrix since it last
+  formed it cost as much as forming it (rent or buy, :func:`buy_dense`: a decode step's few tokens never pay
+  for a dense weight alone, a set's stream of decode steps does).
 
 With one set for every row, the set's factor rows are read as views span by span (no gather). An Embedding adds
 ``alpha (U_S[ids] C_S) V_S^T``; a LayerNorm normalizes once and applies each span's affine; a scale-only norm
@@ -95,6 +98,25 @@ class UnionPlan:
     padded: bool
 
 
+@dataclass
+class Ledger:
+    """The side-branch cost per matrix that the current run of one-set passes has spent (:func:`buy_dense`): a
+    run is a set's passes one after another (a ``generate()``'s decode steps, the batches a stream sends in set
+    order); a one-set pass of another set starts a new run. Why per run: only
+    :data:`~massmerge.mass.shared.DENSE_SETS_KEPT` sets' dense weights are kept, so sets that alternate would each
+    buy and evict the other's before using their own (twice the side branches' cost); a run pays only for what it
+    can use itself."""
+
+    owner: tuple[TaskSet, float] | None = None
+    spent: dict[str, int] = field(default_factory=dict)
+
+    def of(self, owner: tuple[TaskSet, float]) -> dict[str, int]:
+        """``owner``'s spending, a fresh run if the last pass was another set's."""
+        if owner != self.owner:
+            self.owner, self.spent = owner, {}
+        return self.spent
+
+
 @dataclass(frozen=True)
 class Group:
     """Rows ``[start, stop)`` of a kernel's span-ordered input share one task set."""
@@ -108,10 +130,34 @@ class Group:
         return self.stop - self.start
 
 
+def dense_cost(rank: int, m: int, n: int) -> int:
+    """Multiply-adds (and memory passes in their units) of forming ``W_0 + alpha U_S C_S V_S^T`` (m x n)."""
+    return rank * rank * m + rank * m * n + DENSE_OVERHEAD * m * n
+
+
 def use_dense(tokens: int, rank: int, m: int, n: int) -> bool:
     """Whether forming ``W_0 + alpha U_S C_S V_S^T`` is cheaper than the side branch for ``tokens`` rows."""
-    dense = rank * rank * m + rank * m * n + DENSE_OVERHEAD * m * n
-    return dense < tokens * (rank * (m + n) + rank * rank)
+    return dense_cost(rank, m, n) < tokens * (rank * (m + n) + rank * rank)
+
+
+def side_cost(tokens: int, rank: int, m: int, n: int) -> int:
+    """What one call of a set's side branch costs, in the units of :data:`READ_COST`: its factors read
+    (``rank (m + n)`` numbers) and multiplied by ``tokens`` rows."""
+    return READ_COST * rank * (m + n) + tokens * (rank * (m + n) + rank * rank)
+
+
+def buy_dense(spent: dict[str, int], key: str, call: int, price: int) -> bool:
+    """Rent or buy (the ski-rental rule): add this call's side-branch cost ``call`` to what the set has spent on
+    ``key``'s side branches in its current run (:class:`Ledger`), and buy (form the dense weight, the entry
+    emptied) once that reaches ``price`` (:func:`dense_cost`). Why this rule: over a run it costs at most twice
+    what the better of always renting and buying at once would have, with no constant fitted to a model or a
+    stream."""
+    total = spent.get(key, 0) + call
+    if total >= price:
+        spent.pop(key, None)
+        return True
+    spent[key] = total
+    return False
 
 
 def use_union(union_rank: int, groups: Sequence[tuple[int, int]]) -> bool:
@@ -153,6 +199,7 @@ class SecondPass(Pass):
     # strategies). Why: serving sends a set's batches one after another, so forming its weights once instead of
     # once per batch saves k m n flops per matrix and batch (about 7% of predict at T = 8)
     kept: LRU[tuple[TaskSet, float], dict[str, torch.Tensor]] | None = None
+    spent: Ledger | None = None  # the current run's side-branch costs (buy_dense)
     restart: RestartState | None = None  # blocks before restart.block return the first pass's hidden states
     fallback: bool = True  # the engine falls back to one forward per set (Unbatchable); the seam cannot
     _whole: SetData | None = field(init=False)
@@ -177,6 +224,8 @@ class SecondPass(Pass):
 
     def __post_init__(self) -> None:
         self._whole = self.sets[next(iter(self.rows.counts))] if self.rows.whole else None
+        if self._whole is not None and self.spent is not None:
+            self.spent.of((self._whole.tasks, self.alpha))  # this set's run goes on, or starts
         self._groups = {}
         self._restarted = set()
         self._lock = threading.Lock()
@@ -231,7 +280,8 @@ class SecondPass(Pass):
     def narrowed(self, data: SetData, size: int, restart: RestartState | None = None) -> SecondPass:
         """A pass of ``size`` rows all under ``data`` (the whole-batch path)."""
         return SecondPass([data], RowSets.single(size, self.rows.ids.device), self.merger, self.alpha,
-                          self.generic_keys, self.dense_value, self.strategy, self.kept, restart, self.fallback)
+                          self.generic_keys, self.dense_value, self.strategy, self.kept, self.spent, restart,
+                          self.fallback)
 
     # -- blocks ---------------------------------------------------------------------------------------------
     def block(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -253,6 +303,14 @@ class SecondPass(Pass):
         if kept is not None and key in kept:
             return True  # already formed: as cheap as the base's own matmul
         return use_dense(tokens, rank, st.Ut.shape[1], st.Vt.shape[1])
+
+    def _buy(self, tokens: int, st: Stacked, data: SetData, key: str, rank: int) -> bool:
+        """Whether the whole batch's set forms its dense weight of ``key`` now, by :func:`buy_dense`."""
+        if self.strategy != "auto" or self.kept is None or self.spent is None:
+            return False
+        m, n = st.Ut.shape[1], st.Vt.shape[1]
+        return buy_dense(self.spent.of((data.tasks, self.alpha)), key, side_cost(tokens, rank, m, n),
+                         dense_cost(rank, m, n))
 
     def _dense_weight(self, base: torch.Tensor, st: Stacked, data: SetData, key: str) -> torch.Tensor:
         """The set's dense weight of ``key``: kept from an earlier batch, or formed now (and kept)."""
@@ -297,7 +355,8 @@ class SecondPass(Pass):
             rank = 0 if st is None else int(data.rows[wkey].numel())
             if rank == 0:
                 return F.linear(x, module.weight, bias)
-            if self._dense(x.numel() // x.shape[-1], st, data, wkey, rank):
+            tokens = x.numel() // x.shape[-1]
+            if self._dense(tokens, st, data, wkey, rank) or self._buy(tokens, st, data, wkey, rank):
                 return F.linear(x, self._dense_weight(module.weight, st, data, wkey), bias)
             out = F.linear(x, module.weight, bias)
             self._add_side(out, x, st, data, wkey)
@@ -687,9 +746,13 @@ __all__ = [
     "DENSE_OVERHEAD",
     "READ_COST",
     "Group",
+    "Ledger",
     "SecondPass",
     "SetData",
     "UnionPlan",
+    "buy_dense",
+    "dense_cost",
+    "side_cost",
     "span_order",
     "use_dense",
     "use_padded",

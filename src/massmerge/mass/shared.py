@@ -16,7 +16,7 @@ from massmerge.mass.clock import StageClock
 from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.lru import LRU
 from massmerge.mass.routed import install
-from massmerge.mass.second_pass import SetData
+from massmerge.mass.second_pass import Ledger, SetData
 from massmerge.mass.setmerge import SetMerger, TaskSet
 from massmerge.task_vectors import add_delta
 
@@ -67,6 +67,7 @@ class Shared:
         self._sets: LRU[tuple[TaskSet, float], SetData] = LRU(SET_CACHE_SIZE, max_bytes=self.merger.cache_bytes,
                                                               weigh=set_data_bytes)
         self.kept: LRU[tuple[TaskSet, float], dict[str, torch.Tensor]] = LRU(DENSE_SETS_KEPT)
+        self.spent = Ledger()  # the current run's side-branch costs (second_pass.buy_dense)
         self._first_lock = threading.Lock()
         self.reference_lock = threading.Lock()  # the reference path swaps the shared parameters
         self.clock: StageClock | None = None  # set for a timed block (MASSModel.timed)
