@@ -24,8 +24,9 @@ or exactly ``--set-size`` tasks):
   any dense weight), and the factors' and base's bytes.
 
 ``--grouped``: instead, ``GROUP_WINDOW`` batches of mixed prompts decoded in the input's order and in batches cut
-in set order (``Predictor.generate``'s order, so ``massmerge predict``'s), each against plain generate of the
-same prompts; decode seconds are generate of ``--new-tokens`` minus generate of one token.
+in set order (``Predictor.generate``'s order, so ``massmerge predict``'s: every other window backwards), each
+against plain generate of the same prompts; decode seconds are generate of ``--new-tokens`` minus generate of one
+token.
 
 Plain and routed calls alternate within each of ``--repeats`` rounds after a warm-up round, so a noisy
 neighbour slows both alike; wall and CPU seconds are both printed (compare the ratios within one run). A set's
@@ -184,10 +185,16 @@ def grouped(mass: Any, plain: torch.nn.Module, kind: str, size: int, args: argpa
         mask[row, list(tasks)] = True
     order = set_order(mask)
     batches = {"input order": [torch.arange(i, i + size) for i in range(0, count, size)],
-               "set order": [order[i:i + size] for i in range(0, count, size)]}
+               "set order": [order[i:i + size] for i in range(0, count, size)],
+               "set order, backwards": [order.flip(0)[i:i + size] for i in range(0, count, size)]}
+    turns = {"set order": False}  # every other window backwards, as Predictor._window_order walks them
 
     def run(which: str | None, tokens: int) -> None:
-        for index in batches[which or "input order"]:
+        cut = which or "input order"
+        if which == "set order":
+            backwards, turns[which] = turns[which], not turns[which]
+            cut = "set order, backwards" if backwards else which
+        for index in batches[cut]:
             batch = {k: v[index].to(args.device) for k, v in every.items()}
             options = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False, "num_beams": 1}
             if which is None:

@@ -107,6 +107,11 @@ def test_the_predictor_generates_a_window_in_set_order_and_answers_in_input_orde
     assert [tuple("abc".index(t) for t in r["selected"]) for r in rows] == names
     assert [r["index"] for r in rows] == list(range(len(prompts)))
     assert seen == sorted(names)  # one window (8 batches of 2), generated in set order
+    seen.clear()
+    again = Predictor(art, eta=0.0, top_k=2, tau=0.05, batch_size=1)
+    rows = again.generate(prompts, options)  # two windows of 8 batches of 1: the second walks the sets backwards
+    assert [r["text"] for r in rows] == texts
+    assert seen == sorted(names[:8]) + sorted(names[8:], reverse=True)
     # rows' sets {1}, {0}, {1}, {0, 1}: (0,) < (0, 1) < (1,), rows in order within a set
     assert set_order(torch.tensor([[0, 1], [1, 0], [0, 1], [1, 1]], dtype=torch.bool)).tolist() == [1, 3, 0, 2]
 

@@ -106,6 +106,7 @@ class GeneratingPredictor:
     tokenizer: Any
     max_length: int
     batch_size: int
+    _backwards: bool = False  # the next window walks its sets in reverse set order (_window_order)
 
     def cut_notes(self, prompts: Sequence[str], names: Sequence[str]) -> list[str]:
         """One note per prompt longer than the max length, saying what was cut."""
@@ -145,13 +146,23 @@ class GeneratingPredictor:
         return dict(self.tokenizer(list(prompts), truncation=True, max_length=self.max_length, padding=True,
                                    return_tensors="pt"))
 
+    def _window_order(self, selected: torch.Tensor) -> torch.Tensor:
+        """The window's prompts in set order, every other window backwards. Why: each set's cores are cached
+        (an LRU bounded in bytes), and windows that walk their sets in the same order, once those sets' cores
+        exceed the cache, evict each set just before it is needed again and recompute every one (LRU's cyclic
+        worst case: seconds per set for flan-t5-base); walking back and forth, a window starts with the sets the
+        last one used most recently, so at most the sets beyond the cache's bytes are recomputed."""
+        order = set_order(selected).cpu()
+        backwards, self._backwards = self._backwards, not self._backwards
+        return order.flip(0) if backwards else order
+
     def _generate_window(self, model: MASSModel, prompts: list[str], start: int, options: Mapping[str, Any]
                          ) -> list[dict[str, Any]]:
         """Rows of one window of prompts: routed batch by batch in order, then generated in batches cut from the
-        window in set order (:func:`~massmerge.mass.batch.set_order`), rows put back in order."""
+        window in set order (:meth:`_window_order`), rows put back in order."""
         routing = Routing.cat([model.route(self._tokenized(prompts[i:i + self.batch_size]))
                                for i in range(0, len(prompts), self.batch_size)])
-        order = set_order(routing.selected).cpu()
+        order = self._window_order(routing.selected)
         rows: list[dict[str, Any] | None] = [None] * len(prompts)
         for first in range(0, len(prompts), self.batch_size):
             index = order[first:first + self.batch_size]

@@ -32,11 +32,15 @@ from massmerge.mass.experts import ExpertFactors
 from massmerge.mass.lru import LRU
 
 CORE_CACHE_SETS = 512  # cores are K x K per matrix: 512 sets of MiniLM (K <= 144) take < 100 MiB
-#: Bytes of cached cores (and of cached set merges, :mod:`massmerge.mass.shared`), as a multiple of the factors'
-#: own bytes, at least :data:`MIN_SET_CACHE_BYTES`. Why: a set's cores take sum K^2 over the matrices: ~3 MiB for
-#: MiniLM but 32-72 MiB for a 2-3-task set of flan-t5-base, so a stream of 60 distinct sets held 3.3 GiB by count
-#: alone (bench/generate_cost.py). Bounded so: serving memory <= base + factors x (1 + 2 x this) + activations.
-SET_CACHE_FACTORS = 0.5
+#: Bytes of cached cores (and of cached set merges, :mod:`massmerge.mass.shared`, which share the cores' tensors), as
+#: a multiple of the factors' own bytes, at least :data:`MIN_SET_CACHE_BYTES`. Why bounded: a set's cores take
+#: sum K^2 over the matrices: ~3 MiB for MiniLM but 8-69 MiB for a 1-3-task set of flan-t5-base, and the count
+#: bound alone allowed 15-37 GiB. Why this much: a miss recomputes the cores (0.7-5.2 s for a flan-t5-base set on
+#: 2 cores), and a cyclic stream of more sets than fit misses every time under LRU; at 0.5x, 128 prompts of 61
+#: distinct 1-3-task sets (bench/generate_cost.py --grouped) recomputed ~15 sets per batch of 16 and ran for over
+#: half an hour where they had taken minutes; 2x holds those 61 sets. Serving memory <= base + factors x (1 +
+#: this) + one set's dense weights + activations.
+SET_CACHE_FACTORS = 2.0
 MIN_SET_CACHE_BYTES = 256 * 2**20
 TaskSet = tuple[int, ...]
 
