@@ -279,7 +279,7 @@ class MASSModel(nn.Module):
         shared, alpha = self._shared, self.settings.alpha
         sets = [shared.set_data(t, alpha) for t in tasks]
         return SecondPass.of(sets, ids, shared.merger, alpha, shared.installed.generic_keys,
-                             shared.dense_value(alpha), counts=counts, kept=shared.kept, spent=shared.spent,
+                             shared.dense_value(alpha), counts=counts, kept=shared.kept, ledger=shared.ledger,
                              restart=restart, fallback=fallback)
 
     def _batched_features(self, batch: Batch, groups: list[tuple[TaskSet, torch.Tensor]],

@@ -199,7 +199,7 @@ class SecondPass(Pass):
     # strategies). Why: serving sends a set's batches one after another, so forming its weights once instead of
     # once per batch saves k m n flops per matrix and batch (about 7% of predict at T = 8)
     kept: LRU[tuple[TaskSet, float], dict[str, torch.Tensor]] | None = None
-    spent: Ledger | None = None  # the current run's side-branch costs (buy_dense)
+    ledger: Ledger | None = None  # the current run's side-branch costs (buy_dense)
     restart: RestartState | None = None  # blocks before restart.block return the first pass's hidden states
     fallback: bool = True  # the engine falls back to one forward per set (Unbatchable); the seam cannot
     _whole: SetData | None = field(init=False)
@@ -224,8 +224,8 @@ class SecondPass(Pass):
 
     def __post_init__(self) -> None:
         self._whole = self.sets[next(iter(self.rows.counts))] if self.rows.whole else None
-        if self._whole is not None and self.spent is not None:
-            self.spent.of((self._whole.tasks, self.alpha))  # this set's run goes on, or starts
+        if self._whole is not None and self.ledger is not None:
+            self.ledger.of((self._whole.tasks, self.alpha))  # this set's run goes on, or starts
         self._groups = {}
         self._restarted = set()
         self._lock = threading.Lock()
@@ -280,7 +280,7 @@ class SecondPass(Pass):
     def narrowed(self, data: SetData, size: int, restart: RestartState | None = None) -> SecondPass:
         """A pass of ``size`` rows all under ``data`` (the whole-batch path)."""
         return SecondPass([data], RowSets.single(size, self.rows.ids.device), self.merger, self.alpha,
-                          self.generic_keys, self.dense_value, self.strategy, self.kept, self.spent, restart,
+                          self.generic_keys, self.dense_value, self.strategy, self.kept, self.ledger, restart,
                           self.fallback)
 
     # -- blocks ---------------------------------------------------------------------------------------------
@@ -306,10 +306,10 @@ class SecondPass(Pass):
 
     def _buy(self, tokens: int, st: Stacked, data: SetData, key: str, rank: int) -> bool:
         """Whether the whole batch's set forms its dense weight of ``key`` now, by :func:`buy_dense`."""
-        if self.strategy != "auto" or self.kept is None or self.spent is None:
+        if self.strategy != "auto" or self.kept is None or self.ledger is None:
             return False
         m, n = st.Ut.shape[1], st.Vt.shape[1]
-        return buy_dense(self.spent.of((data.tasks, self.alpha)), key, side_cost(tokens, rank, m, n),
+        return buy_dense(self.ledger.of((data.tasks, self.alpha)), key, side_cost(tokens, rank, m, n),
                          dense_cost(rank, m, n))
 
     def _dense_weight(self, base: torch.Tensor, st: Stacked, data: SetData, key: str) -> torch.Tensor:

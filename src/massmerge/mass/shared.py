@@ -67,7 +67,7 @@ class Shared:
         self._sets: LRU[tuple[TaskSet, float], SetData] = LRU(SET_CACHE_SIZE, max_bytes=self.merger.cache_bytes,
                                                               weigh=set_data_bytes)
         self.kept: LRU[tuple[TaskSet, float], dict[str, torch.Tensor]] = LRU(DENSE_SETS_KEPT)
-        self.spent = Ledger()  # the current run's side-branch costs (second_pass.buy_dense)
+        self.ledger = Ledger()  # the current run's side-branch costs (second_pass.buy_dense)
         self._first_lock = threading.Lock()
         self.reference_lock = threading.Lock()  # the reference path swaps the shared parameters
         self.clock: StageClock | None = None  # set for a timed block (MASSModel.timed)
