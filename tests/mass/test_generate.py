@@ -158,9 +158,10 @@ def test_one_set_of_several_tasks_for_every_prompt_generates_its_dense_model(ful
     assert torch.equal(padded(mine, length), padded(expected, length))
 
 
+@pytest.mark.parametrize("options", [GREEDY, BEAMS], ids=["greedy", "beams"])
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_a_sets_stream_of_generate_calls_buys_its_dense_weights_and_stays_token_for_token(files, kind, monkeypatch
-                                                                                         ) -> None:
+def test_a_sets_stream_of_generate_calls_buys_its_dense_weights_and_stays_token_for_token(files, kind, options,
+                                                                                         monkeypatch) -> None:
     """Rent or buy: a set's decode steps run side branches until they have cost what forming its dense weights
     costs, then the set's next steps and calls read those weights; every call equals the set's dense model, before,
     during and after. (Tiny matrices pay off within one call; the price is raised so the purchases spread over
@@ -172,11 +173,11 @@ def test_a_sets_stream_of_generate_calls_buys_its_dense_weights_and_stays_token_
     mass, plain = mass_of(files, kind)
     linears = [key for key in mass.factors.matrices if key != "shared.weight"]
     batch = prompts(2, plain.config.vocab_size)
-    expected = dense_generate(mass, plain, (0, 2), batch, GREEDY)
+    expected = dense_generate(mass, plain, (0, 2), batch, options)
     kept = [0]
     while kept[-1] < len(linears) and len(kept) < 40:
         with mass.task_sets([(0, 2)] * 2):
-            mine = mass.model.generate(**batch, **GREEDY)
+            mine = mass.model.generate(**batch, **options)
         length = max(mine.shape[1], expected.shape[1])
         assert torch.equal(padded(mine, length), padded(expected, length)), kept
         weights = mass._shared.kept.peek(((0, 2), mass.settings.alpha))
