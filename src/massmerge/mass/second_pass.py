@@ -31,6 +31,7 @@ and a one-line :class:`~massmerge.errors.OptionError` under the seam, where noth
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +97,69 @@ class UnionPlan:
     union: int
     widest: int
     padded: bool
+    views: SpanViews = field(compare=False)
+
+
+@dataclass(frozen=True)
+class SpanViews:
+    """Stacked factor rows ``[lo, hi)`` per span as views, made once per pass (why: a decode step's side branch
+    is a few small products, and slicing and transposing per call were a good part of its cost)."""
+
+    vt: tuple[torch.Tensor, ...]  # per span, ``Vt[lo:hi].T``
+    ut: tuple[torch.Tensor, ...]  # per span, ``Ut[lo:hi]``
+    widths: tuple[int, ...]
+
+    @classmethod
+    def of(cls, st: Stacked, spans: Sequence[tuple[int, int]]) -> SpanViews:
+        return cls(tuple(st.Vt[lo:hi].T for lo, hi in spans), tuple(st.Ut[lo:hi] for lo, hi in spans),
+                   tuple(hi - lo for lo, hi in spans))
+
+
+@dataclass(frozen=True)
+class PaddedMix:
+    """How the padded union path mixes one matrix's columns of ``Z = x V_P^T`` for a pass's rows (:func:`use_padded`):
+    per sample row, its set's columns (``where``, padded to the widest K with column 0, expanded over the row's
+    tokens) and its set's core (``cores``: ``C_S^T`` padded with zeros, so a padded column reads a value that its
+    zero core entries drop and adds zeros where it lands). Built once per pass, rows and matrix
+    (:func:`padded_mix`). Why: a decode step of a mixed batch runs every routed Linear through it, and laying these
+    out per call (a few small ops per set) cost as much as the side branch itself."""
+
+    where: torch.Tensor  # [rows, tokens per row, K] long
+    cores: torch.Tensor  # [rows, K, K]
+    shape: tuple[int, int, int]  # [rows, tokens per row, R_P]: Z's view
+
+    def mix(self, z: torch.Tensor) -> torch.Tensor:
+        """``Y``: each row's set's columns of ``z`` ([rows * tokens, R_P]) times its core, zero elsewhere."""
+        view = z.view(self.shape)
+        y = torch.zeros_like(view).scatter_add_(2, self.where, torch.bmm(view.gather(2, self.where), self.cores))
+        return y.view(z.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.cores.numel() * self.cores.element_size() + self.where.numel() * self.where.element_size()
+
+
+def padded_mix(sets: Sequence[SetData], ids: torch.Tensor, key: str, column: torch.Tensor, plan: UnionPlan,
+               tokens: int) -> PaddedMix:
+    """The :class:`PaddedMix` of rows whose set is ``sets[ids[r]]``, ``tokens`` each, under ``plan``
+    (``column``: stacked row -> column of Z), laid out per set with one stack per rank (not per set and row), then
+    picked per row."""
+    widest = plan.widest
+    count = len(sets)
+    index = torch.zeros(count, widest, dtype=torch.long, device=column.device)
+    cores = torch.zeros(count, widest, widest, dtype=sets[0].cores[key].dtype, device=column.device)
+    by_rank: dict[int, list[int]] = {}
+    for s in sorted(set(ids.tolist())):
+        by_rank.setdefault(int(sets[s].rows[key].numel()), []).append(s)
+    for rank, members in by_rank.items():
+        if rank == 0:
+            continue
+        at = torch.tensor(members, device=column.device)
+        index[at, :rank] = column[torch.stack([sets[s].rows[key] for s in members])]
+        cores[at, :rank, :rank] = torch.stack([sets[s].cores[key] for s in members]).transpose(1, 2)
+    rows = int(ids.shape[0])
+    where = index.index_select(0, ids)[:, None, :].expand(rows, tokens, widest).contiguous()
+    return PaddedMix(where, cores.index_select(0, ids), (rows, tokens, plan.union))
 
 
 @dataclass
@@ -209,9 +273,11 @@ class SecondPass(Pass):
     _gathered: dict[tuple[Any, ...], torch.Tensor] = field(init=False)
     _gathered_bytes: int = field(init=False)
     _asked: set[tuple[Any, ...]] = field(init=False)
-    _spans_of: dict[tuple[str, TaskSet], tuple[tuple[int, int], ...]] = field(init=False)
+    _spans_of: dict[tuple[str, TaskSet], tuple[tuple[int, int], SpanViews]] = field(init=False)
     _plans: dict[tuple[Any, ...], UnionPlan | None] = field(init=False)
-    _in_order: dict[tuple[str, int, int], bool] = field(init=False)
+    _in_order: dict[tuple[str, int, int], UnionPlan | None] = field(init=False)
+    _mixes: dict[tuple[Any, ...], PaddedMix] = field(init=False)
+    _changed_keys: dict[str, bool] = field(init=False)
 
     @classmethod
     def of(cls, sets: Sequence[SetData], ids: torch.Tensor, merger: SetMerger, alpha: float,
@@ -235,6 +301,8 @@ class SecondPass(Pass):
         self._spans_of = {}
         self._plans = {}
         self._in_order = {}
+        self._mixes = {}
+        self._changed_keys = {}
 
     def _factor_rows(self, st: Stacked, key: str, part: str, rows: torch.Tensor, ident: tuple[int, ...]
                      ) -> torch.Tensor:
@@ -257,8 +325,11 @@ class SecondPass(Pass):
         return found
 
     def _changed(self, key: str) -> bool:
-        """Whether any set of the pass holds its own value of non-matrix ``key``."""
-        return any(key in data.values for data in self.sets)
+        """Whether any set of the pass holds its own value of non-matrix ``key`` (answered once per pass)."""
+        found = self._changed_keys.get(key)
+        if found is None:
+            found = self._changed_keys[key] = any(key in data.values for data in self.sets)
+        return found
 
     # -- rows -----------------------------------------------------------------------------------------------
     def _refuse(self, message: str) -> Exception:
@@ -323,18 +394,20 @@ class SecondPass(Pass):
                 self.kept.get_or_make((data.tasks, self.alpha), dict)[key] = weight
         return weight
 
-    def _spans(self, st: Stacked, data: SetData, key: str) -> tuple[tuple[int, int], ...]:
+    def _spans(self, st: Stacked, data: SetData, key: str) -> tuple[tuple[tuple[int, int], ...], SpanViews]:
+        """The set's rows of ``key`` as spans of the stacked factors, and their views (once per pass)."""
         found = self._spans_of.get((key, data.tasks))
         if found is None:
-            found = self._spans_of[(key, data.tasks)] = st.spans(data.tasks)
+            spans = st.spans(data.tasks)
+            found = self._spans_of[(key, data.tasks)] = (spans, SpanViews.of(st, spans))
         return found
 
     def _add_side(self, out: torch.Tensor, x: torch.Tensor, st: Stacked, data: SetData, key: str) -> None:
         """``out += alpha ((x V_S) C_S^T) U_S^T`` for one set, reading the set's factor rows as views of the
         stacked factors, span by span (no gather: see :meth:`Stacked.spans`), alpha folded into the last
         product."""
-        spans = self._spans(st, data, key)
-        flat = x.reshape(-1, x.shape[-1]).to(st.Vt.dtype)
+        spans, views = self._spans(st, data, key)
+        flat = _flat(x, st)
         target = out.view(-1, out.shape[-1])
         if len(spans) > 1 and x.ndim == 3 and x.shape[1] == 1 and target.dtype == st.Ut.dtype:
             # one token per row (a decode step): the set's rows gathered once and kept for the pass's later
@@ -343,7 +416,7 @@ class SecondPass(Pass):
             inner = (flat @ self._factor_rows(st, key, "V", rows, ident).T) @ data.cores[key].T
             target.addmm_(inner, self._factor_rows(st, key, "U", rows, ident), alpha=self.alpha)
             return
-        _add_span_products(target, _span_products(flat, st, spans) @ data.cores[key].T, st, spans, self.alpha)
+        _add_span_products(target, _span_products(flat, views) @ data.cores[key].T, views, self.alpha)
 
     def linear(self, module: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
         name = module.mass_name
@@ -373,24 +446,48 @@ class SecondPass(Pass):
     def _linear_in_batch_order(self, module: RoutedLinear, x: torch.Tensor, st: Stacked, key: str
                                ) -> torch.Tensor | None:
         """The Linear with every row left where it is, when its side branches take the padded union path
-        (:meth:`_mix_padded`, which needs no span order): no sort of ``x`` and no unsort of the output (two
-        copies per call, a decode step's main cost beside a LoRA library's small side branches). None otherwise."""
+        (:class:`PaddedMix`, which needs no span order): no sort of ``x`` and no unsort of the output (two
+        copies per call, a decode step's main cost beside a LoRA library's small side branches). None otherwise.
+        Decided, and the mixing laid out, once per pass and rows: a decode step's calls do only the products."""
         rows, size = self.rows.rows_of(x, self._refuse)
-        layout = self.rows.layout(size)
-        groups = self._groups_of(layout)
-        per_sample = rows[:1].numel() // rows.shape[-1]
-        plan = self._union_plan(st, key, groups, per_sample)
-        if plan is None or not plan.padded:
-            return None
-        decided = (key, size, per_sample)  # no group's set takes a dense weight: decided once per pass and rows
+        per_sample = math.prod(rows.shape[1:-1])  # tokens per sample row
+        decided = (key, size, per_sample)
         if decided not in self._in_order:
-            self._in_order[decided] = not any(
-                self._dense(g.size * per_sample, st, g.data, key, int(g.data.rows[key].numel())) for g in groups)
-        if not self._in_order[decided]:
+            self._in_order[decided] = self._in_order_plan(st, key, size, per_sample)
+        plan = self._in_order[decided]
+        if plan is None:
             return None
+        mix = self._padded_mix(st, key, plan, ("batch order", size, per_sample), self.sets,
+                               self.rows.layout(size).ids, per_sample)
         out = F.linear(rows, module.weight, module.bias)
-        self._add_union(out, rows, groups, st, key, 0, plan, layout)
+        _add_span_products(out.view(-1, out.shape[-1]), mix.mix(_span_products(_flat(rows, st), plan.views)),
+                           plan.views, self.alpha)
         return out
+
+    def _in_order_plan(self, st: Stacked, key: str, size: int, per_sample: int) -> UnionPlan | None:
+        """The padded union plan of ``size`` rows in the batch's order, or None when the union path is not padded
+        or some group takes a dense weight."""
+        groups = self._groups_of(self.rows.layout(size))
+        plan = self._union_plan(st, key, groups, per_sample)
+        if plan is None or not plan.padded or any(
+                self._dense(g.size * per_sample, st, g.data, key, int(g.data.rows[key].numel())) for g in groups):
+            return None
+        return plan
+
+    def _padded_mix(self, st: Stacked, key: str, plan: UnionPlan, ident: tuple[Any, ...], sets: Sequence[SetData],
+                    ids: torch.Tensor, tokens: int) -> PaddedMix:
+        """:func:`padded_mix`, kept for the pass within :data:`GATHER_BYTES` from its first use (its cost is the
+        same kept or not; a decode step's next calls reuse it)."""
+        cache_key = (key, *ident)
+        found = self._mixes.get(cache_key)
+        if found is None:
+            column = self._kept(("P", key, plan.present), lambda: _columns(st, plan.spans))
+            found = padded_mix(sets, ids, key, column, plan, tokens)
+            with self._lock:
+                if self._gathered_bytes + found.nbytes <= GATHER_BYTES:
+                    self._mixes[cache_key] = found
+                    self._gathered_bytes += found.nbytes
+        return found
 
     def _linear_groups(self, module: RoutedLinear, x: torch.Tensor, groups: list[Group], st: Stacked | None,
                        wkey: str, bkey: str) -> torch.Tensor:
@@ -454,58 +551,30 @@ class SecondPass(Pass):
             if use_union(union, [(g.size * per_sample, rank) for g, rank in zip(groups, ranks)]):
                 rows = groups[-1].stop - groups[0].start
                 plan = UnionPlan(present, spans, union, max(ranks),
-                                 use_padded(rows, max(ranks), union * (st.Ut.shape[1] + st.Vt.shape[1])))
+                                 use_padded(rows, max(ranks), union * (st.Ut.shape[1] + st.Vt.shape[1])),
+                                 SpanViews.of(st, spans))
             self._plans[cache_key] = plan
         return self._plans[cache_key]
 
     def _add_union(self, out: torch.Tensor, x: torch.Tensor, groups: Sequence[Group], st: Stacked, key: str,
-                   offset: int, plan: UnionPlan, layout: Layout | None = None) -> None:
-        """The side branches of every group through the present tasks' factors read once, as views:
-        ``Z = x V_P^T`` (one product per span of stacked rows), each group's columns of Z mixed by its core,
-        scattered into ``Y`` (zero elsewhere), ``out += alpha Y U_P``. The mixing runs as one bmm over rows with
-        cores padded to the largest K when those cores are no larger than the factors the union reads (a LoRA
-        library's small ranks; rows in span order, or in the batch's ``layout``), else one bmm per run of groups
-        of equal size and rank (rows in span order)."""
-        z = _span_products(x.reshape(-1, x.shape[-1]).to(st.Vt.dtype), st, plan.spans)  # [tokens, R_P]
-        column = self._kept(("P", key, plan.present), lambda: _columns(st, plan.spans))  # stacked row -> column
+                   offset: int, plan: UnionPlan) -> None:
+        """The side branches of every group (rows in span order from ``offset``) through the present tasks'
+        factors read once, as views: ``Z = x V_P^T`` (one product per span of stacked rows), each group's columns
+        of Z mixed by its core, scattered into ``Y`` (zero elsewhere), ``out += alpha Y U_P``. The mixing runs as
+        one bmm over rows with cores padded to the largest K when those cores are no larger than the factors the
+        union reads (a LoRA library's small ranks, :class:`PaddedMix`), else one bmm per run of groups of equal
+        size and rank."""
+        z = _span_products(_flat(x, st), plan.views)  # [tokens, R_P]
         if plan.padded:
-            y = self._mix_padded(z, groups, key, column, plan, offset, layout)
+            tokens = z.shape[0] // x.shape[0]
+            sizes = torch.tensor([g.size for g in groups], device=z.device)
+            ids = torch.arange(len(groups), device=z.device).repeat_interleave(sizes)
+            ident = ("span order", id(groups[0]), len(groups), offset, x.shape[0], tokens)
+            y = self._padded_mix(st, key, plan, ident, [g.data for g in groups], ids, tokens).mix(z)
         else:
+            column = self._kept(("P", key, plan.present), lambda: _columns(st, plan.spans))
             y = self._mix_runs(z, groups, key, column, offset, x.shape[0])
-        _add_span_products(out.view(-1, out.shape[-1]), y, st, plan.spans, self.alpha)
-
-    def _mix_padded(self, z: torch.Tensor, groups: Sequence[Group], key: str, column: torch.Tensor, plan: UnionPlan,
-                    offset: int, layout: Layout | None) -> torch.Tensor:
-        """``Y``: per sample row, its set's columns of ``z`` times its core, in one bmm over the rows (each row's
-        columns padded to the widest K with column 0 and its core with zeros, so a padded column reads a value
-        that its zero core entries drop and adds zeros where it lands; both kept for the pass). Rows in
-        span order, or in the batch's order of ``layout``."""
-        widest = plan.widest
-        ident = ("padded", key, id(groups[0]), len(groups), offset, None if layout is None else layout.size)
-        rows = groups[-1].stop - offset
-        order = None if layout is None else layout.inverse  # span-ordered tensors -> the batch's order
-
-        def span_index() -> torch.Tensor:
-            index = torch.zeros((rows, widest), dtype=torch.long, device=z.device)
-            for g in groups:
-                index[g.start - offset:g.stop - offset, :g.data.rows[key].numel()] = column[g.data.rows[key]]
-            return index
-
-        def cores() -> torch.Tensor:
-            out = z.new_zeros(rows, widest, widest)
-            for g in groups:
-                core = g.data.cores[key]
-                out[g.start - offset:g.stop - offset, :core.shape[0], :core.shape[1]] = core.T
-            return out
-
-        def in_order(make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-            return make if order is None else lambda: make().index_select(0, order)
-
-        index, padded = self._kept((*ident, "I"), in_order(span_index)), self._kept((*ident, "C"), in_order(cores))
-        where = index[:, None, :].expand(rows, z.shape[0] // rows, widest)
-        view = z.view(rows, -1, z.shape[1])
-        y = torch.zeros_like(view).scatter_add_(2, where, torch.bmm(view.gather(2, where), padded))
-        return y.view(z.shape)
+        _add_span_products(out.view(-1, out.shape[-1]), y, plan.views, self.alpha)
 
     def _mix_runs(self, z: torch.Tensor, groups: Sequence[Group], key: str, column: torch.Tensor, offset: int,
                   rows: int) -> torch.Tensor:
@@ -697,23 +766,33 @@ def _runs(groups: Sequence[Group], key: str) -> list[list[Group]]:
     return out
 
 
-def _span_products(flat: torch.Tensor, st: Stacked, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """``flat V^T`` over the stacked rows of ``spans``, span by span (views, no gather), columns in span order."""
-    parts = [flat @ st.Vt[lo:hi].T for lo, hi in spans]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+def _flat(x: torch.Tensor, st: Stacked) -> torch.Tensor:
+    """``x`` as ``[tokens, n]`` in the factors' dtype."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if flat.dtype == st.Vt.dtype else flat.to(st.Vt.dtype)
 
 
-def _add_span_products(target: torch.Tensor, inner: torch.Tensor, st: Stacked, spans: Sequence[tuple[int, int]],
-                       alpha: float) -> None:
-    """``target += alpha inner U^T`` over the stacked rows of ``spans`` (``inner``'s columns in span order)."""
+def _span_products(flat: torch.Tensor, views: SpanViews) -> torch.Tensor:
+    """``flat V^T`` over the stacked rows of the spans, span by span (views, no gather), columns in span order."""
+    vt = views.vt
+    if len(vt) == 1:
+        return flat @ vt[0]
+    return torch.cat([flat @ part for part in vt], dim=1)
+
+
+def _add_span_products(target: torch.Tensor, inner: torch.Tensor, views: SpanViews, alpha: float) -> None:
+    """``target += alpha inner U^T`` over the stacked rows of the spans (``inner``'s columns in span order)."""
+    if len(views.ut) == 1 and target.dtype == inner.dtype:
+        target.addmm_(inner, views.ut[0], alpha=alpha)
+        return
     start = 0
-    for lo, hi in spans:
-        part = inner[:, start:start + hi - lo]
-        start += hi - lo
+    for ut, width in zip(views.ut, views.widths):
+        part = inner[:, start:start + width]
+        start += width
         if target.dtype == part.dtype:
-            target.addmm_(part, st.Ut[lo:hi], alpha=alpha)
+            target.addmm_(part, ut, alpha=alpha)
         else:
-            target.add_((alpha * (part @ st.Ut[lo:hi])).to(target.dtype))
+            target.add_((alpha * (part @ ut)).to(target.dtype))
 
 
 def _columns(st: Stacked, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
