@@ -295,3 +295,30 @@ def test_union_pays_off_when_sets_share_tasks_and_tokens_are_few() -> None:
     assert not use_union(3 * k, [(100, 2 * k), (100, 2 * k), (100, 2 * k)])  # many tokens: flops decide
     assert not use_union(2 * k, [(1, 2 * k)])  # one set: nothing to share
     assert not use_union(2 * k, [(1, k), (1, k)])  # disjoint sets read the same rows either way
+
+
+def test_padded_mix_is_each_rows_core_on_its_sets_columns() -> None:
+    """``PaddedMix.mix`` against a per-row loop: row r's set S takes Z's columns of S's stacked rows, multiplies
+    them by ``C_S^T`` and puts them back, zeros elsewhere; sets of different ranks (padding) and a set of rank 0
+    (all zeros), several tokens per row, rows in any order."""
+    from massmerge.mass.second_pass import SpanViews, UnionPlan, padded_mix
+
+    gen = torch.Generator().manual_seed(3)
+    key, spans = "w", ((0, 3), (5, 9))  # stacked rows 0-2 and 5-8 are present: Z has 7 columns
+    column = torch.full((9,), -1, dtype=torch.long)
+    column[0:3], column[5:9] = torch.arange(3), torch.arange(3, 7)
+    rows_of = [torch.tensor([0, 1, 2, 5]), torch.tensor([6, 8]), torch.tensor([], dtype=torch.long)]
+    sets = [SetData((s,), {key: rows}, {key: torch.randn(len(rows), len(rows), generator=gen, dtype=torch.float64)},
+                    {}) for s, rows in enumerate(rows_of)]
+    ids = torch.tensor([1, 0, 2, 0, 1])
+    tokens = 2
+    plan = UnionPlan((0, 1, 2), spans, 7, 4, True, SpanViews((), (), ()))
+    z = torch.randn(len(ids) * tokens, 7, generator=gen, dtype=torch.float64)
+    expected = torch.zeros_like(z)
+    for r, s in enumerate(ids.tolist()):
+        cols = column[rows_of[s]]
+        for t in range(r * tokens, (r + 1) * tokens):
+            expected[t, cols] = z[t, cols] @ sets[s].cores[key].T
+    mix = padded_mix(sets, ids, key, column, plan, tokens)
+    assert torch.allclose(mix.mix(z), expected, atol=1e-12)
+    assert mix.nbytes == 5 * 4 * 4 * 8 + 5 * tokens * 4 * 8  # cores and expanded columns per row
