@@ -15,7 +15,9 @@ or exactly ``--set-size`` tasks):
 - prompt throughput: prompts per second of the encoder pass (plain vs under the task sets);
 - decode tokens per second: new tokens per second of ``generate()`` past the encoder (whole generate time
   minus the encoder's), greedy, exactly ``--new-tokens`` tokens (``min_new_tokens``); the decode ratio is the
-  median over rounds of each round's plain / routed decode seconds (wall, and CPU seconds of this process);
+  median over rounds of each round's plain / routed decode seconds (wall, and CPU seconds of this process); the
+  steady decode ratio leaves out the first decode step (generate of ``--new-tokens`` minus generate of one token:
+  the first step also projects the prompt for cross-attention and lays out each pass's mixing);
 - what exact side branches can reach at best (:func:`bounds`): the flop bound (every row multiplies its own set's
   factors) and the traffic bound (every distinct set's factors and core read once per step);
 - the router's own cost: ``MASSModel.route`` (first pass to the routing layer + router) per batch;
@@ -259,14 +261,18 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             with sets:
                 return mass.model.encoder(**batch)
 
-        def routed_generate(sets: Any = sets, batch: dict = batch) -> Any:
+        def routed_generate(sets: Any = sets, batch: dict = batch, options: dict = options) -> Any:
             with sets:
                 return mass.model.generate(**batch, **options)
+
+        first = {**options, "max_new_tokens": 1, "min_new_tokens": 1}
 
         with torch.inference_mode():
             runs = interleaved({"enc plain": lambda batch=batch: plain.encoder(**batch), "enc MASS": routed_encoder,
                                 "gen plain": lambda batch=batch: plain.generate(**batch, **options),
-                                "gen MASS": routed_generate, "route": lambda batch=batch: mass.route(batch)},
+                                "gen MASS": routed_generate, "route": lambda batch=batch: mass.route(batch),
+                                "gen1 plain": lambda batch=batch: plain.generate(**batch, **first),
+                                "gen1 MASS": lambda sets=sets, batch=batch: routed_generate(sets, batch, first)},
                                args.repeats)
         wall = {name: median([w for w, _ in times]) for name, times in runs.items()}
         cpu = {name: median([c for _, c in times]) for name, times in runs.items()}
@@ -276,6 +282,10 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             return [(gp[pick] - ep[pick]) / max(gm[pick] - em[pick], 1e-9) for ep, em, gp, gm in
                     zip(runs["enc plain"], runs["enc MASS"], runs["gen plain"], runs["gen MASS"])]
 
+        def steady_ratios(runs: dict = runs) -> list[float]:  # per round: decode steps 2..N, plain / routed
+            return [(gp[0] - p1[0]) / max(gm[0] - m1[0], 1e-9) for p1, m1, gp, gm in
+                    zip(runs["gen1 plain"], runs["gen1 MASS"], runs["gen plain"], runs["gen MASS"])]
+
         rows.append({"experts": kind, "batch": size, "sets": len(set(chosen)),
                      "mean |S|": sum(map(len, chosen)) / size,
                      "prompts/s plain": size / wall["enc plain"], "prompts/s MASS": size / wall["enc MASS"],
@@ -284,6 +294,7 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                      "decode tok/s MASS": tokens / max(wall["gen MASS"] - wall["enc MASS"], 1e-9),
                      "decode ratio": median(decode_ratios(0)), "decode ratio CPU": median(decode_ratios(1)),
                      "decode ratio, round 1": decode_ratios(0)[0], "decode ratio, last round": decode_ratios(0)[-1],
+                     "steady decode ratio": median(steady_ratios()),
                      **bounds(model, mass.factors, chosen),
                      "router s": wall["route"], "router CPU s": cpu["route"],
                      "router / plain generate": wall["route"] / wall["gen plain"],
@@ -327,7 +338,7 @@ def main() -> None:
         return
     columns = ["experts", "batch", "sets", "mean |S|", "prompts/s plain", "prompts/s MASS", "prompt ratio",
                "decode tok/s plain", "decode tok/s MASS", "decode ratio", "decode ratio CPU",
-               "decode ratio, round 1", "decode ratio, last round", "flop bound",
+               "decode ratio, round 1", "decode ratio, last round", "steady decode ratio", "flop bound",
                "traffic bound", "router s", "router / plain generate", "generate s plain",
                "generate CPU s plain", "generate s MASS", "generate CPU s MASS", "set-up RSS MiB", "peak RSS MiB",
                "working set MiB", "factors MiB",
