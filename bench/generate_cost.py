@@ -271,8 +271,8 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             runs = interleaved({"enc plain": lambda batch=batch: plain.encoder(**batch), "enc MASS": routed_encoder,
                                 "gen plain": lambda batch=batch: plain.generate(**batch, **options),
                                 "gen MASS": routed_generate, "route": lambda batch=batch: mass.route(batch),
-                                "gen1 plain": lambda batch=batch: plain.generate(**batch, **first),
-                                "gen1 MASS": lambda sets=sets, batch=batch: routed_generate(sets, batch, first)},
+                                "gen1 plain": lambda batch=batch, first=first: plain.generate(**batch, **first),
+                                "gen1 MASS": lambda sets=sets, batch=batch, first=first: routed_generate(sets, batch, first)},
                                args.repeats)
         wall = {name: median([w for w, _ in times]) for name, times in runs.items()}
         cpu = {name: median([c for _, c in times]) for name, times in runs.items()}
