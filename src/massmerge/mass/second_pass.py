@@ -458,7 +458,7 @@ class SecondPass(Pass):
         if plan is None:
             return None
         mix = self._padded_mix(st, key, plan, ("batch order", size, per_sample), self.sets,
-                               self.rows.layout(size).ids, per_sample)
+                               lambda: self.rows.layout(size).ids, per_sample)
         out = F.linear(rows, module.weight, module.bias)
         _add_span_products(out.view(-1, out.shape[-1]), mix.mix(_span_products(_flat(rows, st), plan.views)),
                            plan.views, self.alpha)
@@ -475,14 +475,15 @@ class SecondPass(Pass):
         return plan
 
     def _padded_mix(self, st: Stacked, key: str, plan: UnionPlan, ident: tuple[Any, ...], sets: Sequence[SetData],
-                    ids: torch.Tensor, tokens: int) -> PaddedMix:
-        """:func:`padded_mix`, kept for the pass within :data:`GATHER_BYTES` from its first use (its cost is the
-        same kept or not; a decode step's next calls reuse it)."""
+                    ids: Callable[[], torch.Tensor], tokens: int) -> PaddedMix:
+        """:func:`padded_mix` of the rows whose set is ``sets[ids()[r]]``, kept for the pass within
+        :data:`GATHER_BYTES` from its first use (its cost is the same kept or not; a decode step's next calls
+        reuse it)."""
         cache_key = (key, *ident)
         found = self._mixes.get(cache_key)
         if found is None:
             column = self._kept(("P", key, plan.present), lambda: _columns(st, plan.spans))
-            found = padded_mix(sets, ids, key, column, plan, tokens)
+            found = padded_mix(sets, ids(), key, column, plan, tokens)
             with self._lock:
                 if self._gathered_bytes + found.nbytes <= GATHER_BYTES:
                     self._mixes[cache_key] = found
@@ -567,10 +568,9 @@ class SecondPass(Pass):
         z = _span_products(_flat(x, st), plan.views)  # [tokens, R_P]
         if plan.padded:
             tokens = z.shape[0] // x.shape[0]
-            sizes = torch.tensor([g.size for g in groups], device=z.device)
-            ids = torch.arange(len(groups), device=z.device).repeat_interleave(sizes)
             ident = ("span order", id(groups[0]), len(groups), offset, x.shape[0], tokens)
-            y = self._padded_mix(st, key, plan, ident, [g.data for g in groups], ids, tokens).mix(z)
+            y = self._padded_mix(st, key, plan, ident, [g.data for g in groups], lambda: _span_ids(groups, z.device),
+                                 tokens).mix(z)
         else:
             column = self._kept(("P", key, plan.present), lambda: _columns(st, plan.spans))
             y = self._mix_runs(z, groups, key, column, offset, x.shape[0])
@@ -764,6 +764,12 @@ def _runs(groups: Sequence[Group], key: str) -> list[list[Group]]:
             out.append([group])
         shape = this
     return out
+
+
+def _span_ids(groups: Sequence[Group], device: torch.device) -> torch.Tensor:
+    """Per row of span-ordered groups, its group's index."""
+    sizes = torch.tensor([g.size for g in groups], device=device)
+    return torch.arange(len(groups), device=device).repeat_interleave(sizes)
 
 
 def _flat(x: torch.Tensor, st: Stacked) -> torch.Tensor:
