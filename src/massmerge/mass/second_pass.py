@@ -103,7 +103,7 @@ class UnionPlan:
 @dataclass(frozen=True)
 class SpanViews:
     """Stacked factor rows ``[lo, hi)`` per span as views, made once per pass (why: a decode step's side branch
-    is a few small products, and slicing and transposing per call were a good part of its cost)."""
+    is a few small products, and slicing and transposing the spans again on every call added small ops to each)."""
 
     vt: tuple[torch.Tensor, ...]  # per span, ``Vt[lo:hi].T``
     ut: tuple[torch.Tensor, ...]  # per span, ``Ut[lo:hi]``
@@ -121,8 +121,9 @@ class PaddedMix:
     per sample row, its set's columns (``where``, padded to the widest K with column 0, expanded over the row's
     tokens) and its set's core (``cores``: ``C_S^T`` padded with zeros, so a padded column reads a value that its
     zero core entries drop and adds zeros where it lands). Built once per pass, rows and matrix
-    (:func:`padded_mix`). Why: a decode step of a mixed batch runs every routed Linear through it, and laying these
-    out per call (a few small ops per set) cost as much as the side branch itself."""
+    (:func:`padded_mix`). Why: a decode step of a mixed batch runs every routed Linear through it; laid out per set
+    (three small ops each) and twice per pass, as before, it cost a decode step's first calls more than their
+    side branches."""
 
     where: torch.Tensor  # [rows, tokens per row, K] long
     cores: torch.Tensor  # [rows, K, K]
