@@ -6,7 +6,9 @@
   ``config.json`` (``CLIPModel``), ``preprocessor_config.json`` in the transformers-4 spelling (sizes as ints,
   ``CLIPFeatureExtractor``) and the tokenizer files ``vocab.json``, ``merges.txt``, ``tokenizer.json``,
   ``tokenizer_config.json``, ``special_tokens_map.json``; TF and Flax weights beside them as junk bytes, which
-  nothing may open. The projection is 24 wide, the vision tower 32 (ViT-B/32: 512 and 768). With
+  nothing may open (the file names checked against public scripts that download the repo file by file, since the
+  hub itself cannot be reached here: config, pytorch_model.bin, preprocessor_config and the five tokenizer files,
+  special_tokens_map.json 389 bytes). The projection is 24 wide, the vision tower 32 (ViT-B/32: 512 and 768). With
   ``safetensors=True`` it is the ViT-L/14 layout instead: ``model.safetensors`` too, beside a ``pytorch_model.bin``
   of junk bytes, so a test fails if the pickle is opened.
 - :func:`write_fusionbench_expert`: a vision-only expert as ``tanganke/clip-vit-base-patch32_<task>`` is (what
