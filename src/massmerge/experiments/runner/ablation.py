@@ -47,7 +47,7 @@ def ablation_rows(pool: TaskPool, served: ServedMASS, variants: Mapping[str, Map
     for name, overrides in variants.items():
         view = served.mass.with_settings(**overrides)
         for split in ("val", "test"):
-            result = cache.get_or_run(f"ablation-{split}", lambda v=view, s=split: score_mass(pool, v, s, name),
+            result = cache.get_or_run(f"ablation-{split}", lambda v=view, s=split, n=name: score_mass(pool, v, s, n),
                                       served.key(view))
             normalized = ev.normalized_accuracy(result["max_logit"], expert[split])
             rows.append({"name": name, "settings": {k: overrides[k] for k in sorted(overrides)}, "split": split,
