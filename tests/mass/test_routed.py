@@ -312,7 +312,7 @@ def test_padded_mix_is_each_rows_core_on_its_sets_columns() -> None:
                     {}) for s, rows in enumerate(rows_of)]
     ids = torch.tensor([1, 0, 2, 0, 1])
     tokens = 2
-    plan = UnionPlan((0, 1, 2), spans, 7, 4, True, SpanViews((), (), ()))
+    plan = UnionPlan((0, 1, 2), spans, 7, 4, True, SpanViews((), ()))
     z = torch.randn(len(ids) * tokens, 7, generator=gen, dtype=torch.float64)
     expected = torch.zeros_like(z)
     for r, s in enumerate(ids.tolist()):

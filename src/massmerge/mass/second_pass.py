@@ -107,12 +107,10 @@ class SpanViews:
 
     vt: tuple[torch.Tensor, ...]  # per span, ``Vt[lo:hi].T``
     ut: tuple[torch.Tensor, ...]  # per span, ``Ut[lo:hi]``
-    widths: tuple[int, ...]
 
     @classmethod
     def of(cls, st: Stacked, spans: Sequence[tuple[int, int]]) -> SpanViews:
-        return cls(tuple(st.Vt[lo:hi].T for lo, hi in spans), tuple(st.Ut[lo:hi] for lo, hi in spans),
-                   tuple(hi - lo for lo, hi in spans))
+        return cls(tuple(st.Vt[lo:hi].T for lo, hi in spans), tuple(st.Ut[lo:hi] for lo, hi in spans))
 
 
 @dataclass(frozen=True)
@@ -461,8 +459,7 @@ class SecondPass(Pass):
         mix = self._padded_mix(st, key, plan, ("batch order", size, per_sample), self.sets,
                                lambda: self.rows.layout(size).ids, per_sample)
         out = F.linear(rows, module.weight, module.bias)
-        _add_span_products(out.view(-1, out.shape[-1]), mix.mix(_span_products(_flat(rows, st), plan.views)),
-                           plan.views, self.alpha)
+        _add_through_union(out, rows, st, plan, mix.mix, self.alpha)
         return out
 
     def _in_order_plan(self, st: Stacked, key: str, size: int, per_sample: int) -> UnionPlan | None:
@@ -483,8 +480,7 @@ class SecondPass(Pass):
         cache_key = (key, *ident)
         found = self._mixes.get(cache_key)
         if found is None:
-            column = self._kept(("P", key, plan.present), lambda: _columns(st, plan.spans))
-            found = padded_mix(sets, ids(), key, column, plan, tokens)
+            found = padded_mix(sets, ids(), key, self._column(st, key, plan), plan, tokens)
             with self._lock:
                 if self._gathered_bytes + found.nbytes <= GATHER_BYTES:
                     self._mixes[cache_key] = found
@@ -566,20 +562,23 @@ class SecondPass(Pass):
         one bmm over rows with cores padded to the largest K when those cores are no larger than the factors the
         union reads (a LoRA library's small ranks, :class:`PaddedMix`), else one bmm per run of groups of equal
         size and rank."""
-        z = _span_products(_flat(x, st), plan.views)  # [tokens, R_P]
         if plan.padded:
-            tokens = z.shape[0] // x.shape[0]
+            tokens = math.prod(x.shape[1:-1])
             ident = ("span order", id(groups[0]), len(groups), offset, x.shape[0], tokens)
-            y = self._padded_mix(st, key, plan, ident, [g.data for g in groups], lambda: _span_ids(groups, z.device),
-                                 tokens).mix(z)
+            mix = self._padded_mix(st, key, plan, ident, [g.data for g in groups], lambda: _span_ids(groups, x.device),
+                                   tokens).mix
         else:
-            column = self._kept(("P", key, plan.present), lambda: _columns(st, plan.spans))
-            y = self._mix_runs(z, groups, key, column, offset, x.shape[0])
-        _add_span_products(out.view(-1, out.shape[-1]), y, plan.views, self.alpha)
+            column = self._column(st, key, plan)
+            mix = lambda z: self._mix_runs(z, groups, key, column, offset, x.shape[0])
+        _add_through_union(out, x, st, plan, mix, self.alpha)
+
+    def _column(self, st: Stacked, key: str, plan: UnionPlan) -> torch.Tensor:
+        """Stacked row -> its column of ``Z = x V_P^T`` under ``plan`` (:func:`_columns`, kept for the pass)."""
+        return self._kept(("P", key, plan.present), lambda: _columns(st, plan.spans))
 
     def _mix_runs(self, z: torch.Tensor, groups: Sequence[Group], key: str, column: torch.Tensor, offset: int,
                   rows: int) -> torch.Tensor:
-        """``Y`` as :meth:`_mix_padded` gives it, one bmm per run of groups of equal size and rank."""
+        """``Y`` as :meth:`PaddedMix.mix` gives it, one bmm per run of groups of equal size and rank."""
         y = torch.zeros_like(z)
         per_row = z.shape[0] // rows  # tokens per sample row
         for run in _runs(groups, key):
@@ -773,6 +772,12 @@ def _span_ids(groups: Sequence[Group], device: torch.device) -> torch.Tensor:
     return torch.arange(len(groups), device=device).repeat_interleave(sizes)
 
 
+def _add_through_union(out: torch.Tensor, x: torch.Tensor, st: Stacked, plan: UnionPlan,
+                       mix: Callable[[torch.Tensor], torch.Tensor], alpha: float) -> None:
+    """``out += alpha mix(x V_P^T) U_P`` over the plan's spans (``mix``: each row's set's core on its columns)."""
+    _add_span_products(out.view(-1, out.shape[-1]), mix(_span_products(_flat(x, st), plan.views)), plan.views, alpha)
+
+
 def _flat(x: torch.Tensor, st: Stacked) -> torch.Tensor:
     """``x`` as ``[tokens, n]`` in the factors' dtype."""
     flat = x.reshape(-1, x.shape[-1])
@@ -793,9 +798,9 @@ def _add_span_products(target: torch.Tensor, inner: torch.Tensor, views: SpanVie
         target.addmm_(inner, views.ut[0], alpha=alpha)
         return
     start = 0
-    for ut, width in zip(views.ut, views.widths):
-        part = inner[:, start:start + width]
-        start += width
+    for ut in views.ut:
+        part = inner[:, start:start + ut.shape[0]]
+        start += ut.shape[0]
         if target.dtype == part.dtype:
             target.addmm_(part, ut, alpha=alpha)
         else:
